@@ -1,0 +1,59 @@
+"""Every name the .nkv format defines, in one place (spec/nkv-format.md is normative).
+
+Change a value here only together with the spec and a version bump.
+"""
+
+from __future__ import annotations
+
+FORMAT_MARKER = "nkv"
+FORMAT_VERSION = "1.0"  # "major.minor"; readers refuse a newer major
+SUPPORTED_MAJOR = 1
+
+# Tensors ---------------------------------------------------------------------------
+T_KEYS = "nkv.keys"  # K1, [n_facts, d_key]
+T_RESIDUALS = "nkv.residuals"  # R1, [n_facts, d_model]
+T_FACTS = "nkv.facts"  # U8 [n_bytes]: UTF-8 JSON Lines, one fact record per row
+ROW_DTYPES = ("F32", "F16", "BF16")
+
+# Metadata keys (all values are strings) --------------------------------------------
+K_FORMAT = "nkv.format"
+K_VERSION = "nkv.version"
+K_N_FACTS = "nkv.n_facts"
+K_LAYER = "nkv.layer"
+K_GAMMA = "nkv.gamma"
+K_BASE_NAME = "nkv.base.name"
+K_BASE_REVISION = "nkv.base.revision"
+K_BASE_ARCH = "nkv.base.architecture"
+K_BASE_MODEL_TYPE = "nkv.base.model_type"
+K_BASE_N_LAYERS = "nkv.base.n_layers"
+K_BASE_D_MODEL = "nkv.base.d_model"
+K_BASE_D_KEY = "nkv.base.d_key"
+K_BASE_FINGERPRINT = "nkv.base.fingerprint"
+K_TARGET_MODULE = "nkv.target_module"
+K_BUILD = "nkv.build"  # JSON object: tool, hyperparameters, seed, created ...
+K_EVAL = "nkv.eval"  # JSON object: evaluation results, if any
+
+REQUIRED_KEYS = (
+    K_FORMAT,
+    K_VERSION,
+    K_N_FACTS,
+    K_LAYER,
+    K_GAMMA,
+    K_BASE_NAME,
+    K_BASE_ARCH,
+    K_BASE_MODEL_TYPE,
+    K_BASE_N_LAYERS,
+    K_BASE_D_MODEL,
+    K_BASE_D_KEY,
+    K_BASE_FINGERPRINT,
+    K_TARGET_MODULE,
+)
+OPTIONAL_KEYS = (K_BASE_REVISION, K_BUILD, K_EVAL)
+
+# Fact records (one JSON object per line of nkv.facts) ---------------------------------
+FACT_REQUIRED_FIELDS = ("id", "subject", "prompt", "target_new")
+FACT_OPTIONAL_FIELDS = ("target_true", "provenance")
+
+# Reader limits ---------------------------------------------------------------------
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors limit
+DEFAULT_GAMMA = 0.65  # paper, all models

@@ -1,0 +1,121 @@
+"""Fact records: what each row of an adapter means, stored inside the file itself.
+
+Records live in the `nkv.facts` tensor as UTF-8 JSON Lines (row i of K1/R1 <-> line i),
+not in the header: 100,000 facts would blow the header's size limit and make every
+`read_header` parse them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .constants import FACT_OPTIONAL_FIELDS, FACT_REQUIRED_FIELDS
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One edit: `prompt` (containing `subject`) should now be completed with `target_new`.
+
+    `id` is stable and unique within an adapter; row operations address facts by it.
+    """
+
+    id: str
+    subject: str
+    prompt: str
+    target_new: str
+    target_true: str | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def to_record(self) -> dict[str, Any]:
+        rec: dict[str, Any] = {
+            "id": self.id,
+            "subject": self.subject,
+            "prompt": self.prompt,
+            "target_new": self.target_new,
+        }
+        if self.target_true is not None:
+            rec["target_true"] = self.target_true
+        if self.provenance:
+            rec["provenance"] = self.provenance
+        return rec
+
+
+def fact_record_problems(rec: Any, where: str) -> list[str]:
+    """Every way `rec` fails to be a valid fact record (empty list when it is valid)."""
+    if not isinstance(rec, dict):
+        return [f"{where}: expected a JSON object, got {type(rec).__name__}"]
+    problems = []
+    for name in FACT_REQUIRED_FIELDS:
+        value = rec.get(name)
+        if not isinstance(value, str) or not value:
+            problems.append(f"{where}: field {name!r} must be a non-empty string, got {value!r:.60}")
+    if rec.get("target_true") is not None and not isinstance(rec["target_true"], str):
+        problems.append(f"{where}: field 'target_true' must be a string or absent")
+    if "provenance" in rec and not isinstance(rec["provenance"], dict):
+        problems.append(f"{where}: field 'provenance' must be a JSON object")
+    unknown = set(rec) - set(FACT_REQUIRED_FIELDS) - set(FACT_OPTIONAL_FIELDS)
+    if unknown:
+        problems.append(f"{where}: unknown field(s) {sorted(unknown)}; allowed: "
+                        f"{list(FACT_REQUIRED_FIELDS + FACT_OPTIONAL_FIELDS)}")
+    return problems
+
+
+def fact_from_record(rec: dict[str, Any]) -> Fact:
+    """Build a Fact from a record already checked by `fact_record_problems`."""
+    return Fact(
+        id=rec["id"],
+        subject=rec["subject"],
+        prompt=rec["prompt"],
+        target_new=rec["target_new"],
+        target_true=rec.get("target_true"),
+        provenance=dict(rec.get("provenance") or {}),
+    )
+
+
+def encode_facts(facts: list[Fact]) -> bytes:
+    """JSON Lines, one compact record per fact, each line ending in '\\n'."""
+    lines = (json.dumps(f.to_record(), ensure_ascii=False, separators=(",", ":")) for f in facts)
+    return "".join(line + "\n" for line in lines).encode("utf-8")
+
+
+def decode_facts(data: bytes, n_facts: int, source: str) -> tuple[list[Fact], list[str]]:
+    """Parse the `nkv.facts` bytes; returns (facts, problems). Never raises on bad data."""
+    where = f"tensor nkv.facts"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return [], [f"{where}: not valid UTF-8 ({exc.reason} at byte {exc.start})"]
+    if n_facts == 0:
+        return [], ([] if text == "" else [f"{where}: expected no records (nkv.n_facts = 0), got data"])
+    if not text.endswith("\n"):
+        return [], [f"{where}: must end with a newline (every record is one line)"]
+    lines = text[:-1].split("\n")
+    if len(lines) != n_facts:
+        return [], [f"{where}: expected {n_facts} records (nkv.n_facts), got {len(lines)} lines"]
+    facts: list[Fact] = []
+    problems: list[str] = []
+    seen: dict[str, int] = {}
+    for row, line in enumerate(lines):
+        try:
+            rec = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            problems.append(f"{where} row {row}: invalid JSON ({exc})"[:300])
+            continue
+        rec_problems = fact_record_problems(rec, f"{where} row {row}")
+        if rec_problems:
+            problems.extend(rec_problems)
+            continue
+        fact = fact_from_record(rec)
+        if fact.id in seen:
+            problems.append(f"{where} row {row}: duplicate fact id {fact.id!r} (first at row {seen[fact.id]})")
+        seen[fact.id] = row
+        facts.append(fact)
+        if len(problems) > 20:  # enough to act on; do not build a giant message
+            problems.append(f"{where}: stopped after 20 problems")
+            break
+    return facts, problems
+
+
+__all__ = ["Fact", "encode_facts", "decode_facts", "fact_record_problems", "fact_from_record"]

@@ -1,0 +1,270 @@
+"""Reading and checking an .nkv header without loading any tensor.
+
+The safetensors container is parsed here by hand (it is 8 bytes + JSON) so that every
+way a file can be wrong becomes an `NKVFormatError` naming the rule it breaks
+(spec/nkv-format.md §7), before the safetensors library sees it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import constants as C
+from .errors import NKVFormatError, NKVVersionError
+from .fingerprint import parse_fingerprint
+
+DTYPE_SIZES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+    data_offsets: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class BaseModelInfo:
+    """Which checkpoint an adapter belongs to (the `nkv.base.*` keys)."""
+
+    name: str
+    architecture: str
+    model_type: str
+    n_layers: int
+    d_model: int
+    d_key: int
+    fingerprint: str
+    revision: str | None = None
+
+
+@dataclass(frozen=True)
+class NKVHeader:
+    """Everything in an .nkv file except the tensor data. Built only by `parse_header`."""
+
+    source: str
+    version: str
+    n_facts: int
+    layer: int
+    gamma: float
+    target_module: str
+    base: BaseModelInfo
+    build: dict[str, Any]
+    eval: dict[str, Any]
+    metadata: dict[str, str]
+    tensors: dict[str, TensorInfo]
+    data_start: int  # byte offset of the data section in the file
+
+    @property
+    def dtype(self) -> str:
+        return self.tensors[C.T_KEYS].dtype
+
+
+def read_header(path: str | os.PathLike) -> NKVHeader:
+    """Read and validate the header of an .nkv file; loads no tensor.
+
+    Raises:
+        NKVFormatError: the file breaks the spec (all problems listed).
+        NKVVersionError: written by a newer major format version.
+
+    >>> h = read_header("spec/examples/golden.nkv")
+    >>> h.n_facts, h.layer, h.gamma
+    (2, 1, 0.65)
+    """
+    path = Path(path)
+    source = str(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            prefix = fh.read(8)
+            n = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
+            header_bytes = fh.read(min(n, C.MAX_HEADER_BYTES)) if len(prefix) == 8 else b""
+    except IsADirectoryError:
+        raise NKVFormatError(source, ["is a directory, expected an .nkv file"]) from None
+    except OSError as exc:
+        raise NKVFormatError(source, [f"cannot read file: {exc.strerror or exc}"]) from None
+    return parse_header(prefix + header_bytes, size, source)
+
+
+def parse_header(raw: bytes, file_size: int, source: str) -> NKVHeader:
+    """Validate rules V1-V7 on the first bytes of a file of `file_size` bytes."""
+    # V1: container framing
+    if file_size < 8 or len(raw) < 8:
+        raise NKVFormatError(source, [f"V1: file is {file_size} bytes, too short for a safetensors header"])
+    (n,) = struct.unpack("<Q", raw[:8])
+    if n > C.MAX_HEADER_BYTES:
+        raise NKVFormatError(source, [f"V1: header length {n} exceeds the {C.MAX_HEADER_BYTES}-byte limit"])
+    if 8 + n > file_size or len(raw) < 8 + n:
+        raise NKVFormatError(source, [f"V1: header claims {n} bytes but the file has {file_size - 8} after the "
+                                      "length field (truncated download? fetch it again)"])
+    # V2: JSON structure
+    try:
+        doc = json.loads(raw[8 : 8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise NKVFormatError(source, [f"V2: header is not UTF-8 JSON ({str(exc)[:120]})"]) from None
+    if not isinstance(doc, dict):
+        raise NKVFormatError(source, [f"V2: header must be a JSON object, got {type(doc).__name__}"])
+    meta = doc.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise NKVFormatError(source, ["V2: __metadata__ must map strings to strings"])
+
+    tensors, problems = _parse_tensor_table(doc, file_size - 8 - n)
+    if problems:
+        raise NKVFormatError(source, problems)
+    return _interpret(source, meta, tensors, data_start=8 + n)
+
+
+def _parse_tensor_table(doc: dict, data_len: int) -> tuple[dict[str, TensorInfo], list[str]]:
+    """V2/V3: every entry is a well-formed tensor and the data regions tile the data section."""
+    tensors: dict[str, TensorInfo] = {}
+    problems: list[str] = []
+    for name, entry in doc.items():
+        if not isinstance(entry, dict):
+            problems.append(f"V2: tensor {name!r}: entry must be an object")
+            continue
+        dtype, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in DTYPE_SIZES:
+            problems.append(f"V2: tensor {name!r}: unknown dtype {dtype!r:.20}")
+            continue
+        if not (isinstance(shape, list) and all(type(d) is int and 0 <= d < 2**48 for d in shape)):
+            problems.append(f"V2: tensor {name!r}: shape must be a list of non-negative integers")
+            continue
+        if not (isinstance(offs, list) and len(offs) == 2 and all(type(o) is int for o in offs)
+                and 0 <= offs[0] <= offs[1]):
+            problems.append(f"V2: tensor {name!r}: data_offsets must be [begin, end] with 0 <= begin <= end")
+            continue
+        nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
+        if offs[1] - offs[0] != nbytes:
+            problems.append(f"V3: tensor {name!r}: {dtype} {shape} needs {nbytes} bytes, "
+                            f"data_offsets cover {offs[1] - offs[0]}")
+            continue
+        tensors[name] = TensorInfo(dtype, tuple(shape), (offs[0], offs[1]))
+    if problems:
+        return tensors, problems
+    cursor = 0
+    for name, info in sorted(tensors.items(), key=lambda kv: kv[1].data_offsets):
+        if info.data_offsets[0] != cursor:
+            problems.append(f"V3: tensor {name!r} starts at byte {info.data_offsets[0]}, expected {cursor} "
+                            "(regions must be contiguous and non-overlapping)")
+            return tensors, problems
+        cursor = info.data_offsets[1]
+    if cursor != data_len:
+        problems.append(f"V3: tensors cover {cursor} data bytes but the file holds {data_len} "
+                        "(truncated or padded file; fetch it again)")
+    return tensors, problems
+
+
+def _interpret(source: str, meta: dict[str, str], tensors: dict[str, TensorInfo], data_start: int) -> NKVHeader:
+    """V4-V7: the NKV layer on top of the container."""
+    if meta.get(C.K_FORMAT) != C.FORMAT_MARKER:
+        raise NKVFormatError(source, [f"V4: metadata {C.K_FORMAT!r} must be {C.FORMAT_MARKER!r}, got "
+                                      f"{meta.get(C.K_FORMAT)!r:.40} (not an NKV adapter)"])
+    version = meta.get(C.K_VERSION, "")
+    major = _version_major(version)
+    if major is None:
+        raise NKVFormatError(source, [f"V5: metadata {C.K_VERSION!r} must look like '1.0', got {version!r:.40}"])
+    if major > C.SUPPORTED_MAJOR:
+        raise NKVVersionError(source, [f"V5: written by NKV format {version}, this reader supports "
+                                       f"{C.SUPPORTED_MAJOR}.x; upgrade with: pip install -U nkv"])
+    problems = [f"V6: required metadata key {k!r} is missing" for k in C.REQUIRED_KEYS if k not in meta]
+    if problems:
+        raise NKVFormatError(source, problems)
+
+    def as_int(key: str, low: int) -> int:
+        try:
+            value = int(meta[key])
+            if value < low:
+                raise ValueError
+            return value
+        except ValueError:
+            problems.append(f"V6: metadata {key!r} must be an integer >= {low}, got {meta[key]!r:.40}")
+            return low
+
+    n_facts = as_int(C.K_N_FACTS, 0)
+    layer = as_int(C.K_LAYER, 0)
+    n_layers = as_int(C.K_BASE_N_LAYERS, 1)
+    d_model = as_int(C.K_BASE_D_MODEL, 1)
+    d_key = as_int(C.K_BASE_D_KEY, 1)
+    if layer >= n_layers and not problems:
+        problems.append(f"V6: metadata {C.K_LAYER!r} = {layer} but the base model has {n_layers} layers")
+    try:
+        gamma = float(meta[C.K_GAMMA])
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError
+    except ValueError:
+        problems.append(f"V6: metadata {C.K_GAMMA!r} must be a number in [0, 1], got {meta[C.K_GAMMA]!r:.40}")
+        gamma = C.DEFAULT_GAMMA
+    try:
+        parse_fingerprint(meta[C.K_BASE_FINGERPRINT])
+    except NKVFormatError as exc:
+        problems.extend(f"V6: {p}" for p in exc.problems)
+    json_fields = {}
+    for key in (C.K_BUILD, C.K_EVAL):
+        json_fields[key] = {}
+        if key in meta:
+            try:
+                value = json.loads(meta[key])
+                if not isinstance(value, dict):
+                    raise ValueError
+                json_fields[key] = value
+            except (ValueError, RecursionError):
+                problems.append(f"V10: metadata {key!r} must be a JSON object")
+
+    # V7: the three tensors, their dtypes and shapes
+    expected = {C.T_KEYS: (n_facts, d_key), C.T_RESIDUALS: (n_facts, d_model)}
+    for name, shape in expected.items():
+        info = tensors.get(name)
+        if info is None:
+            problems.append(f"V7: tensor {name!r} is missing")
+        elif info.dtype not in C.ROW_DTYPES:
+            problems.append(f"V7: tensor {name!r} has dtype {info.dtype}, expected one of {list(C.ROW_DTYPES)}")
+        elif info.shape != shape:
+            problems.append(f"V7: tensor {name!r} has shape {list(info.shape)}, expected {list(shape)} "
+                            "(nkv.n_facts x nkv.base.d_key / d_model)")
+    if C.T_KEYS in tensors and C.T_RESIDUALS in tensors and tensors[C.T_KEYS].dtype != tensors[C.T_RESIDUALS].dtype:
+        problems.append(f"V7: {C.T_KEYS} is {tensors[C.T_KEYS].dtype} but {C.T_RESIDUALS} is "
+                        f"{tensors[C.T_RESIDUALS].dtype}; they must share one dtype")
+    facts = tensors.get(C.T_FACTS)
+    if facts is None:
+        problems.append(f"V7: tensor {C.T_FACTS!r} is missing")
+    elif facts.dtype != "U8" or len(facts.shape) != 1:
+        problems.append(f"V7: tensor {C.T_FACTS!r} must be U8 with shape [n_bytes], got {facts.dtype} {list(facts.shape)}")
+    if problems:
+        raise NKVFormatError(source, problems)
+
+    base = BaseModelInfo(
+        name=meta[C.K_BASE_NAME],
+        architecture=meta[C.K_BASE_ARCH],
+        model_type=meta[C.K_BASE_MODEL_TYPE],
+        n_layers=n_layers,
+        d_model=d_model,
+        d_key=d_key,
+        fingerprint=meta[C.K_BASE_FINGERPRINT],
+        revision=meta.get(C.K_BASE_REVISION),
+    )
+    return NKVHeader(
+        source=source, version=version, n_facts=n_facts, layer=layer, gamma=gamma,
+        target_module=meta[C.K_TARGET_MODULE], base=base,
+        build=json_fields[C.K_BUILD], eval=json_fields[C.K_EVAL],
+        metadata=dict(meta), tensors=tensors, data_start=data_start,
+    )
+
+
+def _version_major(version: str) -> int | None:
+    parts = version.split(".")
+    if len(parts) != 2 or not all(p.isdigit() and len(p) < 6 for p in parts):
+        return None
+    return int(parts[0])
+
+
+__all__ = ["NKVHeader", "BaseModelInfo", "TensorInfo", "read_header", "parse_header"]
