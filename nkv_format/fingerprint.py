@@ -6,7 +6,8 @@ projections of the adapter's target weight, compared with a tolerance far above
 rounding noise and far below the difference between two checkpoints:
 
     W        the output projection at the adapter's layer, as a (d_model, d_key) matrix
-    a_k, b_k fixed pseudo-random vectors in [-1, 1) (integer hash, no RNG state), k < 16
+    a_k, b_k fixed pseudo-random vectors in [-1, 1), k < 16: entry i of a_k is
+             h(i*32 + 2k) and of b_k is h(i*32 + 2k + 1), h a 32-bit integer hash (§6 of the spec)
     z_k    = a_k^T W b_k / (||W||_F * rms(a_k) * rms(b_k))      # ~N(0, 1) for any W
     string = "nkvfp1:fro=<||W||_F %.6e>;z=<z_0 %.4f>,...,<z_15 %.4f>"
 
@@ -28,7 +29,7 @@ N_PROBES = 16
 Z_TOLERANCE = 0.02  # max |z - z'|; bf16 noise is ~0.002
 FRO_RTOL = 0.01  # relative difference of ||W||_F
 
-_MOD = 2**31
+_MASK32 = 0xFFFFFFFF
 
 
 def _probe_vectors(length: int, side: int, start: int = 0, count: int | None = None) -> torch.Tensor:
@@ -40,10 +41,11 @@ def _probe_vectors(length: int, side: int, start: int = 0, count: int | None = N
     count = length - start if count is None else count
     i = torch.arange(start, start + count, dtype=torch.int64).unsqueeze(1)  # (count, 1)
     k = torch.arange(N_PROBES, dtype=torch.int64).unsqueeze(0)  # (1, K)
-    x = (i * 1103515245 + k * 2654435 + side * 7919 + 12345) % _MOD
-    x = (x * 1103515245 + 12345) % _MOD  # two rounds of an LCG mix the inputs well enough
-    x = (x * 1103515245 + 12345) % _MOD
-    return x.to(torch.float64) / _MOD * 2.0 - 1.0
+    x = (i * (2 * N_PROBES) + k * 2 + side) & _MASK32
+    for _ in range(3):  # a well-mixing 32-bit integer hash; int64 math never overflows here
+        x = ((x ^ (x >> 16)) * 0x45D9F3B) & _MASK32
+    x = x ^ (x >> 16)
+    return x.to(torch.float64) / 2**32 * 2.0 - 1.0
 
 
 def fingerprint_partial(weight: torch.Tensor, col_start: int = 0, chunk_rows: int = 1024) -> torch.Tensor:

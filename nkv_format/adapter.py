@@ -1,0 +1,379 @@
+"""`NKVAdapter`: the in-memory adapter, its file I/O, and row operations.
+
+Rows are independent (keys and residuals are computed on the unedited model), so adding,
+removing, replacing and merging facts are pure row operations with no re-solve. Every
+operation returns a new adapter; none mutates its input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field, replace as dc_replace
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+import torch
+
+from . import constants as C
+from .errors import NKVCompatibilityError, NKVConflictError, NKVFormatError
+from .facts import Fact, decode_facts, encode_facts, fact_record_problems
+from .fingerprint import fingerprints_match
+from .header import BaseModelInfo, NKVHeader, parse_header, read_header
+
+_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_DTYPE_NAMES = {v: k for k, v in _TORCH_DTYPES.items()}
+
+ConflictPolicy = Literal["error", "ours", "theirs"]
+
+
+@dataclass
+class NKVAdapter:
+    """A NeuralDB edit database for one base model and one layer.
+
+    Attributes:
+        keys: K1, (n_facts, d_key); row i is fact i's key.
+        residuals: R1, (n_facts, d_model); row i is added when row i's key wins the gate.
+        facts: n_facts records, in row order.
+        layer: index of the transformer block whose FFN output projection is gated.
+        gamma: cosine threshold; the gate fires when cos > gamma.
+        base: identity and fingerprint of the checkpoint the rows were computed on.
+        target_module: the module path at `layer`, e.g. "model.layers.7.mlp.down_proj".
+        build: build provenance (tool version, hyperparameters, seed); informative only.
+        eval: evaluation results, if any; informative only.
+    """
+
+    keys: torch.Tensor
+    residuals: torch.Tensor
+    facts: list[Fact]
+    layer: int
+    gamma: float
+    base: BaseModelInfo
+    target_module: str
+    build: dict[str, Any] = field(default_factory=dict)
+    eval: dict[str, Any] = field(default_factory=dict)
+
+    # ---------------------------------------------------------------- basic views
+    @property
+    def n_facts(self) -> int:
+        return len(self.facts)
+
+    @property
+    def ids(self) -> list[str]:
+        return [f.id for f in self.facts]
+
+    def index_of(self, fact_id: str) -> int:
+        for i, f in enumerate(self.facts):
+            if f.id == fact_id:
+                return i
+        raise KeyError(fact_id)
+
+    def __repr__(self) -> str:
+        return (f"NKVAdapter(n_facts={self.n_facts}, layer={self.layer}, gamma={self.gamma}, "
+                f"base={self.base.name!r}, dtype={_DTYPE_NAMES.get(self.keys.dtype, self.keys.dtype)})")
+
+    # ---------------------------------------------------------------- validation
+    def problems(self) -> list[str]:
+        """Every way this adapter breaks the spec (V6-V9), without raising."""
+        out: list[str] = []
+        n, b = self.n_facts, self.base
+        if self.keys.dtype not in _DTYPE_NAMES or self.residuals.dtype not in _DTYPE_NAMES:
+            out.append(f"V7: keys/residuals dtype must be one of {list(_DTYPE_NAMES)}, got "
+                       f"{self.keys.dtype}/{self.residuals.dtype}")
+        elif self.keys.dtype != self.residuals.dtype:
+            out.append(f"V7: keys are {self.keys.dtype} but residuals are {self.residuals.dtype}")
+        if tuple(self.keys.shape) != (n, b.d_key):
+            out.append(f"V7: {C.T_KEYS} has shape {list(self.keys.shape)}, expected [{n}, {b.d_key}]")
+        if tuple(self.residuals.shape) != (n, b.d_model):
+            out.append(f"V7: {C.T_RESIDUALS} has shape {list(self.residuals.shape)}, expected [{n}, {b.d_model}]")
+        if not out:
+            for name, t in ((C.T_KEYS, self.keys), (C.T_RESIDUALS, self.residuals)):
+                if t.numel() and not bool(torch.isfinite(t).all()):
+                    bad = int((~torch.isfinite(t)).any(-1).nonzero()[0, 0])
+                    out.append(f"V8: {name} holds NaN/Inf values (first in row {bad}, fact "
+                               f"{self.facts[bad].id!r}); rebuild that fact")
+        if not 0 <= self.layer < b.n_layers:
+            out.append(f"V6: layer {self.layer} outside the base model's {b.n_layers} layers")
+        if not 0.0 <= self.gamma <= 1.0:
+            out.append(f"V6: gamma must be in [0, 1], got {self.gamma}")
+        seen: set[str] = set()
+        for row, fact in enumerate(self.facts):
+            out.extend(fact_record_problems(fact.to_record(), f"fact row {row}"))
+            if fact.id in seen:
+                out.append(f"V9: duplicate fact id {fact.id!r} at row {row}")
+            seen.add(fact.id)
+        return out
+
+    def validate(self, source: str = "<adapter>") -> None:
+        """Raise one NKVFormatError listing every problem, or return None."""
+        problems = self.problems()
+        if problems:
+            raise NKVFormatError(source, problems)
+
+    # ---------------------------------------------------------------- file I/O
+    def metadata(self) -> dict[str, str]:
+        """The safetensors `__metadata__` for this adapter (all strings)."""
+        b = self.base
+        meta = {
+            C.K_FORMAT: C.FORMAT_MARKER,
+            C.K_VERSION: C.FORMAT_VERSION,
+            C.K_N_FACTS: str(self.n_facts),
+            C.K_LAYER: str(self.layer),
+            C.K_GAMMA: repr(float(self.gamma)),
+            C.K_BASE_NAME: b.name,
+            C.K_BASE_ARCH: b.architecture,
+            C.K_BASE_MODEL_TYPE: b.model_type,
+            C.K_BASE_N_LAYERS: str(b.n_layers),
+            C.K_BASE_D_MODEL: str(b.d_model),
+            C.K_BASE_D_KEY: str(b.d_key),
+            C.K_BASE_FINGERPRINT: b.fingerprint,
+            C.K_TARGET_MODULE: self.target_module,
+        }
+        if b.revision:
+            meta[C.K_BASE_REVISION] = b.revision
+        if self.build:
+            meta[C.K_BUILD] = json.dumps(self.build, sort_keys=True)
+        if self.eval:
+            meta[C.K_EVAL] = json.dumps(self.eval, sort_keys=True)
+        return meta
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Validate, then write atomically: a temp file in the same folder, fsync, rename.
+
+        An interrupted save (crash, Ctrl-C, full disk) leaves any existing file at
+        `path` untouched and no partial file behind.
+        """
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        self.validate(str(path))
+        records = encode_facts(self.facts)
+        tensors = {
+            C.T_KEYS: self.keys.detach().to("cpu").contiguous(),
+            C.T_RESIDUALS: self.residuals.detach().to("cpu").contiguous(),
+            C.T_FACTS: (torch.frombuffer(bytearray(records), dtype=torch.uint8) if records
+                        else torch.zeros(0, dtype=torch.uint8)),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=self.metadata())
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "NKVAdapter":
+        """Read and fully validate an .nkv file. Never unpickles.
+
+        Raises:
+            NKVFormatError / NKVVersionError naming the file and every problem.
+
+        >>> adapter = NKVAdapter.load("spec/examples/golden.nkv")
+        >>> adapter.n_facts
+        2
+        """
+        header = read_header(path)
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as fh:
+                tensors = {name: fh.get_tensor(name) for name in (C.T_KEYS, C.T_RESIDUALS, C.T_FACTS)}
+        except Exception as exc:  # the Rust reader's errors: we already validated, so this is I/O
+            raise NKVFormatError(header.source, [f"cannot read tensor data: {exc}"]) from None
+        return cls._from_parts(header, tensors)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "<bytes>") -> "NKVAdapter":
+        """Parse a whole .nkv file held in memory (used for downloads and fuzzing)."""
+        header = parse_header(data[: 8 + C.MAX_HEADER_BYTES], len(data), source)
+        tensors = {}
+        for name in (C.T_KEYS, C.T_RESIDUALS, C.T_FACTS):
+            info = header.tensors[name]
+            begin, end = (header.data_start + o for o in info.data_offsets)
+            dtype = torch.uint8 if info.dtype == "U8" else _TORCH_DTYPES[info.dtype]
+            buf = bytearray(data[begin:end])
+            flat = torch.frombuffer(buf, dtype=dtype) if buf else torch.zeros(0, dtype=dtype)
+            tensors[name] = flat.reshape(info.shape)
+        return cls._from_parts(header, tensors)
+
+    @classmethod
+    def _from_parts(cls, header: NKVHeader, tensors: dict[str, torch.Tensor]) -> "NKVAdapter":
+        facts, problems = decode_facts(tensors[C.T_FACTS].numpy().tobytes(), header.n_facts, header.source)
+        adapter = cls(
+            keys=tensors[C.T_KEYS], residuals=tensors[C.T_RESIDUALS], facts=facts if not problems else [],
+            layer=header.layer, gamma=header.gamma, base=header.base,
+            target_module=header.target_module, build=header.build, eval=header.eval,
+        )
+        if not problems:
+            problems = adapter.problems()
+        if problems:
+            raise NKVFormatError(header.source, problems)
+        return adapter
+
+    # ---------------------------------------------------------------- row operations
+    def _with_rows(self, facts: list[Fact], keys: torch.Tensor, residuals: torch.Tensor) -> "NKVAdapter":
+        return dc_replace(self, facts=list(facts), keys=keys, residuals=residuals)
+
+    def select(self, ids: Iterable[str]) -> "NKVAdapter":
+        """A new adapter with only the facts `ids`, in the given order."""
+        rows = [self.index_of(i) for i in ids]
+        idx = torch.tensor(rows, dtype=torch.long)
+        return self._with_rows([self.facts[r] for r in rows], self.keys[idx], self.residuals[idx])
+
+    def add(
+        self,
+        facts: list[Fact],
+        keys: torch.Tensor,
+        residuals: torch.Tensor,
+        on_conflict: ConflictPolicy = "error",
+    ) -> "NKVAdapter":
+        """Append rows. A fact whose id is already present is a conflict:
+        "error" raises, "ours" keeps the existing row, "theirs" replaces it in place.
+        """
+        if keys.shape != (len(facts), self.base.d_key) or residuals.shape != (len(facts), self.base.d_model):
+            raise NKVCompatibilityError(
+                f"add: expected keys [{len(facts)}, {self.base.d_key}] and residuals "
+                f"[{len(facts)}, {self.base.d_model}], got {list(keys.shape)} and {list(residuals.shape)}")
+        new_ids = [f.id for f in facts]
+        dup_in_new = {i for i in new_ids if new_ids.count(i) > 1}
+        if dup_in_new:
+            raise NKVConflictError(f"add: fact ids repeated in the new rows: {sorted(dup_in_new)[:5]}")
+        position = {f.id: r for r, f in enumerate(self.facts)}
+        clashes = [i for i in new_ids if i in position]
+        if clashes and on_conflict == "error":
+            raise NKVConflictError(
+                f"add: {len(clashes)} fact id(s) already in the adapter, e.g. {clashes[:3]}; "
+                "use replace, or on_conflict='ours'/'theirs' (CLI: --on-conflict)")
+        out_facts = list(self.facts)
+        out_keys = self.keys.clone()
+        out_res = self.residuals.clone()
+        keys = keys.to(self.keys.dtype)
+        residuals = residuals.to(self.residuals.dtype)
+        append = []
+        for r, fact in enumerate(facts):
+            if fact.id in position:
+                if on_conflict == "theirs":
+                    p = position[fact.id]
+                    out_facts[p] = fact
+                    out_keys[p] = keys[r]
+                    out_res[p] = residuals[r]
+            else:
+                append.append(r)
+        idx = torch.tensor(append, dtype=torch.long)
+        return self._with_rows(
+            out_facts + [facts[r] for r in append],
+            torch.cat([out_keys, keys[idx]]),
+            torch.cat([out_res, residuals[idx]]),
+        )
+
+    def replace(self, facts: list[Fact], keys: torch.Tensor, residuals: torch.Tensor) -> "NKVAdapter":
+        """Overwrite existing facts (matched by id) with new rows; every id must exist."""
+        missing = [f.id for f in facts if f.id not in set(self.ids)]
+        if missing:
+            raise NKVConflictError(f"replace: fact id(s) not in the adapter: {missing[:5]}; use add for new facts")
+        return self.add(facts, keys, residuals, on_conflict="theirs")
+
+    def remove(
+        self, ids: Iterable[str] = (), subjects: Iterable[str] = (), missing_ok: bool = False
+    ) -> "NKVAdapter":
+        """Drop facts by id and/or by subject (exact match). Unknown ids raise unless missing_ok."""
+        ids, subjects = set(ids), set(subjects)
+        unknown = ids - set(self.ids)
+        unknown_subjects = subjects - {f.subject for f in self.facts}
+        if (unknown or unknown_subjects) and not missing_ok:
+            what = [f"id {i!r}" for i in sorted(unknown)[:5]] + [f"subject {s!r}" for s in sorted(unknown_subjects)[:5]]
+            raise NKVConflictError(f"remove: no fact with {', '.join(what)}; "
+                                   "list facts with `nkv inspect --facts`")
+        keep = [r for r, f in enumerate(self.facts) if f.id not in ids and f.subject not in subjects]
+        idx = torch.tensor(keep, dtype=torch.long)
+        return self._with_rows([self.facts[r] for r in keep], self.keys[idx], self.residuals[idx])
+
+    def check_compatible(self, other: "NKVAdapter", what: str = "merge") -> None:
+        """Raise NKVCompatibilityError unless `other` targets the same model and layer."""
+        a, b = self.base, other.base
+        problems = []
+        for name in ("model_type", "n_layers", "d_model", "d_key"):
+            if getattr(a, name) != getattr(b, name):
+                problems.append(f"base {name}: {getattr(a, name)!r} vs {getattr(b, name)!r}")
+        if not problems and not fingerprints_match(a.fingerprint, b.fingerprint):
+            problems.append("base fingerprint differs (built on different checkpoints)")
+        if self.layer != other.layer:
+            problems.append(f"layer: {self.layer} vs {other.layer}")
+        if problems:
+            raise NKVCompatibilityError(f"{what}: adapters do not belong to the same model and layer: "
+                                        + "; ".join(problems) + ". Rebuild one of them on the other's base/layer.")
+
+    def merge(self, other: "NKVAdapter", on_conflict: ConflictPolicy = "error",
+              gamma: float | None = None) -> "NKVAdapter":
+        """Union of two adapters built on the same base model and layer.
+
+        A fact id present in both is a conflict: "error" (default) raises and lists them,
+        "ours" keeps this adapter's row, "theirs" takes `other`'s. When the two gammas
+        differ, pass `gamma` explicitly. Rows keep this adapter's order, then `other`'s.
+        """
+        self.check_compatible(other)
+        if gamma is None:
+            if self.gamma != other.gamma:
+                raise NKVCompatibilityError(
+                    f"merge: gamma differs ({self.gamma} vs {other.gamma}); choose one (CLI: --gamma)")
+            gamma = self.gamma
+        merged = self.add(other.facts, other.keys, other.residuals, on_conflict=on_conflict)
+        return dc_replace(merged, gamma=gamma, eval={})
+
+    def diff(self, other: "NKVAdapter") -> "AdapterDiff":
+        """Facts added, removed and changed going from this adapter to `other` (by id)."""
+        mine = {f.id: r for r, f in enumerate(self.facts)}
+        theirs = {f.id: r for r, f in enumerate(other.facts)}
+        changed = []
+        for fid in mine.keys() & theirs.keys():
+            a, b = mine[fid], theirs[fid]
+            same_rows = (self.keys.shape[1:] == other.keys.shape[1:]
+                         and torch.equal(self.keys[a].float(), other.keys[b].float())
+                         and torch.equal(self.residuals[a].float(), other.residuals[b].float()))
+            if self.facts[a] != other.facts[b] or not same_rows:
+                changed.append(fid)
+        return AdapterDiff(
+            added=[f.id for f in other.facts if f.id not in mine],
+            removed=[f.id for f in self.facts if f.id not in theirs],
+            changed=sorted(changed, key=lambda i: mine[i]),
+            settings={k: (v1, v2) for k, v1, v2 in (
+                ("layer", self.layer, other.layer), ("gamma", self.gamma, other.gamma),
+                ("base.name", self.base.name, other.base.name),
+                ("dtype", str(self.keys.dtype), str(other.keys.dtype)),
+            ) if v1 != v2},
+        )
+
+    def to(self, dtype: torch.dtype) -> "NKVAdapter":
+        """Same adapter with keys and residuals stored in `dtype` (F32, F16 or BF16)."""
+        return dc_replace(self, keys=self.keys.to(dtype), residuals=self.residuals.to(dtype))
+
+
+@dataclass
+class AdapterDiff:
+    added: list[str]
+    removed: list[str]
+    changed: list[str]
+    settings: dict[str, tuple[Any, Any]]
+
+    @property
+    def empty(self) -> bool:
+        return not (self.added or self.removed or self.changed or self.settings)
+
+
+def empty_adapter(base: BaseModelInfo, layer: int, target_module: str,
+                  gamma: float = C.DEFAULT_GAMMA, dtype: torch.dtype = torch.float32) -> NKVAdapter:
+    """An adapter with no facts yet, to `add` rows to."""
+    return NKVAdapter(
+        keys=torch.zeros(0, base.d_key, dtype=dtype), residuals=torch.zeros(0, base.d_model, dtype=dtype),
+        facts=[], layer=layer, gamma=gamma, base=base, target_module=target_module,
+    )
+
+
+__all__ = ["NKVAdapter", "AdapterDiff", "empty_adapter"]
