@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import struct
+import sys
 import tempfile
 from dataclasses import dataclass, field, replace as dc_replace
 from pathlib import Path
@@ -97,9 +99,14 @@ class NKVAdapter:
             out.append(f"V6: layer {self.layer} outside the base model's {b.n_layers} layers")
         if not 0.0 <= self.gamma <= 1.0:
             out.append(f"V6: gamma must be in [0, 1], got {self.gamma}")
+        for key, value in ((C.K_BUILD, self.build), (C.K_EVAL, self.eval)):
+            try:
+                json.dumps(value, allow_nan=False)
+            except (TypeError, ValueError, RecursionError) as exc:
+                out.append(f"V10: {key} must be a JSON object of JSON values ({str(exc)[:80]})")
         seen: set[str] = set()
         for row, fact in enumerate(self.facts):
-            out.extend(fact_record_problems(fact.to_record(), f"fact row {row}"))
+            out.extend(fact_record_problems(fact.to_record(), f"V9: fact row {row}"))
             if fact.id in seen:
                 out.append(f"V9: duplicate fact id {fact.id!r} at row {row}")
             seen.add(fact.id)
@@ -138,30 +145,54 @@ class NKVAdapter:
             meta[C.K_EVAL] = json.dumps(self.eval, sort_keys=True)
         return meta
 
+    def _encode(self, source: str) -> tuple[bytes, list[tuple[str, memoryview]]]:
+        """Validate, then return (length field + header, [(tensor, data bytes)]) in file order.
+
+        The bytes are canonical (spec §2): the safetensors library writes metadata in
+        hash order, so it cannot give byte-identical files for identical adapters.
+        """
+        self.validate(source)
+        records = encode_facts(self.facts)
+        parts = [
+            (C.T_KEYS, _DTYPE_NAMES[self.keys.dtype], list(self.keys.shape), _raw_bytes(self.keys)),
+            (C.T_RESIDUALS, _DTYPE_NAMES[self.residuals.dtype], list(self.residuals.shape),
+             _raw_bytes(self.residuals)),
+            (C.T_FACTS, "U8", [len(records)], memoryview(records)),
+        ]
+        doc: dict[str, Any] = {"__metadata__": dict(sorted(self.metadata().items()))}
+        offset = 0
+        for name, dtype, shape, data in parts:
+            doc[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + data.nbytes]}
+            offset += data.nbytes
+        text = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        text += b" " * (-len(text) % 8)  # pad so tensor data starts 8-byte aligned
+        head = struct.pack("<Q", len(text)) + text
+        parse_header(head, len(head) + offset, source)  # never write what the reader refuses
+        return head, [(name, data) for name, _, _, data in parts]
+
+    def to_bytes(self) -> bytes:
+        """The canonical .nkv file as bytes (what `save` writes; `from_bytes` reads it)."""
+        head, parts = self._encode("<bytes>")
+        return head + b"".join(data for _, data in parts)
+
     def save(self, path: str | os.PathLike) -> Path:
         """Validate, then write atomically: a temp file in the same folder, fsync, rename.
 
         An interrupted save (crash, Ctrl-C, full disk) leaves any existing file at
         `path` untouched and no partial file behind.
         """
-        from safetensors.torch import save_file
-
         path = Path(path)
-        self.validate(str(path))
-        records = encode_facts(self.facts)
-        tensors = {
-            C.T_KEYS: self.keys.detach().to("cpu").contiguous(),
-            C.T_RESIDUALS: self.residuals.detach().to("cpu").contiguous(),
-            C.T_FACTS: (torch.frombuffer(bytearray(records), dtype=torch.uint8) if records
-                        else torch.zeros(0, dtype=torch.uint8)),
-        }
+        head, parts = self._encode(str(path))
         path.parent.mkdir(parents=True, exist_ok=True)
+        # mkstemp makes the file 0600; keep the mode of the file we replace (else 0644)
+        mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
         try:
-            save_file(tensors, tmp, metadata=self.metadata())
-            with open(tmp, "rb") as fh:
+            with os.fdopen(fd, "wb") as fh:
+                _write_parts(fh, head, parts)
+                fh.flush()
                 os.fsync(fh.fileno())
+            os.chmod(tmp, mode)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -234,8 +265,10 @@ class NKVAdapter:
         residuals: torch.Tensor,
         on_conflict: ConflictPolicy = "error",
     ) -> "NKVAdapter":
-        """Append rows. A fact whose id is already present is a conflict:
-        "error" raises, "ours" keeps the existing row, "theirs" replaces it in place.
+        """Append rows. A fact whose id is already present with a different record or
+        different rows is a conflict: "error" raises, "ours" keeps the existing row,
+        "theirs" replaces it in place. An exact duplicate (same record, same rows) is
+        skipped under every policy, so merging an adapter with a copy of itself is a no-op.
         """
         if keys.shape != (len(facts), self.base.d_key) or residuals.shape != (len(facts), self.base.d_model):
             raise NKVCompatibilityError(
@@ -246,7 +279,15 @@ class NKVAdapter:
         if dup_in_new:
             raise NKVConflictError(f"add: fact ids repeated in the new rows: {sorted(dup_in_new)[:5]}")
         position = {f.id: r for r, f in enumerate(self.facts)}
-        clashes = [i for i in new_ids if i in position]
+        keys = keys.to(self.keys.dtype)
+        residuals = residuals.to(self.residuals.dtype)
+
+        def identical(r: int) -> bool:
+            p = position[facts[r].id]
+            return (self.facts[p] == facts[r] and torch.equal(self.keys[p], keys[r])
+                    and torch.equal(self.residuals[p], residuals[r]))
+
+        clashes = [f.id for r, f in enumerate(facts) if f.id in position and not identical(r)]
         if clashes and on_conflict == "error":
             raise NKVConflictError(
                 f"add: {len(clashes)} fact id(s) already in the adapter, e.g. {clashes[:3]}; "
@@ -254,8 +295,6 @@ class NKVAdapter:
         out_facts = list(self.facts)
         out_keys = self.keys.clone()
         out_res = self.residuals.clone()
-        keys = keys.to(self.keys.dtype)
-        residuals = residuals.to(self.residuals.dtype)
         append = []
         for r, fact in enumerate(facts):
             if fact.id in position:
@@ -328,7 +367,12 @@ class NKVAdapter:
         return dc_replace(merged, gamma=gamma, eval={})
 
     def diff(self, other: "NKVAdapter") -> "AdapterDiff":
-        """Facts added, removed and changed going from this adapter to `other` (by id)."""
+        """Facts added, removed and changed going from this adapter to `other` (by id).
+
+        A fact is changed when its record or its K1/R1 rows differ (compared in float32).
+        `settings` maps each differing setting to (ours, theirs); the base fingerprint
+        counts as differing only when it does not match within tolerance.
+        """
         mine = {f.id: r for r, f in enumerate(self.facts)}
         theirs = {f.id: r for r, f in enumerate(other.facts)}
         changed = []
@@ -346,13 +390,30 @@ class NKVAdapter:
             settings={k: (v1, v2) for k, v1, v2 in (
                 ("layer", self.layer, other.layer), ("gamma", self.gamma, other.gamma),
                 ("base.name", self.base.name, other.base.name),
-                ("dtype", str(self.keys.dtype), str(other.keys.dtype)),
-            ) if v1 != v2},
+                ("base.revision", self.base.revision, other.base.revision),
+                ("target_module", self.target_module, other.target_module),
+                ("dtype", _DTYPE_NAMES.get(self.keys.dtype), _DTYPE_NAMES.get(other.keys.dtype)),
+            ) if v1 != v2} | ({} if fingerprints_match(self.base.fingerprint, other.base.fingerprint)
+                               else {"base.fingerprint": (self.base.fingerprint, other.base.fingerprint)}),
         )
 
     def to(self, dtype: torch.dtype) -> "NKVAdapter":
         """Same adapter with keys and residuals stored in `dtype` (F32, F16 or BF16)."""
         return dc_replace(self, keys=self.keys.to(dtype), residuals=self.residuals.to(dtype))
+
+
+def _raw_bytes(t: torch.Tensor) -> memoryview:
+    """A tensor's little-endian bytes without a copy (bf16 has no numpy dtype, uint8 does)."""
+    assert sys.byteorder == "little", "the .nkv writer assumes a little-endian host"
+    flat = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)  # 1-D: cast() refuses 0-size N-D
+    return memoryview(flat.numpy())
+
+
+def _write_parts(fh: Any, head: bytes, parts: list[tuple[str, memoryview]]) -> None:
+    """Write header then tensor data (a function of its own so tests can interrupt it)."""
+    fh.write(head)
+    for _, data in parts:
+        fh.write(data)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .constants import FACT_OPTIONAL_FIELDS, FACT_REQUIRED_FIELDS
+from .header import strict_json_loads
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,11 @@ def fact_record_problems(rec: Any, where: str) -> list[str]:
     if unknown:
         problems.append(f"{where}: unknown field(s) {sorted(unknown)}; allowed: "
                         f"{list(FACT_REQUIRED_FIELDS + FACT_OPTIONAL_FIELDS)}")
+    try:  # the writer must be able to store it again as strict UTF-8 JSON
+        json.dumps(rec, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except (TypeError, ValueError, RecursionError) as exc:  # UnicodeEncodeError is a ValueError
+        problems.append(f"{where}: not storable as UTF-8 JSON ({str(exc)[:80]}); "
+                        "use JSON types, finite numbers and valid Unicode")
     return problems
 
 
@@ -82,7 +88,7 @@ def encode_facts(facts: list[Fact]) -> bytes:
 
 def decode_facts(data: bytes, n_facts: int, source: str) -> tuple[list[Fact], list[str]]:
     """Parse the `nkv.facts` bytes; returns (facts, problems). Never raises on bad data."""
-    where = f"tensor nkv.facts"
+    where = "V9: tensor nkv.facts"
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -99,8 +105,8 @@ def decode_facts(data: bytes, n_facts: int, source: str) -> tuple[list[Fact], li
     seen: dict[str, int] = {}
     for row, line in enumerate(lines):
         try:
-            rec = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as exc:
+            rec = strict_json_loads(line)  # no NaN, duplicate keys or lone surrogates
+        except (ValueError, RecursionError) as exc:  # ValueError: also ints over 4300 digits
             problems.append(f"{where} row {row}: invalid JSON ({exc})"[:300])
             continue
         rec_problems = fact_record_problems(rec, f"{where} row {row}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,10 +109,14 @@ def parse_header(raw: bytes, file_size: int, source: str) -> NKVHeader:
         raise NKVFormatError(source, [f"V1: header claims {n} bytes but the file has {file_size - 8} after the "
                                       "length field (truncated download? fetch it again)"])
     # V2: JSON structure
+    text = raw[8 : 8 + n]
+    if not text.startswith(b"{"):
+        # the safetensors rule; the Rust reader refuses such headers too
+        raise NKVFormatError(source, ["V2: header must start with '{' (not a safetensors file?)"])
     try:
-        doc = json.loads(raw[8 : 8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise NKVFormatError(source, [f"V2: header is not UTF-8 JSON ({str(exc)[:120]})"]) from None
+        doc = strict_json_loads(text.decode("utf-8"))
+    except (UnicodeError, ValueError, RecursionError) as exc:
+        raise NKVFormatError(source, [f"V2: header is not strict UTF-8 JSON ({str(exc)[:120]})"]) from None
     if not isinstance(doc, dict):
         raise NKVFormatError(source, [f"V2: header must be a JSON object, got {type(doc).__name__}"])
     meta = doc.pop("__metadata__", {})
@@ -133,7 +138,7 @@ def _parse_tensor_table(doc: dict, data_len: int) -> tuple[dict[str, TensorInfo]
             problems.append(f"V2: tensor {name!r}: entry must be an object")
             continue
         dtype, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in DTYPE_SIZES:
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
             problems.append(f"V2: tensor {name!r}: unknown dtype {dtype!r:.20}")
             continue
         if not (isinstance(shape, list) and all(type(d) is int and 0 <= d < 2**48 for d in shape)):
@@ -181,14 +186,12 @@ def _interpret(source: str, meta: dict[str, str], tensors: dict[str, TensorInfo]
         raise NKVFormatError(source, problems)
 
     def as_int(key: str, low: int) -> int:
-        try:
-            value = int(meta[key])
-            if value < low:
-                raise ValueError
-            return value
-        except ValueError:
-            problems.append(f"V6: metadata {key!r} must be an integer >= {low}, got {meta[key]!r:.40}")
-            return low
+        # Canonical ASCII decimal only: int() alone would also take " 7", "+7", "7_0", "٧".
+        text = meta[key]
+        if _INT_RE.fullmatch(text) and len(text) < 16 and int(text) >= low:
+            return int(text)
+        problems.append(f"V6: metadata {key!r} must be a decimal integer >= {low}, got {text!r:.40}")
+        return low
 
     n_facts = as_int(C.K_N_FACTS, 0)
     layer = as_int(C.K_LAYER, 0)
@@ -198,6 +201,8 @@ def _interpret(source: str, meta: dict[str, str], tensors: dict[str, TensorInfo]
     if layer >= n_layers and not problems:
         problems.append(f"V6: metadata {C.K_LAYER!r} = {layer} but the base model has {n_layers} layers")
     try:
+        if not _NUMBER_RE.fullmatch(meta[C.K_GAMMA]):  # JSON number syntax; no "nan", " 0.5", "0_5"
+            raise ValueError
         gamma = float(meta[C.K_GAMMA])
         if not 0.0 <= gamma <= 1.0:
             raise ValueError
@@ -213,7 +218,7 @@ def _interpret(source: str, meta: dict[str, str], tensors: dict[str, TensorInfo]
         json_fields[key] = {}
         if key in meta:
             try:
-                value = json.loads(meta[key])
+                value = strict_json_loads(meta[key])
                 if not isinstance(value, dict):
                     raise ValueError
                 json_fields[key] = value
@@ -262,9 +267,42 @@ def _interpret(source: str, meta: dict[str, str], tensors: dict[str, TensorInfo]
 
 def _version_major(version: str) -> int | None:
     parts = version.split(".")
-    if len(parts) != 2 or not all(p.isdigit() and len(p) < 6 for p in parts):
+    # isascii: str.isdigit() is also true for "²", which int() refuses
+    if len(parts) != 2 or not all(p.isascii() and p.isdigit() and len(p) < 6 for p in parts):
         return None
     return int(parts[0])
 
 
-__all__ = ["NKVHeader", "BaseModelInfo", "TensorInfo", "read_header", "parse_header"]
+_INT_RE = re.compile(r"0|[1-9][0-9]*")
+_NUMBER_RE = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key[:40]!r}")
+        out[key] = value
+    return out
+
+
+def strict_json_loads(text: str) -> Any:
+    """RFC 8259 JSON as the Rust safetensors reader sees it: no NaN/Infinity, no duplicate
+    keys, no lone surrogate escapes. Python's json accepts all three; other readers do not,
+    and two readers must never see different content in one file.
+
+    Raises ValueError (or RecursionError for absurd nesting).
+    """
+    doc = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
+    try:
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("contains a lone surrogate \\u escape") from None
+    return doc
+
+
+__all__ = ["NKVHeader", "BaseModelInfo", "TensorInfo", "read_header", "parse_header", "strict_json_loads"]
