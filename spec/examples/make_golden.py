@@ -1,0 +1,114 @@
+"""Write the golden example `golden.nkv` and its human-readable dump `golden.txt`.
+
+Every value is fixed here (no randomness, no model), and all numbers are exact binary
+fractions, so the file is the same on every machine. tests/test_spec_golden.py checks that
+the reader turns golden.nkv into exactly what golden.txt says and that the writer
+reproduces golden.nkv byte for byte.
+
+    python spec/examples/make_golden.py        # rewrites both files next to this script
+
+The dump is made from the bytes of the file with `struct` and `json` only, not with the
+nkv reader, so it shows what the spec says is in the file rather than what the reader
+believes.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+# The base model's output projection at layer 1, as the (d_model, d_key) matrix W of
+# out = W k; only its fingerprint goes into the file.
+WEIGHT = [[(4 * i + j - 5) / 8 for j in range(4)] for i in range(3)]
+
+KEYS = [  # K1, [n_facts = 2, d_key = 4]
+    [1.0, 0.0, 0.5, -0.25],
+    [0.0, 1.0, -0.5, 0.25],
+]
+RESIDUALS = [  # R1, [n_facts = 2, d_model = 3]
+    [0.5, -1.0, 0.25],
+    [-0.125, 0.75, 2.0],
+]
+FACTS = [
+    dict(id="cf-0", subject="Danielle Darrieux", prompt="The mother tongue of Danielle Darrieux is",
+         target_new="English", target_true="French", provenance={"source": "counterfact", "case_id": 0}),
+    dict(id="cf-1", subject="Eiffel Tower", prompt="The Eiffel Tower is located in",
+         target_new="Zürich", target_true="Paris"),
+]
+BASE = dict(name="nkv-spec/golden-tiny", architecture="GPT2LMHeadModel", model_type="gpt2",
+            n_layers=2, d_model=3, d_key=4, revision="v1")
+LAYER = 1
+GAMMA = 0.65
+TARGET_MODULE = "transformer.h.1.mlp.c_proj"
+BUILD = {"tool": "spec/examples/make_golden.py", "seed": 0}
+
+
+def golden_adapter():  # -> nkv.NKVAdapter
+    """The golden adapter, built from the constants above with the public API."""
+    from nkv import BaseModelInfo, Fact, NKVAdapter, compute_fingerprint
+
+    base = BaseModelInfo(fingerprint=compute_fingerprint(torch.tensor(WEIGHT)), **BASE)
+    return NKVAdapter(
+        keys=torch.tensor(KEYS, dtype=torch.float32),
+        residuals=torch.tensor(RESIDUALS, dtype=torch.float32),
+        facts=[Fact(**f) for f in FACTS],
+        layer=LAYER, gamma=GAMMA, base=base, target_module=TARGET_MODULE, build=BUILD,
+    )
+
+
+def dump(data: bytes, name: str = "golden.nkv") -> str:
+    """A human-readable description of an .nkv file's bytes (struct + json only)."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    meta = header.pop("__metadata__")
+    start = 8 + n
+    lines = [
+        f"{name}: NKV format {meta['nkv.version']} example (spec/nkv-format.md).",
+        "Regenerate with: python spec/examples/make_golden.py",
+        "",
+        f"file size: {len(data)} bytes",
+        f"header length (u64 little-endian at offset 0): {n} bytes of JSON, space-padded to a multiple of 8",
+        f"data section: file offsets [{start}, {len(data)})",
+        "",
+        "metadata:",
+        *(f"  {key} = {value}" for key, value in meta.items()),
+        "",
+        "tensors:",
+        f"  {'name':<15} {'dtype':<5} {'shape':<8} {'data_offsets':<13} file offsets",
+    ]
+    for tname, info in header.items():
+        b, e = info["data_offsets"]
+        lines.append(f"  {tname:<15} {info['dtype']:<5} {json.dumps(info['shape']):<8} "
+                     f"{json.dumps([b, e]):<13} [{start + b}, {start + e})")
+    lines.append("")
+    for tname, info in header.items():
+        b, e = (start + o for o in info["data_offsets"])
+        raw = data[b:e]
+        if info["dtype"] == "F32":
+            values = struct.unpack(f"<{len(raw) // 4}f", raw)
+            cols = info["shape"][1]
+            lines.append(f"{tname} values (row-major):")
+            lines += [f"  {json.dumps(list(values[r * cols:(r + 1) * cols]))}" for r in range(info["shape"][0])]
+        else:  # nkv.facts
+            lines.append(f"{tname} (UTF-8 JSON Lines, one record per row):")
+            lines += [f"  {line}" for line in raw.decode("utf-8").splitlines()]
+        lines.append("")
+    lines.append("fingerprint weight W at layer 1, (d_model, d_key), not stored in the file:")
+    lines += [f"  {json.dumps(row)}" for row in WEIGHT]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    data = golden_adapter().to_bytes()
+    (HERE / "golden.nkv").write_bytes(data)
+    (HERE / "golden.txt").write_text(dump(data), encoding="utf-8")
+    print(f"wrote {HERE / 'golden.nkv'} ({len(data)} bytes) and golden.txt")
+
+
+if __name__ == "__main__":
+    main()
