@@ -176,7 +176,7 @@ def _interpret(source: str, meta: dict[str, str], tensors: dict[str, TensorInfo]
                                       f"{meta.get(C.K_FORMAT)!r:.40} (not an NKV adapter)"])
     version = meta.get(C.K_VERSION, "")
     major = _version_major(version)
-    if major is None:
+    if major is None or major < 1:  # there is no format 0.x
         raise NKVFormatError(source, [f"V5: metadata {C.K_VERSION!r} must look like '1.0', got {version!r:.40}"])
     if major > C.SUPPORTED_MAJOR:
         raise NKVVersionError(source, [f"V5: written by NKV format {version}, this reader supports "
