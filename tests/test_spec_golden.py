@@ -1,0 +1,187 @@
+"""The spec, the golden example and the code agree.
+
+- the reader turns spec/examples/golden.nkv into exactly what golden.txt says;
+- the writer reproduces golden.nkv byte for byte (from the file, and from the constants);
+- the key, tensor and fact-field tables of spec/nkv-format.md equal nkv.constants;
+- every rule number V1..V10 the code reports is defined in the spec;
+- the fingerprint of spec §6, implemented here from the text alone, gives the golden value.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+import nkv
+from nkv import NKVAdapter, constants as C, read_header
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = ROOT / "spec" / "nkv-format.md"
+GOLDEN = ROOT / "spec" / "examples" / "golden.nkv"
+DUMP = ROOT / "spec" / "examples" / "golden.txt"
+
+
+def _make_golden_module():
+    spec = importlib.util.spec_from_file_location("make_golden", ROOT / "spec" / "examples" / "make_golden.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _parse_dump(text: str) -> dict:
+    """golden.txt -> {'size', 'header_len', 'metadata', 'tensors', 'values', 'facts', 'weight'}."""
+    out: dict = {"metadata": {}, "tensors": {}, "values": {}, "facts": [], "weight": []}
+    section = None
+    for line in text.splitlines():
+        if m := re.fullmatch(r"file size: (\d+) bytes", line):
+            out["size"] = int(m[1])
+        elif m := re.match(r"header length \(u64 little-endian at offset 0\): (\d+) bytes", line):
+            out["header_len"] = int(m[1])
+        elif not line.startswith("  "):
+            section = line.rstrip(":").split(" ")[0] if line.endswith(":") else None
+            if line.startswith("fingerprint weight"):
+                section = "weight"
+        elif section == "metadata":
+            key, value = line.strip().split(" = ", 1)
+            out["metadata"][key] = value
+        elif section == "tensors" and not line.strip().startswith("name"):
+            m = re.fullmatch(r"\s+(\S+)\s+(\S+)\s+(\[[\d, ]*\])\s+(\[\d+, \d+\])\s+\[(\d+), (\d+)\)", line)
+            assert m, line
+            out["tensors"][m[1]] = (m[2], json.loads(m[3]), json.loads(m[4]), (int(m[5]), int(m[6])))
+        elif section in (C.T_KEYS, C.T_RESIDUALS):
+            out["values"].setdefault(section, []).append(json.loads(line))
+        elif section == C.T_FACTS:
+            out["facts"].append(json.loads(line))
+        elif section == "weight":
+            out["weight"].append(json.loads(line))
+    return out
+
+
+@pytest.fixture(scope="module")
+def dump() -> dict:
+    return _parse_dump(DUMP.read_text(encoding="utf-8"))
+
+
+def test_reader_reads_exactly_the_dump(dump: dict) -> None:
+    data = GOLDEN.read_bytes()
+    assert len(data) == dump["size"]
+    assert struct.unpack("<Q", data[:8])[0] == dump["header_len"]
+
+    header = read_header(GOLDEN)
+    assert header.metadata == dump["metadata"]
+    assert header.data_start == 8 + dump["header_len"]
+    for name, (dtype, shape, offsets, file_range) in dump["tensors"].items():
+        info = header.tensors[name]
+        assert (info.dtype, list(info.shape), list(info.data_offsets)) == (dtype, shape, offsets)
+        assert tuple(header.data_start + o for o in info.data_offsets) == file_range
+
+    adapter = NKVAdapter.load(GOLDEN)
+    assert adapter.keys.dtype == torch.float32
+    assert adapter.keys.tolist() == dump["values"][C.T_KEYS]
+    assert adapter.residuals.tolist() == dump["values"][C.T_RESIDUALS]
+    assert [f.to_record() for f in adapter.facts] == dump["facts"]
+    assert (adapter.n_facts, adapter.layer, adapter.gamma) == (2, 1, 0.65)
+    assert (adapter.base.d_key, adapter.base.d_model, adapter.base.n_layers) == (4, 3, 2)
+    assert adapter.base.fingerprint == dump["metadata"][C.K_BASE_FINGERPRINT]
+    assert NKVAdapter.from_bytes(data).to_bytes() == data
+
+
+def test_writer_reproduces_golden_bytes(tmp_path: Path) -> None:
+    data = GOLDEN.read_bytes()
+    assert NKVAdapter.load(GOLDEN).save(tmp_path / "again.nkv").read_bytes() == data
+    assert _make_golden_module().golden_adapter().to_bytes() == data
+
+
+def test_dump_is_up_to_date() -> None:
+    assert _make_golden_module().dump(GOLDEN.read_bytes()) == DUMP.read_text(encoding="utf-8")
+
+
+def _table(section: str) -> list[list[str]]:
+    """Rows (cells without backticks) of the first table under the heading `section`."""
+    text = SPEC.read_text(encoding="utf-8")
+    start = re.search(rf"^#+ {re.escape(section)}\b.*$", text, re.M)
+    assert start, f"no heading {section!r} in the spec"
+    rows = []
+    for line in text[start.end():].splitlines():
+        if line.startswith("|"):
+            rows.append([c.strip().strip("`") for c in line.strip("|").split("|")])
+        elif rows:
+            break
+    return [r for r in rows[2:]]  # skip the head and the --- line
+
+
+def test_spec_key_table_matches_constants() -> None:
+    rows = _table("3. Metadata keys")
+    required = [r[0] for r in rows if r[1] == "yes"]
+    optional = [r[0] for r in rows if r[1] == "no"]
+    assert len(required) + len(optional) == len(rows)
+    assert sorted(required) == sorted(C.REQUIRED_KEYS)
+    assert sorted(optional) == sorted(C.OPTIONAL_KEYS)
+
+
+def test_spec_tensor_table_matches_constants() -> None:
+    rows = {r[0]: r for r in _table("4. Tensors")}
+    assert set(rows) == {C.T_KEYS, C.T_RESIDUALS, C.T_FACTS}
+    assert re.findall(r"`?(F32|F16|BF16)`?", rows[C.T_KEYS][1]) == list(C.ROW_DTYPES)
+    assert rows[C.T_KEYS][2] == "[n_facts, d_key]"
+    assert rows[C.T_RESIDUALS][2] == "[n_facts, d_model]"
+    assert (rows[C.T_FACTS][1], rows[C.T_FACTS][2]) == ("U8", "[n_bytes]")
+
+
+def test_spec_fact_fields_match_constants() -> None:
+    rows = _table("4.1 Fact records")
+    assert [r[0] for r in rows if r[1] == "yes"] == list(C.FACT_REQUIRED_FIELDS)
+    assert [r[0] for r in rows if r[1] == "no"] == list(C.FACT_OPTIONAL_FIELDS)
+
+
+def test_every_rule_number_in_the_code_is_in_the_spec() -> None:
+    code = "\n".join(p.read_text(encoding="utf-8") for p in (ROOT / "nkv_format").glob("*.py"))
+    used = set(re.findall(r"\bV(\d+):", code))
+    defined = set(re.findall(r"^- \*\*V(\d+)\*\*", SPEC.read_text(encoding="utf-8"), re.M))
+    assert used, "no rule numbers found in nkv_format/"
+    assert used <= defined, f"rules used in code but not in the spec: {sorted(used - defined, key=int)}"
+    assert defined == {str(i) for i in range(1, 11)}
+
+
+def _spec_fingerprint(weight: list[list[float]]) -> str:
+    """spec §6, transcribed literally in plain Python (no torch)."""
+
+    def h(x: int) -> int:
+        for _ in range(3):
+            x = ((x ^ (x >> 16)) * 0x45D9F3B) % 2**32
+        return x ^ (x >> 16)
+
+    def u(i: int, k: int, side: int) -> float:
+        return h((i * 32 + 2 * k + side) % 2**32) / 2**32 * 2 - 1
+
+    d_model, d_key = len(weight), len(weight[0])
+    fro = math.sqrt(sum(w * w for row in weight for w in row))
+    z = []
+    for k in range(16):
+        a = [u(i, k, 0) for i in range(d_model)]
+        b = [u(j, k, 1) for j in range(d_key)]
+        p = sum(a[i] * weight[i][j] * b[j] for i in range(d_model) for j in range(d_key))
+        rms_a = math.sqrt(sum(x * x for x in a) / d_model)
+        rms_b = math.sqrt(sum(x * x for x in b) / d_key)
+        z.append(p / (max(fro, 1e-30) * rms_a * rms_b))
+    return "nkvfp1:fro=" + format(fro, ".6e") + ";z=" + ",".join(format(v, ".4f") for v in z)
+
+
+def test_fingerprint_from_the_spec_text(dump: dict) -> None:
+    expected = dump["metadata"][C.K_BASE_FINGERPRINT]
+    assert _spec_fingerprint(dump["weight"]) == expected
+    assert nkv.compute_fingerprint(torch.tensor(dump["weight"])) == expected
+    # a bigger, non-exact weight: the spec text and the implementation agree within tolerance
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 40, generator=gen, dtype=torch.float64)
+    other = w + 0.3 * torch.randn(24, 40, generator=gen, dtype=torch.float64)
+    assert nkv.fingerprints_match(_spec_fingerprint(w.tolist()), nkv.compute_fingerprint(w))
+    assert nkv.fingerprints_match(nkv.compute_fingerprint(w), nkv.compute_fingerprint(w.bfloat16()))
+    assert not nkv.fingerprints_match(nkv.compute_fingerprint(w), nkv.compute_fingerprint(other))
