@@ -83,8 +83,9 @@ def output_projection(model: nn.Module, layer: int) -> nn.Module:
 def projection_weight(model: nn.Module, layer: int) -> torch.Tensor:
     """Layer `layer`'s output projection weight as a (d_model, d_key) matrix."""
     spec = arch_spec(model_type_of(model))
-    weight = output_projection(model, layer).weight
-    return weight.T if spec.conv1d else weight
+    module = output_projection(model, layer)
+    module = getattr(module, "base_layer", module)  # an attached NKV wrapper keeps the original
+    return module.weight.T if spec.conv1d else module.weight
 
 
 def base_model_info(model: nn.Module, layer: int, name: str | None = None,

@@ -1,0 +1,219 @@
+"""Attach an NKV adapter to a transformers causal LM.
+
+Wrap, don't patch: the output projection at the adapter's layer is replaced in its
+parent by `NKVLinear`, which keeps the original as `base_layer` and returns
+`base_layer(x) + nkv_gate(x, ...).delta`. Detaching puts the original module back, so
+outputs are bit-identical to before. No global state is touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from nkv.adapter import NKVAdapter
+from nkv.errors import NKVCompatibilityError, NKVFingerprintError
+from nkv.facts import Fact
+from nkv.fingerprint import fingerprints_match
+from nkv.gate import DEFAULT_FACT_CHUNK, GateResult, key_inverse_norms, nkv_gate
+from nkv.resolve import AdapterSource, resolve_adapter
+
+from .architectures import arch_spec, base_model_info, model_type_of, output_projection
+
+# Upper bound on the (tokens x facts) score matrix held at once: 2^25 float32 = 128 MiB.
+SCORE_BUDGET = 2**25
+
+
+@dataclass
+class GateActivity:
+    """What the gate did while recording: token counts, fires per fact, optional details."""
+
+    fact_ids: list[str]
+    tokens: int = 0
+    fired: int = 0
+    per_fact: Counter = field(default_factory=Counter)  # fact id -> tokens it fired on
+    keep_results: bool = False
+    results: list[GateResult] = field(default_factory=list)  # one per forward, if kept
+
+    def update(self, result: GateResult) -> None:
+        fired = result.fired
+        self.tokens += fired.numel()
+        n_fired = int(fired.sum())
+        self.fired += n_fired
+        if n_fired:
+            for idx, count in zip(*torch.unique(result.index[fired], return_counts=True)):
+                self.per_fact[self.fact_ids[int(idx)]] += int(count)
+        if self.keep_results:
+            self.results.append(GateResult(*(t.detach().cpu() for t in result)))
+
+    @property
+    def fire_rate(self) -> float:
+        return self.fired / self.tokens if self.tokens else 0.0
+
+
+class NKVLinear(nn.Module):
+    """The output projection plus the NKV gate; shapes (..., d_key) -> (..., d_model)."""
+
+    def __init__(self, base_layer: nn.Module, adapter: NKVAdapter, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.base_layer = base_layer
+        # Cast once here, never per call. Norms from the stored keys, before any rounding.
+        self.register_buffer("nkv_keys", adapter.keys.to(device=device, dtype=dtype), persistent=False)
+        self.register_buffer("nkv_key_inv_norms", key_inverse_norms(adapter.keys).to(device), persistent=False)
+        self.register_buffer("nkv_residuals", adapter.residuals.to(device=device, dtype=dtype), persistent=False)
+        self.register_buffer("nkv_gamma", torch.tensor(float(adapter.gamma), device=device), persistent=False)
+        self.fact_ids = adapter.ids
+        self.enabled = True
+        self.recorders: list[GateActivity] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if not self.enabled:
+            return out
+        result = self.gate(x)
+        for recorder in self.recorders:  # empty on the normal path: no host sync
+            recorder.update(result)
+        return out + result.delta.to(out.dtype)
+
+    def gate(self, x: torch.Tensor) -> GateResult:
+        """nkv_gate over x, in row blocks so (rows x facts) scores stay under SCORE_BUDGET."""
+        n_facts = self.nkv_keys.shape[0]
+        fact_chunk = min(DEFAULT_FACT_CHUNK, max(n_facts, 1))
+        lead = x.shape[:-1]
+        rows = x.reshape(-1, x.shape[-1])  # (N, d_key)
+        row_chunk = max(1, SCORE_BUDGET // fact_chunk)
+        parts = [
+            nkv_gate(rows[i : i + row_chunk], self.nkv_keys, self.nkv_key_inv_norms, self.nkv_residuals,
+                     self.nkv_gamma, fact_chunk=fact_chunk)
+            for i in range(0, max(rows.shape[0], 1), row_chunk)
+        ]
+        if len(parts) == 1:
+            merged = parts[0]
+        else:
+            merged = GateResult(*(torch.cat(ts) for ts in zip(*parts)))
+        return GateResult(merged.delta.reshape(*lead, -1), *(t.reshape(lead) for t in merged[1:]))
+
+
+class NKVHandle:
+    """What `load_nkv_adapter` returns for a transformers model.
+
+    >>> handle = load_nkv_adapter(model, "edits.nkv")
+    >>> with handle.disabled(): base_out = model(**inputs)   # adapter off temporarily
+    >>> with handle.record() as activity: model(**inputs)    # which facts fired
+    >>> handle.detach()                                      # original module restored
+    """
+
+    def __init__(self, model: nn.Module, adapter: NKVAdapter, module: NKVLinear, path: str):
+        self.model = model
+        self.adapter = adapter
+        self.module = module
+        self.path = path
+        self._attached = True
+
+    @property
+    def facts(self) -> list[Fact]:
+        return self.adapter.facts
+
+    @property
+    def info(self) -> dict[str, Any]:
+        a = self.adapter
+        return {"n_facts": a.n_facts, "layer": a.layer, "gamma": a.gamma, "module": self.path,
+                "base": a.base.name, "attached": self._attached, "enabled": self.module.enabled}
+
+    def detach(self) -> nn.Module:
+        """Put the original output projection back; returns the model."""
+        if self._attached:
+            _set_submodule(self.model, self.path, self.module.base_layer)
+            self._attached = False
+        return self.model
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run the model without the adapter inside the block (outputs equal the base model)."""
+        previous = self.module.enabled
+        self.module.enabled = False
+        try:
+            yield
+        finally:
+            self.module.enabled = previous
+
+    @contextlib.contextmanager
+    def record(self, keep_results: bool = False) -> Iterator[GateActivity]:
+        """Count gate fires (and keep per-token index/score/fired if asked) inside the block."""
+        activity = GateActivity(self.adapter.ids, keep_results=keep_results)
+        self.module.recorders.append(activity)
+        try:
+            yield activity
+        finally:
+            self.module.recorders.remove(activity)
+
+    def __repr__(self) -> str:
+        return f"NKVHandle({self.info})"
+
+
+def attach(model: nn.Module, adapter: AdapterSource, *, revision: str | None = None,
+           strict: bool = True) -> NKVHandle:
+    """Attach an adapter to a transformers causal LM (see `nkv.load_nkv_adapter`).
+
+    Raises:
+        NKVUnsupportedModelError: the architecture is not in the table.
+        NKVCompatibilityError: layer count or widths differ from the adapter's base model,
+            or an adapter is already attached at that layer.
+        NKVFingerprintError: different checkpoint (a warning instead when strict=False).
+    """
+    adapter = resolve_adapter(adapter, revision=revision)
+    spec = arch_spec(model_type_of(model))
+    check_base(model, adapter, strict=strict)
+    path = spec.module_path(adapter.layer)
+    target = output_projection(model, adapter.layer)
+    if isinstance(target, NKVLinear):
+        # One adapter per layer keeps the gate's meaning simple (one argmax over one table);
+        # adapters at different layers are independent and may be attached together.
+        raise NKVCompatibilityError(
+            f"an NKV adapter is already attached at {path}; merge the two first "
+            "(`nkv merge A B -o AB.nkv` or NKVAdapter.merge) or detach the first handle")
+    weight = target.weight
+    dtype = weight.dtype if weight.is_floating_point() else getattr(model, "dtype", torch.float32)
+    module = NKVLinear(target, adapter, dtype=dtype, device=weight.device)
+    _set_submodule(model, path, module)
+    return NKVHandle(model, adapter, module, path)
+
+
+def check_base(model: nn.Module, adapter: NKVAdapter, strict: bool = True) -> None:
+    """Compare the model with the adapter's recorded base model; raise or warn as documented."""
+    expected = adapter.base
+    if model_type_of(model) != expected.model_type:
+        raise NKVCompatibilityError(f"adapter was built for model_type {expected.model_type!r} "
+                                    f"({expected.name}), got {model_type_of(model)!r}")
+    n_layers = len(model.get_submodule(arch_spec(expected.model_type).layers))
+    if n_layers != expected.n_layers:
+        raise NKVCompatibilityError(f"adapter expects {expected.n_layers} layers ({expected.name}), "
+                                    f"the model has {n_layers}")
+    got = base_model_info(model, adapter.layer)
+    if (got.d_model, got.d_key) != (expected.d_model, expected.d_key):
+        raise NKVCompatibilityError(
+            f"adapter expects d_model={expected.d_model}, d_key={expected.d_key} at layer {adapter.layer}, "
+            f"the model has d_model={got.d_model}, d_key={got.d_key}")
+    if not fingerprints_match(expected.fingerprint, got.fingerprint):
+        message = (f"the model is not the checkpoint this adapter was built on ({expected.name}"
+                   f"{'@' + expected.revision if expected.revision else ''}): fingerprint at layer "
+                   f"{adapter.layer} expected {expected.fingerprint[:40]}..., got {got.fingerprint[:40]}...; "
+                   "load the adapter's base model, or pass strict=False to attach anyway")
+        if strict:
+            raise NKVFingerprintError(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, name, module)
+
+
+__all__ = ["attach", "check_base", "NKVHandle", "NKVLinear", "GateActivity"]

@@ -1,0 +1,172 @@
+"""The transformers loader: attach, gate behaviour, detach, dtype, fingerprint, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from handmade import capture_keys, first_token, forcing_adapter
+from tiny_models import MODEL_TYPES, tiny_model, tiny_tokenizer
+
+import nkv
+from nkv import NKVAdapter, NKVCompatibilityError, NKVFingerprintError, load_nkv_adapter, nkv_gate
+from nkv.gate import key_inverse_norms
+from nkv.loaders.transformers import NKVLinear
+
+EDITED = ["The Eiffel Tower is located in", "Danielle Darrieux speaks"]
+TARGETS = ["Rome", "German"]
+UNRELATED = "Toko Yasuda plays the guitar and works as"
+
+
+def next_token(model, tok, prompt: str) -> int:
+    with torch.no_grad():
+        return int(model(**tok(prompt, return_tensors="pt")).logits[0, -1].argmax())
+
+
+def logits(model, tok, prompt: str) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**tok(prompt, return_tensors="pt")).logits
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_attach_edits_and_leaves_unrelated_text_alone(model_type):
+    model, tok = tiny_model(model_type), tiny_tokenizer()
+    adapter = forcing_adapter(model, tok, EDITED, TARGETS)
+    before_unrelated = logits(model, tok, UNRELATED)
+
+    handle = load_nkv_adapter(model, adapter)
+    for prompt, target in zip(EDITED, TARGETS):
+        assert next_token(model, tok, prompt) == first_token(tok, target)
+    with handle.record() as activity:
+        after_unrelated = logits(model, tok, UNRELATED)
+    assert activity.fired == 0
+    assert torch.equal(after_unrelated, before_unrelated)  # exactly: the gate did not fire
+
+    handle.detach()
+    assert not any(isinstance(m, NKVLinear) for m in model.modules())
+    assert torch.equal(logits(model, tok, UNRELATED), before_unrelated)
+
+
+def test_detach_restores_bit_identical_outputs_and_disabled_context():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    adapter = forcing_adapter(model, tok, EDITED, TARGETS)
+    base = logits(model, tok, EDITED[0])
+    handle = load_nkv_adapter(model, adapter)
+    assert not torch.equal(logits(model, tok, EDITED[0]), base)
+    with handle.disabled():
+        assert torch.equal(logits(model, tok, EDITED[0]), base)
+    assert not torch.equal(logits(model, tok, EDITED[0]), base)
+    handle.detach()
+    assert torch.equal(logits(model, tok, EDITED[0]), base)
+
+
+def test_parity_with_reference_op_on_captured_activations():
+    model, tok = tiny_model("gpt2"), tiny_tokenizer()
+    adapter = forcing_adapter(model, tok, EDITED, TARGETS)
+    handle = load_nkv_adapter(model, adapter)
+    captured = {}
+    base_layer = handle.module.base_layer
+    h1 = base_layer.register_forward_pre_hook(lambda m, a: captured.__setitem__("k", a[0].detach().clone()))
+    h2 = handle.module.register_forward_hook(lambda m, a, out: captured.__setitem__("out", out.detach().clone()))
+    model(**tok(EDITED[0] + " and more words", return_tensors="pt"))
+    h1.remove(), h2.remove()
+    k = captured["k"]
+    # reference: brute-force cosine, argmax, threshold, gather
+    cos = torch.nn.functional.cosine_similarity(k.unsqueeze(-2), adapter.keys.unsqueeze(0).unsqueeze(0), dim=-1)
+    best, idx = cos.max(-1)
+    expected = base_layer(k) + adapter.residuals[idx] * (best > adapter.gamma).unsqueeze(-1)
+    assert torch.allclose(captured["out"], expected, atol=1e-5)
+    assert bool((best > adapter.gamma).any())
+
+
+def test_generate_with_kv_cache_and_padded_batch_match_unbatched():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    tok.padding_side = "left"
+    adapter = forcing_adapter(model, tok, EDITED, TARGETS)
+    load_nkv_adapter(model, adapter)
+    prompts = [EDITED[0], UNRELATED, EDITED[1]]
+    singles = []
+    for p in prompts:
+        ids = tok(p, return_tensors="pt")
+        out = model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+        singles.append(until_eos(out[0, ids["input_ids"].shape[1]:].tolist(), tok))
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    out = model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+    batched = [until_eos(row, tok) for row in out[:, batch["input_ids"].shape[1]:].tolist()]
+    assert batched == singles
+    assert singles[0][0] == first_token(tok, TARGETS[0])
+
+
+def until_eos(tokens: list[int], tok) -> list[int]:
+    return tokens[: tokens.index(tok.eos_token_id) + 1] if tok.eos_token_id in tokens else tokens
+
+
+def test_gate_runs_on_every_decoded_token():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    adapter = forcing_adapter(model, tok, EDITED, TARGETS)
+    handle = load_nkv_adapter(model, adapter)
+    ids = tok(EDITED[0], return_tensors="pt")
+    with handle.record() as activity:
+        out = model.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
+    n_prompt = ids["input_ids"].shape[1]
+    n_new = out.shape[1] - n_prompt
+    assert n_new >= 2
+    assert activity.tokens == n_prompt + n_new - 1  # prefill + one forward per further token (KV cache)
+    assert activity.per_fact["f0"] >= 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dtype_follows_model_and_fingerprint_survives_dtype(dtype):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    adapter = forcing_adapter(model, tok, EDITED, TARGETS)
+    low = tiny_model("llama", dtype=dtype)  # same seed: same checkpoint, other dtype
+    handle = load_nkv_adapter(low, adapter)
+    assert handle.module.nkv_keys.dtype == dtype and handle.module.nkv_residuals.dtype == dtype
+    assert next_token(low, tok, EDITED[0]) == first_token(tok, TARGETS[0])
+
+
+def test_fingerprint_mismatch_raises_or_warns():
+    model, tok = tiny_model("llama", seed=0), tiny_tokenizer()
+    adapter = forcing_adapter(model, tok, EDITED, TARGETS)
+    other = tiny_model("llama", seed=1)
+    with pytest.raises(NKVFingerprintError, match="expected nkvfp1:.*got nkvfp1:"):
+        load_nkv_adapter(other, adapter)
+    with pytest.warns(UserWarning, match="not the checkpoint"):
+        handle = load_nkv_adapter(other, adapter, strict=False)
+    handle.detach()
+
+
+def test_wrong_model_shape_and_double_attach_are_clear_errors():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    adapter = forcing_adapter(model, tok, EDITED, TARGETS)
+    with pytest.raises(NKVCompatibilityError, match="model_type 'llama'"):
+        load_nkv_adapter(tiny_model("qwen2"), adapter)
+    load_nkv_adapter(model, adapter)
+    with pytest.raises(NKVCompatibilityError, match="already attached"):
+        load_nkv_adapter(model, adapter)
+
+
+def test_load_from_path_and_unknown_target(tmp_path):
+    model, tok = tiny_model("gpt2"), tiny_tokenizer()
+    path = forcing_adapter(model, tok, EDITED, TARGETS).save(tmp_path / "edits.nkv")
+    handle = nkv.load_nkv_adapter(model, str(path))
+    assert handle.info["n_facts"] == 2 and handle.facts[0].target_new == "Rome"
+    with pytest.raises(nkv.NKVError, match="supported runtimes"):
+        load_nkv_adapter(object(), path)
+
+
+def test_row_chunking_matches_one_block(monkeypatch):
+    import nkv.loaders.transformers as tl
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    adapter = forcing_adapter(model, tok, EDITED, TARGETS)
+    handle = load_nkv_adapter(model, adapter)
+    x = torch.randn(3, 7, handle.module.nkv_keys.shape[1])
+    x[1, 2] = adapter.keys[0]
+    whole = handle.module.gate(x)
+    monkeypatch.setattr(tl, "SCORE_BUDGET", 2)  # one row per block
+    blocked = handle.module.gate(x)
+    assert torch.equal(whole.index, blocked.index) and torch.equal(whole.fired, blocked.fired)
+    assert torch.allclose(whole.score, blocked.score, atol=1e-6)  # matmul blocking: last-ulp noise
+    assert torch.allclose(whole.delta, blocked.delta)
+    assert bool(whole.fired[1, 2])
