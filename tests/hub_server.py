@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import socket
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -74,18 +75,26 @@ class FakeHub:
         self.corrupt: dict[str, Callable[[bytes], bytes]] = {}
         self._n = 0
         self._lock = threading.Lock()
+        self._connections: list[socket.socket] = []
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> "FakeHub":
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._server.shutdown()
         self._server.server_close()
+        # Keep-alive connections outlive serve_forever; close them so the client really
+        # finds no server (tests of the unreachable-Hub path rely on it).
+        for conn in self._connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     # ------------------------------------------------------------------ test helpers
     def add_repo(self, repo_id: str, files: dict[str, bytes], *, private: bool = False,
@@ -121,6 +130,10 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
 
         def log_message(self, *args: object) -> None:  # keep pytest output clean
             pass
+
+        def setup(self) -> None:
+            super().setup()
+            hub._connections.append(self.connection)
 
         def do_GET(self) -> None:
             self._dispatch("GET")
@@ -219,8 +232,9 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             repo_id = f"{owner}/{payload['name']}"
             if owner != user:
                 return self._error(403, None, f"You don't have the rights to create a model under {owner}")
-            if repo_id in hub.repos:
-                return self._error(409, None, "You already created this model repo")
+            if repo_id in hub.repos:  # the real Hub's 409 also carries the url; the client reads it
+                return self._send(409, {"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"},
+                                  {"X-Error-Message": "You already created this model repo"})
             private = payload.get("private") or payload.get("visibility") == "private"
             hub.repos[repo_id] = Repo(owner=owner, private=bool(private))
             hub._commit(hub.repos[repo_id], "main", {".gitattributes": GITATTRIBUTES})
@@ -320,3 +334,26 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                                                  "Content-Type": "application/octet-stream"})
 
     return Handler
+
+
+# ---------------------------------------------------------------------- client wiring
+def point_client_at(monkeypatch, url: str, cache_dir: str, token: str | None) -> None:
+    """Aim the already-imported huggingface_hub at `url` with a private cache and token.
+
+    huggingface_hub reads HF_ENDPOINT, HF_HUB_OFFLINE and the cache paths once, at import,
+    into `huggingface_hub.constants`; patching those attributes is what takes effect.
+    """
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "ENDPOINT", url)
+    monkeypatch.setattr(hc, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", cache_dir)
+    # A token saved on the developer's machine must not leak into "no token" tests.
+    monkeypatch.setattr(hc, "HF_TOKEN_PATH", cache_dir + "-token")
+    monkeypatch.setattr(hc, "HF_STORED_TOKENS_PATH", cache_dir + "-stored-tokens")
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    if token is None:
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+    else:
+        monkeypatch.setenv("HF_TOKEN", token)
