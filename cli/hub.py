@@ -60,7 +60,7 @@ def push(adapter: Path, repo_id: str, private: bool, revision: str | None, messa
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def pull(repo_id: str, revision: str | None, filename: str | None, output_dir: Path | None, card: bool,
          as_json: bool) -> None:
-    """Download REPO_ID's adapter through the Hugging Face cache, validate it, print its path.
+    """Download the adapter of repo USER/NAME through the Hugging Face cache, validate it, print its path.
 
     Honors HF_HUB_OFFLINE=1 (cached copies only) and HF_ENDPOINT.
 

@@ -161,6 +161,8 @@ def fetch(repo_id: str, revision: str | None = None, *, filename: str | None = N
             _log.warning("%s: the Hub is unreachable (%s); using the cached copy", repo_id, type(exc).__name__)
             return _from_cache(repo_id, revision, filename, cache_dir, f"the Hub at {_endpoint()} is unreachable")
         names = [s.rfilename for s in (info.siblings or [])]
+        if filename is not None and not filename.endswith(".nkv"):
+            raise NKVHubError(f"{repo_id}: {filename!r} is not an .nkv file; only adapters are fetched")
         if filename is not None and filename not in names:
             raise NKVHubError(f"{repo_id}{_at(revision)}: no file {filename!r} in the repo "
                               f"(it has: {_listing(names)})")
@@ -263,8 +265,11 @@ def _verify_checksum(path: Path, source: str) -> None:
 
 # ---------------------------------------------------------------------------- errors
 @contextmanager
-def hub_errors(repo_id: str, revision: str | None, action: str, filename: str | None = None) -> Iterator[None]:
-    """Turn huggingface_hub's exceptions into NKVHubError messages that say what to do."""
+def hub_errors(repo_id: str, revision: str | None, action: str) -> Iterator[None]:
+    """Turn huggingface_hub's exceptions into NKVHubError messages that say what to do.
+
+    `action` completes "your token may not ... this repo": "push to", "download from".
+    """
     from huggingface_hub import utils as hf
 
     at = _at(revision)
@@ -276,17 +281,18 @@ def hub_errors(repo_id: str, revision: str | None, action: str, filename: str | 
         raise NKVHubError(f"{repo_id}: the repo is gated; accept its access conditions on its Hub page, "
                           f"then log in ({LOGIN_HINT})") from None
     except hf.RepositoryNotFoundError:
-        raise NKVHubError(f"{repo_id}: repository not found, or not accessible with your token (private repo, or no "
-                          f"write access); check the id and {LOGIN_HINT}") from None
+        why = "no write access" if action == "push to" else "a private repo your token cannot read"
+        raise NKVHubError(f"{repo_id}: repository not found, or not accessible with your token ({why}); "
+                          f"check the id and {LOGIN_HINT}") from None
     except hf.RevisionNotFoundError:
         raise NKVHubError(f"{repo_id}: revision {revision!r} not found; pass an existing branch, tag or "
                           "commit") from None
     except hf.LocalEntryNotFoundError:
         raise NKVHubError(f"{repo_id}{at}: not in the local cache and the Hub cannot be used; fetch it once with "
                           f"network access (`nkv pull {repo_id}`), or unset HF_HUB_OFFLINE") from None
-    except hf.EntryNotFoundError:
-        what = f"file {filename!r}" if filename else "a requested file"
-        raise NKVHubError(f"{repo_id}{at}: {what} is not in the repo; list its files on its Hub page") from None
+    except hf.EntryNotFoundError as exc:
+        raise NKVHubError(f"{repo_id}{at}: a requested file is not in the repo ({str(exc).splitlines()[0]}); "
+                          "list its files on its Hub page") from None
     except hf.HfHubHTTPError as exc:
         status = getattr(getattr(exc, "response", None), "status_code", None)
         if status == 401:

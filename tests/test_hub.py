@@ -13,7 +13,7 @@ import yaml
 from hub_fixtures import BASE, adapter_bytes, cache_dir, hub, small_adapter  # noqa: F401 (fixtures)
 from hub_server import FakeHub, point_client_at
 from nkv import NKVAdapter, NKVFormatError, NKVHubError
-from nkv.hub import CANONICAL_FILENAME, fetch, fetch_adapter, push_adapter
+from nkv.hub import CANONICAL_FILENAME, fetch, fetch_adapter, fetch_model_card, push_adapter
 from nkv.resolve import resolve_adapter
 
 
@@ -134,6 +134,16 @@ def test_missing_repo_revision_and_file(hub, tmp_path):
         fetch_adapter("alice/edits", revision="v9")
     with pytest.raises(NKVHubError, match=r"no file 'other.nkv' in the repo \(it has: .*adapter.nkv"):
         fetch_adapter("alice/edits", filename="other.nkv")
+
+
+def test_only_nkv_files_are_fetched_and_bad_ids_are_explained(hub, tmp_path):
+    hub.add_repo("alice/edits", {"adapter.nkv": adapter_bytes(small_adapter(), tmp_path)})
+    with pytest.raises(NKVHubError, match="'README.md' is not an .nkv file; only adapters are fetched"):
+        fetch_adapter("alice/edits", filename="README.md")
+    with pytest.raises(NKVHubError, match="'alice/ed its' is not a valid Hub repo id"):
+        fetch_adapter("alice/ed its")
+    assert fetch_model_card("alice/edits") is None  # no README.md in that repo
+    assert hub.downloads() == []
 
 
 def test_private_and_gated_repos_need_a_token(hub, tmp_path, monkeypatch):
