@@ -17,7 +17,8 @@ import click
 
 @click.command()
 @click.argument("adapter", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--repo", "repo_id", required=True, metavar="USER/NAME", help="Hub repo to publish to (created if missing).")
+@click.option("--repo", "repo_id", required=True, metavar="USER/NAME",
+              help="Hub repo to publish to (created if missing).")
 @click.option("--private", is_flag=True, help="Create the repo private (no effect on an existing repo).")
 @click.option("--revision", metavar="BRANCH", help="Branch to commit to (created if missing); default main.")
 @click.option("--message", "-m", metavar="TEXT", help="Commit message (default: a summary of the adapter).")

@@ -139,7 +139,8 @@ def _eval_section(results: dict[str, Any]) -> str:
     if not results:
         return ""
     flat = list(_flatten(results))
-    rows = ["| metric | value |", "|---|---|"] + [f"| {_cell(k)} | {_cell(_fmt(v))} |" for k, v in flat[:_MAX_EVAL_ROWS]]
+    rows = ["| metric | value |", "|---|---|"]
+    rows += [f"| {_cell(k)} | {_cell(_fmt(v))} |" for k, v in flat[:_MAX_EVAL_ROWS]]
     if len(flat) > _MAX_EVAL_ROWS:
         rows.append(f"| … | {len(flat) - _MAX_EVAL_ROWS} more in `nkv.eval` |")
     return ("## Evaluation\n\nResults stored in the adapter (`nkv.eval`), as measured by whoever built it:\n\n"

@@ -111,7 +111,8 @@ def test_revision_pinning_by_commit_branch_and_default(hub, tmp_path):
 
 
 def test_repo_without_an_adapter_or_with_ambiguous_ones(hub, tmp_path):
-    a, b = adapter_bytes(small_adapter(seed=1), tmp_path, "a.nkv"), adapter_bytes(small_adapter(seed=2), tmp_path, "b.nkv")
+    a = adapter_bytes(small_adapter(seed=1), tmp_path, "a.nkv")
+    b = adapter_bytes(small_adapter(seed=2), tmp_path, "b.nkv")
     hub.add_repo("alice/model", {"config.json": b"{}", "model.safetensors": b"weights"})
     with pytest.raises(NKVHubError, match=r"alice/model: no .nkv adapter file in the repo \(files: .*config.json"):
         fetch_adapter("alice/model")

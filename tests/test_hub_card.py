@@ -70,3 +70,13 @@ def test_evaluation_results_are_rendered_when_present():
     assert "## Evaluation" in card
     assert "| counterfact.efficacy | 0.9877 |" in card
     assert "| n | 200 |" in card
+
+
+def test_importing_nkv_and_its_hub_modules_does_not_import_huggingface_hub():
+    import subprocess
+    import sys
+
+    code = ("import sys, nkv, nkv.hub, nkv.model_card, nkv.cli.hub; "
+            "assert 'huggingface_hub' not in sys.modules, 'imported huggingface_hub'")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
