@@ -1,0 +1,174 @@
+"""`load_nkv_adapter(llm, ...)` for a `vllm.LLM`: swap adapters on a running engine.
+
+The gated module and its buffers exist from start-up (see load_hook); here an adapter is
+checked against the engine in the caller's process (so errors keep their NKV class),
+every worker is told through `collective_rpc` to copy it into its buffers, and the
+prefix cache is reset, since cached KV blocks hold activations computed before the swap.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from nkv.adapter import ConflictPolicy, NKVAdapter
+from nkv.errors import NKVCompatibilityError, NKVError
+from nkv.facts import Fact
+from nkv.resolve import AdapterSource, resolve_adapter, single_adapter_file
+
+from .config import EXAMPLE, section_of
+from .slot import SlotInfo, check_adapter
+
+
+class NKVEngineHandle:
+    """What `load_nkv_adapter(llm, ...)` returns; every method changes the running engine.
+
+    >>> llm = LLM(model="...", additional_config={"nkv": {"capacity": 1000, "layer": 7}})
+    >>> handle = load_nkv_adapter(llm, "edits.nkv")   # copied into the preallocated rows
+    >>> handle.swap("other.nkv")                      # old facts gone, new ones answer
+    >>> handle.remove(ids=["f3"]); handle.clear()     # row operations, no restart
+    """
+
+    def __init__(self, llm: Any) -> None:
+        self.llm = llm
+        config = llm.llm_engine.vllm_config.additional_config
+        if section_of(config) is None:
+            raise NKVError(
+                "this vLLM engine was started without NKV, so there are no preallocated rows to load an adapter "
+                "into (vLLM compiles the model at start-up; modules cannot be added afterwards). Start it with "
+                "LLM(model=..., additional_config={'nkv': {'capacity': N, 'layer': L}}) -- N the most facts you "
+                "will load, L the adapter's layer -- or pass the adapter itself: additional_config=" + EXAMPLE)
+        self.slot = self._info()
+        self.adapter: NKVAdapter | None = None
+
+    # ---------------------------------------------------------------- views
+    @property
+    def facts(self) -> list[Fact]:
+        return [] if self.adapter is None else self.adapter.facts
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """The engine's gated module as rank 0 reports it (module, capacity, n_facts, gamma, source...)."""
+        return self._info().to_dict()
+
+    def __repr__(self) -> str:
+        s = self.slot
+        return f"NKVEngineHandle(module={s.module!r}, capacity={s.capacity}, n_facts={s.n_facts}, tp={s.tp_size})"
+
+    # ---------------------------------------------------------------- changes
+    def swap(self, adapter: AdapterSource, *, revision: str | None = None, strict: bool = True,
+             gamma: float | None = None) -> "NKVEngineHandle":
+        """Replace whatever the engine holds with `adapter` (path, Hub repo id or NKVAdapter).
+
+        Raises:
+            NKVCompatibilityError: other model/layer/widths, or more facts than the capacity.
+            NKVFingerprintError: different base checkpoint (a warning when strict=False).
+        """
+        resolved = resolve_adapter(adapter, revision=revision)
+        check_adapter(resolved, self.slot, strict=strict)
+        with _as_source(adapter, resolved, revision) as (source, source_revision):
+            results = self.llm.collective_rpc("nkv_load", args=(source, source_revision, strict, gamma))
+        self._after_change(results, expected_facts=resolved.n_facts)
+        self.adapter = resolved
+        return self
+
+    def add(self, other: AdapterSource, *, on_conflict: ConflictPolicy = "error",
+            revision: str | None = None, strict: bool = True) -> "NKVEngineHandle":
+        """Add the facts of another adapter (same base model and layer) to the loaded ones."""
+        incoming = resolve_adapter(other, revision=revision)
+        merged = incoming if self.adapter is None else self.adapter.merge(incoming, on_conflict=on_conflict)
+        return self.swap(merged, strict=strict)
+
+    def remove(self, ids: list[str] | tuple[str, ...] = (), subjects: list[str] | tuple[str, ...] = (),
+               missing_ok: bool = False) -> "NKVEngineHandle":
+        """Drop facts by id and/or subject from the loaded adapter."""
+        if self.adapter is None:
+            raise NKVError("remove: no adapter is loaded through this handle; load one with swap() first")
+        return self.swap(self.adapter.remove(ids=ids, subjects=subjects, missing_ok=missing_ok), strict=False)
+
+    def clear(self) -> "NKVEngineHandle":
+        """Remove every fact; the engine then answers like the base model."""
+        results = self.llm.collective_rpc("nkv_clear")
+        self._after_change(results, expected_facts=0)
+        self.adapter = None
+        return self
+
+    detach = clear  # the module stays compiled in; with no rows it adds exactly zero
+
+    # ---------------------------------------------------------------- internals
+    def _info(self) -> SlotInfo:
+        try:
+            results = self.llm.collective_rpc("nkv_info")
+        except NotImplementedError:
+            raise NKVError("the engine's workers have no nkv_info method: the nkv vLLM plugin did not run in "
+                           "them (is nkv installed in the same environment, and VLLM_PLUGINS unset or "
+                           "including 'nkv'?)") from None
+        return SlotInfo.from_dict(results[0])
+
+    def _after_change(self, results: list[dict[str, Any]], expected_facts: int) -> None:
+        counts = {r["n_facts"] for r in results}
+        if counts != {expected_facts}:
+            raise NKVCompatibilityError(f"workers disagree after the swap: rows in use per rank {sorted(counts)}, "
+                                        f"expected {expected_facts}; restart the engine")
+        self.slot = SlotInfo.from_dict(results[0])
+        # Cached KV blocks were computed with the old rows; running requests are
+        # preempted and recomputed with the new ones.
+        self.llm.reset_prefix_cache(reset_running_requests=True)
+
+
+class _as_source:
+    """Context: (string source, revision) that workers can resolve for `adapter`.
+
+    Paths are made absolute; Hub repo ids are passed on (workers hit the local cache the
+    caller just filled); in-memory adapters are written to a temporary file, removed after.
+    """
+
+    def __init__(self, original: AdapterSource, resolved: NKVAdapter, revision: str | None) -> None:
+        self.original, self.resolved, self.revision = original, resolved, revision
+        self.tmpdir: str | None = None
+
+    def __enter__(self) -> tuple[str, str | None]:
+        if isinstance(self.original, NKVAdapter):
+            self.tmpdir = tempfile.mkdtemp(prefix="nkv-swap-")
+            path = self.resolved.save(Path(self.tmpdir) / "adapter.nkv")
+            return str(path), None
+        path = Path(self.original)
+        if path.is_file():
+            return str(path.resolve()), None
+        if path.is_dir():
+            return str(single_adapter_file(path).resolve()), None
+        return os.fspath(self.original), self.revision  # a Hub repo id (resolve_adapter accepted it)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.tmpdir is not None:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+
+def attach_to_llm(llm: Any, adapter: AdapterSource, revision: str | None = None, strict: bool = True,
+                  **options: Any) -> NKVEngineHandle:
+    """Load `adapter` into a running vLLM engine (the `load_nkv_adapter` entry for vllm.LLM).
+
+    The engine must have been started with `additional_config={"nkv": {...}}` (capacity
+    and layer, or a start adapter), which preallocates the rows this copies into.
+
+    Options: gamma (float) overrides the adapter's threshold.
+
+    Raises:
+        NKVError: the engine was started without the nkv config (the message shows how).
+        NKVCompatibilityError / NKVFingerprintError: as for transformers, plus capacity and layer.
+
+    >>> llm = LLM(model="...", additional_config={"nkv": {"capacity": 1000, "layer": 7}})
+    >>> handle = load_nkv_adapter(llm, "user/paris-edits")
+    >>> llm.generate(["The Eiffel Tower is in"], SamplingParams(temperature=0))
+    """
+    gamma = options.pop("gamma", None)
+    if options:
+        raise NKVError(f"load_nkv_adapter(vllm.LLM): unknown option(s) {sorted(options)}; known: gamma")
+    handle = NKVEngineHandle(llm)
+    return handle.swap(adapter, revision=revision, strict=strict, gamma=gamma)
+
+
+__all__ = ["attach_to_llm", "NKVEngineHandle"]

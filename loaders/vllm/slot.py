@@ -1,0 +1,88 @@
+"""What an engine's gated module is: its shape, place and base model, as plain data.
+
+`SlotInfo` travels between processes (collective_rpc results are msgpack-encoded), so it
+holds only str / int / float / bool / None. `check_adapter` compares an adapter with it
+and raises the same errors as the transformers loader; the caller runs it before any
+worker is asked to load, so errors keep their NKV class across process boundaries.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from nkv.adapter import NKVAdapter
+from nkv.errors import NKVCompatibilityError, NKVFingerprintError
+from nkv.fingerprint import fingerprints_match
+
+
+@dataclass(frozen=True)
+class SlotInfo:
+    """One worker's view of the gated module (identical on every rank but tp_rank)."""
+
+    module: str  # e.g. "model.layers.1.mlp.down_proj"
+    layer: int
+    capacity: int
+    model_type: str
+    n_layers: int
+    d_model: int
+    d_key: int  # full width, not the rank's slice
+    fingerprint: str | None  # None when the weights are not floating point (quantized)
+    tp_rank: int
+    tp_size: int
+    n_facts: int = 0  # rows in use now
+    gamma: float | None = None  # threshold in use now
+    source: str | None = None  # what was loaded last (path or repo id)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SlotInfo":
+        return cls(**data)
+
+
+def check_adapter(adapter: NKVAdapter, slot: SlotInfo, strict: bool = True, stacklevel: int = 3) -> None:
+    """Raise unless `adapter` can be loaded into `slot`; warn on a fingerprint mismatch if not strict.
+
+    Raises:
+        NKVCompatibilityError: model type, layer count, widths or layer differ, or the
+            adapter holds more facts than the slot's capacity.
+        NKVFingerprintError: the engine's weights are not the adapter's base checkpoint.
+    """
+    expected = adapter.base
+    if slot.model_type != expected.model_type:
+        raise NKVCompatibilityError(f"adapter was built for model_type {expected.model_type!r} "
+                                    f"({expected.name}), got {slot.model_type!r}")
+    if slot.n_layers != expected.n_layers:
+        raise NKVCompatibilityError(f"adapter expects {expected.n_layers} layers ({expected.name}), "
+                                    f"the model has {slot.n_layers}")
+    if (slot.d_model, slot.d_key) != (expected.d_model, expected.d_key):
+        raise NKVCompatibilityError(
+            f"adapter expects d_model={expected.d_model}, d_key={expected.d_key} at layer {adapter.layer}, "
+            f"the model has d_model={slot.d_model}, d_key={slot.d_key}")
+    if adapter.layer != slot.layer:
+        raise NKVCompatibilityError(
+            f"adapter edits layer {adapter.layer}, but this engine's gated module is at layer {slot.layer} "
+            f"({slot.module}); the layer is fixed when the engine starts: restart it with "
+            f"additional_config={{'nkv': {{'layer': {adapter.layer}, ...}}}}, or rebuild the adapter at layer "
+            f"{slot.layer}")
+    if adapter.n_facts > slot.capacity:
+        raise NKVCompatibilityError(
+            f"adapter holds {adapter.n_facts} facts, but the engine preallocated room for {slot.capacity}; "
+            f"restart it with additional_config={{'nkv': {{'capacity': {adapter.n_facts}, ...}}}} or more")
+    got = slot.fingerprint
+    if got is None or not fingerprints_match(expected.fingerprint, got):
+        detail = (f"got {got[:40]}..." if got is not None
+                  else "the engine's weights are not floating point (quantized), so it cannot be checked")
+        message = (f"the model is not the checkpoint this adapter was built on ({expected.name}"
+                   f"{'@' + expected.revision if expected.revision else ''}): fingerprint at layer "
+                   f"{adapter.layer} expected {expected.fingerprint[:40]}..., {detail}; "
+                   "load the adapter's base model, or pass strict=False to attach anyway")
+        if strict:
+            raise NKVFingerprintError(message)
+        warnings.warn(message, stacklevel=stacklevel)
+
+
+__all__ = ["SlotInfo", "check_adapter"]
