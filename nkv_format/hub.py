@@ -169,8 +169,11 @@ def fetch(repo_id: str, revision: str | None = None, *, filename: str | None = N
         name = filename or pick_adapter_file(repo_id, names, revision)
         # The symbolic revision (not info.sha) keeps the cache's refs/<branch> current, which
         # offline mode needs later; both name the same commit unless the branch just moved.
-        local = hf_hub_download(repo_id, name, revision=revision, token=token, cache_dir=cache_dir)
-    return _checked(FetchedAdapter(repo_id, name, info.sha, Path(local), offline=False))
+        local = Path(hf_hub_download(repo_id, name, revision=revision, token=token, cache_dir=cache_dir))
+    # The commit actually downloaded is the snapshot folder the file landed in.
+    snapshot = local.parents[len(Path(name).parts) - 1].name
+    commit = snapshot if _COMMIT.match(snapshot) else info.sha
+    return _checked(FetchedAdapter(repo_id, name, commit, local, offline=False))
 
 
 def fetch_model_card(repo_id: str, revision: str | None = None, *, token: str | None = None) -> Path | None:

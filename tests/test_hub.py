@@ -122,8 +122,9 @@ def test_repo_without_an_adapter_or_with_ambiguous_ones(hub, tmp_path):
     assert same_adapter(resolve_adapter(fetch_adapter("alice/two", filename="rome.nkv")), small_adapter(seed=2))
     hub.add_repo("alice/three", {"paris.nkv": a, "adapter.nkv": b, "old/x.nkv": a})
     assert same_adapter(resolve_adapter("alice/three"), small_adapter(seed=2))  # the canonical name wins
-    hub.add_repo("alice/nested", {"edits/only.nkv": a})
-    assert fetch("alice/nested").filename == "edits/only.nkv"
+    nested_sha = hub.add_repo("alice/nested", {"edits/only.nkv": a})
+    nested = fetch("alice/nested")
+    assert (nested.filename, nested.commit) == ("edits/only.nkv", nested_sha)
     assert hub.downloads() == ["rome.nkv", "adapter.nkv", "edits/only.nkv"]
 
 
