@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Union
 
 from .adapter import NKVAdapter
-from .errors import NKVError
+from .errors import NKVError, NKVFormatError
 
 AdapterSource = Union[str, os.PathLike, NKVAdapter]
 
@@ -36,7 +36,11 @@ def resolve_adapter(source: AdapterSource, revision: str | None = None) -> NKVAd
     if _looks_like_repo_id(text):
         from .hub import fetch_adapter  # lazy: huggingface_hub only when needed
 
-        return NKVAdapter.load(fetch_adapter(text, revision=revision))
+        local = fetch_adapter(text, revision=revision)
+        try:
+            return NKVAdapter.load(local)
+        except NKVFormatError as exc:  # name the repo the user asked for, not the cache path
+            raise type(exc)(f"{text}@{revision or 'main'}:{local.name}", exc.problems) from None
     raise NKVError(f"{text}: no such file, and not a Hub repo id of the form 'user/name'")
 
 
