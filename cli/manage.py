@@ -1,0 +1,257 @@
+"""`nkv inspect | validate | rm | merge | diff`: look at and manage .nkv files.
+
+These commands touch only the format package (no model, no transformers import).
+Results go to stdout; a user error is one line `Error: ...` on stderr with exit code 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import click
+
+from nkv import NKVAdapter, NKVError, NKVFormatError, read_header
+from nkv.facts import Fact, decode_facts
+from nkv.header import NKVHeader
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+_OUT = click.Path(dir_okay=False, writable=True, path_type=Path)
+_DEFAULT_FACT_ROWS = 20  # facts shown by `inspect --facts` in the table for people
+
+
+def _one_line_errors(func: F) -> F:
+    """NKVError -> one `Error: ...` line (a file with several problems lists them with '; ')."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except NKVFormatError as exc:
+            raise click.ClickException(f"{exc.source}: " + "; ".join(exc.problems)) from None
+        except NKVError as exc:
+            raise click.ClickException(" ".join(str(exc).split("\n"))) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _size(n_bytes: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n_bytes < 1000 or unit == "GB":
+            return f"{n_bytes} B" if unit == "B" else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1000
+    raise AssertionError("unreachable")
+
+
+def _short(text: str, width: int) -> str:
+    text = text.replace("\n", " ")
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _read_facts(header: NKVHeader) -> list[Fact]:
+    """Only the fact records (no K1/R1): cheap even for a multi-GB adapter."""
+    begin, end = header.tensors["nkv.facts"].data_offsets
+    with open(header.source, "rb") as fh:
+        fh.seek(header.data_start + begin)
+        data = fh.read(end - begin)
+    facts, problems = decode_facts(data, header.n_facts, header.source)
+    if problems:
+        raise NKVFormatError(header.source, problems)
+    return facts
+
+
+def _header_json(header: NKVHeader, path: Path) -> dict[str, Any]:
+    return {
+        "file": str(path),
+        "size_bytes": path.stat().st_size,
+        "format_version": header.version,
+        "n_facts": header.n_facts,
+        "layer": header.layer,
+        "gamma": header.gamma,
+        "dtype": header.dtype,
+        "target_module": header.target_module,
+        "base": asdict(header.base),
+        "build": header.build,
+        "eval": header.eval,
+        "tensors": {name: {"dtype": t.dtype, "shape": list(t.shape)} for name, t in header.tensors.items()},
+    }
+
+
+@click.command()
+@click.argument("file", type=_FILE)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (for scripts).")
+@click.option("--facts", "with_facts", is_flag=True, help="Also list the facts.")
+@click.option("--limit", type=click.IntRange(min=0), default=None,
+              help=f"List at most N facts (0 = all; default {_DEFAULT_FACT_ROWS} in the table, all in --json).")
+@_one_line_errors
+def inspect(file: Path, as_json: bool, with_facts: bool, limit: int | None) -> None:
+    """Show FILE's settings, base model and build provenance (reads only the header
+    unless --facts).
+
+    \b
+    Example:
+      nkv inspect edits.nkv --facts --limit 5
+    """
+    header = read_header(file)
+    facts = _read_facts(header) if with_facts else []
+    if limit is None:
+        limit = 0 if as_json else _DEFAULT_FACT_ROWS
+    shown = facts[:limit] if limit else facts
+
+    if as_json:
+        out = _header_json(header, file)
+        if with_facts:
+            out["facts"] = [f.to_record() for f in shown]
+        click.echo(json.dumps(out, indent=2, ensure_ascii=False))
+        return
+
+    b = header.base
+    rows = [
+        ("file", f"{file} ({_size(file.stat().st_size)})"),
+        ("format", f"nkv {header.version}"),
+        ("facts", str(header.n_facts)),
+        ("layer", f"{header.layer} ({header.target_module})"),
+        ("gamma", f"{header.gamma:g}"),
+        ("dtype", header.dtype),
+        ("base model", b.name + (f" @ {b.revision}" if b.revision else "")),
+        ("architecture", f"{b.architecture} ({b.model_type}, {b.n_layers} layers, "
+                         f"d_model {b.d_model}, d_key {b.d_key})"),
+        ("fingerprint", _short(b.fingerprint, 44)),
+        ("build", json.dumps(header.build, sort_keys=True, ensure_ascii=False) if header.build else "-"),
+    ]
+    if header.eval:
+        rows.append(("eval", json.dumps(header.eval, sort_keys=True, ensure_ascii=False)))
+    for key, value in rows:
+        click.echo(f"{key:<13} {value}")
+    if with_facts:
+        click.echo()
+        _facts_table(shown)
+        if len(shown) < len(facts):
+            click.echo(f"... {len(facts) - len(shown)} more (--limit 0 shows all)")
+
+
+def _facts_table(facts: list[Fact]) -> None:
+    head = ("id", "subject", "target_new", "target_true", "prompt")
+    cells = [(f.id, f.subject, f.target_new, f.target_true or "-", f.prompt) for f in facts]
+    cells = [tuple(_short(c, 40) for c in row) for row in cells]
+    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(head)]
+    for row in [head, *cells]:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+@click.command()
+@click.argument("file", type=_FILE)
+@click.option("--json", "as_json", is_flag=True, help="Print {valid, problems, ...} as JSON.")
+def validate(file: Path, as_json: bool) -> None:
+    """Check FILE against the spec (every rule, all tensor data); exit 1 if invalid.
+
+    \b
+    Example:
+      nkv validate edits.nkv && echo fine
+    """
+    try:
+        adapter = NKVAdapter.load(file)
+    except NKVFormatError as exc:  # includes NKVVersionError
+        if as_json:
+            click.echo(json.dumps({"file": str(file), "valid": False, "problems": exc.problems}, indent=2))
+        else:
+            for problem in exc.problems:
+                click.echo(f"  - {problem}")
+        n = len(exc.problems)
+        raise click.ClickException(f"{file} is not a valid NKV adapter ({n} problem{'s' * (n != 1)})") from None
+    summary = (f"{adapter.n_facts} facts, layer {adapter.layer}, gamma {adapter.gamma:g}, "
+               f"{read_header(file).dtype}, base {adapter.base.name}")
+    if as_json:
+        click.echo(json.dumps({"file": str(file), "valid": True, "problems": [], "summary": summary}, indent=2))
+    else:
+        click.echo(f"OK {file}: {summary}")
+
+
+@click.command()
+@click.argument("file", type=_FILE)
+@click.option("--id", "ids", multiple=True, metavar="ID", help="Fact id to remove (repeatable).")
+@click.option("--subject", "subjects", multiple=True, metavar="S",
+              help="Remove every fact with exactly this subject (repeatable).")
+@click.option("-o", "--output", type=_OUT, default=None, help="Write here instead of replacing FILE.")
+@click.option("--missing-ok", is_flag=True, help="Ignore ids/subjects that match no fact.")
+@_one_line_errors
+def rm(file: Path, ids: tuple[str, ...], subjects: tuple[str, ...], output: Path | None, missing_ok: bool) -> None:
+    """Remove facts from FILE by id or subject (in place, atomically, unless -o).
+
+    \b
+    Example:
+      nkv rm edits.nkv --id cf-17 --subject "Eiffel Tower"
+    """
+    if not ids and not subjects:
+        raise click.UsageError("give at least one --id or --subject")
+    adapter = NKVAdapter.load(file)
+    kept = adapter.remove(ids=ids, subjects=subjects, missing_ok=missing_ok)
+    gone = [i for i in adapter.ids if i not in set(kept.ids)]
+    target = output or file
+    kept.save(target)
+    click.echo(f"removed {len(gone)} fact{'s' * (len(gone) != 1)} ({_short(', '.join(gone), 60) or 'none'}); "
+               f"{kept.n_facts} left in {target}")
+
+
+@click.command()
+@click.argument("a", type=_FILE)
+@click.argument("b", type=_FILE)
+@click.option("-o", "--output", type=_OUT, required=True, help="Where to write the merged adapter.")
+@click.option("--on-conflict", type=click.Choice(["error", "ours", "theirs"]), default="error", show_default=True,
+              help="A fact id in both files with different content: fail, keep A's, or take B's.")
+@click.option("--gamma", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Threshold of the result (required when A and B differ).")
+@_one_line_errors
+def merge(a: Path, b: Path, output: Path, on_conflict: str, gamma: float | None) -> None:
+    """Merge adapters A and B (same base model and layer) into OUTPUT: A's facts, then B's.
+
+    \b
+    Example:
+      nkv merge team1.nkv team2.nkv -o all.nkv --on-conflict theirs
+    """
+    first, second = NKVAdapter.load(a), NKVAdapter.load(b)
+    conflicts = first.diff(second).changed
+    merged = first.merge(second, on_conflict=on_conflict, gamma=gamma)  # type: ignore[arg-type]
+    merged.save(output)
+    note = f"; {len(conflicts)} conflicting id(s) resolved as {on_conflict}" if conflicts else ""
+    click.echo(f"merged {first.n_facts} + {second.n_facts} facts -> {merged.n_facts} in {output}{note}")
+
+
+@click.command()
+@click.argument("a", type=_FILE)
+@click.argument("b", type=_FILE)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (for scripts).")
+@_one_line_errors
+def diff(a: Path, b: Path, as_json: bool) -> None:
+    """Show facts added (+), removed (-) and changed (~) from A to B, and settings that
+    differ. Exit code 0 whether or not they differ.
+
+    \b
+    Example:
+      nkv diff old.nkv new.nkv --json
+    """
+    d = NKVAdapter.load(a).diff(NKVAdapter.load(b))
+    if as_json:
+        click.echo(json.dumps({
+            "a": str(a), "b": str(b), "identical": d.empty, "added": d.added, "removed": d.removed,
+            "changed": d.changed, "settings": {k: list(v) for k, v in d.settings.items()},
+        }, indent=2, ensure_ascii=False))
+        return
+    for sign, ids in (("+", d.added), ("-", d.removed), ("~", d.changed)):
+        for fact_id in ids:
+            click.echo(f"{sign} {fact_id}")
+    for key, (mine, theirs) in d.settings.items():
+        click.echo(f"{key}: {mine} -> {theirs}")
+    if d.empty:
+        click.echo("no differences")
+    else:
+        click.echo(f"{len(d.added)} added, {len(d.removed)} removed, {len(d.changed)} changed, "
+                   f"{len(d.settings)} setting(s) differ", err=True)
+
+
+__all__ = ["inspect", "validate", "rm", "merge", "diff"]
