@@ -1,0 +1,132 @@
+"""`nkv eval`: efficacy, generalization, specificity (and more) of an adapter, pre and post edit.
+
+The table (or `--json`) goes to stdout; progress and notes to stderr. Every fact of the
+data file is evaluated with all of the adapter's edits live at once.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import click
+
+from nkv.errors import NKVError
+
+
+@click.command(name="eval")
+@click.option("--model", "model_name", required=True, metavar="PATH|ORG/NAME",
+              help="The base model (a local folder saved with save_pretrained, or a Hub id).")
+@click.option("--adapter", "adapter_src", required=True, metavar="FILE|ORG/NAME", help="The .nkv adapter.")
+@click.option("--data", "data_path", required=True, metavar="FILE",
+              help="Facts to evaluate: our JSONL, CounterFact (EasyEdit or ROME shape) or ZsRE records.")
+@click.option("--unrelated", "unrelated_path", metavar="FILE",
+              help="Text unrelated to the edits, one passage per line, for false fires "
+                   "(default: text sampled from the unedited model).")
+@click.option("--true-facts", "true_facts_path", metavar="FILE",
+              help="JSONL of {subject, prompt, target} the model knows: unedited-fact accuracy and the "
+                   "edited subjects' other facts.")
+@click.option("--limit", type=click.IntRange(min=1), metavar="N", help="Evaluate only the first N facts.")
+@click.option("--protocol", type=click.Choice(["counterfact", "zsre"]),
+              help="Scoring protocol (default: zsre for ZsRE records or facts without target_true, "
+                   "else counterfact).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--device", metavar="DEV", help="cpu, cuda, cuda:N (default: cuda if available, else cpu).")
+@click.option("--no-free-gen", is_flag=True, help="Skip greedy free-generation exact match.")
+@click.option("--fluency-prompts", type=click.IntRange(min=0), default=16, show_default=True,
+              help="Edit prompts to sample text from for fluency (0: skip).")
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON instead of the table.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), metavar="PNG",
+              help="Write the gate's cosine histogram (positives vs unrelated tokens, γ marked).")
+@click.option("--write-back", is_flag=True,
+              help="Store the summary in the adapter file's nkv.eval metadata (atomic rewrite); model cards show it.")
+def evaluate(model_name: str, adapter_src: str, data_path: str, unrelated_path: str | None,
+             true_facts_path: str | None, limit: int | None, protocol: str | None, batch_size: int,
+             device: str | None, no_free_gen: bool, fluency_prompts: int, as_json: bool, plot_path: Path | None,
+             write_back: bool) -> None:
+    """Evaluate ADAPTER on the facts in DATA, with the adapter disabled (pre) and enabled (post).
+
+    \b
+    nkv eval --model examples/factworld/models/llama --adapter edits.nkv \\
+             --data examples/factworld/edits.jsonl --true-facts examples/factworld/true_facts.jsonl \\
+             --unrelated examples/factworld/generic.txt --plot gate.png
+    nkv eval --model gpt2-xl --adapter cf.nkv --data counterfact-edit.json --limit 1000 --json
+    """
+    from nkv.facts_io import read_facts
+    from nkv.resolve import resolve_adapter
+
+    # Cheap checks first: a typo in a path should not cost a model load.
+    if write_back and not Path(adapter_src).is_file():
+        raise NKVError(f"--write-back rewrites a local .nkv file, but {adapter_src!r} is not one; "
+                       "download it first (`nkv pull ... -o DIR`) and pass the file")
+    facts = read_facts(data_path)[:limit]
+    unrelated = _read_lines(unrelated_path) if unrelated_path else None
+    true_facts = None
+    if true_facts_path:
+        from nkv.loaders.eval import read_true_facts
+
+        true_facts = read_true_facts(true_facts_path)
+    adapter = resolve_adapter(adapter_src)
+    model, tokenizer = _load_model(model_name, device)
+
+    from nkv.loaders.eval import EvalOptions, evaluate as run_eval
+
+    options = EvalOptions(batch_size=batch_size, protocol=protocol, free_generation=not no_free_gen,
+                          fluency_prompts=fluency_prompts)
+    click.echo(f"evaluating {len(facts)} facts from {data_path} with {adapter.n_facts} edits live ...", err=True)
+    report = run_eval(model, tokenizer, adapter, facts, unrelated=unrelated, true_facts=true_facts, options=options,
+                      data_name=Path(data_path).name, unrelated_name=unrelated_path)
+    if report.adapter["matched"] == 0:
+        click.echo(f"note: none of the {len(facts)} facts in {data_path} is in the adapter; the numbers measure "
+                   "facts it was not built on", err=True)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo(report.table())
+    if plot_path is not None:
+        from nkv.loaders.eval import plot_cosines
+
+        click.echo(f"wrote {plot_cosines(report, plot_path)}", err=True)
+    if write_back:
+        path = Path(adapter_src)
+        stored = replace(adapter, eval={**adapter.eval, Path(data_path).name: report.summary()})
+        stored.save(path)
+        click.echo(f"stored the summary in {path} (nkv.eval[{Path(data_path).name!r}])", err=True)
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except FileNotFoundError:
+        raise NKVError(f"{path}: no such file (--unrelated expects a text file, one passage per line)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise NKVError(f"{path}: cannot read as UTF-8 text ({exc})") from None
+    if not lines:
+        raise NKVError(f"{path}: is empty; --unrelated needs some text (one passage per line)")
+    return lines
+
+
+def _load_model(name: str, device: str | None) -> tuple[Any, Any]:
+    """Model and tokenizer from a local folder or the Hub, in eval mode on `device`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        raise NKVError(f"--device {device} requested but CUDA is not available; use --device cpu")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise NKVError(f"cannot load model {name!r}: {first[:300]} (expected a folder saved with "
+                       "save_pretrained or a Hub model id)") from None
+    print(f"loaded {name} ({sum(p.numel() for p in model.parameters()):,} parameters) on {device}", file=sys.stderr)
+    return model.to(device).eval(), tokenizer
+
+
+__all__ = ["evaluate"]
