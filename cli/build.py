@@ -1,0 +1,139 @@
+"""`nkv build FACTS --model M -o OUT`: compute an adapter's keys and residuals from facts.
+
+Progress goes to stderr, the summary to stdout. Finished batches are checkpointed in
+`OUT.partial/`; after a crash or Ctrl-C, the same command with `--resume` continues
+there. The output file is written once, atomically, at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from nkv.errors import NKVError
+
+_FACTS = click.Path(exists=True, dir_okay=False, path_type=Path)
+_OUT = click.Path(dir_okay=False, path_type=Path)
+
+
+def _layer(value: str | None) -> int | str | None:
+    if value is None or value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"expected a layer number or 'auto', got {value!r}") from None
+
+
+@click.command()
+@click.argument("facts", type=_FACTS)
+@click.option("--model", "model_name", required=True, metavar="M",
+              help="A local folder saved with save_pretrained, or a Hub id (cached, or online).")
+@click.option("-o", "--output", required=True, type=_OUT, help="The .nkv file to write.")
+@click.option("--layer", default=None, metavar="N|auto",
+              help="Layer to edit; default: the family's default; 'auto': a short sweep on a sample of the facts.")
+@click.option("--gamma", default=0.65, show_default=True, type=click.FloatRange(0, 1),
+              help="Gate threshold stored in the adapter (cosine).")
+@click.option("--steps", type=click.IntRange(1), help="Optimisation steps per fact [default: per family, 20-25].")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), help="Adam step relative to ||h0|| [default: 0.1].")
+@click.option("--kl-factor", type=click.FloatRange(0), help="Weight of the KL term [default: 0.0625].")
+@click.option("--weight-decay", type=click.FloatRange(0), help="Weight of ||δ||/||h0|| [default: 0.01].")
+@click.option("--clamp", type=click.FloatRange(0, min_open=True), help="Max ||δ|| / ||h0|| [default: 0.75].")
+@click.option("--prefixes", "n_prefixes", type=click.IntRange(0), help="Generated context prefixes [default: 5].")
+@click.option("--batch-size", type=click.IntRange(1), help="Facts per forward/backward [default: 64].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the context prefixes.")
+@click.option("--revision", help="Hub revision (branch, tag or commit) of the model.")
+@click.option("--name", help="Base-model name recorded in the adapter [default: --model as given].")
+@click.option("--skip-bad", is_flag=True, help="Skip bad fact records (listed on stderr) instead of failing.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted build from OUTPUT.partial/.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def build(facts: Path, model_name: str, output: Path, layer: str | None, gamma: float, device: str, dtype: str,
+          seed: int, revision: str | None, name: str | None, skip_bad: bool, resume: bool, quiet: bool,
+          as_json: bool, **options: Any) -> None:
+    """Build an adapter for the facts in FACTS (.jsonl or .json; our schema, CounterFact or ZsRE).
+
+    \b
+    nkv build examples/factworld/quickstart.jsonl --model examples/factworld/models/llama -o q.nkv
+    nkv build counterfact-edit.json --model gpt2-xl --layer 17 --device cuda -o cf.nkv
+    """
+    from nkv.facts_io import scan_facts
+    from nkv.loaders.build import Checkpoint
+
+    layer_arg = _layer(layer)
+    scan = scan_facts(facts)
+    for problem in scan.problems:
+        click.echo(("skipped: " if skip_bad else "") + problem, err=True)
+    if scan.problems and not skip_bad:
+        raise NKVError(f"{facts}: {len(scan.problems)} bad record(s) (listed above); fix them or pass --skip-bad")
+    if not scan.facts:
+        raise NKVError(f"{facts}: no usable fact records")
+    partial = Checkpoint(output.with_name(output.name + ".partial"))
+    if partial.exists and not resume:
+        raise NKVError(f"{partial.folder} holds an interrupted build ({partial.n_done()} facts done); "
+                       "rerun with --resume to continue it, or delete that folder to start over")
+
+    model, tokenizer = load_model(model_name, revision=revision, device=device, dtype=dtype)
+    from nkv.loaders.build import build_adapter, default_config
+
+    overrides = {k: v for k, v in options.items() if v is not None}
+    config = default_config(model, seed=seed, **overrides)
+    started = time.perf_counter()
+    try:
+        adapter = build_adapter(model, tokenizer, scan.facts, layer=layer_arg, gamma=gamma, config=config,
+                                name=name or model_name, revision=revision, progress=not quiet,
+                                checkpoint_dir=partial.folder, resume=resume)
+    except KeyboardInterrupt:
+        done = partial.n_done()
+        click.echo(f"\nInterrupted: {done} of {len(scan.facts)} facts are saved in {partial.folder}; "
+                   f"{output} was not touched. Rerun the same command with --resume to continue.", err=True)
+        sys.exit(130)
+    adapter.save(output)
+    partial.remove()
+    seconds = time.perf_counter() - started
+    summary = {"output": str(output), "n_facts": adapter.n_facts, "skipped": len(scan.problems),
+               "layer": adapter.layer, "layer_choice": adapter.build["layer_choice"], "gamma": adapter.gamma,
+               "seconds": round(seconds, 2), "loss": adapter.build["loss"]}
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    loss = adapter.build["loss"]
+    click.echo(f"wrote {output}: {adapter.n_facts} facts, layer {adapter.layer} "
+               f"({adapter.build['layer_choice']['mode']}), gamma {adapter.gamma}, {seconds:.1f} s "
+               f"({adapter.n_facts / max(seconds, 1e-9):.1f} facts/s); final loss mean {loss['mean']:.3f}, "
+               f"{loss['n_above_early_stop']} fact(s) above the early-stop loss")
+
+
+def load_model(model_name: str, *, revision: str | None = None, device: str = "auto",
+               dtype: str = "float32") -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer from a local folder or a Hub id, or raise NKVError."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nkv.loaders.build.config import DTYPES
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        raise NKVError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    where = "local folder" if Path(model_name).is_dir() else "Hub id"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_name, revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(model_name, revision=revision, dtype=DTYPES[dtype])
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise NKVError(f"cannot load model {model_name!r} ({where}): {first[:300]}; pass a folder saved with "
+                       "save_pretrained, or a Hub id that is cached or reachable") from None
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+__all__ = ["build", "load_model"]

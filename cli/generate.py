@@ -1,0 +1,90 @@
+"""`nkv generate --model M --adapter A [PROMPT...]`: greedy answers before and after an adapter."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from nkv.errors import NKVError
+
+DEFAULT_LIMIT = 20  # prompts taken from a file or the adapter when none are given
+
+
+@click.command()
+@click.argument("prompts", nargs=-1)
+@click.option("--model", "model_name", required=True, metavar="M", help="Local folder or Hub id of the base model.")
+@click.option("--adapter", "adapter_src", required=True, metavar="A", help=".nkv file, folder or Hub repo id.")
+@click.option("--facts", "facts_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Take the prompts from this facts file (default: the adapter's own facts).")
+@click.option("--paraphrases", is_flag=True, help="Also show each fact's paraphrases (with --facts).")
+@click.option("--limit", type=click.IntRange(1), help=f"At most this many facts [default: {DEFAULT_LIMIT} "
+              "when the prompts come from a file or the adapter].")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--revision", help="Hub revision of the model.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per prompt.")
+def generate(prompts: tuple[str, ...], model_name: str, adapter_src: str, facts_path: Path | None,
+             paraphrases: bool, limit: int | None, max_new_tokens: int, device: str, dtype: str,
+             revision: str | None, as_json: bool) -> None:
+    """Print the model's greedy continuation of each PROMPT without and with the adapter.
+
+    \b
+    nkv generate --model examples/factworld/models/llama --adapter q.nkv
+    nkv generate --model examples/factworld/models/llama --adapter q.nkv "Samuel Theley was born in"
+    """
+    from nkv.loaders.transformers import attach
+    from nkv.resolve import resolve_adapter
+
+    from .build import load_model
+
+    adapter = resolve_adapter(adapter_src)
+    if prompts:
+        items = [(p, None) for p in prompts]
+    elif facts_path is not None:
+        from nkv.facts_io import read_facts
+
+        chosen = read_facts(facts_path)[: limit or DEFAULT_LIMIT]
+        items = [(p, f.fact.target_new) for f in chosen
+                 for p in [f.fact.prompt, *(f.paraphrases if paraphrases else [])]]
+    else:
+        items = [(f.prompt, f.target_new) for f in adapter.facts[: limit or DEFAULT_LIMIT]]
+    if not items:
+        raise NKVError("no prompts: pass PROMPT arguments, --facts FILE, or an adapter that holds facts")
+
+    model, tokenizer = load_model(model_name, revision=revision, device=device, dtype=dtype)
+    texts = [p for p, _ in items]
+    before = _greedy(model, tokenizer, texts, max_new_tokens)
+    handle = attach(model, adapter)
+    try:
+        after = _greedy(model, tokenizer, texts, max_new_tokens)
+    finally:
+        handle.detach()
+    for (prompt, target), b, a in zip(items, before, after):
+        if as_json:
+            click.echo(json.dumps({"prompt": prompt, "target_new": target, "before": b, "after": a}))
+            continue
+        click.echo(prompt)
+        click.echo(f"  before: {b}")
+        click.echo(f"  after:  {a}" + (f"    (target: {target})" if target else ""))
+
+
+def _greedy(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy continuation of each prompt, one at a time (no padding to get wrong)."""
+    import torch
+
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = []
+    for prompt in prompts:
+        enc = tokenizer(prompt, return_tensors="pt").to(device)
+        with torch.no_grad():
+            ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+        out.append(tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    return out
+
+
+__all__ = ["generate"]

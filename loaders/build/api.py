@@ -1,0 +1,221 @@
+"""`build_adapter`: facts in, an `NKVAdapter` out (keys and residuals of method.md §3-4)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import replace
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from nkv import __version__
+from nkv.adapter import NKVAdapter, empty_adapter
+from nkv.constants import DEFAULT_GAMMA
+from nkv.errors import NKVError, NKVFactsError
+from nkv.facts import Fact
+from nkv.facts_io import FactInput
+
+from ..architectures import arch_spec, base_model_info, model_type_of
+from .checkpoint import Checkpoint, digest
+from .config import DTYPES, BuildConfig, default_config, default_layer
+from .hooks import frozen, model_device, pad_id_of
+from .keys import compute_keys
+from .prompts import FactTokens, encode_fact
+from .reference import optimize_residuals_reference
+from .residuals import optimize_residuals
+from .templates import as_templates, generate_prefixes
+
+Progress = Callable[[int], None]  # called with the number of facts just finished
+
+
+def build_adapter(
+    model: nn.Module,
+    tokenizer: Any,
+    facts: Sequence[FactInput | Fact],
+    *,
+    layer: int | str | None = None,
+    gamma: float = DEFAULT_GAMMA,
+    config: BuildConfig | None = None,
+    name: str | None = None,
+    revision: str | None = None,
+    progress: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+) -> NKVAdapter:
+    """Compute one key and one residual per fact on the unedited `model`.
+
+    Args:
+        model: a transformers causal LM whose model_type is in the architecture table.
+            If `config.device` / `config.dtype` are set, the model is moved / cast in place.
+        tokenizer: its tokenizer.
+        facts: `FactInput`s (from `nkv.facts_io.read_facts`) or `Fact`s; ids must be unique.
+        layer: the layer to edit; None = the family's default (`default_layer`); "auto" =
+            a short sweep on a sample of the facts (`choose_layer`).
+        gamma: the gate threshold stored in the adapter.
+        config: hyperparameters; None = `default_config(model)`.
+        name, revision: how the base model is recorded (default: config._name_or_path).
+        progress: a tqdm bar with facts/s on stderr.
+        checkpoint_dir: save finished rows there every `config.checkpoint_every` batches.
+            It is not deleted here: remove it (`Checkpoint(dir).remove()`) once the
+            adapter is saved.
+        resume: continue from `checkpoint_dir`; without it an existing checkpoint is an error.
+    Returns:
+        The adapter (not saved). `adapter.build` records the tool version, the resolved
+        hyperparameters, the layer choice, the context templates and loss statistics.
+    Raises:
+        NKVFactsError: duplicate ids, or a subject the tokenizer cannot locate (raised
+            before any optimisation).
+        NKVUnsupportedModelError: the model's family is not in the table.
+
+    >>> adapter = build_adapter(model, tokenizer, read_facts("facts.jsonl"), layer=3)
+    >>> adapter.save("edits.nkv")
+    """
+    config = config or default_config(model)
+    plain = _facts(facts)
+    with _placed(model, config), frozen(model):
+        ckpt = Checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+        if ckpt is not None and ckpt.exists and not resume:
+            raise NKVError(f"{ckpt.folder} holds an interrupted build ({ckpt.n_done()} of its facts done); "
+                           "resume it (--resume / resume=True) or delete that folder to start over")
+        dtype = next(model.parameters()).dtype
+        common = {"facts": [f.to_record() for f in plain], "objective": config.objective,
+                  "dtype": str(dtype), "model": base_model_info(model, 0).fingerprint}
+        state = ckpt.state() if ckpt is not None and ckpt.exists else {}
+        if state and state.get("inputs") != digest(common):
+            raise NKVError(f"{ckpt.folder}: this checkpoint belongs to a different build (facts, options or "
+                           "model changed); rerun with the same inputs or delete it to start over")
+        layer, layer_choice = _resolve_layer(model, tokenizer, facts, layer, config, state)
+        prefixes = state.get("prefixes") or generate_prefixes(model, tokenizer, config.n_prefixes,
+                                                              config.prefix_length, config.seed)
+        tokens = [encode_fact(tokenizer, f, prefixes) for f in plain]  # all errors before any work
+        if ckpt is not None:
+            ckpt.write_state({"inputs": digest(common), "layer": layer, "layer_choice": layer_choice,
+                              "prefixes": prefixes, "n_facts": len(plain)})
+        with _bar(len(plain), progress) as advance:
+            rows = compute_rows(model, tokenizer, tokens, layer, config, checkpoint=ckpt, on_done=advance)
+        base = base_model_info(model, layer, name=name, revision=revision)
+        target = arch_spec(model_type_of(model)).module_path(layer)
+        store = dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+        adapter = empty_adapter(base, layer, target, gamma=gamma, dtype=store).add(
+            plain, rows["keys"].to(store).cpu(), rows["residuals"].to(store).cpu())
+        loss = rows["loss"]
+        build = {
+            "tool": f"nkv {__version__}",
+            "method": "neuraldb: keys and residuals as MEMIT compute_ks / compute_z, batched",
+            "config": {**config.to_dict(), "dtype": str(dtype).removeprefix("torch."),
+                       "device": str(model_device(model))},
+            "seed": config.seed,
+            "layer_choice": layer_choice,
+            "templates": as_templates(prefixes),
+            "loss": {"mean": round(float(loss.mean()), 6), "max": round(float(loss.max()), 6),
+                     "n_above_early_stop": int((loss >= config.early_stop_loss).sum())},
+        }
+        return replace(adapter, build=build)
+
+
+def compute_rows(model: nn.Module, tokenizer: Any, tokens: list[FactTokens], layer: int, config: BuildConfig,
+                 *, checkpoint: Checkpoint | None = None, on_done: Progress | None = None,
+                 reference: bool = False) -> dict[str, torch.Tensor]:
+    """Keys, residuals, last losses and update counts for tokenized facts, batch by batch.
+
+    `reference=True` optimises one fact at a time (the benchmark's baseline) instead of
+    `config.batch_size` facts per forward/backward. Facts already in `checkpoint` are
+    loaded, not recomputed.
+    """
+    n = len(tokens)
+    pad_id = pad_id_of(tokenizer)
+    done = checkpoint.load_rows() if checkpoint is not None and checkpoint.folder.is_dir() else {}
+    todo = [i for i in range(n) if i not in done]
+    if on_done is not None and n - len(todo):
+        on_done(n - len(todo))
+    pending: list[tuple[list[int], dict[str, torch.Tensor]]] = []
+    for b, start in enumerate(range(0, len(todo), config.batch_size)):
+        idx = todo[start : start + config.batch_size]
+        batch = [tokens[i] for i in idx]
+        keys, h0 = compute_keys(model, layer, batch, pad_id)
+        optimize = optimize_residuals_reference if reference else optimize_residuals
+        result = optimize(model, layer, batch, h0, config, pad_id)
+        part = {"keys": keys.cpu(), "residuals": result.residuals.cpu(), "loss": result.loss.float().cpu(),
+                "steps": result.steps.cpu()}
+        for row, i in enumerate(idx):
+            done[i] = {name: t[row] for name, t in part.items()}
+        if checkpoint is not None:
+            pending.append((idx, part))
+            if len(pending) >= config.checkpoint_every or start + config.batch_size >= len(todo):
+                _flush(checkpoint, pending)
+        if on_done is not None:
+            on_done(len(idx))
+    return {name: torch.stack([done[i][name] for i in range(n)]) for name in ("keys", "residuals", "loss", "steps")}
+
+
+def _flush(checkpoint: Checkpoint, pending: list[tuple[list[int], dict[str, torch.Tensor]]]) -> None:
+    indices = [i for idx, _ in pending for i in idx]
+    rows = {name: torch.cat([part[name] for _, part in pending]) for name in pending[0][1]}
+    checkpoint.save_rows(indices, rows)
+    pending.clear()
+
+
+def encode_facts(tokenizer: Any, facts: Sequence[FactInput | Fact], prefixes: list[str]) -> list[FactTokens]:
+    """Tokenize facts for `compute_rows` (prefixes from `generate_prefixes`)."""
+    return [encode_fact(tokenizer, f, prefixes) for f in _facts(facts)]
+
+
+def _facts(facts: Sequence[FactInput | Fact]) -> list[Fact]:
+    plain = [f.fact if isinstance(f, FactInput) else f for f in facts]
+    if not plain:
+        raise NKVFactsError("build_adapter: no facts given")
+    seen: set[str] = set()
+    for f in plain:
+        if not isinstance(f, Fact):
+            raise NKVFactsError(f"build_adapter: expected Fact or FactInput items, got {type(f).__name__}")
+        if f.id in seen:
+            raise NKVFactsError(f"build_adapter: duplicate fact id {f.id!r}; ids must be unique")
+        seen.add(f.id)
+    return plain
+
+
+def _resolve_layer(model: nn.Module, tokenizer: Any, facts: Sequence[FactInput | Fact], layer: int | str | None,
+                   config: BuildConfig, state: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    if state:  # resuming: the layer chosen when the build started
+        return int(state["layer"]), state["layer_choice"]
+    if layer is None:
+        return default_layer(model), {"mode": "default"}
+    if layer == "auto":
+        from .layer import choose_layer
+
+        choice = choose_layer(model, tokenizer, facts, config=config)
+        return choice.layer, {"mode": "auto", "sample": choice.sample, "scores": choice.scores}
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise NKVError(f"layer must be an integer, 'auto' or None, got {layer!r}")
+    arch_n = len(model.get_submodule(arch_spec(model_type_of(model)).layers))
+    if not 0 <= layer < arch_n:
+        raise NKVError(f"layer {layer} does not exist: the model has {arch_n} layers (0..{arch_n - 1})")
+    return layer, {"mode": "given"}
+
+
+@contextlib.contextmanager
+def _placed(model: nn.Module, config: BuildConfig) -> Iterator[None]:
+    """Move / cast the model as the config asks (in place: a copy of an 8B model would not fit)."""
+    if config.device is not None:
+        if config.device.startswith("cuda") and not torch.cuda.is_available():
+            raise NKVError(f"device {config.device!r} requested but CUDA is not available; use --device cpu")
+        model.to(torch.device(config.device))
+    if config.dtype is not None:
+        model.to(DTYPES[config.dtype])
+    yield
+
+
+@contextlib.contextmanager
+def _bar(total: int, enabled: bool) -> Iterator[Progress]:
+    if not enabled:
+        yield lambda n: None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="fact", desc="nkv build", dynamic_ncols=True, smoothing=0.1) as bar:
+        yield bar.update
+
+
+__all__ = ["build_adapter", "compute_rows", "encode_facts"]

@@ -1,0 +1,119 @@
+"""Build hyperparameters, their per-architecture defaults, and the default layer.
+
+The residual δ of a fact is parametrised as `δ = (||h0|| / sqrt(d_model)) · u` and Adam
+optimises `u`. Adam moves each coordinate of `u` by about `lr` per step, so `lr` is the
+step of δ *relative to ||h0||* (the unedited hidden state at the subject): the same
+setting works for a 64-wide random model with ||h0|| ≈ 3 and a 4096-wide model with
+||h0|| ≈ 200. (MEMIT's absolute lr 0.5 barely moves δ when ||h0|| is large and
+overshoots when it is small.) Clamp and weight decay are relative to ||h0|| as in MEMIT.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from nkv.errors import NKVError
+
+from ..architectures import arch_spec, model_type_of
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Hyperparameters of `build_adapter` (method.md §3-4). Recorded in `adapter.build`.
+
+    steps: optimisation steps per fact (MEMIT: at most steps-1 updates).
+    lr: Adam step, relative to ||h0|| (see the module docstring).
+    kl_factor: weight of KL(P_δ || P_0) on "{subject} is a".
+    weight_decay: weight of ||δ|| / ||h0||².
+    clamp: ||δ|| is kept <= clamp · ||h0|| after each step.
+    early_stop_loss: a fact stops (its row frozen) once its loss is below this.
+    n_prefixes: generated context prefixes ("The", "Therefore", "Because", "I", "You").
+    prefix_length: tokens generated per prefix.
+    batch_size: facts optimised together in one forward/backward.
+    seed: seeds prefix generation (the only randomness).
+    dtype: "float32" | "bfloat16" | "float16" | None (the model's own).
+    device: "cpu" | "cuda" | "cuda:N" | None (where the model is).
+    checkpoint_every: batches between checkpoints when a checkpoint folder is given.
+    """
+
+    steps: int = 25
+    lr: float = 0.1
+    kl_factor: float = 0.0625
+    weight_decay: float = 0.01
+    clamp: float = 0.75
+    early_stop_loss: float = 0.05
+    n_prefixes: int = 5
+    prefix_length: int = 10
+    batch_size: int = 64
+    seed: int = 0
+    dtype: str | None = None
+    device: str | None = None
+    checkpoint_every: int = 1
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("steps", "batch_size", "checkpoint_every", "prefix_length"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "clamp"):
+            if not getattr(self, name) > 0:
+                problems.append(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("kl_factor", "weight_decay", "early_stop_loss", "n_prefixes"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            problems.append(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        if problems:
+            raise NKVError("BuildConfig: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def objective(self) -> dict[str, Any]:
+        """The fields that change the result (what a checkpoint must agree on)."""
+        skip = {"batch_size", "device", "checkpoint_every"}
+        return {k: v for k, v in asdict(self).items() if k not in skip}
+
+
+# Per-architecture overrides of the generic defaults (measured: see the tests and
+# benchmarks/build/README.md). MEMIT used 20 steps for GPT-2 and 25 for GPT-J / Llama.
+ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gpt2": {"steps": 20},
+}
+
+# Default layer as a fraction of depth, from the paper's layers: GPT2-XL 17/48,
+# GPT-J 8/28, Llama-3-8B 7/32. Other families take the Llama fraction.
+LAYER_FRACTION: dict[str, float] = {"gpt2": 17 / 48, "gptj": 8 / 28}
+DEFAULT_LAYER_FRACTION = 7 / 32
+
+
+def default_config(model: nn.Module | str, **overrides: Any) -> BuildConfig:
+    """The defaults for `model` (or a model_type string), with `overrides` applied.
+
+    >>> default_config("llama", steps=10).steps
+    10
+    """
+    model_type = model if isinstance(model, str) else model_type_of(model)
+    arch_spec(model_type)  # unsupported -> error listing the supported ones
+    unknown = set(overrides) - {f.name for f in fields(BuildConfig)}
+    if unknown:
+        raise NKVError(f"unknown build option(s) {sorted(unknown)}; known: {[f.name for f in fields(BuildConfig)]}")
+    return replace(BuildConfig(**ARCH_DEFAULTS.get(model_type, {})), **overrides)
+
+
+def default_layer(model: nn.Module) -> int:
+    """The layer edited when none is given: the paper's relative depth for the family."""
+    model_type = model_type_of(model)
+    n_layers = len(model.get_submodule(arch_spec(model_type).layers))
+    fraction = LAYER_FRACTION.get(model_type, DEFAULT_LAYER_FRACTION)
+    return min(n_layers - 1, max(0, round(fraction * n_layers)))
+
+
+__all__ = ["BuildConfig", "ARCH_DEFAULTS", "default_config", "default_layer", "DTYPES"]
