@@ -18,9 +18,11 @@ Raise NKV_FUZZ_SCALE (e.g. 20) for a longer local run.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
+import shutil
 import signal
 import struct
 import tempfile
@@ -48,6 +50,7 @@ FUZZ_CASES = {"bitflips": 500, "truncation": 200, "splices": 400, "header_json":
 TOTAL_CASES = sum(FUZZ_CASES.values())  # 2,400
 
 _TMP = Path(tempfile.mkdtemp(prefix="nkv-fuzz-"))
+atexit.register(shutil.rmtree, _TMP, True)
 _counts: dict[str, int] = {}
 
 

@@ -185,3 +185,17 @@ def test_fingerprint_from_the_spec_text(dump: dict) -> None:
     assert nkv.fingerprints_match(_spec_fingerprint(w.tolist()), nkv.compute_fingerprint(w))
     assert nkv.fingerprints_match(nkv.compute_fingerprint(w), nkv.compute_fingerprint(w.bfloat16()))
     assert not nkv.fingerprints_match(nkv.compute_fingerprint(w), nkv.compute_fingerprint(other))
+
+
+def test_spec_numbers_match_the_code() -> None:
+    from nkv import fingerprint as fp
+    from nkv.header import DTYPE_SIZES
+
+    text = SPEC.read_text(encoding="utf-8")
+    assert f"{C.MAX_HEADER_BYTES:,}" in text
+    v2 = re.search(r"^- \*\*V2\*\*.*?(?=^- \*\*V3)", text, re.M | re.S)[0]
+    listed = re.search(r"known dtype \(`([^`]*)`", v2.replace("\n  ", " "))[1].split()
+    assert sorted(listed) == sorted(DTYPE_SIZES)
+    assert fp.FINGERPRINT_PREFIX == "nkvfp1:" and fp.N_PROBES == 16
+    assert f"≤ {fp.FRO_RTOL} ·" in text and f"≤ {fp.Z_TOLERANCE}`" in text
+    assert f"writers of this spec write `{C.FORMAT_VERSION}`" in text
