@@ -1,0 +1,117 @@
+"""`nkv eval` through click's CliRunner on the three data shapes (small slices of ../shared/data).
+
+Tiny random models: these tests check shapes, options and messages, not editing quality.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from handmade import forcing_adapter
+from nkv import NKVAdapter
+from nkv.cli.main import main
+from nkv.facts_io import read_facts
+from tiny_models import save_tiny, tiny_model, tiny_tokenizer
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SLICES = {  # file -> (expected protocol, expected paraphrases per fact)
+    "counterfact-edit.json": "counterfact",  # EasyEdit shape
+    "counterfact_azhx_test.json": "counterfact",  # ROME/MEMIT shape
+    "zsre_mend_edit.json": "zsre",
+}
+N = 3
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # two threads on two shared cores are 10-20x slower here
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return save_tiny("llama", tmp_path_factory.mktemp("tiny") / "llama")
+
+
+def _slice(name: str, tmp_path: Path) -> Path:
+    source = SHARED / name
+    if not source.exists():
+        pytest.skip(f"{source} not found (CI keeps ../shared beside the checkout)")
+    out = tmp_path / name
+    out.write_text(json.dumps(json.loads(source.read_text())[:N]))
+    return out
+
+
+def _adapter_for(data: Path, tmp_path: Path) -> Path:
+    """A forcing adapter whose rows are the data file's facts (keys at each prompt's end)."""
+    facts = [f.fact for f in read_facts(data)]
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    adapter = forcing_adapter(model, tok, [f.prompt for f in facts], [f.target_new for f in facts])
+    path = tmp_path / "a.nkv"
+    replace(adapter, facts=facts).save(path)
+    return path
+
+
+def _run(*args: str):
+    return CliRunner().invoke(main, ["eval", *args], catch_exceptions=False)
+
+
+@pytest.mark.parametrize("name", sorted(SLICES))
+def test_eval_json_on_each_data_shape(name, model_dir, tmp_path):
+    data = _slice(name, tmp_path)
+    adapter = _adapter_for(data, tmp_path)
+    result = _run("--model", str(model_dir), "--adapter", str(adapter), "--data", str(data), "--json",
+                  "--fluency-prompts", "1", "--batch-size", "4")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["data"]["protocol"] == SLICES[name]
+    assert report["data"]["n_facts"] == N and report["adapter"]["matched"] == N
+    for key in ("efficacy", "generalization", "specificity", "free_gen_prompt", "fluency"):
+        assert set(report["metrics"][key]) == {"pre", "post", "n"}
+    assert report["metrics"]["efficacy"]["n"] == N
+    assert report["data"]["paraphrases"] >= N and report["data"]["neighbours"] >= N
+    assert 0.0 <= report["gate"]["false_fire"] <= 100.0
+
+
+def test_eval_table_limit_plot_and_write_back(model_dir, tmp_path):
+    data = _slice("counterfact-edit.json", tmp_path)
+    adapter = _adapter_for(data, tmp_path)
+    unrelated = tmp_path / "generic.txt"
+    unrelated.write_text("Berlin, Rome, Madrid, London and Vienna are capitals in Europe.\n\nParis is a city.\n")
+    plot = tmp_path / "gate.png"
+    result = _run("--model", str(model_dir), "--adapter", str(adapter), "--data", str(data), "--limit", "2",
+                  "--unrelated", str(unrelated), "--plot", str(plot), "--write-back", "--no-free-gen",
+                  "--fluency-prompts", "0")
+    assert result.exit_code == 0, result.output
+    table = result.stdout
+    assert "2 facts from counterfact-edit.json (counterfact protocol)" in table
+    assert "efficacy" in table and "gate: false fires, unrelated tokens" in table and "free-gen" not in table
+    assert plot.stat().st_size > 1000
+    stored = NKVAdapter.load(adapter).eval["counterfact-edit.json"]
+    assert stored["n_facts"] == 2 and stored["protocol"] == "counterfact" and "efficacy" in stored["post"]
+
+
+@pytest.mark.parametrize("overrides, extra, message", [
+    ({"--data": "missing.jsonl"}, [], "missing.jsonl: no such file"),
+    ({"--adapter": "nope.nkv"}, [], "nope.nkv: no such file"),
+    ({"--model": "no-such-model-folder"}, [], "cannot load model 'no-such-model-folder'"),
+    ({}, ["--unrelated", "missing.txt"], "missing.txt: no such file"),
+    ({"--adapter": "org/remote"}, ["--write-back"], "--write-back rewrites a local .nkv file"),
+])
+def test_eval_user_errors_are_one_line(overrides, extra, message, model_dir, tmp_path, monkeypatch):
+    data = _slice("zsre_mend_edit.json", tmp_path)
+    adapter = _adapter_for(data, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    options = {"--model": str(model_dir), "--adapter": str(adapter), "--data": str(data), **overrides}
+    result = CliRunner().invoke(main, ["eval", *[x for kv in options.items() for x in kv], *extra])
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1 and message in lines[0], result.stderr
