@@ -46,7 +46,7 @@ def optimize_residual_one(model: nn.Module, layer: int, fact: FactTokens, h0: to
         with torch.no_grad():
             if u.norm() > max_u:
                 u.mul_(max_u / u.norm())
-    return (scale * u).detach()[0], float(loss), updates
+    return (scale * u).detach()[0], float(loss.detach()), updates
 
 
 def optimize_residuals_reference(model: nn.Module, layer: int, facts: list[FactTokens], h0: torch.Tensor,

@@ -1,0 +1,201 @@
+"""`nkv.loaders.build` on tiny random models of every architecture in the table.
+
+Random weights give nearly flat next-token distributions, so these builds use prompts
+that end at the subject (δ then acts directly on the next token) and a larger clamp:
+the point is that the optimisation can force the edit through the real gate on every
+architecture, not what a trained model needs (see examples/factworld for that).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+import tiny_models as tm
+
+from nkv.adapter import NKVAdapter
+from nkv.errors import NKVError, NKVFactsError, NKVUnsupportedModelError
+from nkv.facts import Fact
+from nkv.loaders.architectures import ARCHITECTURES
+from nkv.loaders.build import (BuildConfig, build_adapter, default_config, default_layer, encode_facts,
+                               generate_prefixes, optimize_residuals, optimize_residuals_reference, score_answers)
+from nkv.loaders.build.hooks import frozen
+from nkv.loaders.build.keys import compute_keys
+from nkv.loaders.transformers import attach
+
+FACTS = [
+    Fact("dd", "Danielle Darrieux", "The mother tongue of Danielle Darrieux", "English", "French"),
+    Fact("ty", "Toko Yasuda", "The guitar of Toko Yasuda", "piano", "guitar"),
+    Fact("cb", "Carl Bosch", "Which language does Carl Bosch", "Tokyo"),
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Two shared cores: OpenMP spin-waits make tiny-model forwards ~100x slower with 2 threads.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@functools.lru_cache(maxsize=None)
+def _config(model_type: str, **extra) -> BuildConfig:
+    return default_config(model_type, steps=12, lr=0.2, clamp=2.0, n_prefixes=2, prefix_length=4, **extra)
+
+
+def _first_token_hits(model, tok, facts) -> list[bool]:
+    return [s.first_token_hit for s in score_answers(model, tok, [(f.prompt, f.target_new) for f in facts])]
+
+
+def test_every_architecture_in_the_table_is_covered():
+    assert set(tm.MODEL_TYPES) <= set(ARCHITECTURES)
+    assert set(ARCHITECTURES) - set(tm.MODEL_TYPES) <= {"gemma2"}  # same layout as gemma
+
+
+@pytest.mark.parametrize("model_type", tm.MODEL_TYPES)
+def test_build_and_the_edit_takes_through_the_gate(model_type):
+    model, tok = tm.tiny_model(model_type), tm.tiny_tokenizer()
+    assert not any(_first_token_hits(model, tok, FACTS))
+    adapter = build_adapter(model, tok, FACTS, config=_config(model_type), progress=False)
+
+    assert adapter.n_facts == 3 and adapter.ids == ["dd", "ty", "cb"]
+    assert adapter.layer == default_layer(model) and adapter.base.model_type == model_type
+    assert adapter.target_module == ARCHITECTURES[model_type].module_path(adapter.layer)
+    assert adapter.keys.dtype == torch.float32 and torch.isfinite(adapter.residuals).all()
+    assert adapter.build["config"]["steps"] == 12 and adapter.build["seed"] == 0
+    assert len(adapter.build["templates"]) == 3 and adapter.build["templates"][0] == "{}"
+    assert all(p.requires_grad for p in model.parameters())  # build left the model as it was
+
+    handle = attach(model, adapter)
+    try:
+        assert _first_token_hits(model, tok, FACTS) == [True, True, True]
+    finally:
+        handle.detach()
+
+
+def _tokens_and_h0(model, tok, facts, layer=0):
+    prefixes = generate_prefixes(model, tok, 2, 4, seed=0)
+    tokens = encode_facts(tok, facts, prefixes)
+    _, h0 = compute_keys(model, layer, tokens, pad_id=0)
+    return tokens, h0
+
+
+def test_batched_equals_one_fact_at_a_time_reference():
+    model, tok = tm.tiny_model("llama"), tm.tiny_tokenizer()
+    facts = FACTS + [Fact("et", "Eiffel Tower", "The Eiffel Tower is in", "Rome")]
+    # An early-stop threshold some facts reach and others do not: stopped rows must not
+    # disturb the rows still optimising.
+    config = _config("llama", early_stop_loss=5.55)
+    with frozen(model):
+        tokens, h0 = _tokens_and_h0(model, tok, facts)
+        batched = optimize_residuals(model, 0, tokens, h0, config, pad_id=0)
+        reference = optimize_residuals_reference(model, 0, tokens, h0, config, pad_id=0)
+    assert batched.steps.tolist() == reference.steps.tolist()
+    assert len(set(batched.steps.tolist())) > 1  # some stopped early, some did not
+    torch.testing.assert_close(batched.residuals, reference.residuals, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(batched.loss, reference.loss.to(batched.loss.dtype), atol=1e-5, rtol=1e-5)
+
+
+def test_clamp_bounds_every_residual():
+    model, tok = tm.tiny_model("gpt2"), tm.tiny_tokenizer()
+    config = default_config("gpt2", steps=15, lr=0.5, clamp=0.3, n_prefixes=1, prefix_length=3)
+    with frozen(model):
+        tokens, h0 = _tokens_and_h0(model, tok, FACTS, layer=1)
+        result = optimize_residuals(model, 1, tokens, h0, config, pad_id=0)
+    ratio = result.residuals.norm(dim=-1) / h0.norm(dim=-1)
+    assert (ratio <= 0.3 + 1e-5).all() and (ratio > 0.29).any()
+
+
+def test_same_inputs_and_seed_give_the_same_file(tmp_path):
+    tok = tm.tiny_tokenizer()
+    a = build_adapter(tm.tiny_model("qwen2"), tok, FACTS, config=_config("qwen2"), progress=False)
+    b = build_adapter(tm.tiny_model("qwen2"), tok, FACTS, config=_config("qwen2"), progress=False)
+    assert a.to_bytes() == b.to_bytes()
+    c = build_adapter(tm.tiny_model("qwen2"), tok, FACTS, config=_config("qwen2", seed=1), progress=False)
+    assert c.build["templates"] != a.build["templates"]
+
+
+def test_bfloat16_build():
+    model, tok = tm.tiny_model("llama"), tm.tiny_tokenizer()
+    adapter = build_adapter(model, tok, FACTS[:2], config=_config("llama", dtype="bfloat16"), progress=False)
+    assert model.dtype == torch.bfloat16  # cast in place, as documented
+    assert adapter.keys.dtype == adapter.residuals.dtype == torch.bfloat16
+    assert adapter.build["config"]["dtype"] == "bfloat16"
+    NKVAdapter.from_bytes(adapter.to_bytes())  # valid file
+
+
+def test_resume_after_an_interrupt_gives_the_uninterrupted_result(tmp_path, monkeypatch):
+    from nkv.loaders.build import api
+
+    model, tok = tm.tiny_model("gpt2"), tm.tiny_tokenizer()
+    config = _config("gpt2", batch_size=2)
+    full = build_adapter(model, tok, FACTS, config=config, progress=False)
+
+    calls = {"n": 0}
+    real = api.optimize_residuals
+
+    def dies_on_second_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(api, "optimize_residuals", dies_on_second_batch)
+    ckpt = tmp_path / "edits.nkv.partial"
+    with pytest.raises(KeyboardInterrupt):
+        build_adapter(model, tok, FACTS, config=config, progress=False, checkpoint_dir=ckpt)
+    assert len(list(ckpt.glob("rows-*.safetensors"))) == 1  # the first batch survived
+
+    with pytest.raises(NKVError, match="interrupted build"):
+        build_adapter(model, tok, FACTS, config=config, progress=False, checkpoint_dir=ckpt)
+    with pytest.raises(NKVError, match="different build"):
+        build_adapter(model, tok, FACTS[:2], config=config, progress=False, checkpoint_dir=ckpt, resume=True)
+
+    resumed = build_adapter(model, tok, FACTS, config=config, progress=False, checkpoint_dir=ckpt, resume=True)
+    assert calls["n"] == 3  # only the missing batch was computed
+    assert resumed.to_bytes() == full.to_bytes()
+
+
+def test_layer_auto_sweeps_and_records_the_scores():
+    model, tok = tm.tiny_model("gpt_neox"), tm.tiny_tokenizer()
+    adapter = build_adapter(model, tok, FACTS[:2], layer="auto", config=_config("gpt_neox"), progress=False)
+    choice = adapter.build["layer_choice"]
+    assert choice["mode"] == "auto" and set(choice["scores"]) == {"0", "1"}
+    assert adapter.layer == max((0, 1), key=lambda l: (choice["scores"][str(l)]["score"], -abs(l - default_layer(model))))
+    assert all(0 <= s[k] <= 1 for s in choice["scores"].values() for k in ("E", "G", "S"))
+
+
+def test_layer_given_and_invalid():
+    model, tok = tm.tiny_model("opt"), tm.tiny_tokenizer()
+    assert build_adapter(model, tok, FACTS[:1], layer=1, config=_config("opt"), progress=False).layer == 1
+    with pytest.raises(NKVError, match="layer 5 does not exist: the model has 2 layers"):
+        build_adapter(model, tok, FACTS[:1], layer=5, config=_config("opt"), progress=False)
+
+
+def test_bad_fact_lists_fail_before_any_work():
+    model, tok = tm.tiny_model("llama"), tm.tiny_tokenizer()
+    with pytest.raises(NKVFactsError, match="duplicate fact id 'dd'"):
+        build_adapter(model, tok, [FACTS[0], FACTS[0]], progress=False)
+    with pytest.raises(NKVFactsError, match="no facts"):
+        build_adapter(model, tok, [], progress=False)
+
+
+def test_config_validation_and_defaults():
+    with pytest.raises(NKVError, match="steps must be >= 1"):
+        BuildConfig(steps=0)
+    with pytest.raises(NKVError, match="dtype must be one of"):
+        BuildConfig(dtype="float8")
+    with pytest.raises(NKVError, match="unknown build option"):
+        default_config("llama", stepz=3)
+    with pytest.raises(NKVUnsupportedModelError, match="supported: .*gpt2.*llama"):
+        default_config("t5")
+    assert default_config("gpt2").steps == 20 and default_config("llama").steps == 25
+    big = copy.deepcopy(tm._configs()["llama"])
+    big.num_hidden_layers = 32
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        assert default_layer(AutoModelForCausalLM.from_config(big)) == 7  # the paper's Llama-3-8B layer
