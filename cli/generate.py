@@ -64,12 +64,12 @@ def generate(prompts: tuple[str, ...], model_name: str, adapter_src: str, facts_
     finally:
         handle.detach()
     for (prompt, target), b, a in zip(items, before, after):
-        if as_json:
+        if as_json:  # raw continuations, leading space included
             click.echo(json.dumps({"prompt": prompt, "target_new": target, "before": b, "after": a}))
             continue
         click.echo(prompt)
-        click.echo(f"  before: {b}")
-        click.echo(f"  after:  {a}" + (f"    (target: {target})" if target else ""))
+        click.echo(f"  before: {b.strip()}")
+        click.echo(f"  after:  {a.strip()}" + (f"    (target: {target})" if target else ""))
 
 
 def _greedy(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int) -> list[str]:
@@ -83,7 +83,7 @@ def _greedy(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int)
         enc = tokenizer(prompt, return_tensors="pt").to(device)
         with torch.no_grad():
             ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-        out.append(tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+        out.append(tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
     return out
 
 

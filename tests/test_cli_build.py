@@ -1,0 +1,102 @@
+"""`nkv build` and `nkv generate` end to end on a tiny llama saved with save_pretrained."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import tiny_models as tm
+import torch
+from click.testing import CliRunner
+
+from nkv.adapter import NKVAdapter
+from nkv.cli.main import main
+
+FAST = ["--steps", "12", "--lr", "0.2", "--clamp", "2", "--prefixes", "2", "--quiet"]
+FACTS = [
+    {"id": "dd", "subject": "Danielle Darrieux", "prompt": "The mother tongue of {}", "target_new": "English"},
+    {"id": "ty", "subject": "Toko Yasuda", "prompt": "The guitar of Toko Yasuda", "target_new": "piano"},
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tm.save_tiny("llama", tmp_path_factory.mktemp("tiny-llama"))
+
+
+def _facts(path, records):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def _run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_build_writes_a_valid_adapter_and_generate_shows_the_edit(tmp_path, model_dir):
+    facts, out = _facts(tmp_path / "f.jsonl", FACTS), tmp_path / "edits.nkv"
+    result = _run("build", facts, "--model", model_dir, "-o", out, *FAST, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["n_facts"] == 2 and summary["layer"] == 0 and summary["layer_choice"] == {"mode": "default"}
+    adapter = NKVAdapter.load(out)
+    assert adapter.ids == ["dd", "ty"] and adapter.base.name == str(model_dir)
+    assert adapter.build["config"]["steps"] == 12
+    assert not (tmp_path / "edits.nkv.partial").exists()  # checkpoint removed after the save
+
+    gen = _run("generate", "--model", model_dir, "--adapter", out, "--max-new-tokens", "1", "--json")
+    assert gen.exit_code == 0, gen.output
+    rows = [json.loads(line) for line in gen.stdout.splitlines()]
+    tok = tm.tiny_tokenizer()
+    for row, fact in zip(rows, FACTS):
+        first = tok.decode(tok(" " + fact["target_new"])["input_ids"][:1])
+        assert row["after"] == first != row["before"]
+
+    text = _run("generate", "--model", model_dir, "--adapter", out, "--max-new-tokens", "2", "Hello there")
+    assert text.exit_code == 0 and text.stdout.startswith("Hello there\n  before: ")
+
+
+def test_bad_facts_fail_with_one_error_line_and_write_nothing(tmp_path, model_dir):
+    facts = _facts(tmp_path / "f.jsonl", [FACTS[0], "{oops", {"subject": "X", "prompt": "Y", "target_new": "z"}])
+    out = tmp_path / "edits.nkv"
+    result = _run("build", facts, "--model", model_dir, "-o", out, *FAST)
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[-1].startswith("Error: ") and "2 bad record(s)" in result.stderr
+    assert "line 2: invalid JSON" in result.stderr and "line 3: subject 'X' is not in the prompt" in result.stderr
+    assert "Traceback" not in result.output and not out.exists()
+
+    skipped = _run("build", facts, "--model", model_dir, "-o", out, *FAST)
+    assert skipped.exit_code == 1
+    skipped = _run("build", facts, "--model", model_dir, "-o", out, *FAST, "--skip-bad")
+    assert skipped.exit_code == 0, skipped.output
+    assert "skipped: " in skipped.stderr and NKVAdapter.load(out).ids == ["dd"]
+
+
+def test_resume_and_the_guard_against_forgetting_it(tmp_path, model_dir):
+    facts, out = _facts(tmp_path / "f.jsonl", FACTS), tmp_path / "edits.nkv"
+    partial = tmp_path / "edits.nkv.partial"
+    partial.mkdir()
+    (partial / "state.json").write_text(json.dumps({"format": 1}))
+    result = _run("build", facts, "--model", model_dir, "-o", out, *FAST)
+    assert result.exit_code == 1 and "--resume" in result.stderr and not out.exists()
+    result = _run("build", facts, "--model", model_dir, "-o", out, *FAST, "--resume")
+    assert result.exit_code == 1 and "different build" in result.stderr
+
+
+def test_model_and_option_errors(tmp_path, model_dir):
+    facts, out = _facts(tmp_path / "f.jsonl", FACTS), tmp_path / "edits.nkv"
+    missing = _run("build", facts, "--model", tmp_path / "nope", "-o", out)
+    assert missing.exit_code == 1 and "Error: cannot load model" in missing.stderr
+    assert "Traceback" not in missing.output
+    bad_layer = _run("build", facts, "--model", model_dir, "-o", out, "--layer", "seven")
+    assert bad_layer.exit_code == 2 and "expected a layer number or 'auto'" in bad_layer.stderr
+    too_deep = _run("build", facts, "--model", model_dir, "-o", out, "--layer", "9", *FAST)
+    assert too_deep.exit_code == 1 and "layer 9 does not exist" in too_deep.stderr
