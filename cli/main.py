@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from nkv import __version__
-from nkv.errors import NKVError
+from nkv.errors import NKVError, NKVFormatError
 
 # command name -> (module under nkv.cli, function name, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -51,7 +51,14 @@ class NKVGroup(click.Group):
         try:
             return super().invoke(ctx)
         except NKVError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(one_line(exc)) from None
+
+
+def one_line(exc: NKVError) -> str:
+    """The error as one line: a file with several problems lists them joined by '; '."""
+    if isinstance(exc, NKVFormatError):
+        return f"{exc.source}: " + "; ".join(exc.problems)
+    return " ".join(str(exc).split())
 
 
 def _module_exists(module: str) -> bool:

@@ -6,38 +6,20 @@ Results go to stdout; a user error is one line `Error: ...` on stderr with exit 
 
 from __future__ import annotations
 
-import functools
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any
 
 import click
 
-from nkv import NKVAdapter, NKVError, NKVFormatError, read_header
+from nkv import NKVAdapter, NKVFormatError, read_header
 from nkv.facts import Fact, decode_facts
 from nkv.header import NKVHeader
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 _OUT = click.Path(dir_okay=False, writable=True, path_type=Path)
 _DEFAULT_FACT_ROWS = 20  # facts shown by `inspect --facts` in the table for people
-
-
-def _one_line_errors(func: F) -> F:
-    """NKVError -> one `Error: ...` line (a file with several problems lists them with '; ')."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except NKVFormatError as exc:
-            raise click.ClickException(f"{exc.source}: " + "; ".join(exc.problems)) from None
-        except NKVError as exc:
-            raise click.ClickException(" ".join(str(exc).split("\n"))) from None
-
-    return wrapper  # type: ignore[return-value]
 
 
 def _size(n_bytes: int) -> str:
@@ -88,7 +70,6 @@ def _header_json(header: NKVHeader, path: Path) -> dict[str, Any]:
 @click.option("--facts", "with_facts", is_flag=True, help="Also list the facts.")
 @click.option("--limit", type=click.IntRange(min=0), default=None,
               help=f"List at most N facts (0 = all; default {_DEFAULT_FACT_ROWS} in the table, all in --json).")
-@_one_line_errors
 def inspect(file: Path, as_json: bool, with_facts: bool, limit: int | None) -> None:
     """Show FILE's settings, base model and build provenance (reads only the header
     unless --facts).
@@ -179,7 +160,6 @@ def validate(file: Path, as_json: bool) -> None:
               help="Remove every fact with exactly this subject (repeatable).")
 @click.option("-o", "--output", type=_OUT, default=None, help="Write here instead of replacing FILE.")
 @click.option("--missing-ok", is_flag=True, help="Ignore ids/subjects that match no fact.")
-@_one_line_errors
 def rm(file: Path, ids: tuple[str, ...], subjects: tuple[str, ...], output: Path | None, missing_ok: bool) -> None:
     """Remove facts from FILE by id or subject (in place, atomically, unless -o).
 
@@ -206,7 +186,6 @@ def rm(file: Path, ids: tuple[str, ...], subjects: tuple[str, ...], output: Path
               help="A fact id in both files with different content: fail, keep A's, or take B's.")
 @click.option("--gamma", type=click.FloatRange(0.0, 1.0), default=None,
               help="Threshold of the result (required when A and B differ).")
-@_one_line_errors
 def merge(a: Path, b: Path, output: Path, on_conflict: str, gamma: float | None) -> None:
     """Merge adapters A and B (same base model and layer) into OUTPUT: A's facts, then B's.
 
@@ -226,7 +205,6 @@ def merge(a: Path, b: Path, output: Path, on_conflict: str, gamma: float | None)
 @click.argument("a", type=_FILE)
 @click.argument("b", type=_FILE)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (for scripts).")
-@_one_line_errors
 def diff(a: Path, b: Path, as_json: bool) -> None:
     """Show facts added (+), removed (-) and changed (~) from A to B, and settings that
     differ. Exit code 0 whether or not they differ.
