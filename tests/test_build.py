@@ -99,6 +99,27 @@ def test_batched_equals_one_fact_at_a_time_reference():
     torch.testing.assert_close(batched.loss, reference.loss.to(batched.loss.dtype), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("model_type", tm.MODEL_TYPES)
+def test_prefix_cache_and_buckets_match_whole_sequences(model_type, monkeypatch):
+    """The batched path runs only the tokens from the subject on, over a cache of the rest,
+    in length buckets; the reference runs whole sequences. Same numbers on every family."""
+    from nkv.loaders.build import batch
+
+    monkeypatch.setitem(batch.FORWARD_COST_IN_TOKENS, "cpu", 0)  # force several buckets
+    model, tok = tm.tiny_model(model_type), tm.tiny_tokenizer()
+    facts = FACTS + [Fact("t1", "The", "The guitar is made of", "wood"),  # one-token subject first: no prefix
+                     Fact("lg", "Berlin", "In Europe, Berlin, Rome, Madrid, London and Vienna are", "towns")]
+    config = default_config(model_type, steps=4, lr=0.2, clamp=2.0, n_prefixes=2, prefix_length=4)
+    with frozen(model):
+        tokens, h0 = _tokens_and_h0(model, tok, facts)
+        split = batch.FactBatch(tokens, 0, torch.device("cpu"))
+        assert min(split.pre_len) == 0 and len(split.select(list(range(len(facts))))) > 1
+        batched = optimize_residuals(model, 0, tokens, h0, config, pad_id=0)
+        reference = optimize_residuals_reference(model, 0, tokens, h0, config, pad_id=0)
+    torch.testing.assert_close(batched.loss, reference.loss.to(batched.loss.dtype), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(batched.residuals, reference.residuals, atol=1e-5, rtol=1e-4)
+
+
 def test_clamp_bounds_every_residual():
     model, tok = tm.tiny_model("gpt2"), tm.tiny_tokenizer()
     config = default_config("gpt2", steps=15, lr=0.5, clamp=0.3, n_prefixes=1, prefix_length=3)

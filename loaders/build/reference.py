@@ -14,7 +14,8 @@ from torch import nn
 from .config import BuildConfig
 from .hooks import model_device
 from .prompts import FactTokens
-from .residuals import FactBatch, ResidualResult, fact_losses, total_loss
+from .batch import FactBatch
+from .residuals import ResidualResult, fact_losses, total_loss
 
 
 def optimize_residual_one(model: nn.Module, layer: int, fact: FactTokens, h0: torch.Tensor,
@@ -26,14 +27,14 @@ def optimize_residual_one(model: nn.Module, layer: int, fact: FactTokens, h0: to
     scale = h0_norm / math.sqrt(d_model)
     u = torch.zeros(1, d_model, device=device, requires_grad=True)
     opt = torch.optim.Adam([u], lr=config.lr)
-    sel = FactBatch([fact], pad_id, device).select([0])
+    sels = FactBatch([fact], pad_id, device, split=False).select([0], max_buckets=1)  # one forward, as MEMIT
     kl0 = None
     updates = 0
     loss = torch.zeros(1)
     for it in range(config.steps):
         opt.zero_grad()
         delta = scale * u
-        nll, kl, kl_lp = fact_losses(model, layer, sel, delta, kl0)
+        nll, kl, kl_lp = fact_losses(model, layer, sels, delta, kl0)
         if kl0 is None:
             kl0 = kl_lp
         loss = total_loss(nll, kl, delta.norm(dim=-1), h0_norm, config)

@@ -25,7 +25,8 @@ from torch import nn
 
 from ..architectures import output_projection
 from .config import BuildConfig
-from .hooks import hooks, model_device, pad_batch, token_index
+from .batch import FactBatch, Selection, make_cache
+from .hooks import hooks, model_device, token_index
 from .prompts import FactTokens
 
 BETAS = (0.9, 0.999)  # torch.optim.Adam defaults, as in MEMIT
@@ -41,106 +42,46 @@ class ResidualResult:
     steps: torch.Tensor  # (n,) int64, Adam updates applied to the row
 
 
-class FactBatch:
-    """The padded sequences of a group of facts and the index maps the loss needs."""
-
-    def __init__(self, facts: list[FactTokens], pad_id: int, device: torch.device):
-        self.n = len(facts)
-        self.n_templates = len(facts[0].rewrites)
-        per_fact = self.n_templates + 1  # rewrites, then the KL prompt
-        seqs, owner, delta_pos = [], [], []
-        for i, f in enumerate(facts):
-            for enc in (*f.rewrites, f.kl):
-                seqs.append(enc.ids[:-1] if enc.target_start >= 0 else enc.ids)  # last token predicts nothing
-                owner.append(i)
-                delta_pos.append(enc.subject_pos)
-        self.ids, self.mask = pad_batch(seqs, pad_id, device)  # (S, T)
-        self.lengths = [len(s) for s in seqs]
-        self.facts = facts
-        self.per_fact = per_fact
-        self.delta_pos = delta_pos
-        self.device = device
-
-    def select(self, active: list[int]) -> "_Selection":
-        """Index maps for the facts `active` (indices into this batch), in that order."""
-        seq_ids = [i * self.per_fact + j for i in active for j in range(self.per_fact)]
-        width = max(self.lengths[s] for s in seq_ids)
-        d_rows, d_cols, d_fact = [], [], []
-        t_rows, t_cols, t_label, t_fact, t_weight = [], [], [], [], []
-        kl_rows, kl_cols = [], []
-        for a, i in enumerate(active):
-            f = self.facts[i]
-            for j in range(self.per_fact):
-                row = a * self.per_fact + j
-                d_rows.append(row)
-                d_cols.append(self.delta_pos[i * self.per_fact + j])
-                d_fact.append(a)
-                if j < self.n_templates:
-                    enc = f.rewrites[j]
-                    n_target = len(enc.ids) - enc.target_start
-                    for p in range(enc.target_start - 1, len(enc.ids) - 1):  # position p predicts token p+1
-                        t_rows.append(row)
-                        t_cols.append(p)
-                        t_label.append(enc.ids[p + 1])
-                        t_fact.append(a)
-                        t_weight.append(1.0 / (n_target * self.n_templates))
-                else:
-                    kl_rows.append(row)
-                    kl_cols.append(f.kl.subject_pos)
-        dev = self.device
-        t = lambda xs, dt=torch.long: torch.tensor(xs, dtype=dt, device=dev)  # noqa: E731
-        idx = t(seq_ids)
-        return _Selection(
-            ids=self.ids[idx, :width], mask=self.mask[idx, :width],
-            delta_rows=t(d_rows), delta_cols=t(d_cols), delta_fact=t(d_fact),
-            gather_rows=t(t_rows + kl_rows), gather_cols=t(t_cols + kl_cols),
-            labels=t(t_label), target_fact=t(t_fact), target_weight=t(t_weight, torch.float32),
-            n_active=len(active),
-        )
-
-
-@dataclass
-class _Selection:
-    ids: torch.Tensor  # (S, T)
-    mask: torch.Tensor  # (S, T)
-    delta_rows: torch.Tensor  # (D,) where δ is added: sequence row ...
-    delta_cols: torch.Tensor  # (D,) ... and token position
-    delta_fact: torch.Tensor  # (D,) which active fact's δ
-    gather_rows: torch.Tensor  # (E + A,) positions whose logits are needed: targets, then KL
-    gather_cols: torch.Tensor
-    labels: torch.Tensor  # (E,) target token predicted at each gathered target position
-    target_fact: torch.Tensor  # (E,) active fact of each target position
-    target_weight: torch.Tensor  # (E,) 1 / (target length * templates): per-token mean, template mean
-    n_active: int
-
-
-def fact_losses(model: nn.Module, layer: int, sel: _Selection, delta: torch.Tensor,
+def fact_losses(model: nn.Module, layer: int, sels: list[Selection], delta: torch.Tensor,
                 kl_reference: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One forward with `delta` (A, d_model) added; returns (nll, kl, kl log-probs), each per fact.
+    """Forwards with `delta` (A, d_model) added; returns (nll, kl, KL-prompt log-probs), per fact.
 
     Only the gathered positions go through the LM head (a pre-hook on it selects them),
     so a 128k vocabulary costs (targets x vocab), not (batch x length x vocab).
     """
+    n_active = delta.shape[0]
+    nll = torch.zeros(n_active, device=delta.device)
+    kl_parts, kl_owner = [], []
+    for sel in sels:
+        logp = _log_probs(model, layer, sel, delta)  # (E + K, V)
+        n_targets = sel.labels.shape[0]
+        token_lp = logp[:n_targets].gather(1, sel.labels.unsqueeze(1)).squeeze(1)  # (E,)
+        nll = nll.index_add(0, sel.target_fact, -token_lp * sel.target_weight)
+        kl_parts.append(logp[n_targets:])
+        kl_owner.append(sel.kl_fact)
+    order = torch.cat(kl_owner).argsort()
+    kl_lp = torch.cat(kl_parts)[order]  # (A, V), row a = active fact a
+    ref = kl_lp.detach() if kl_reference is None else kl_reference
+    kl = (kl_lp.exp() * (kl_lp - ref)).sum(-1)  # KL(P_δ || P_0), (A,)
+    return nll, kl, kl_lp.detach()
+
+
+def _log_probs(model: nn.Module, layer: int, sel: Selection, delta: torch.Tensor) -> torch.Tensor:
     def add_delta(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
         add = delta.index_select(0, sel.delta_fact).to(out.dtype)  # (D, d_model)
         where = token_index(out, sel.delta_rows, sel.delta_cols, sel.ids.shape[1])
         return out.index_put(where, add, accumulate=True)
 
     def gather(module: nn.Module, args: tuple) -> tuple:
-        return (args[0][sel.gather_rows, sel.gather_cols].unsqueeze(0), *args[1:])  # (1, E + A, d)
+        return (args[0][sel.gather_rows, sel.gather_cols].unsqueeze(0), *args[1:])  # (1, E + K, d)
 
     head = model.get_output_embeddings()
+    cache = {"past_key_values": make_cache(sel.cache), "use_cache": True} if sel.cache is not None else {}
     with hooks(output_projection(model, layer).register_forward_hook(add_delta),
                head.register_forward_pre_hook(gather)):
-        logits = model(input_ids=sel.ids, attention_mask=sel.mask).logits[0]  # (E + A, V)
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    n_targets = sel.labels.shape[0]
-    token_lp = logp[:n_targets].gather(1, sel.labels.unsqueeze(1)).squeeze(1)  # (E,)
-    nll = torch.zeros(sel.n_active, device=logp.device).index_add(0, sel.target_fact, -token_lp * sel.target_weight)
-    kl_lp = logp[n_targets:]  # (A, V)
-    ref = kl_lp.detach() if kl_reference is None else kl_reference
-    kl = (kl_lp.exp() * (kl_lp - ref)).sum(-1)  # KL(P_δ || P_0), (A,)
-    return nll, kl, kl_lp.detach()
+        logits = model(input_ids=sel.ids, attention_mask=sel.mask, position_ids=sel.positions,
+                       **cache).logits[0]  # (E + K, V)
+    return torch.log_softmax(logits.float(), dim=-1)
 
 
 def total_loss(nll: torch.Tensor, kl: torch.Tensor, delta_norm: torch.Tensor, h0_norm: torch.Tensor,
@@ -158,7 +99,9 @@ def optimize_residuals(model: nn.Module, layer: int, facts: list[FactTokens], h0
     """
     device = model_device(model)
     n, d_model = h0.shape
-    batch = FactBatch(facts, pad_id, device)
+    batch = FactBatch(facts, pad_id, device, split=True)
+    if not batch.prefill(model):  # a cache layout this code does not know: whole sequences
+        batch = FactBatch(facts, pad_id, device, split=False)
     h0_norm = h0.float().norm(dim=-1).clamp_min(1e-6)  # (n,)
     scale = (h0_norm / math.sqrt(d_model)).unsqueeze(1)  # (n, 1): δ = scale · u
     u = torch.zeros(n, d_model, device=device, requires_grad=True)
@@ -208,4 +151,4 @@ def _adam_rows(u: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Te
     u[rows] = u[rows] - (lr / bias1) * m[rows] / denom
 
 
-__all__ = ["optimize_residuals", "fact_losses", "total_loss", "FactBatch", "ResidualResult"]
+__all__ = ["optimize_residuals", "fact_losses", "total_loss", "ResidualResult"]

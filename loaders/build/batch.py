@@ -1,0 +1,211 @@
+"""Padded token batches for the residual optimisation, with a reusable prefix cache.
+
+Everything before a sequence's subject token is the same at every optimisation step: δ
+is added at the subject's last token, and a causal model's earlier positions never see
+it. So each sequence is split there. The part before (`pre`, left-padded) runs once
+through the model and its attention keys/values are kept; each step runs only the part
+from the subject on (`suf`, right-padded) on top of that cache. With context prefixes
+of ~10 tokens in front of every prompt this cuts the tokens per step about 4x; the loss
+is the same up to float rounding (tests compare it with the full-sequence reference).
+
+`split=False` keeps whole sequences (pre is empty): MEMIT's computation, used by the
+one-fact-at-a-time reference and as the fallback for caches this code does not know.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .prompts import FactTokens
+
+
+@dataclass
+class Selection:
+    """Model inputs and index maps for the active facts of a batch."""
+
+    ids: torch.Tensor  # (S, W) suffix tokens
+    mask: torch.Tensor  # (S, P + W) attention mask over cached prefix + suffix
+    positions: torch.Tensor  # (S, W) position ids of the suffix tokens
+    cache: list[tuple[torch.Tensor, torch.Tensor]] | None  # per layer (S, heads, P, d_head) keys, values
+    delta_rows: torch.Tensor  # (D,) where δ is added: sequence row ...
+    delta_cols: torch.Tensor  # (D,) ... and suffix position
+    delta_fact: torch.Tensor  # (D,) which active fact's δ
+    gather_rows: torch.Tensor  # (E + A,) positions whose logits are needed: targets, then KL
+    gather_cols: torch.Tensor
+    labels: torch.Tensor  # (E,) target token predicted at each gathered target position
+    target_fact: torch.Tensor  # (E,) active fact of each target position
+    target_weight: torch.Tensor  # (E,) 1 / (target length * templates): per-token and template mean
+    kl_fact: torch.Tensor  # (K,) active fact of each KL row
+
+
+class FactBatch:
+    """The sequences of a group of facts: rewrites (one per template), then the KL prompt."""
+
+    def __init__(self, facts: list[FactTokens], pad_id: int, device: torch.device, split: bool = True):
+        self.facts = facts
+        self.n_templates = len(facts[0].rewrites)
+        self.per_fact = self.n_templates + 1
+        self.device = device
+        pres, sufs = [], []
+        self.delta_col: list[int] = []  # δ position in the suffix of each sequence
+        self.targets: list[list[tuple[int, int]]] = []  # (suffix position, label) per sequence
+        for f in facts:
+            for enc in (*f.rewrites, f.kl):
+                ids = enc.ids[:-1] if enc.target_start >= 0 else enc.ids  # the last token predicts nothing
+                cut = enc.subject_pos if split else 0
+                pres.append(ids[:cut])
+                sufs.append(ids[cut:])
+                self.delta_col.append(enc.subject_pos - cut)
+                self.targets.append([(p - cut, enc.ids[p + 1]) for p in range(enc.target_start - 1, len(enc.ids) - 1)]
+                                    if enc.target_start >= 0 else [])
+        self.pre_len = [len(p) for p in pres]
+        self.suf_len = [len(s) for s in sufs]
+        width_p, width_s = max(self.pre_len), max(self.suf_len)
+        n = len(sufs)
+        self.pre_ids = torch.full((n, width_p), pad_id, dtype=torch.long)
+        self.pre_mask = torch.zeros((n, width_p), dtype=torch.long)
+        self.suf_ids = torch.full((n, width_s), pad_id, dtype=torch.long)
+        self.suf_mask = torch.zeros((n, width_s), dtype=torch.long)
+        for row, (pre, suf) in enumerate(zip(pres, sufs)):
+            if pre:  # left padding: real prefix tokens end where the suffix begins
+                self.pre_ids[row, width_p - len(pre):] = torch.tensor(pre)
+                self.pre_mask[row, width_p - len(pre):] = 1
+            self.suf_ids[row, : len(suf)] = torch.tensor(suf)
+            self.suf_mask[row, : len(suf)] = 1
+        lens = torch.tensor(self.pre_len).unsqueeze(1)  # (n, 1)
+        self.pre_pos = (torch.arange(width_p).unsqueeze(0) - (width_p - lens)).clamp_min(0)  # (n, P)
+        self.suf_pos = lens + torch.arange(width_s).unsqueeze(0)  # (n, W)
+        for name in ("pre_ids", "pre_mask", "pre_pos", "suf_ids", "suf_mask", "suf_pos"):
+            setattr(self, name, getattr(self, name).to(device))
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @property
+    def prefix_width(self) -> int:
+        return self.pre_ids.shape[1]
+
+    @torch.no_grad()
+    def prefill(self, model: nn.Module) -> bool:
+        """Run the prefixes once and keep their keys/values; False if this model's cache is unusable."""
+        if self.prefix_width == 0:
+            return True
+        out = model(input_ids=self.pre_ids, attention_mask=self.pre_mask, position_ids=self.pre_pos, use_cache=True)
+        kv = cache_tensors(out.past_key_values, self.prefix_width + max(self.suf_len))
+        if kv is None:
+            return False
+        self.kv = kv
+        return True
+
+    def select(self, active: list[int], max_buckets: int = 4) -> list[Selection]:
+        """Model inputs for the facts `active` (indices into this batch), in length buckets.
+
+        Rows are grouped by suffix length so that short rows (the KL prompt is one token
+        from the subject on) are not padded to the longest: a few forwards of similar
+        widths cost less than one padded forward.
+        """
+        rows = [(a, i * self.per_fact + j, j) for a, i in enumerate(active) for j in range(self.per_fact)]
+        rows.sort(key=lambda r: self.suf_len[r[1]])
+        overhead = FORWARD_COST_IN_TOKENS["cuda" if self.device.type == "cuda" else "cpu"]
+        groups = _buckets(rows, [self.suf_len[r[1]] for r in rows], overhead, max_buckets)
+        return [self._selection(group) for group in groups]
+
+    def _selection(self, rows: list[tuple[int, int, int]]) -> Selection:
+        """rows: (active fact index, sequence index, template index or n_templates for KL)."""
+        seq_ids = [s for _, s, _ in rows]
+        width = max(self.suf_len[s] for s in seq_ids)
+        t_rows, t_cols, t_label, t_fact, t_weight = [], [], [], [], []
+        kl_rows, kl_cols, kl_fact = [], [], []
+        for row, (a, s, j) in enumerate(rows):
+            if j < self.n_templates:
+                weight = 1.0 / (len(self.targets[s]) * self.n_templates)
+                for col, label in self.targets[s]:
+                    t_rows.append(row)
+                    t_cols.append(col)
+                    t_label.append(label)
+                    t_fact.append(a)
+                    t_weight.append(weight)
+            else:  # the KL prompt: the distribution right at the subject
+                kl_rows.append(row)
+                kl_cols.append(self.delta_col[s])
+                kl_fact.append(a)
+        dev = self.device
+        t = lambda xs, dt=torch.long: torch.tensor(xs, dtype=dt, device=dev)  # noqa: E731
+        idx = t(seq_ids)
+        cache = self.kv
+        if cache is not None:
+            cache = [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in cache]
+        mask = torch.cat([self.pre_mask[idx], self.suf_mask[idx, :width]], dim=1)
+        return Selection(
+            ids=self.suf_ids[idx, :width], mask=mask, positions=self.suf_pos[idx, :width], cache=cache,
+            delta_rows=torch.arange(len(rows), device=dev), delta_cols=t([self.delta_col[s] for s in seq_ids]),
+            delta_fact=t([a for a, _, _ in rows]),
+            gather_rows=t(t_rows + kl_rows), gather_cols=t(t_cols + kl_cols),
+            labels=t(t_label), target_fact=t(t_fact), target_weight=t(t_weight, torch.float32),
+            kl_fact=t(kl_fact),
+        )
+
+
+# The fixed cost of one more forward/backward, in padded tokens: a few ms of Python and
+# kernel launches on a CPU; on a GPU, launch latency buys tens of thousands of tokens.
+FORWARD_COST_IN_TOKENS = {"cpu": 512, "cuda": 16384}
+
+
+def _buckets(rows: list, widths: list[int], overhead: int, max_buckets: int) -> list[list]:
+    """Split rows (sorted by width) into <= max_buckets contiguous groups, minimising
+    padded tokens + `overhead` per forward (exact DP over the distinct widths)."""
+    cuts = [k for k in range(1, len(widths)) if widths[k] != widths[k - 1]] + [len(widths)]
+    # best[b][e]: cost of covering rows [0, cuts[e]) with b groups; groups end at cuts
+    inf = float("inf")
+    best = [[inf] * len(cuts) for _ in range(max_buckets + 1)]
+    back = [[-1] * len(cuts) for _ in range(max_buckets + 1)]
+    for e, end in enumerate(cuts):
+        best[1][e] = end * widths[end - 1] + overhead
+    for b in range(2, max_buckets + 1):
+        for e, end in enumerate(cuts):
+            for p in range(e):
+                cost = best[b - 1][p] + (end - cuts[p]) * widths[end - 1] + overhead
+                if cost < best[b][e]:
+                    best[b][e], back[b][e] = cost, p
+    b = min(range(1, max_buckets + 1), key=lambda k: best[k][-1])
+    groups, e = [], len(cuts) - 1
+    while b >= 1:
+        p = back[b][e] if b > 1 else -1
+        start = cuts[p] if p >= 0 else 0
+        groups.append(rows[start : cuts[e]])
+        e, b = p, b - 1
+    return groups[::-1]
+
+
+def cache_tensors(cache: object, length: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Per-layer (keys, values) of a transformers DynamicCache, or None when not plain full attention.
+
+    A sliding-window layer shorter than `length` would drop positions the full forward
+    sees, so it is refused (the caller falls back to whole sequences).
+    """
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return None
+    out = []
+    for layer in layers:
+        kind = type(layer).__name__
+        window = getattr(layer, "sliding_window", None)
+        if kind not in ("DynamicLayer", "DynamicSlidingWindowLayer") or (window is not None and window < length):
+            return None
+        out.append((layer.keys, layer.values))
+    return out
+
+
+def make_cache(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> object:
+    """A fresh DynamicCache over `kv`. The model's update concatenates into new tensors, so
+    `kv` itself is never modified and serves every step."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(ddp_cache_data=[(k[:, :, :0], v[:, :, :0]) for k, v in kv])  # cheap: empty copies
+    for layer, (k, v) in zip(cache.layers, kv):
+        layer.keys, layer.values = k, v
+    return cache
+
+
+__all__ = ["FactBatch", "Selection", "cache_tensors", "make_cache"]
