@@ -100,3 +100,27 @@ def test_model_and_option_errors(tmp_path, model_dir):
     assert bad_layer.exit_code == 2 and "expected a layer number or 'auto'" in bad_layer.stderr
     too_deep = _run("build", facts, "--model", model_dir, "-o", out, "--layer", "9", *FAST)
     assert too_deep.exit_code == 1 and "layer 9 does not exist" in too_deep.stderr
+
+
+def test_ctrl_c_keeps_the_old_output_and_resume_finishes(tmp_path, model_dir, monkeypatch):
+    from nkv.loaders.build import api
+
+    facts, out = _facts(tmp_path / "f.jsonl", FACTS), tmp_path / "edits.nkv"
+    out.write_bytes(b"previous adapter")
+    real, calls = api.optimize_residuals, {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(api, "optimize_residuals", interrupted)
+    result = _run("build", facts, "--model", model_dir, "-o", out, *FAST, "--batch-size", "1")
+    assert result.exit_code == 130 and "Interrupted: 1 of 2 facts are saved" in result.stderr
+    assert out.read_bytes() == b"previous adapter"
+
+    result = _run("build", facts, "--model", model_dir, "-o", out, *FAST, "--batch-size", "1", "--resume")
+    assert result.exit_code == 0, result.output
+    assert calls["n"] == 3 and NKVAdapter.load(out).ids == ["dd", "ty"]
+    assert not (tmp_path / "edits.nkv.partial").exists()

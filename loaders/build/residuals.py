@@ -13,6 +13,10 @@ is exactly fact i's gradient. Adam runs per row (its own step count and moments)
 whose loss falls below `early_stop_loss` is frozen and leaves the batch, and the clamp is
 per row: every row follows the trajectory it would have alone (`reference.py` checks).
 Like MEMIT, the loss is evaluated `steps` times and the last evaluation takes no step.
+
+Speed without changing the numbers (batch.py): each step runs only the tokens from the
+subject on, over a cache of everything before it, in a few length buckets; only the
+positions the loss reads go through the LM head.
 """
 
 from __future__ import annotations
