@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import replace
 from typing import Any, Callable, Iterator, Sequence
 
@@ -80,26 +81,26 @@ def build_adapter(
             raise NKVError(f"{ckpt.folder} holds an interrupted build ({ckpt.n_done()} of its facts done); "
                            "resume it (--resume / resume=True) or delete that folder to start over")
         dtype = next(model.parameters()).dtype
-        common = {"facts": [f.to_record() for f in plain], "objective": config.objective,
+        common = {"facts": [f.to_record() for f in plain], "objective": config.objective, "layer": layer,
                   "dtype": str(dtype), "model": base_model_info(model, 0).fingerprint}
         state = ckpt.state() if ckpt is not None and ckpt.exists else {}
         if state and state.get("inputs") != digest(common):
             raise NKVError(f"{ckpt.folder}: this checkpoint belongs to a different build (facts, options or "
                            "model changed); rerun with the same inputs or delete it to start over")
-        layer, layer_choice = _resolve_layer(model, tokenizer, facts, layer, config, state)
+        layer, layer_choice = _resolve_layer(model, tokenizer, facts, layer, config, state, progress)
         prefixes = state.get("prefixes") or generate_prefixes(model, tokenizer, config.n_prefixes,
                                                               config.prefix_length, config.seed)
         tokens = [encode_fact(tokenizer, f, prefixes) for f in plain]  # all errors before any work
         if ckpt is not None:
             ckpt.write_state({"inputs": digest(common), "layer": layer, "layer_choice": layer_choice,
                               "prefixes": prefixes, "n_facts": len(plain)})
+        store = dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
         with _bar(len(plain), progress) as advance:
-            rows = compute_rows(model, tokenizer, tokens, layer, config, checkpoint=ckpt, on_done=advance)
+            rows = compute_rows(model, tokenizer, tokens, layer, config, checkpoint=ckpt, on_done=advance,
+                                store_dtype=store)
         base = base_model_info(model, layer, name=name, revision=revision)
         target = arch_spec(model_type_of(model)).module_path(layer)
-        store = dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
-        adapter = empty_adapter(base, layer, target, gamma=gamma, dtype=store).add(
-            plain, rows["keys"].to(store).cpu(), rows["residuals"].to(store).cpu())
+        adapter = empty_adapter(base, layer, target, gamma=gamma, dtype=store).add(plain, rows["keys"], rows["residuals"])
         loss = rows["loss"]
         build = {
             "tool": f"nkv {__version__}",
@@ -117,8 +118,8 @@ def build_adapter(
 
 def compute_rows(model: nn.Module, tokenizer: Any, tokens: list[FactTokens], layer: int, config: BuildConfig,
                  *, checkpoint: Checkpoint | None = None, on_done: Progress | None = None,
-                 reference: bool = False) -> dict[str, torch.Tensor]:
-    """Keys, residuals, last losses and update counts for tokenized facts, batch by batch.
+                 reference: bool = False, store_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Keys, residuals (in `store_dtype`, on the CPU), last losses and update counts, batch by batch.
 
     `reference=True` optimises one fact at a time (the benchmark's baseline) instead of
     `config.batch_size` facts per forward/backward. Facts already in `checkpoint` are
@@ -126,29 +127,43 @@ def compute_rows(model: nn.Module, tokenizer: Any, tokens: list[FactTokens], lay
     """
     n = len(tokens)
     pad_id = pad_id_of(tokenizer)
-    done = checkpoint.load_rows() if checkpoint is not None and checkpoint.folder.is_dir() else {}
+    # Preallocated: 100k facts of an 8B model are ~6 GB of rows; hold them once.
+    out = {"keys": None, "residuals": None, "loss": torch.zeros(n), "steps": torch.zeros(n, dtype=torch.long)}
+    filled = torch.zeros(n, dtype=torch.bool)
+
+    def put(idx: list[int], part: dict[str, torch.Tensor]) -> None:
+        for name in ("keys", "residuals"):
+            if out[name] is None:
+                out[name] = torch.zeros(n, part[name].shape[-1], dtype=store_dtype)
+        where = torch.tensor(idx, dtype=torch.long)
+        for name, t in part.items():
+            out[name][where] = t.to(out[name].dtype)
+        filled[where] = True
+
+    if checkpoint is not None and checkpoint.folder.is_dir():
+        for idx, part in checkpoint.iter_rows():
+            put(idx, part)
     # Similar lengths in one batch waste less padding; rows are independent, so order is free.
-    todo = sorted((i for i in range(n) if i not in done), key=lambda i: _length_key(tokens[i]))
+    todo = sorted((i for i in range(n) if not filled[i]), key=lambda i: _length_key(tokens[i]))
     if on_done is not None and n - len(todo):
         on_done(n - len(todo))
     pending: list[tuple[list[int], dict[str, torch.Tensor]]] = []
-    for b, start in enumerate(range(0, len(todo), config.batch_size)):
+    for start in range(0, len(todo), config.batch_size):
         idx = todo[start : start + config.batch_size]
         batch = [tokens[i] for i in idx]
         keys, h0 = compute_keys(model, layer, batch, pad_id)
         optimize = optimize_residuals_reference if reference else optimize_residuals
         result = optimize(model, layer, batch, h0, config, pad_id)
-        part = {"keys": keys.cpu(), "residuals": result.residuals.cpu(), "loss": result.loss.float().cpu(),
-                "steps": result.steps.cpu()}
-        for row, i in enumerate(idx):
-            done[i] = {name: t[row] for name, t in part.items()}
+        part = {"keys": keys.to("cpu", store_dtype), "residuals": result.residuals.to("cpu", store_dtype),
+                "loss": result.loss.float().cpu(), "steps": result.steps.cpu()}
+        put(idx, part)
         if checkpoint is not None:
             pending.append((idx, part))
             if len(pending) >= config.checkpoint_every or start + config.batch_size >= len(todo):
                 _flush(checkpoint, pending)
         if on_done is not None:
             on_done(len(idx))
-    return {name: torch.stack([done[i][name] for i in range(n)]) for name in ("keys", "residuals", "loss", "steps")}
+    return out
 
 
 def _length_key(fact: FactTokens) -> tuple[int, int]:
@@ -184,7 +199,7 @@ def _facts(facts: Sequence[FactInput | Fact]) -> list[Fact]:
 
 
 def _resolve_layer(model: nn.Module, tokenizer: Any, facts: Sequence[FactInput | Fact], layer: int | str | None,
-                   config: BuildConfig, state: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+                   config: BuildConfig, state: dict[str, Any], verbose: bool) -> tuple[int, dict[str, Any]]:
     if state:  # resuming: the layer chosen when the build started
         return int(state["layer"]), state["layer_choice"]
     if layer is None:
@@ -192,7 +207,10 @@ def _resolve_layer(model: nn.Module, tokenizer: Any, facts: Sequence[FactInput |
     if layer == "auto":
         from .layer import choose_layer
 
-        choice = choose_layer(model, tokenizer, facts, config=config)
+        log = (lambda line: print(f"nkv build --layer auto: {line}", file=sys.stderr)) if verbose else None
+        choice = choose_layer(model, tokenizer, facts, config=config, log=log)
+        if log is not None:
+            log(f"chose layer {choice.layer}")
         return choice.layer, {"mode": "auto", "sample": choice.sample, "scores": choice.scores}
     if isinstance(layer, bool) or not isinstance(layer, int):
         raise NKVError(f"layer must be an integer, 'auto' or None, got {layer!r}")

@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -67,23 +67,29 @@ class Checkpoint:
         name = f"rows-{min(indices):09d}-{max(indices):09d}.safetensors"
         _atomic_write(self.folder / name, save(tensors))
 
-    def load_rows(self) -> dict[int, dict[str, torch.Tensor]]:
-        """fact index -> its stored rows, from every rows file in the folder."""
+    def iter_rows(self) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+        """(fact indices, their rows) for every rows file in the folder."""
         from safetensors.torch import load_file
 
-        out: dict[int, dict[str, torch.Tensor]] = {}
         for path in sorted(self.folder.glob("rows-*.safetensors")):
             try:
                 tensors = load_file(str(path))
-            except Exception as exc:  # a damaged file: its facts are simply computed again
+            except Exception as exc:  # a damaged file (torn write on a full disk, say)
                 raise NKVError(f"{path}: damaged checkpoint file ({exc}); delete it and resume") from None
-            index = tensors.pop("index").tolist()
-            for row, i in enumerate(index):
-                out[i] = {name: t[row] for name, t in tensors.items()}
-        return out
+            yield tensors.pop("index").tolist(), tensors
 
     def n_done(self) -> int:
-        return len(self.load_rows()) if self.folder.is_dir() else 0
+        """Facts stored so far (reads only the index tensors)."""
+        from safetensors import safe_open
+
+        total = 0
+        for path in self.folder.glob("rows-*.safetensors"):
+            try:
+                with safe_open(str(path), framework="pt") as fh:
+                    total += fh.get_slice("index").get_shape()[0]
+            except Exception:
+                continue  # damaged: recomputed on resume anyway
+        return total
 
     def remove(self) -> None:
         """Delete the folder's checkpoint files (after the output is safely written)."""

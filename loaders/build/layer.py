@@ -18,7 +18,7 @@ spaced layers plus the default.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from torch import nn
 
@@ -53,8 +53,12 @@ def candidate_layers(model: nn.Module) -> list[int]:
 
 
 def choose_layer(model: nn.Module, tokenizer: Any, facts: Sequence[FactInput | Fact], *, config: BuildConfig,
-                 layers: list[int] | None = None, sample: int = SAMPLE, gamma: float = 0.65) -> LayerChoice:
-    """Sweep `layers` (default: `candidate_layers`) on up to `sample` facts; see the module doc."""
+                 layers: list[int] | None = None, sample: int = SAMPLE, gamma: float = 0.65,
+                 log: Callable[[str], None] | None = None) -> LayerChoice:
+    """Sweep `layers` (default: `candidate_layers`) on up to `sample` facts; see the module doc.
+
+    `log` receives one line per layer tried (the CLI prints them on stderr).
+    """
     from ..transformers import attach
     from .api import compute_rows, encode_facts
     from .config import default_layer
@@ -86,6 +90,8 @@ def choose_layer(model: nn.Module, tokenizer: Any, facts: Sequence[FactInput | F
         finally:
             handle.detach()
         scores[str(layer)] = {"E": round(e, 4), "G": round(g, 4), "S": round(s, 4), "score": round((e + g + s) / 3, 4)}
+        if log is not None:
+            log(f"layer {layer}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores[str(layer)].items()))
     home = default_layer(model)
     best = max(scores, key=lambda k: (scores[k]["score"], -abs(int(k) - home)))
     return LayerChoice(int(best), [f.id for f in fact_list], scores)

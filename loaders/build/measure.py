@@ -13,7 +13,7 @@ from torch import nn
 
 from .hooks import model_device, pad_batch, pad_id_of
 
-BATCH = 64
+BATCH = 16  # full (batch, length, vocab) logits here: keep them small for 128k vocabularies
 
 
 @dataclass(frozen=True)
