@@ -19,6 +19,7 @@ disabled (`handle.disabled()`), i.e. the unedited model.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
@@ -51,6 +52,8 @@ class EvalOptions:
     unrelated_tokens: tokens of unrelated text scored for false fires.
     generated_texts / generated_tokens: unrelated text made by the unedited model when none is given.
     free_generation: also run greedy exact match (off saves time on big sets).
+    gate_diagnostics: measure where the gate fires (needs an NKV handle; off for other editors).
+    measure_pre: also measure the unedited model (off when another run already did, e.g. benchmarks).
     """
 
     batch_size: int = DEFAULT_BATCH
@@ -62,6 +65,8 @@ class EvalOptions:
     generated_texts: int = 40
     generated_tokens: int = 48
     free_generation: bool = True
+    gate_diagnostics: bool = True
+    measure_pre: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -149,9 +154,11 @@ def _measure(model: nn.Module, tokenizer: Any, cases: _Cases, protocol: str, une
     return out
 
 
-def _per_fact_mean(values: list[float], owners: list[int], n_facts: int) -> list[float | None]:
+def _per_fact_mean(values: list[float | None], owners: list[int], n_facts: int) -> list[float | None]:
     sums, counts = [0.0] * n_facts, [0] * n_facts
     for v, i in zip(values, owners):
+        if v is None:
+            continue
         sums[i] += v
         counts[i] += 1
     return [s / c if c else None for s, c in zip(sums, counts)]
@@ -238,7 +245,9 @@ def evaluate_adapter(model: nn.Module, tokenizer: Any, handle: Any, facts: Seque
                                and t.relation not in taken[t.subject][0] and t.prompt not in taken[t.subject][1]],
                               options.true_facts_limit, options.seed)
 
-    if unrelated is None:
+    if not options.gate_diagnostics:
+        unrelated, unrelated_name = [], "not measured"
+    elif unrelated is None:
         with handle.disabled():
             prompts = [SEED_WORDS[i % len(SEED_WORDS)] for i in range(options.generated_texts)]
             unrelated = sample_texts(model, tokenizer, prompts, options.generated_tokens, seed=options.seed + 1,
@@ -248,17 +257,21 @@ def evaluate_adapter(model: nn.Module, tokenizer: Any, handle: Any, facts: Seque
     chunks = unrelated_chunks(tokenizer, unrelated, options.unrelated_tokens)
 
     try:
-        with handle.disabled():
-            pre = _measure(model, tokenizer, cases, protocol, unedited, others, options)
+        pre = None
+        if options.measure_pre:
+            with handle.disabled():
+                pre = _measure(model, tokenizer, cases, protocol, unedited, others, options)
         post = _measure(model, tokenizer, cases, protocol, unedited, others, options)
         diag = diagnose(model, tokenizer, handle, [(f.fact, r, f.paraphrases) for f, r in zip(facts, rows)],
-                        chunks, options.batch_size)
+                        chunks, options.batch_size) if options.gate_diagnostics else None
     finally:
         model.train(was_training)
 
     n = len(facts)
     para_owner = [i for i, _ in cases.paraphrases]
     nb_owner = [i for i, _, _ in cases.neighbours]
+    if pre is None:  # not measured: every pre value reads None
+        pre = {k: ([None] * len(v) if isinstance(v, list) else None) for k, v in post.items()}
     per = {state: {"efficacy": r["efficacy"],
                    "generalization": _per_fact_mean(r["generalization"], para_owner, n),
                    "specificity": _per_fact_mean(r["specificity"], nb_owner, n)}
@@ -268,7 +281,8 @@ def evaluate_adapter(model: nn.Module, tokenizer: Any, handle: Any, facts: Seque
         metrics["free_gen_prompt"] = _metric(pre["free_gen_prompt"], post["free_gen_prompt"])
         metrics["free_gen_paraphrase"] = _metric(pre["free_gen_paraphrase"], post["free_gen_paraphrase"])
     if "fluency" in post:
-        metrics["fluency"] = {"pre": round(100 * pre["fluency"], 2), "post": round(100 * post["fluency"], 2),
+        metrics["fluency"] = {"pre": None if pre["fluency"] is None else round(100 * pre["fluency"], 2),
+                              "post": round(100 * post["fluency"], 2),
                               "n": min(options.fluency_prompts, n)}
     if unedited:
         metrics["unedited_facts"] = _metric(pre["unedited"], post["unedited"])
@@ -301,12 +315,15 @@ def evaluate_adapter(model: nn.Module, tokenizer: Any, handle: Any, facts: Seque
     if any(multi):
         for key in ("efficacy", "generalization"):
             spots[f"multi_fact_{key}"] = _metric(_select(per["pre"][key], multi), _select(per["post"][key], multi))
-        spots["multi_fact_gate_right"] = _metric(None, _select([float(x) for x in diag.edit_right_flags], multi))
+        if diag is not None:
+            spots["multi_fact_gate_right"] = _metric(None, _select([float(x) for x in diag.edit_right_flags], multi))
 
-    gate = diag.to_dict()
-    for key in ("edit_right", "paraphrase_right", "edit_other_fires"):
-        gate[key] = pct(gate[key])
-    gate["false_fire"] = None if gate["false_fire"] is None else round(100 * gate["false_fire"], 4)
+    gate: dict[str, Any] = {}
+    if diag is not None:
+        gate = diag.to_dict()
+        for key in ("edit_right", "paraphrase_right", "edit_other_fires"):
+            gate[key] = pct(gate[key])
+        gate["false_fire"] = None if math.isnan(gate["false_fire"]) else round(100 * gate["false_fire"], 4)
     report = EvalReport(
         data={"name": data_name, "n_facts": n, "protocol": protocol, "paraphrases": len(cases.paraphrases),
               "neighbours": len(cases.neighbours)},
@@ -316,7 +333,8 @@ def evaluate_adapter(model: nn.Module, tokenizer: Any, handle: Any, facts: Seque
         settings={**asdict(options), "protocol": protocol, "tool": f"nkv {__version__}",
                   "unrelated_source": unrelated_name or "given lines",
                   "fluency_samples_post": post.get("fluency_samples", [])},
-        cosines={"positives": diag.positives, "negatives": diag.negatives, "own": diag.own_cosine},
+        cosines={} if diag is None else {"positives": diag.positives, "negatives": diag.negatives,
+                                         "own": diag.own_cosine},
     )
     return report
 
