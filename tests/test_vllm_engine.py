@@ -183,32 +183,13 @@ class Engine:
     handle: NKVEngineHandle
 
 
-# name -> (checkpoint, LLM options, nkv config: "A" = start with adapter A, else capacity + layer only)
-SPECS = {
-    "llama-compiled": ("llama", dict(eager=False), "A"),
-    "llama-eager": ("llama", dict(eager=True), None),
-    "llama-tp2": ("llama", dict(eager=False, tp=2), "A"),
-    "gpt2-compiled": ("gpt2", dict(eager=False), "A"),
-    "gpt2-eager": ("gpt2", dict(eager=True), None),
-}
-
-
-@pytest.fixture(scope="module")
-def engine(request, checkpoints) -> Iterator[Engine]:
-    kind, options, start = SPECS[request.param]
-    ckpt = checkpoints[kind]
-    if start:
-        nkv = {"adapter": str(ckpt.files[start]), "capacity": 16}
-    else:
-        nkv = {"capacity": 16, "layer": ckpt.adapters["A"].layer}
-    with running(ckpt.path, nkv=nkv, **options) as llm:
-        start_outputs = generate(llm)
-        yield Engine(request.param, kind, llm, start_outputs, NKVEngineHandle(llm))
-
-
 @pytest.fixture(scope="session")
 def plain(checkpoints) -> dict[str, Any]:
-    """Plain vLLM (no nkv config) on the llama checkpoint: its outputs, and what attaching raised."""
+    """Plain vLLM (no nkv config) on the llama checkpoint: its outputs, and what attaching raised.
+
+    Its engine is started and shut down inside this fixture, which every engine fixture
+    requests first: two in-process engines cannot be alive at once.
+    """
     with running(checkpoints["llama"].path, eager=True) as llm:
         outputs = generate(llm)
         try:
@@ -219,24 +200,32 @@ def plain(checkpoints) -> dict[str, Any]:
     return {"outputs": outputs, "attach_error": error}
 
 
+@pytest.fixture(scope="class")
+def engine(request, checkpoints, plain) -> Iterator[Engine]:
+    """The class's engine: KIND checkpoint, OPTIONS for LLM, START "A" (adapter in config) or None."""
+    cls = request.cls
+    ckpt = checkpoints[cls.KIND]
+    if cls.START:
+        nkv = {"adapter": str(ckpt.files[cls.START]), "capacity": 16}
+    else:
+        nkv = {"capacity": 16, "layer": ckpt.adapters["A"].layer}
+    with running(ckpt.path, nkv=nkv, **cls.OPTIONS) as llm:
+        start_outputs = generate(llm)
+        yield Engine(cls.__name__, cls.KIND, llm, start_outputs, NKVEngineHandle(llm))
+
+
 def assert_same(got: list[list[int]], want: list[list[int]], what: str) -> None:
     bad = [f"{PROMPTS[i]!r}: {g} != {w}" for i, (g, w) in enumerate(zip(got, want)) if g != w]
     assert not bad, f"{what}: {len(bad)}/{len(PROMPTS)} prompts differ:\n" + "\n".join(bad)
 
 
-# ------------------------------------------------------------------ tests
-ALL = list(SPECS)
-
-
-@pytest.mark.parametrize("engine", [n for n in ALL if SPECS[n][2] == "A"], indirect=True)
-def test_start_adapter_from_additional_config(engine, checkpoints):
+# ------------------------------------------------------------------ checks shared by engines
+def check_start_adapter(engine: Engine, checkpoints) -> None:
     assert engine.handle.slot.n_facts == len(EDITS_A)
     assert_same(engine.start_outputs, checkpoints[engine.kind].ref["A"], f"{engine.name}, adapter from config")
 
 
-@pytest.mark.parametrize("engine", ALL, indirect=True)
-@pytest.mark.parametrize("adapter", ["A", "B"])
-def test_greedy_outputs_equal_transformers_loader(engine, checkpoints, adapter):
+def check_parity(engine: Engine, checkpoints, adapter: str) -> None:
     ckpt = checkpoints[engine.kind]
     handle = load_nkv_adapter(engine.llm, ckpt.files[adapter])
     assert handle.info["n_facts"] == ckpt.adapters[adapter].n_facts
@@ -246,8 +235,7 @@ def test_greedy_outputs_equal_transformers_loader(engine, checkpoints, adapter):
         assert [g[0] for g in got[:len(EDITS_A)]] == TARGETS_A
 
 
-@pytest.mark.parametrize("engine", ["llama-compiled", "llama-tp2"], indirect=True)
-def test_hot_swap_add_remove_clear(engine, checkpoints, plain):
+def check_hot_swap(engine: Engine, checkpoints, plain) -> None:
     ckpt = checkpoints[engine.kind]
     handle = load_nkv_adapter(engine.llm, ckpt.files["A"])
     assert_same(generate(engine.llm), ckpt.ref["A"], "A loaded")
@@ -259,59 +247,116 @@ def test_hot_swap_add_remove_clear(engine, checkpoints, plain):
     assert_same(generate(engine.llm), ckpt.ref["B-1"], "after removing b0")
     handle.add(ckpt.files["B"], on_conflict="ours")
     assert handle.info["n_facts"] == len(EDITS_B)
+    assert_same(generate(engine.llm), ckpt.ref["B"], "after adding b0 back")
     handle.clear()
     assert handle.info["n_facts"] == 0
     assert_same(generate(engine.llm), plain["outputs"], "cleared vs plain vLLM")
 
 
-@pytest.mark.parametrize("engine", ["llama-eager"], indirect=True)
-def test_without_adapter_outputs_equal_plain_vllm(engine, plain, checkpoints):
-    assert engine.handle.slot.n_facts == 0
-    assert_same(engine.start_outputs, plain["outputs"], "nkv engine with no rows vs plain vLLM")
-    assert_same(plain["outputs"], checkpoints["llama"].ref["base"], "plain vLLM vs transformers")
-    load_nkv_adapter(engine.llm, checkpoints["llama"].files["A"]).clear()
-    assert_same(generate(engine.llm), plain["outputs"], "after load + clear")
+# ------------------------------------------------------------------ one class per engine, run in order
+class TestLlamaCompiled:
+    """Default (compiled) mode, start adapter from additional_config."""
+
+    KIND, OPTIONS, START = "llama", dict(eager=False), "A"
+
+    def test_start_adapter_from_additional_config(self, engine, checkpoints):
+        check_start_adapter(engine, checkpoints)
+
+    @pytest.mark.parametrize("adapter", ["A", "B"])
+    def test_greedy_outputs_equal_transformers_loader(self, engine, checkpoints, adapter):
+        check_parity(engine, checkpoints, adapter)
+
+    def test_hot_swap_add_remove_clear(self, engine, checkpoints, plain):
+        check_hot_swap(engine, checkpoints, plain)
 
 
-@pytest.mark.parametrize("engine", ["llama-tp2"], indirect=True)
-def test_tensor_parallel_equals_single_device(engine, checkpoints):
-    """TP=2 gives the transformers outputs, which the TP=1 engines are also checked against."""
-    infos = engine.llm.collective_rpc("nkv_info")
-    assert [i["tp_rank"] for i in infos] == [0, 1]
-    assert len({i["fingerprint"] for i in infos}) == 1  # sums all-reduced: same on every rank
-    ckpt = checkpoints["llama"]
-    assert fingerprints_match(infos[0]["fingerprint"], ckpt.adapters["A"].base.fingerprint)
-    assert_same(engine.start_outputs, ckpt.ref["A"], "TP=2 vs TP=1 (transformers)")
+class TestLlamaEager:
+    """enforce_eager, started with capacity + layer only (no rows)."""
+
+    KIND, OPTIONS, START = "llama", dict(eager=True), None
+
+    def test_without_adapter_outputs_equal_plain_vllm(self, engine, plain, checkpoints):
+        assert engine.handle.slot.n_facts == 0
+        assert_same(engine.start_outputs, plain["outputs"], "nkv engine with no rows vs plain vLLM")
+        assert_same(plain["outputs"], checkpoints["llama"].ref["base"], "plain vLLM vs transformers")
+
+    @pytest.mark.parametrize("adapter", ["A", "B"])
+    def test_greedy_outputs_equal_transformers_loader(self, engine, checkpoints, adapter):
+        check_parity(engine, checkpoints, adapter)
+
+    def test_incompatible_adapters_raise_like_transformers(self, engine, checkpoints):
+        llama, gpt2 = checkpoints["llama"], checkpoints["gpt2"]
+        a = llama.adapters["A"]
+        load_nkv_adapter(engine.llm, a)
+        before = generate(engine.llm)
+
+        with pytest.raises(NKVCompatibilityError, match="model_type 'gpt2'"):
+            load_nkv_adapter(engine.llm, gpt2.adapters["A"])
+        too_many = a.add([Fact(id=f"x{i}", subject="x", prompt="x", target_new="y") for i in range(9)],
+                         torch.ones(9, a.base.d_key), torch.zeros(9, a.base.d_model))
+        with pytest.raises(NKVCompatibilityError, match="room for 16"):
+            load_nkv_adapter(engine.llm, too_many)
+        other_layer = NKVAdapter(**{**a.__dict__, "layer": 0})
+        with pytest.raises(NKVCompatibilityError, match="gated module is at layer 1"):
+            load_nkv_adapter(engine.llm, other_layer)
+        z = a.base.fingerprint.split("z=")[1].split(",")
+        fake = a.base.fingerprint.split("z=")[0] + "z=" + ",".join(f"{float(v) + 1:.4f}" for v in z)
+        foreign = NKVAdapter(**{**a.__dict__, "base": type(a.base)(**{**a.base.__dict__, "fingerprint": fake})})
+        with pytest.raises(NKVFingerprintError, match="not the checkpoint"):
+            load_nkv_adapter(engine.llm, foreign)
+        assert_same(generate(engine.llm), before, "failed loads leave the engine as it was")
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            load_nkv_adapter(engine.llm, foreign, strict=False)
+        assert any("not the checkpoint" in str(w.message) for w in caught)
+        assert_same(generate(engine.llm), llama.ref["A"], "strict=False loads the rows anyway")
 
 
-@pytest.mark.parametrize("engine", ["llama-eager"], indirect=True)
-def test_incompatible_adapters_raise_like_transformers(engine, checkpoints):
-    llama, gpt2 = checkpoints["llama"], checkpoints["gpt2"]
-    a = llama.adapters["A"]
-    handle = load_nkv_adapter(engine.llm, a)
-    before = generate(engine.llm)
+class TestLlamaTensorParallel:
+    """TP=2 (two worker processes), compiled: the gate's all-reduce is traced into the graph."""
 
-    with pytest.raises(NKVCompatibilityError, match="model_type 'gpt2'"):
-        load_nkv_adapter(engine.llm, gpt2.adapters["A"])
-    too_many = a.add([Fact(id=f"x{i}", subject="x", prompt="x", target_new="y") for i in range(9)],
-                     torch.ones(9, a.base.d_key), torch.zeros(9, a.base.d_model))
-    with pytest.raises(NKVCompatibilityError, match="room for 16"):
-        load_nkv_adapter(engine.llm, too_many)
-    other_layer = NKVAdapter(**{**a.__dict__, "layer": 0})
-    with pytest.raises(NKVCompatibilityError, match="gated module is at layer 1"):
-        load_nkv_adapter(engine.llm, other_layer)
-    z = a.base.fingerprint.split("z=")[1].split(",")
-    fake = a.base.fingerprint.split("z=")[0] + "z=" + ",".join([f"{float(v) + 1:.4f}" for v in z])
-    foreign = NKVAdapter(**{**a.__dict__, "base": type(a.base)(**{**a.base.__dict__, "fingerprint": fake})})
-    with pytest.raises(NKVFingerprintError, match="not the checkpoint"):
-        load_nkv_adapter(engine.llm, foreign)
-    assert_same(generate(engine.llm), before, "failed loads leave the engine as it was")
+    KIND, OPTIONS, START = "llama", dict(eager=False, tp=2), "A"
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        load_nkv_adapter(engine.llm, foreign, strict=False)
-    assert any("not the checkpoint" in str(w.message) for w in caught)
-    assert_same(generate(engine.llm), llama.ref["A"], "strict=False loads the rows anyway")
+    def test_tensor_parallel_equals_single_device(self, engine, checkpoints):
+        """TP=2 gives the transformers outputs, which the TP=1 engines are also checked against."""
+        infos = engine.llm.collective_rpc("nkv_info")
+        assert [i["tp_rank"] for i in infos] == [0, 1]
+        assert len({i["fingerprint"] for i in infos}) == 1  # sums all-reduced: same on every rank
+        ckpt = checkpoints["llama"]
+        assert fingerprints_match(infos[0]["fingerprint"], ckpt.adapters["A"].base.fingerprint)
+        check_start_adapter(engine, checkpoints)
+
+    def test_greedy_outputs_equal_transformers_loader(self, engine, checkpoints):
+        check_parity(engine, checkpoints, "B")
+
+    def test_hot_swap_add_remove_clear(self, engine, checkpoints, plain):
+        check_hot_swap(engine, checkpoints, plain)
+
+
+class TestGPT2Compiled:
+    """A second architecture: transformer.h.{l}.mlp.c_proj, a Conv1D in transformers."""
+
+    KIND, OPTIONS, START = "gpt2", dict(eager=False), "A"
+
+    def test_start_adapter_from_additional_config(self, engine, checkpoints):
+        check_start_adapter(engine, checkpoints)
+
+    @pytest.mark.parametrize("adapter", ["A", "B"])
+    def test_greedy_outputs_equal_transformers_loader(self, engine, checkpoints, adapter):
+        check_parity(engine, checkpoints, adapter)
+
+
+class TestGPT2Eager:
+    KIND, OPTIONS, START = "gpt2", dict(eager=True), None
+
+    @pytest.mark.parametrize("adapter", ["A", "B"])
+    def test_greedy_outputs_equal_transformers_loader(self, engine, checkpoints, adapter):
+        check_parity(engine, checkpoints, adapter)
+
+    def test_cleared_equals_transformers_base(self, engine, checkpoints):
+        load_nkv_adapter(engine.llm, checkpoints["gpt2"].files["A"]).clear()
+        assert_same(generate(engine.llm), checkpoints["gpt2"].ref["base"], "cleared vs transformers base")
 
 
 def test_engine_without_nkv_config_explains_how_to_start_it(plain):
