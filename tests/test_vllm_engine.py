@@ -313,6 +313,44 @@ class TestLlamaEager:
         assert_same(generate(engine.llm), llama.ref["A"], "strict=False loads the rows anyway")
 
 
+    def test_server_routes_swap_and_clear(self, engine, checkpoints, plain):
+        """`vllm serve`'s /v1/nkv routes, on this engine through the server's EngineClient calls."""
+        from fastapi import FastAPI
+        from fastapi.testclient import TestClient
+
+        from nkv.loaders.vllm.routes import build_router
+
+        resets: list[bool] = []
+
+        class EngineClient:  # the two async calls the routes make, over the in-process LLM
+            async def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+                return engine.llm.collective_rpc(method, args=args)
+
+            async def reset_prefix_cache(self, reset_running_requests=False, reset_connector=False):
+                resets.append(reset_running_requests)
+                return engine.llm.reset_prefix_cache(reset_running_requests)
+
+        app = FastAPI()
+        app.include_router(build_router())
+        app.state.engine_client = EngineClient()
+        client = TestClient(app)
+        llama = checkpoints["llama"]
+
+        reply = client.post("/v1/nkv/load", json={"adapter": str(llama.files["B"])})
+        assert reply.status_code == 200 and reply.json()["ranks"][0]["n_facts"] == len(EDITS_B)
+        assert_same(generate(engine.llm), llama.ref["B"], "after POST /v1/nkv/load")
+        assert resets == [True]
+
+        reply = client.post("/v1/nkv/load", json={"adapter": str(checkpoints["gpt2"].files["A"])})
+        assert reply.status_code == 400 and reply.json()["error"]["type"] == "NKVCompatibilityError"
+        reply = client.post("/v1/nkv/load", json={"adapter": "no/such.nkv"})
+        assert reply.status_code == 400 and "no such file" in reply.json()["error"]["message"]
+        assert client.get("/v1/nkv").json()["ranks"][0]["n_facts"] == len(EDITS_B)  # unchanged
+
+        assert client.post("/v1/nkv/clear").json()["ranks"][0]["n_facts"] == 0
+        assert_same(generate(engine.llm), plain["outputs"], "after POST /v1/nkv/clear")
+
+
 class TestLlamaTensorParallel:
     """TP=2 (two worker processes), compiled: the gate's all-reduce is traced into the graph."""
 

@@ -34,7 +34,8 @@ from .config import NKVServeConfig, section_of
 from .layer import NKVGatedProjection
 from .slot import SlotInfo, check_adapter
 
-logger = logging.getLogger("nkv.vllm")
+# Under "vllm." so messages go through vLLM's own handlers and format, in every process.
+logger = logging.getLogger("vllm.nkv")
 
 _MARK = "_nkv_wrapped"
 

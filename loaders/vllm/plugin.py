@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-logger = logging.getLogger("nkv.vllm")
+logger = logging.getLogger("vllm.nkv")  # vLLM's handlers and format
 
 
 def register() -> None:

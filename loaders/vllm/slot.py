@@ -15,6 +15,7 @@ from typing import Any
 from nkv.adapter import NKVAdapter
 from nkv.errors import NKVCompatibilityError, NKVFingerprintError
 from nkv.fingerprint import fingerprints_match
+from nkv.header import NKVHeader
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,10 @@ class SlotInfo:
         return cls(**data)
 
 
-def check_adapter(adapter: NKVAdapter, slot: SlotInfo, strict: bool = True, stacklevel: int = 3) -> None:
+def check_adapter(adapter: NKVAdapter | NKVHeader, slot: SlotInfo, strict: bool = True, stacklevel: int = 3) -> None:
     """Raise unless `adapter` can be loaded into `slot`; warn on a fingerprint mismatch if not strict.
+
+    Reads only `.base`, `.layer` and `.n_facts`, so a file's header (no tensors) will do.
 
     Raises:
         NKVCompatibilityError: model type, layer count, widths or layer differ, or the
