@@ -1,0 +1,117 @@
+"""The same-subject weak spot, and a prototype that fixes it without changing the file format.
+
+    python benchmarks/compare/same_subject.py [--layer 0] [--gamma 0.65]
+
+Plain NKV (method.md §5): two facts about one subject get almost the same key (read at
+the subject's last token, before the relation), so the gate's argmax picks one row and
+the other fact's edit is lost (or, worse, the wrong residual is added).
+
+Prototype "joint residual": keep one row per fact with its own key (format unchanged),
+but optimize ONE δ per subject over the rewriting prompts of all its facts together
+(each with its own target) and store that δ in every row of the subject. Whichever row
+wins the argmax then adds a residual that carries all of the subject's edits, the way
+the subject's hidden state carries all its facts. The price: rows of one subject are no
+longer independent (removing or changing one fact re-optimizes that subject's δ).
+
+Both are evaluated on examples/factworld/edits_same_subject.jsonl (100 subjects x 2
+facts), all 200 edits live, with the edited subjects' other (unedited) facts measured
+from true_facts.jsonl. Results: results/same_subject-{plain,joint}.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+WORLD = HERE.parents[1] / "examples" / "factworld"
+
+
+def joint_adapter(model, tok, facts, layer: int, gamma: float):
+    """Per-fact keys; one δ per subject, optimized over all of the subject's facts, in each of its rows."""
+    from nkv.adapter import empty_adapter
+    from nkv.loaders.architectures import arch_spec, base_model_info, model_type_of
+    from nkv.loaders.build import default_config, encode_facts, generate_prefixes
+    from nkv.loaders.build.hooks import frozen, pad_id_of
+    from nkv.loaders.build.keys import compute_keys
+    from nkv.loaders.build.prompts import FactTokens
+    from nkv.loaders.build.residuals import optimize_residuals
+
+    config = default_config(model)
+    plain = [f.fact for f in facts]
+    with frozen(model):
+        prefixes = generate_prefixes(model, tok, config.n_prefixes, config.prefix_length, config.seed)
+        tokens = encode_facts(tok, plain, prefixes)
+        pad = pad_id_of(tok)
+        keys, h0 = compute_keys(model, layer, tokens, pad)
+        groups: dict[str, list[int]] = {}
+        for i, f in enumerate(plain):
+            groups.setdefault(f.subject, []).append(i)
+        by_size: dict[int, list[list[int]]] = {}
+        for rows in groups.values():  # FactBatch needs the same number of rewrites per item
+            by_size.setdefault(len(rows), []).append(rows)
+        residuals = torch.zeros(len(plain), h0.shape[1])
+        for size, members in by_size.items():
+            for start in range(0, len(members), config.batch_size):
+                chunk = members[start : start + config.batch_size]
+                joint = [FactTokens(tokens[rows[0]].key_texts, [r for i in rows for r in tokens[i].rewrites],
+                                    tokens[rows[0]].kl) for rows in chunk]
+                result = optimize_residuals(model, layer, joint, h0[[rows[0] for rows in chunk]], config, pad)
+                for rows, delta in zip(chunk, result.residuals):
+                    for i in rows:
+                        residuals[i] = delta.float().cpu()
+    base = base_model_info(model, layer)
+    target = arch_spec(model_type_of(model)).module_path(layer)
+    adapter = empty_adapter(base, layer, target, gamma=gamma).add(plain, keys.float().cpu(), residuals)
+    return replace(adapter, build={"method": "prototype: per-fact keys, one joint δ per subject"})
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(WORLD / "models" / "llama"))
+    p.add_argument("--edits", default=str(WORLD / "edits_same_subject.jsonl"))
+    p.add_argument("--layer", type=int, default=0)
+    p.add_argument("--gamma", type=float, default=0.65)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=str(HERE / "results"))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nkv.facts_io import read_facts
+    from nkv.loaders.build import build_adapter
+    from nkv.loaders.eval import EvalOptions, evaluate, read_true_facts
+
+    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    tok = AutoTokenizer.from_pretrained(args.model)
+    facts = read_facts(args.edits)
+    true_facts = read_true_facts(WORLD / "true_facts.jsonl")
+    generic = [line for line in (WORLD / "generic.txt").read_text().splitlines() if line.strip()]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, make in (("plain", lambda: build_adapter(model, tok, facts, layer=args.layer, gamma=args.gamma,
+                                                        progress=False)),
+                       ("joint", lambda: joint_adapter(model, tok, facts, args.layer, args.gamma))):
+        start = time.time()
+        adapter = make()
+        build_s = time.time() - start
+        report = evaluate(model, tok, adapter, facts, unrelated=generic, true_facts=true_facts,
+                          options=EvalOptions(), data_name=Path(args.edits).name)
+        doc = {**report.to_dict(), "bench": {"method": name, "layer": args.layer, "gamma": args.gamma,
+                                             "build_s": round(build_s, 1)}}
+        (out / f"same_subject-{name}-L{args.layer}.json").write_text(json.dumps(doc, indent=1))
+        m, w = report.metrics, report.weak_spots
+        print(f"{name}: E {m['efficacy']['post']} G {m['generalization']['post']} S {m['specificity']['post']} "
+              f"other facts of edited subjects {w.get('same_subject_other_facts')} gate right "
+              f"{report.gate['edit_right']} ({build_s:.0f} s build)", file=sys.stderr)
+        print(report.table())
+
+
+if __name__ == "__main__":
+    main()
