@@ -1,15 +1,18 @@
 """Generated tokens/s and memory of a vLLM engine with an NKV adapter of 1k / 10k / 100k facts vs none.
 
-Every configuration runs in its own child process (so its peak RSS is its own) with the
-same engine settings, one after the other in one invocation; the no-adapter baseline
-runs first and again last, so drift of a shared machine shows. The model is a randomly
-initialised Llama config (`load_format="dummy"`: weights drawn by vLLM, no checkpoint);
-adapters hold random keys and residuals of the right shape, which is all throughput
-depends on: the gate scores every preallocated row on every token whether it fires or not.
+Design, for a machine shared with other work (2 cores here, whose load changes by the
+second): one engine per configuration, each in its own child process (its RSS is its
+own), all with the same engine settings, all alive at once but only one generating at a
+time. The driver runs rounds; in each round every engine runs the same batch once, in
+rotating order. Slow drift of the machine's load then hits all configurations alike, and
+the per-round ratio to the no-adapter engine (its median over rounds) is the figure to
+read. The model is a randomly initialised Llama config (`load_format="dummy"`); adapters
+hold random keys and residuals of the right shape, which is all throughput depends on:
+the gate scores every preallocated row on every token whether it fires or not.
 
     python benchmarks/vllm/bench_throughput.py --out benchmarks/vllm/results-cpu.json
 
-Prints one JSON line per configuration and a Markdown table at the end.
+Prints a Markdown table at the end (and writes all timings to --out).
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,18 +38,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--edit-layer", type=int, default=None, help="default: layers // 2")
-    p.add_argument("--facts", default="1000,10000,100000", help="adapter sizes; 0 (no nkv) runs first and last")
+    p.add_argument("--facts", default="0,1000,10000,100000", help="adapter sizes; 0 = no nkv config at all")
     p.add_argument("--batch", type=int, default=16, help="prompts per generate call")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--gen-len", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=7, help="timed generate calls; best and median are reported")
+    p.add_argument("--rounds", type=int, default=15, help="timed generate calls per engine, interleaved")
     p.add_argument("--eager", action="store_true", help="enforce_eager (default: vLLM's compiled mode)")
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--single", default=None, help=argparse.SUPPRESS)  # internal: one config, in a child
+    p.add_argument("--serve", type=int, default=None, help=argparse.SUPPRESS)  # internal: child engine
     return p.parse_args(argv)
 
 
-# ------------------------------------------------------------------ one configuration (child process)
+# ------------------------------------------------------------------ one engine (child process)
 def make_model_dir(args: argparse.Namespace, folder: Path) -> Path:
     from transformers import LlamaConfig
 
@@ -82,7 +84,8 @@ def rss_bytes() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def run_single(args: argparse.Namespace, n_facts: int) -> dict[str, Any]:
+def serve(args: argparse.Namespace, n_facts: int) -> None:
+    """Start one engine, report READY with memory figures, then time one batch per 'run' on stdin."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process: its RSS is ours
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     work = Path(tempfile.mkdtemp(prefix="nkv-bench-"))
@@ -113,63 +116,81 @@ def run_single(args: argparse.Namespace, n_facts: int) -> dict[str, Any]:
                for _ in range(args.batch)]
     params = SamplingParams(temperature=0.0, max_tokens=args.gen_len, ignore_eos=True, detokenize=False)
     llm.generate(prompts, params, use_tqdm=False)  # warm-up
-    times = []
-    for _ in range(args.repeats):
-        llm.reset_prefix_cache()  # every repeat computes its prompts again
+    ready = {"n_facts": n_facts, "engine_start_s": round(start_s, 1), "adapter_buffer_mib": round(adapter_bytes / 2**20, 1),
+             "rss_engine_mib": round((rss_started - rss_before) / 2**20, 1),
+             "rss_after_start_mib": round(rss_started / 2**20, 1)}
+    print("READY " + json.dumps(ready), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        llm.reset_prefix_cache()  # every round computes its prompts again
         t = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
-        times.append(time.perf_counter() - t)
+        elapsed = time.perf_counter() - t
         assert sum(len(o.outputs[0].token_ids) for o in outs) == args.batch * args.gen_len
-    generated = args.batch * args.gen_len
-    return {
-        "n_facts": n_facts,
-        "gen_tok_s_median": generated / statistics.median(times),
-        "gen_tok_s_best": generated / min(times),
-        "times_s": [round(t, 3) for t in times],
-        "engine_start_s": round(start_s, 1),
-        "adapter_buffer_mib": round(adapter_bytes / 2**20, 1),
-        "rss_after_start_mib": round(rss_started / 2**20, 1),
-        "rss_engine_mib": round((rss_started - rss_before) / 2**20, 1),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-    }
+        print(f"TIME {elapsed:.6f}", flush=True)
 
 
 # ------------------------------------------------------------------ driver
+def _read(child: subprocess.Popen, prefix: str) -> str:
+    for line in child.stdout:  # type: ignore[union-attr]
+        if line.startswith(prefix):
+            return line[len(prefix):].strip()
+    raise SystemExit(f"an engine exited before printing {prefix.strip()} (exit {child.wait()}); see its log")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.single is not None:
-        print("RESULT " + json.dumps(run_single(args, int(args.single))), flush=True)
+    if args.serve is not None:
+        serve(args, args.serve)
         return
-    sizes = [0] + [int(s) for s in args.facts.split(",") if s] + [0]
+    sizes = [int(s) for s in args.facts.split(",") if s != ""]
     child_args = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                  if k not in ("out", "single", "eager", "edit_layer")]
+                  if k not in ("out", "serve", "eager", "edit_layer", "facts")]
     child_args += ["--eager"] * args.eager + ([f"--edit-layer={args.edit_layer}"] if args.edit_layer is not None else [])
+    logs = Path(tempfile.mkdtemp(prefix="nkv-bench-logs-"))
+    children, ready = {}, {}
+    try:
+        for n in sizes:  # started one after another, so compilations do not compete with each other
+            log = open(logs / f"engine-{n}.log", "w")
+            children[n] = subprocess.Popen([sys.executable, __file__, *child_args, f"--serve={n}"], text=True,
+                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
+            ready[n] = json.loads(_read(children[n], "READY "))
+            print(f"ready: {json.dumps(ready[n])}", file=sys.stderr, flush=True)
+        times: dict[int, list[float]] = {n: [] for n in sizes}
+        for r in range(args.rounds):
+            order = sizes[r % len(sizes):] + sizes[:r % len(sizes)]  # rotate who goes first
+            for n in order:
+                children[n].stdin.write("run\n")  # type: ignore[union-attr]
+                children[n].stdin.flush()  # type: ignore[union-attr]
+                times[n].append(float(_read(children[n], "TIME ")))
+            print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n}: {times[n][-1]:.2f}s" for n in sizes),
+                  file=sys.stderr, flush=True)
+    finally:
+        for child in children.values():
+            if child.stdin:
+                child.stdin.close()
+        for child in children.values():
+            child.wait(timeout=120)
+
+    generated = args.batch * args.gen_len
+    base = sizes[0]
+    rows = [f"| facts | tok/s (median of {args.rounds}) | paired ratio to {base} facts (median) | "
+            "adapter buffers MiB | engine RSS MiB |", "|---:|---:|---:|---:|---:|"]
     results = []
     for n in sizes:
-        child = subprocess.run([sys.executable, __file__, *child_args, "--single", str(n)],
-                               capture_output=True, text=True)
-        lines = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
-        if child.returncode != 0 or not lines:
-            sys.stderr.write(child.stderr[-4000:])
-            raise SystemExit(f"configuration with {n} facts failed (exit {child.returncode})")
-        results.append(json.loads(lines[-1][len("RESULT "):]))
-        print(json.dumps(results[-1]), flush=True)
-    # On a shared machine the best of N repeats is the least disturbed by other load; the
-    # median is reported too. Both baselines (first and last run) are averaged.
-    base_best = statistics.mean(r["gen_tok_s_best"] for r in results if r["n_facts"] == 0)
-    base_median = statistics.mean(r["gen_tok_s_median"] for r in results if r["n_facts"] == 0)
-    rows = ["| facts | tok/s best | vs none | tok/s median | vs none | adapter buffers MiB | engine RSS MiB | peak RSS MiB |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in results:
-        best = 100.0 * (r["gen_tok_s_best"] / base_best - 1.0)
-        median = 100.0 * (r["gen_tok_s_median"] / base_median - 1.0)
-        rows.append(f"| {r['n_facts']:,} | {r['gen_tok_s_best']:.1f} | {best:+.1f}% | {r['gen_tok_s_median']:.1f} | "
-                    f"{median:+.1f}% | {r['adapter_buffer_mib']} | {r['rss_engine_mib']} | {r['peak_rss_mib']} |")
+        ratios = [tb / tn for tn, tb in zip(times[n], times[base])]  # throughput ratio, same round
+        result = {**ready[n], "times_s": [round(t, 4) for t in times[n]],
+                  "tok_s_median": generated / statistics.median(times[n]),
+                  "tok_s_best": generated / min(times[n]), "paired_ratio_median": statistics.median(ratios)}
+        results.append(result)
+        rows.append(f"| {n:,} | {result['tok_s_median']:.1f} | {100 * (result['paired_ratio_median'] - 1):+.1f}% | "
+                    f"{result['adapter_buffer_mib']} | {result['rss_engine_mib']} |")
     print("\n".join(rows))
     if args.out is not None:
-        args.out.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k not in ("out", "single")},
-                                        "baseline_tok_s_best": base_best, "baseline_tok_s_median": base_median,
-                                        "table": rows, "results": results}, indent=2) + "\n")
+        args.out.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k not in ("out", "serve")},
+                                        "generated_tokens_per_round": generated, "table": rows,
+                                        "results": results}, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ every loader shares, in every worker, before that first forward, is
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 from typing import Any
 
@@ -63,6 +64,11 @@ def install() -> None:
 
 def _load_with_nkv(original: Any, loader: Any, vllm_config: Any, model_config: Any, prefix: str,
                    config: NKVServeConfig) -> nn.Module:
+    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+        # The gated layer would live on one stage only; swaps and checks assume every rank has it.
+        raise NKVUnsupportedModelError("NKV in vLLM supports tensor parallelism, not pipeline parallelism "
+                                       f"(pipeline_parallel_size={vllm_config.parallel_config.pipeline_parallel_size}); "
+                                       "use tensor_parallel_size instead")
     adapter = resolve_adapter(config.adapter, revision=config.revision) if config.adapter else None
     if adapter is not None and config.layer is not None and config.layer != adapter.layer:
         raise NKVCompatibilityError(f"additional_config['nkv'] says layer {config.layer}, but the adapter "
@@ -155,14 +161,13 @@ def _enable_worker_methods(vllm_config: Any) -> None:
     This lets `llm.collective_rpc("nkv_load", ...)` work without the user passing
     `worker_extension_cls`; an engine started with it already set is left as is.
     """
-    from vllm.utils.import_utils import resolve_obj_by_qualname
-
     from .worker import NKVWorkerExtension
 
     worker_cls = vllm_config.parallel_config.worker_cls
     if not isinstance(worker_cls, str):
         return
-    worker_class = resolve_obj_by_qualname(worker_cls)
+    module_name, _, class_name = worker_cls.rpartition(".")
+    worker_class = getattr(importlib.import_module(module_name), class_name)
     if not issubclass(worker_class, NKVWorkerExtension):
         worker_class.__bases__ = worker_class.__bases__ + (NKVWorkerExtension,)
 
