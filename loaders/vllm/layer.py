@@ -70,7 +70,8 @@ class NKVGatedProjection(nn.Module):
         return (y, bias) if self._return_bias else y
 
     @torch.no_grad()
-    def load(self, adapter: NKVAdapter, gamma: float | None = None, source: str | None = None) -> None:
+    def load(self, adapter: NKVAdapter, gamma: float | None = None, source: str | None = None,
+             revision: str | None = None) -> None:
         """Copy `adapter`'s rows (this rank's key slice) into the buffers; pad the rest.
 
         The caller checks compatibility (`slot.check_adapter`); here only the invariants
@@ -88,7 +89,7 @@ class NKVGatedProjection(nn.Module):
         self.nkv_residuals[n:].zero_()
         value = float(adapter.gamma if gamma is None else gamma)
         self.nkv_gamma.fill_(value)
-        self.slot = _replace(self.slot, n_facts=n, gamma=value, source=source)
+        self.slot = _replace(self.slot, n_facts=n, gamma=value, source=source, revision=revision)
 
     @torch.no_grad()
     def clear(self) -> None:
@@ -97,7 +98,7 @@ class NKVGatedProjection(nn.Module):
         self.nkv_key_inv_norms.zero_()
         self.nkv_residuals.zero_()
         self.nkv_gamma.fill_(1.0)
-        self.slot = _replace(self.slot, n_facts=0, gamma=None, source=None)
+        self.slot = _replace(self.slot, n_facts=0, gamma=None, source=None, revision=None)
 
     def extra_repr(self) -> str:
         s = self.slot

@@ -72,7 +72,8 @@ def _load_with_nkv(original: Any, loader: Any, vllm_config: Any, model_config: A
     adapter = resolve_adapter(config.adapter, revision=config.revision) if config.adapter else None
     if adapter is not None and config.layer is not None and config.layer != adapter.layer:
         raise NKVCompatibilityError(f"additional_config['nkv'] says layer {config.layer}, but the adapter "
-                                    f"{config.adapter} edits layer {adapter.layer}; drop 'layer' or make them agree")
+                                    f"{config.adapter} edits layer {adapter.layer}; drop 'layer' or make them "
+                                    "agree")
     layer = adapter.layer if config.layer is None else config.layer
     capacity = adapter.n_facts if config.capacity is None else config.capacity
     model_type = model_config.hf_config.model_type
@@ -107,7 +108,7 @@ def _load_with_nkv(original: Any, loader: Any, vllm_config: Any, model_config: A
     setattr(model.get_submodule(parent_path), name, module)
     if adapter is not None:
         check_adapter(adapter, slot, strict=config.strict)
-        module.load(adapter, gamma=config.gamma, source=config.adapter)
+        module.load(adapter, gamma=config.gamma, source=config.adapter, revision=config.revision)
     _enable_worker_methods(vllm_config)
     logger.info("NKV: gated %s (capacity %d, tp %d/%d) with %s", path, capacity, slot.tp_rank, slot.tp_size,
                 f"{adapter.n_facts} facts from {config.adapter}" if adapter is not None else "no facts yet")
@@ -181,9 +182,9 @@ def gated_module(model: nn.Module) -> NKVGatedProjection | None:
 
 
 def load_into(module: NKVGatedProjection, adapter: NKVAdapter, *, strict: bool, gamma: float | None,
-              source: str | None) -> None:
+              source: str | None, revision: str | None = None) -> None:
     check_adapter(adapter, module.slot, strict=strict)
-    module.load(adapter, gamma=gamma, source=source)
+    module.load(adapter, gamma=gamma, source=source, revision=revision)
 
 
 __all__ = ["install", "gated_module", "load_into"]

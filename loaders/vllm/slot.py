@@ -35,6 +35,7 @@ class SlotInfo:
     n_facts: int = 0  # rows in use now
     gamma: float | None = None  # threshold in use now
     source: str | None = None  # what was loaded last (path or repo id)
+    revision: str | None = None  # its Hub revision, if a repo id
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -39,7 +39,8 @@ class NKVWorkerExtension:
         from .load_hook import load_into
 
         module = self._nkv_module()
-        load_into(module, resolve_adapter(source, revision=revision), strict=strict, gamma=gamma, source=source)
+        load_into(module, resolve_adapter(source, revision=revision), strict=strict, gamma=gamma, source=source,
+                  revision=revision)
         return module.slot.to_dict()
 
     def nkv_clear(self) -> dict[str, Any]:
