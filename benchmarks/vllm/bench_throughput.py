@@ -118,7 +118,8 @@ def serve(args: argparse.Namespace, n_facts: int) -> None:
                for _ in range(args.batch)]
     params = SamplingParams(temperature=0.0, max_tokens=args.gen_len, ignore_eos=True, detokenize=False)
     llm.generate(prompts, params, use_tqdm=False)  # warm-up
-    ready = {"n_facts": n_facts, "engine_start_s": round(start_s, 1), "adapter_buffer_mib": round(adapter_bytes / 2**20, 1),
+    ready = {"n_facts": n_facts, "engine_start_s": round(start_s, 1),
+             "adapter_buffer_mib": round(adapter_bytes / 2**20, 1),
              "rss_engine_mib": round((rss_started - rss_before) / 2**20, 1),
              "rss_after_start_mib": round(rss_started / 2**20, 1)}
     print("READY " + json.dumps(ready), flush=True)
@@ -165,7 +166,9 @@ def main(argv: list[str] | None = None) -> None:
     sizes = [int(s) for s in args.facts.split(",") if s != ""]
     child_args = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                   if k not in ("out", "serve", "summarize", "eager", "edit_layer", "facts")]
-    child_args += ["--eager"] * args.eager + ([f"--edit-layer={args.edit_layer}"] if args.edit_layer is not None else [])
+    child_args += ["--eager"] * args.eager
+    if args.edit_layer is not None:
+        child_args.append(f"--edit-layer={args.edit_layer}")
     logs = Path(tempfile.mkdtemp(prefix="nkv-bench-logs-"))
     children, ready = {}, {}
     try:
@@ -211,8 +214,8 @@ def summarize(report: dict[str, Any]) -> str:
     base = results[0]
     h, f, n_layers, v = a["hidden"], a["intermediate"], a["layers"], a["vocab"]
     weights_read = n_layers * (4 * h * h + 3 * h * f) + v * h  # per decode step: blocks + lm_head
-    rows = [f"| facts | tok/s best | vs none | tok/s median | paired vs none (median) | predicted (bytes) | "
-            f"adapter buffers MiB | engine RSS MiB |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| facts | tok/s best | vs none | tok/s median | paired vs none (median) | predicted (bytes) | "
+            "adapter buffers MiB | engine RSS MiB |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         best, median = generated / min(r["times_s"]), generated / statistics.median(r["times_s"])
         base_best = generated / min(base["times_s"])

@@ -64,11 +64,11 @@ def install() -> None:
 
 def _load_with_nkv(original: Any, loader: Any, vllm_config: Any, model_config: Any, prefix: str,
                    config: NKVServeConfig) -> nn.Module:
-    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+    pp = vllm_config.parallel_config.pipeline_parallel_size
+    if pp > 1:
         # The gated layer would live on one stage only; swaps and checks assume every rank has it.
         raise NKVUnsupportedModelError("NKV in vLLM supports tensor parallelism, not pipeline parallelism "
-                                       f"(pipeline_parallel_size={vllm_config.parallel_config.pipeline_parallel_size}); "
-                                       "use tensor_parallel_size instead")
+                                       f"(pipeline_parallel_size={pp}); use tensor_parallel_size instead")
     adapter = resolve_adapter(config.adapter, revision=config.revision) if config.adapter else None
     if adapter is not None and config.layer is not None and config.layer != adapter.layer:
         raise NKVCompatibilityError(f"additional_config['nkv'] says layer {config.layer}, but the adapter "
