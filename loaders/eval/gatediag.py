@@ -102,6 +102,10 @@ class GateDiagnostics:
     paraphrase_n: int
     false_fire: float  # share of unrelated-text tokens that fired
     unrelated_tokens: int
+    # The part of false_fire on tokens that are some edited subject's last token (" Junior",
+    # " University": the shared-last-token weak spot), as a share of all unrelated tokens.
+    false_fire_shared: float = 0.0
+    shared_tokens: int = 0  # unrelated tokens that are an edited subject's last token
     positives: list[float] = field(default_factory=list)  # max cosine at subject tokens
     negatives: list[float] = field(default_factory=list)  # max cosine at unrelated tokens
     own_cosine: list[float] = field(default_factory=list)  # cosine with the fact's own row (edit prompts)
@@ -119,7 +123,8 @@ class GateDiagnostics:
         return {"gamma": self.gamma, "edit_right": self.edit_right, "edit_n": self.edit_n,
                 "edit_other_fires": self.edit_other_fires, "paraphrase_right": self.paraphrase_right,
                 "paraphrase_n": self.paraphrase_n, "false_fire": self.false_fire,
-                "unrelated_tokens": self.unrelated_tokens, "positives": quantiles(self.positives),
+                "unrelated_tokens": self.unrelated_tokens, "false_fire_shared": self.false_fire_shared,
+                "shared_tokens": self.shared_tokens, "positives": quantiles(self.positives),
                 "negatives": quantiles(self.negatives), "own_cosine": quantiles(self.own_cosine)}
 
 
@@ -135,10 +140,12 @@ def diagnose(model: nn.Module, tokenizer: Any, handle: Any, items: Sequence[tupl
     positives, own, flags = [], [], []
     other_fired = other_total = 0
     keys = handle.adapter.keys.float()
+    last_tokens: set[int] = set()
     for (fact, row, _), trace, pos in zip(items, edit, where):
         if pos is None:
             flags.append(False)
             continue
+        last_tokens.add(trace.ids[pos])
         positives.append(float(trace.score[pos]))
         flags.append(row is not None and bool(trace.fired[pos]) and int(trace.index[pos]) == row)
         mask = torch.ones_like(trace.fired)
@@ -161,12 +168,16 @@ def diagnose(model: nn.Module, tokenizer: Any, handle: Any, items: Sequence[tupl
     neg = gate_trace(model, tokenizer, handle, unrelated, batch_size)
     negatives = [float(s) for t in neg for s in t.score.tolist()]
     fired = sum(int(t.fired.sum()) for t in neg)
+    shared = [torch.tensor([i in last_tokens for i in t.ids], dtype=torch.bool) for t in neg]
+    fired_shared = sum(int((t.fired & m).sum()) for t, m in zip(neg, shared))
     return GateDiagnostics(
         gamma=float(handle.adapter.gamma),
         edit_right=sum(flags) / len(items) if items else float("nan"), edit_n=len(items),
         edit_other_fires=other_fired / other_total if other_total else 0.0,
         paraphrase_right=para_right / para_n if para_n else float("nan"), paraphrase_n=para_n,
         false_fire=fired / len(negatives) if negatives else float("nan"), unrelated_tokens=len(negatives),
+        false_fire_shared=fired_shared / len(negatives) if negatives else float("nan"),
+        shared_tokens=sum(int(m.sum()) for m in shared),
         positives=positives, negatives=negatives, own_cosine=own, edit_right_flags=flags)
 
 

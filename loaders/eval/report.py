@@ -25,6 +25,7 @@ GATE: list[tuple[str, str]] = [
     ("paraphrase_right", "gate: right fact at subject, paraphrases"),
     ("edit_other_fires", "gate: fires at other tokens of edit prompts"),
     ("false_fire", "gate: false fires, unrelated tokens"),
+    ("false_fire_shared", "  of which on an edited subject's last token"),
 ]
 WEAK_SPOTS: list[tuple[str, str]] = [
     ("specificity_tagged_shared", "specificity, facts tagged shared_last_token"),
@@ -49,11 +50,12 @@ class EvalReport:
     gate: dict[str, Any]
     weak_spots: dict[str, dict[str, Any]]
     settings: dict[str, Any]
+    by_relation: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # relation -> E/G/S
     cosines: dict[str, list[float]] = field(default_factory=dict, repr=False)  # for the plot, not in JSON
 
     def to_dict(self) -> dict[str, Any]:
         return {"data": self.data, "adapter": self.adapter, "metrics": self.metrics, "gate": self.gate,
-                "weak_spots": self.weak_spots, "settings": self.settings}
+                "weak_spots": self.weak_spots, "by_relation": self.by_relation, "settings": self.settings}
 
     def summary(self) -> dict[str, Any]:
         """The compact record `--write-back` stores in the adapter's `nkv.eval` (model cards show it)."""
@@ -77,16 +79,22 @@ class EvalReport:
             if m and m.get("n"):
                 lines.append(f"{label:<{width}}{_cell(m.get('pre')):>9}{_cell(m.get('post')):>9}{m['n']:>8}")
         for key, label in GATE:
-            n = self.gate.get({"edit_right": "edit_n", "paraphrase_right": "paraphrase_n",
-                               "false_fire": "unrelated_tokens"}.get(key, "edit_n"), 0)
+            n = self.gate.get({"edit_right": "edit_n", "paraphrase_right": "paraphrase_n", "false_fire": "unrelated_tokens",
+                               "false_fire_shared": "unrelated_tokens"}.get(key, "edit_n"), 0)
             if _finite(self.gate.get(key)) and n:
-                lines.append(f"{label:<{width}}{'-':>9}{_cell(self.gate[key]):>9}{n:>8}")
+                digits = 3 if key.startswith("false_fire") else 2  # targets are ~0.1% of tokens
+                lines.append(f"{label:<{width}}{'-':>9}{_cell(self.gate[key], digits):>9}{n:>8}")
         spots = [(k, label) for k, label in WEAK_SPOTS if self.weak_spots.get(k, {}).get("n")]
         if spots:
             lines.append("weak spots:")
             for key, label in spots:
                 m = self.weak_spots[key]
                 lines.append(f"{label:<{width}}{_cell(m.get('pre')):>9}{_cell(m.get('post')):>9}{m['n']:>8}")
+        if self.by_relation:
+            lines.append("by relation (post: E / G / S):")
+            for rel, ms in self.by_relation.items():
+                cells = " / ".join(_cell(ms[k].get("post")) for k in ("efficacy", "generalization", "specificity"))
+                lines.append(f"  {rel:<{width - 2}}{cells:>26}{ms['efficacy']['n']:>8}")
         unrelated = self.settings.get("unrelated_source")
         if unrelated:
             lines.append(f"(unrelated text: {unrelated}; shares in %, fluency x100)")
@@ -97,8 +105,8 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def _cell(value: Any) -> str:
-    return f"{value:.2f}" if _finite(value) else "-"
+def _cell(value: Any, digits: int = 2) -> str:
+    return f"{value:.{digits}f}" if _finite(value) else "-"
 
 
 def pct(value: float | None) -> float | None:

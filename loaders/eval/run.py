@@ -318,18 +318,26 @@ def evaluate_adapter(model: nn.Module, tokenizer: Any, handle: Any, facts: Seque
         if diag is not None:
             spots["multi_fact_gate_right"] = _metric(None, _select([float(x) for x in diag.edit_right_flags], multi))
 
+    by_relation: dict[str, dict[str, Any]] = {}
+    relations = [sorted(_edited_relations(f)) for f in facts]
+    for rel in sorted({r for rs in relations for r in rs}):
+        keep = [rel in rs for rs in relations]
+        by_relation[rel] = {k: _metric(_select(per["pre"][k], keep), _select(per["post"][k], keep))
+                            for k in ("efficacy", "generalization", "specificity")}
+
     gate: dict[str, Any] = {}
     if diag is not None:
         gate = diag.to_dict()
         for key in ("edit_right", "paraphrase_right", "edit_other_fires"):
             gate[key] = pct(gate[key])
-        gate["false_fire"] = None if math.isnan(gate["false_fire"]) else round(100 * gate["false_fire"], 4)
+        for key in ("false_fire", "false_fire_shared"):  # finer than pct: targets are ~0.1%
+            gate[key] = None if math.isnan(gate[key]) else round(100 * gate[key], 4)
     report = EvalReport(
         data={"name": data_name, "n_facts": n, "protocol": protocol, "paraphrases": len(cases.paraphrases),
               "neighbours": len(cases.neighbours)},
         adapter={"n_facts": adapter.n_facts, "layer": adapter.layer, "gamma": adapter.gamma,
                  "matched": sum(r is not None for r in rows)},
-        metrics=metrics, gate=gate, weak_spots=spots,
+        metrics=metrics, gate=gate, weak_spots=spots, by_relation=by_relation,
         settings={**asdict(options), "protocol": protocol, "tool": f"nkv {__version__}",
                   "unrelated_source": unrelated_name or "given lines",
                   "fluency_samples_post": post.get("fluency_samples", [])},
