@@ -39,11 +39,14 @@ def _layer(value: str | None) -> int | str | None:
               help="Layer to edit; default: the family's default; 'auto': a short sweep on a sample of the facts.")
 @click.option("--gamma", default=0.65, show_default=True, type=click.FloatRange(0, 1),
               help="Gate threshold stored in the adapter (cosine).")
-@click.option("--steps", type=click.IntRange(1), help="Optimisation steps per fact [default: per family, 20-25].")
-@click.option("--lr", type=click.FloatRange(0, min_open=True), help="Adam step relative to ||h0|| [default: 0.1].")
+@click.option("--steps", type=click.IntRange(1),
+              help="Optimisation steps per fact [default: 25, GPT-2 20; 40 for models with d_model <= 256].")
+@click.option("--lr", type=click.FloatRange(0, min_open=True),
+              help="Adam step relative to ||h0|| [default: 0.2; 0.3 for d_model <= 256].")
 @click.option("--kl-factor", type=click.FloatRange(0), help="Weight of the KL term [default: 0.0625].")
 @click.option("--weight-decay", type=click.FloatRange(0), help="Weight of ||δ||/||h0|| [default: 0.01].")
-@click.option("--clamp", type=click.FloatRange(0, min_open=True), help="Max ||δ|| / ||h0|| [default: 0.75].")
+@click.option("--clamp", type=click.FloatRange(0, min_open=True),
+              help="Max ||δ|| / ||h0|| [default: 0.75; 2 for d_model <= 256].")
 @click.option("--prefixes", "n_prefixes", type=click.IntRange(0), help="Generated context prefixes [default: 5].")
 @click.option("--batch-size", type=click.IntRange(1), help="Facts per forward/backward [default: 64].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)

@@ -214,6 +214,9 @@ def test_config_validation_and_defaults():
     with pytest.raises(NKVUnsupportedModelError, match="supported: .*gpt2.*llama"):
         default_config("t5")
     assert default_config("gpt2").steps == 20 and default_config("llama").steps == 25
+    assert default_config("llama").clamp == 0.75  # MEMIT's value for full-size models
+    toy = default_config(tm.tiny_model("gpt2"), steps=3)  # d_model 64: the toy-size defaults
+    assert (toy.clamp, toy.lr, toy.steps) == (2.0, 0.3, 3)
     big = copy.deepcopy(tm._configs()["llama"])
     big.num_hidden_layers = 32
     from transformers import AutoModelForCausalLM
