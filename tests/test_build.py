@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 
 import pytest
 import torch
@@ -99,10 +100,12 @@ def test_batched_equals_one_fact_at_a_time_reference():
     torch.testing.assert_close(batched.loss, reference.loss.to(batched.loss.dtype), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("layer", [0, 1])
 @pytest.mark.parametrize("model_type", tm.MODEL_TYPES)
-def test_prefix_cache_and_buckets_match_whole_sequences(model_type, monkeypatch):
+def test_prefix_cache_buckets_and_replay_match_whole_sequences(model_type, layer, monkeypatch):
     """The batched path runs only the tokens from the subject on, over a cache of the rest,
-    in length buckets; the reference runs whole sequences. Same numbers on every family."""
+    in length buckets, replaying blocks 0..layer; the reference runs whole sequences
+    through every block. Same numbers on every family."""
     from nkv.loaders.build import batch
 
     monkeypatch.setitem(batch.FORWARD_COST_IN_TOKENS, "cpu", 0)  # force several buckets
@@ -110,13 +113,34 @@ def test_prefix_cache_and_buckets_match_whole_sequences(model_type, monkeypatch)
     facts = FACTS + [Fact("t1", "The", "The guitar is made of", "wood"),  # one-token subject first: no prefix
                      Fact("lg", "Berlin", "In Europe, Berlin, Rome, Madrid, London and Vienna are", "towns")]
     config = default_config(model_type, steps=4, lr=0.2, clamp=2.0, n_prefixes=2, prefix_length=4)
-    with frozen(model):
-        tokens, h0 = _tokens_and_h0(model, tok, facts)
+    with frozen(model), warnings.catch_warnings():
+        warnings.simplefilter("error")  # replay must agree with the hooked forward, not fall back
+        tokens, h0 = _tokens_and_h0(model, tok, facts, layer)
         split = batch.FactBatch(tokens, 0, torch.device("cpu"))
         assert min(split.pre_len) == 0 and len(split.select(list(range(len(facts))))) > 1
-        batched = optimize_residuals(model, 0, tokens, h0, config, pad_id=0)
-        reference = optimize_residuals_reference(model, 0, tokens, h0, config, pad_id=0)
+        batched = optimize_residuals(model, layer, tokens, h0, config, pad_id=0)
+        reference = optimize_residuals_reference(model, layer, tokens, h0, config, pad_id=0)
     torch.testing.assert_close(batched.loss, reference.loss.to(batched.loss.dtype), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(batched.residuals, reference.residuals, atol=1e-5, rtol=1e-4)
+
+
+def test_a_replay_that_disagrees_falls_back_to_all_layers(monkeypatch):
+    from nkv.loaders.build import batch
+
+    real = batch.FactBatch.record_layer
+
+    def corrupted(self, model, layer):
+        real(self, model, layer)
+        self.layer_out = self.layer_out + 1.0  # as if a model's loop did something the stand-ins miss
+
+    monkeypatch.setattr(batch.FactBatch, "record_layer", corrupted)
+    model, tok = tm.tiny_model("llama"), tm.tiny_tokenizer()
+    config = default_config("llama", steps=3, lr=0.2, n_prefixes=1, prefix_length=3)
+    with frozen(model):
+        tokens, h0 = _tokens_and_h0(model, tok, FACTS)
+        with pytest.warns(UserWarning, match="running all layers"):
+            batched = optimize_residuals(model, 0, tokens, h0, config, pad_id=0)
+        reference = optimize_residuals_reference(model, 0, tokens, h0, config, pad_id=0)
     torch.testing.assert_close(batched.residuals, reference.residuals, atol=1e-5, rtol=1e-4)
 
 

@@ -39,6 +39,8 @@ class Selection:
     target_fact: torch.Tensor  # (E,) active fact of each target position
     target_weight: torch.Tensor  # (E,) 1 / (target length * templates): per-token and template mean
     kl_fact: torch.Tensor  # (K,) active fact of each KL row
+    layer_out: torch.Tensor | None = None  # (S, W, d_model) recorded output of the edited block
+    layer_tuple: bool = False  # whether that block returns a tuple
 
 
 class FactBatch:
@@ -81,6 +83,8 @@ class FactBatch:
         for name in ("pre_ids", "pre_mask", "pre_pos", "suf_ids", "suf_mask", "suf_pos"):
             setattr(self, name, getattr(self, name).to(device))
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.layer_out: torch.Tensor | None = None
+        self.layer_tuple = False
 
     @property
     def prefix_width(self) -> int:
@@ -97,6 +101,25 @@ class FactBatch:
             return False
         self.kv = kv
         return True
+
+    @torch.no_grad()
+    def record_layer(self, model: nn.Module, layer: int) -> None:
+        """Keep block `layer`'s output at every suffix position (δ = 0), for replay.py."""
+        from ..architectures import blocks
+        from .hooks import StopForward, block_output, hooks
+
+        def take(module: nn.Module, args: tuple, out: object) -> None:
+            self.layer_tuple = isinstance(out, tuple)
+            self.layer_out = block_output(out).detach()
+            raise StopForward
+
+        cache = {"past_key_values": make_cache(self.kv), "use_cache": True} if self.kv is not None else {}
+        mask = torch.cat([self.pre_mask, self.suf_mask], dim=1)
+        with hooks(blocks(model)[layer].register_forward_hook(take)):
+            try:
+                model(input_ids=self.suf_ids, attention_mask=mask, position_ids=self.suf_pos, **cache)
+            except StopForward:
+                pass
 
     def select(self, active: list[int], max_buckets: int = 4) -> list[Selection]:
         """Model inputs for the facts `active` (indices into this batch), in length buckets.
@@ -144,6 +167,8 @@ class FactBatch:
             gather_rows=t(t_rows + kl_rows), gather_cols=t(t_cols + kl_cols),
             labels=t(t_label), target_fact=t(t_fact), target_weight=t(t_weight, torch.float32),
             kl_fact=t(kl_fact),
+            layer_out=None if self.layer_out is None else self.layer_out[idx, :width],
+            layer_tuple=self.layer_tuple,
         )
 
 
