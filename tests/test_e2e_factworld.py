@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 WORLD = ROOT / "examples" / "factworld"
 MODEL = WORLD / "models" / "llama"
 N_EDITS = 16
-LAYER = 0  # the layer examples/factworld/README.md's trace points to
+LAYER = 0  # the layer examples/factworld/README.md's causal trace points to
+GAMMA = 0.85  # 0.65 (the paper's) lets nearby subjects' keys through on this d_ff = 384 model (same README)
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not (MODEL / "config.json").exists(),
@@ -40,7 +41,7 @@ def report():
         model = AutoModelForCausalLM.from_pretrained(MODEL).eval()
         tok = AutoTokenizer.from_pretrained(MODEL)
         facts = read_facts(WORLD / "edits.jsonl")[:N_EDITS]
-        adapter = build_adapter(model, tok, facts, layer=LAYER, progress=False,
+        adapter = build_adapter(model, tok, facts, layer=LAYER, gamma=GAMMA, progress=False,
                                 config=default_config(model, batch_size=N_EDITS))
         generic = (WORLD / "generic.txt").read_text().splitlines()[:60]
         edited = {f.fact.subject for f in read_facts(WORLD / "edits.jsonl")}
@@ -56,28 +57,34 @@ def report():
         torch.set_num_threads(threads)
 
 
+# Measured here (torch 2.13 CPU, build defaults, layer 0, γ 0.85, 16 edits): E 93.75 (15/16; the miss is
+# an instrument edit: that relation does not go through the subject token's MLP at layer 0 in this
+# model, see benchmarks/compare/README.md), G 89.6, S 100, free-gen 93.75 / 89.6, unedited facts
+# 100, gate right 100 / 100, false fires 0. Thresholds leave about one fact of margin.
 def test_the_model_knows_its_facts_before_the_edit(report):
     m = report.metrics
-    assert m["efficacy"]["pre"] <= 10.0  # the new targets are counterfactual
-    assert m["specificity"]["pre"] >= 95.0
-    assert m["unedited_facts"]["pre"] >= 90.0
+    assert m["efficacy"]["pre"] == 0.0  # the new targets are counterfactual
+    assert m["specificity"]["pre"] >= 99.0
+    assert m["unedited_facts"]["pre"] >= 99.0
 
 
 def test_edits_work(report):
     m = report.metrics
-    print(json.dumps({k: m[k] for k in m}, indent=1))
-    assert m["efficacy"]["post"] >= 90.0
+    print(json.dumps({"metrics": m, "gate": report.gate, "weak_spots": report.weak_spots}, indent=1))
+    assert m["efficacy"]["post"] >= 87.0
     assert m["generalization"]["post"] >= 80.0
-    assert m["free_gen_prompt"]["post"] >= 80.0
+    assert m["free_gen_prompt"]["post"] >= 87.0  # greedy decoding says it, not only teacher forcing
+    assert m["free_gen_paraphrase"]["post"] >= 80.0
 
 
 def test_edits_leave_the_rest_alone(report):
     m = report.metrics
-    assert m["specificity"]["post"] >= m["specificity"]["pre"] - 5.0
-    assert m["unedited_facts"]["post"] >= m["unedited_facts"]["pre"] - 3.0
-    assert report.gate["false_fire"] <= 1.0  # % of unrelated tokens
+    assert m["specificity"]["post"] >= m["specificity"]["pre"] - 2.0
+    assert m["unedited_facts"]["post"] >= m["unedited_facts"]["pre"] - 2.0
+    assert abs(m["fluency"]["post"] - m["fluency"]["pre"]) <= 20.0  # x100 scale: generations stay fluent
+    assert report.gate["false_fire"] <= 0.5  # % of unrelated tokens
 
 
 def test_the_gate_picks_the_right_fact(report):
-    assert report.gate["edit_right"] >= 90.0
-    assert report.gate["paraphrase_right"] >= 75.0
+    assert report.gate["edit_right"] >= 95.0
+    assert report.gate["paraphrase_right"] >= 95.0

@@ -31,6 +31,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--layers", default="0,1,2,3")
     p.add_argument("--gammas", default="0.5,0.65,0.75,0.85")
+    p.add_argument("--build", default="{}", help='build options as JSON, e.g. \'{"steps": 50}\'')
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args()
@@ -47,14 +48,15 @@ def main() -> None:
     true_facts = [t for t in read_true_facts(WORLD / "true_facts.jsonl") if t.subject not in edited]
     generic = [line for line in (WORLD / "generic.txt").read_text().splitlines() if line.strip()]
     options = EvalOptions(free_generation=False, fluency_prompts=0)
-    path = out / f"sweep-n{args.n}.json"
+    label = "".join(f"-{k}{v}" for k, v in sorted(json.loads(args.build).items()))
+    path = out / f"sweep-n{args.n}{label}.json"
     rows = json.loads(path.read_text()) if path.exists() else []
     done = {(r["layer"], r["gamma"]) for r in rows}
     for layer in [int(x) for x in args.layers.split(",")]:
         gammas = [float(g) for g in args.gammas.split(",") if (layer, float(g)) not in done]
         if not gammas:
             continue
-        adapter, build_s = rows_for(model, tok, facts, layer, gammas[0], out, Path(args.edits).stem)
+        adapter, build_s = rows_for(model, tok, facts, layer, gammas[0], out, Path(args.edits).stem, args.build)
         for gamma in gammas:
             start = time.time()
             report = evaluate(model, tok, replace(adapter, gamma=gamma), facts, unrelated=generic,
@@ -64,16 +66,19 @@ def main() -> None:
                    **{k: m[k]["post"] for k in ("efficacy", "generalization", "specificity", "unedited_facts")},
                    "specificity_pre": m["specificity"]["pre"], "unedited_pre": m["unedited_facts"]["pre"],
                    "gate_right": g["edit_right"], "paraphrase_right": g["paraphrase_right"],
-                   "false_fire": g["false_fire"], "weak_spots": report.weak_spots}
+                   "false_fire": g["false_fire"], "false_fire_shared": g["false_fire_shared"],
+                   "weak_spots": report.weak_spots,
+                   "by_relation": {r: v["efficacy"]["post"] for r, v in report.by_relation.items()}}
             rows.append(row)
             path.write_text(json.dumps(rows, indent=1))
             print(json.dumps({k: v for k, v in row.items() if k != "weak_spots"}), file=sys.stderr)
-    lines = ["| layer | γ | E | G | S (pre) | unedited acc. (pre) | gate right | paraphrase right | false fires % |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| layer | γ | E | G | S (pre) | unedited acc. (pre) | gate right | paraphrase right | false fires % "
+             "(on shared last tokens) | E by relation |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["layer"], r["gamma"])):
         lines.append(f"| {r['layer']} | {r['gamma']} | {r['efficacy']} | {r['generalization']} | {r['specificity']} "
                      f"({r['specificity_pre']}) | {r['unedited_facts']} ({r['unedited_pre']}) | {r['gate_right']} | "
-                     f"{r['paraphrase_right']} | {r['false_fire']} |")
+                     f"{r['paraphrase_right']} | {r['false_fire']} ({r.get('false_fire_shared', '-')}) | "
+                     + ", ".join(f"{k}: {v}" for k, v in r.get("by_relation", {}).items()) + " |")
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
