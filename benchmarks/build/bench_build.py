@@ -8,7 +8,9 @@ torch.optim.Adam); the batched build puts `--batch-size` facts in each forward/b
     python benchmarks/build/bench_build.py --model examples/factworld/models/llama \\
         --facts examples/factworld/edits.jsonl --n 64 --batch-size 64 --threads 1
 
-`--model tiny:<model_type>` uses a random tiny model from tests/tiny_models.py.
+`--model tiny:<model_type>` uses a random tiny model from tests/tiny_models.py;
+`--random` initialises the model of `--model`'s config randomly (a real size without its
+weights, e.g. a Llama-3-8B config folder on a GPU: `--random --device cuda --dtype bfloat16`).
 """
 
 from __future__ import annotations
@@ -27,17 +29,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load(model_arg: str):
-    if model_arg.startswith("tiny:"):
+def _load(args: argparse.Namespace):
+    import torch
+
+    dtype = getattr(torch, args.dtype)
+    if args.model.startswith("tiny:"):
         sys.path.insert(0, str(ROOT / "tests"))
         import tiny_models
 
-        return tiny_models.tiny_model(model_arg[5:]), tiny_models.tiny_tokenizer()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+        model, tok = tiny_models.tiny_model(args.model[5:], dtype=dtype), tiny_models.tiny_tokenizer()
+    else:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(model_arg)
-    model.eval()
-    return model, AutoTokenizer.from_pretrained(model_arg)
+        tok = AutoTokenizer.from_pretrained(args.model)
+        if args.random:
+            torch.manual_seed(0)
+            with torch.device(args.device):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model), dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    return model.to(args.device).eval(), tok
 
 
 def run_mode(args: argparse.Namespace) -> dict:
@@ -53,7 +64,7 @@ def run_mode(args: argparse.Namespace) -> dict:
     from nkv.loaders.transformers import attach
 
     torch.set_num_threads(args.threads)
-    model, tok = _load(args.model)
+    model, tok = _load(args)
     items = read_facts(args.facts)[: args.n]
     overrides = {"batch_size": args.batch_size if args.mode == "batched" else 1}
     if args.steps:
@@ -78,6 +89,7 @@ def run_mode(args: argparse.Namespace) -> dict:
         "mode": args.mode, "n_facts": len(facts), "layer": layer, "steps": config.steps,
         "batch_size": config.batch_size, "seconds": round(seconds, 3), "facts_per_s": round(len(facts) / seconds, 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_gpu_mb": (round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None),
         "mean_updates": round(float(rows["steps"].float().mean()), 2),
         "edit_first_token": round(sum(s.first_token_hit for s in edit) / len(edit), 4),
         "edit_token_acc": round(sum(s.accuracy for s in edit) / len(edit), 4),
@@ -94,6 +106,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="default: the family's default")
     parser.add_argument("--layer", type=int, help="default: the family's default layer")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in both modes")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--random", action="store_true", help="random weights of --model's config")
     parser.add_argument("--mode", choices=["batched", "reference"], help=argparse.SUPPRESS)
     parser.add_argument("--save", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -120,7 +135,8 @@ def main() -> None:
     report = {
         "command": "python benchmarks/build/bench_build.py " + " ".join(sys.argv[1:]),
         "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
-                    "torch": torch.__version__, "load_avg_at_end": os.getloadavg()[0]},
+                    "torch": torch.__version__, "load_avg_at_end": os.getloadavg()[0],
+                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
         "batched": results["batched"], "reference": results["reference"],
         "speedup": round(results["batched"]["facts_per_s"] / results["reference"]["facts_per_s"], 2),
         "residual_rel_diff_max": float(diff.max()),
