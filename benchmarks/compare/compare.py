@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 WORLD = ROOT / "examples" / "factworld"
+CACHE = Path(tempfile.gettempdir()) / "nkv-bench-compare"  # built rows: MBs, not worth committing
 sys.path.insert(0, str(HERE))
 
 from linear import (ALPHAEDIT_L2, ALPHAEDIT_TAU, MEMIT_LAMBDA, WeightEditHandle, alphaedit_delta,  # noqa: E402
@@ -47,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--true-facts-limit", type=int, default=500)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on shared cores)")
     p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--cache", default=str(CACHE), help="built rows (.nkv) are kept here between runs")
     p.add_argument("--tag", default="", help="suffix of result file names (e.g. a sweep point)")
     return p.parse_args(argv)
 
@@ -58,15 +61,26 @@ def load_model(path: str):
 
 
 def rows_for(model, tokenizer, facts, layer: int, gamma: float, out: Path, stem: str, build: str = "{}"):
-    """The NKV adapter for `facts` at `layer` (build options: a JSON object), built once and cached."""
+    """The NKV adapter for `facts` at `layer` (build options: a JSON object), built once and cached in `out`."""
     from dataclasses import replace
 
     from nkv.adapter import NKVAdapter
     from nkv.loaders.build import build_adapter, default_config
 
+    out.mkdir(parents=True, exist_ok=True)
     overrides = json.loads(build)
     label = "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
     path = out / f"rows-{stem}-L{layer}-n{len(facts)}{label}.nkv"
+    ids = [f.fact.id for f in facts]
+    for bigger in sorted(out.glob(f"rows-{stem}-L{layer}-n*{label}.nkv")):
+        # Rows are independent: a cached build of more facts holds these rows exactly.
+        n_cached = int(bigger.stem.removeprefix(f"rows-{stem}-L{layer}-n").split("-")[0])
+        if n_cached > len(facts) and bigger.stem == f"rows-{stem}-L{layer}-n{n_cached}{label}":
+            cached = NKVAdapter.load(bigger)
+            if cached.ids[: len(ids)] == ids:
+                print(f"rows: the first {len(ids)} rows of {bigger.name}", file=sys.stderr)
+                build_s = json.loads(bigger.with_suffix(".json").read_text())["build_s"] * len(ids) / n_cached
+                return replace(cached.select(ids), gamma=gamma), build_s
     if path.exists():
         adapter = NKVAdapter.load(path)
         print(f"rows: reusing {path.name}", file=sys.stderr)
@@ -106,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     known = read_true_facts(args.true_facts)
     generic = [line for line in Path(args.generic).read_text().splitlines() if line.strip()]
 
-    adapter, build_s = rows_for(model, tok, facts, layer, args.gamma, out, Path(args.edits).stem, args.build)
+    adapter, build_s = rows_for(model, tok, facts, layer, args.gamma, Path(args.cache), Path(args.edits).stem, args.build)
     c0, c0_tokens = key_second_moment(model, tok, layer, generic)
     eig = torch.linalg.eigvalsh(c0)  # ascending
     if args.alphaedit_null_frac is not None:  # a τ just above the k-th smallest eigenvalue

@@ -1,9 +1,13 @@
 """Tables and plots from compare.py's result files.
 
-    python benchmarks/compare/plots.py [--out benchmarks/compare/results] [--tag ""]
+    python benchmarks/compare/plots.py                  # paper settings for MEMIT/AlphaEdit
 
-Writes results.md (a markdown table per method and size) and compare.png (E, G, S and
-unedited-fact accuracy vs number of edits, one line per method, the unedited model dashed).
+    python benchmarks/compare/plots.py --linear-tag=-scaled --name compare-scaled
+
+Writes <name>.md (a markdown table per method and size, and the weak spots) and
+<name>.png (E, G, S and unedited-fact accuracy vs number of edits, one line per method,
+the unedited model dashed). NKV results come from files tagged --tag, MEMIT and
+AlphaEdit from files tagged --linear-tag.
 """
 
 from __future__ import annotations
@@ -18,14 +22,16 @@ COLUMNS = [("efficacy", "E"), ("generalization", "G"), ("specificity", "S"), ("f
 METHODS = ["nkv", "memit", "alphaedit"]
 
 
-def load(out: Path, tag: str = "") -> dict[tuple[str, int], dict]:
+def load(out: Path, tag: str = "", methods: list[str] | None = None) -> dict[tuple[str, int], dict]:
+    """Results `<method>-<n><tag>.json` of `methods` (default: all) under `out`."""
     results = {}
     for path in sorted(out.glob(f"*{tag}.json")):
         doc = json.loads(path.read_text())
-        bench = doc.get("bench")
-        if not bench or not path.stem.endswith(f"-{bench['n_edits']}{tag}"):
+        bench = doc.get("bench") if isinstance(doc, dict) else None  # sweep files are lists
+        if not bench or path.stem != f"{bench.get('method')}-{bench.get('n_edits')}{tag}":
             continue
-        results[(bench["method"], bench["n_edits"])] = doc
+        if methods is None or bench["method"] in methods:
+            results[(bench["method"], bench["n_edits"])] = doc
     return results
 
 
@@ -51,9 +57,10 @@ def table(results: dict[tuple[str, int], dict]) -> str:
 
 def weak_spot_table(results: dict[tuple[str, int], dict]) -> str:
     lines = ["| method | edits | S, tagged shared_last_token | S, neighbours holding an edited last token | "
-             "S, other neighbours | unedited, shared last token | unedited, other |", "|---|---|---|---|---|---|---|"]
+             "S, other neighbours | unedited, shared last token | unedited, other | edited subjects' other facts |",
+             "|---|---|---|---|---|---|---|---|"]
     keys = ["specificity_tagged_shared", "specificity_nb_shares_last_token", "specificity_nb_other",
-            "unedited_shares_last_token", "unedited_other"]
+            "unedited_shares_last_token", "unedited_other", "same_subject_other_facts"]
     for (method, n), doc in sorted(results.items(), key=lambda kv: (kv[0][1], METHODS.index(kv[0][0]))):
         spots = doc.get("weak_spots", {})
         cells = [f"{_cell(spots.get(k, {}).get('pre'))} → {_cell(spots.get(k, {}).get('post'))} (n={spots.get(k, {}).get('n', 0)})"
@@ -99,13 +106,16 @@ def _cell(value, digits: int = 1) -> str:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=str(HERE / "results"))
-    p.add_argument("--tag", default="")
+    p.add_argument("--tag", default="", help="file-name tag of the NKV results")
+    p.add_argument("--linear-tag", default=None, help="tag of the MEMIT/AlphaEdit results (default: --tag)")
+    p.add_argument("--name", default="compare", help="output names: <name>.png, <name>.md")
     args = p.parse_args()
     out = Path(args.out)
-    results = load(out, args.tag)
-    (out / f"results{args.tag}.md").write_text(table(results) + "\n\nWeak spots (pre → post):\n\n"
-                                               + weak_spot_table(results) + "\n")
-    plot(results, out / f"compare{args.tag}.png")
+    linear = args.tag if args.linear_tag is None else args.linear_tag
+    results = {**load(out, args.tag, ["nkv"]), **load(out, linear, ["memit", "alphaedit"])}
+    (out / f"{args.name}.md").write_text(table(results) + "\n\nWeak spots (pre → post):\n\n"
+                                         + weak_spot_table(results) + "\n")
+    plot(results, out / f"{args.name}.png")
     print(table(results))
 
 

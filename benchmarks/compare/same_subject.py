@@ -13,9 +13,17 @@ wins the argmax then adds a residual that carries all of the subject's edits, th
 the subject's hidden state carries all its facts. The price: rows of one subject are no
 longer independent (removing or changing one fact re-optimizes that subject's δ).
 
-Both are evaluated on examples/factworld/edits_same_subject.jsonl (100 subjects x 2
-facts), all 200 edits live, with the edited subjects' other (unedited) facts measured
-from true_facts.jsonl. Results: results/same_subject-{plain,joint}.json.
+Prototype "joint + preserve": the same, plus preservation prompts in the δ objective:
+for each relation of the world the subject is NOT being edited on, its first template
+("X was born in") with the unedited model's own greedy answer as a teacher-forced
+target. MEMIT's KL prompt ("X is a") says nothing about the subject's other relations
+on this model, so without it an edit at the subject token wipes them out. (This needs
+prompts for the other relations; here they come from the world's templates.)
+
+All are evaluated on examples/factworld/edits_same_subject.jsonl (100 subjects x 2
+facts; `--edits` for another file), all edits live, with the edited subjects' other
+(unedited) facts measured from true_facts.jsonl.
+Results: results/same_subject-{plain,joint,preserve}-L{layer}[-<edits stem>].json.
 """
 
 from __future__ import annotations
@@ -33,8 +41,30 @@ HERE = Path(__file__).resolve().parent
 WORLD = HERE.parents[1] / "examples" / "factworld"
 
 
-def joint_adapter(model, tok, facts, layer: int, gamma: float):
-    """Per-fact keys; one δ per subject, optimized over all of the subject's facts, in each of its rows."""
+def preservation_rewrites(model, tok, subject: str, edited_relations: set[str], prompt_for: dict[str, str]):
+    """Encoded "<other relation prompt> <the unedited model's greedy answer>" for the subject."""
+    from nkv.facts import Fact
+    from nkv.loaders.build.prompts import locate, with_target
+
+    out = []
+    for relation, template in prompt_for.items():
+        if relation in edited_relations:
+            continue
+        text = template.replace("{}", subject)
+        fact = Fact(id="preserve", subject=subject, prompt=text, target_new="-")
+        prompt = locate(tok, text, text.index(subject) + len(subject), fact)
+        with torch.no_grad():
+            ids = torch.tensor([prompt.ids])
+            answer = tok.decode(model(input_ids=ids).logits[0, -1].argmax()).strip()
+        out.append(with_target(tok, prompt, text, answer, fact))
+    return out
+
+
+def joint_adapter(model, tok, facts, layer: int, gamma: float, preserve: bool = False):
+    """Per-fact keys; one δ per subject, optimized over all of the subject's facts, in each of its rows.
+
+    preserve: also hold the subject's other relations at the unedited model's answers.
+    """
     from nkv.adapter import empty_adapter
     from nkv.loaders.architectures import arch_spec, base_model_info, model_type_of
     from nkv.loaders.build import default_config, encode_facts, generate_prefixes
@@ -53,14 +83,26 @@ def joint_adapter(model, tok, facts, layer: int, gamma: float):
         groups: dict[str, list[int]] = {}
         for i, f in enumerate(plain):
             groups.setdefault(f.subject, []).append(i)
-        by_size: dict[int, list[list[int]]] = {}
-        for rows in groups.values():  # FactBatch needs the same number of rewrites per item
-            by_size.setdefault(len(rows), []).append(rows)
+        extra: dict[str, list] = {}
+        if preserve:
+            sys.path.insert(0, str(WORLD))
+            import world
+
+            prompt_for = {rel: templates[0] for rel, templates in world.TEMPLATES.items()}
+            for subject, rows in groups.items():
+                edited = {t.split(":", 1)[1] for i in rows for t in facts[i].tags if t.startswith("relation:")}
+                extra[subject] = preservation_rewrites(model, tok, subject, edited, prompt_for)
+        # FactBatch needs the same number of rewrites per item: group subjects by that number.
+        by_shape: dict[int, list[list[int]]] = {}
+        for subject, rows in groups.items():
+            n_rewrites = sum(len(tokens[i].rewrites) for i in rows) + len(extra.get(subject, []))
+            by_shape.setdefault(n_rewrites, []).append(rows)
         residuals = torch.zeros(len(plain), h0.shape[1])
-        for size, members in by_size.items():
+        for members in by_shape.values():
             for start in range(0, len(members), config.batch_size):
                 chunk = members[start : start + config.batch_size]
-                joint = [FactTokens(tokens[rows[0]].key_texts, [r for i in rows for r in tokens[i].rewrites],
+                joint = [FactTokens(tokens[rows[0]].key_texts,
+                                    [r for i in rows for r in tokens[i].rewrites] + extra.get(plain[rows[0]].subject, []),
                                     tokens[rows[0]].kl) for rows in chunk]
                 result = optimize_residuals(model, layer, joint, h0[[rows[0] for rows in chunk]], config, pad)
                 for rows, delta in zip(chunk, result.residuals):
@@ -69,7 +111,8 @@ def joint_adapter(model, tok, facts, layer: int, gamma: float):
     base = base_model_info(model, layer)
     target = arch_spec(model_type_of(model)).module_path(layer)
     adapter = empty_adapter(base, layer, target, gamma=gamma).add(plain, keys.float().cpu(), residuals)
-    return replace(adapter, build={"method": "prototype: per-fact keys, one joint δ per subject"})
+    method = "prototype: per-fact keys, one joint δ per subject" + (", other relations preserved" if preserve else "")
+    return replace(adapter, build={"method": method})
 
 
 def main() -> None:
@@ -78,6 +121,8 @@ def main() -> None:
     p.add_argument("--edits", default=str(WORLD / "edits_same_subject.jsonl"))
     p.add_argument("--layer", type=int, default=0)
     p.add_argument("--gamma", type=float, default=0.65)
+    p.add_argument("--variants", default="plain,joint,preserve")
+    p.add_argument("--limit", type=int, default=None, help="only the first N edits")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args()
@@ -90,14 +135,17 @@ def main() -> None:
 
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
     tok = AutoTokenizer.from_pretrained(args.model)
-    facts = read_facts(args.edits)
+    facts = read_facts(args.edits)[: args.limit]
     true_facts = read_true_facts(WORLD / "true_facts.jsonl")
     generic = [line for line in (WORLD / "generic.txt").read_text().splitlines() if line.strip()]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for name, make in (("plain", lambda: build_adapter(model, tok, facts, layer=args.layer, gamma=args.gamma,
-                                                        progress=False)),
-                       ("joint", lambda: joint_adapter(model, tok, facts, args.layer, args.gamma))):
+    variants = {"plain": lambda: build_adapter(model, tok, facts, layer=args.layer, gamma=args.gamma, progress=False),
+                "joint": lambda: joint_adapter(model, tok, facts, args.layer, args.gamma),
+                "preserve": lambda: joint_adapter(model, tok, facts, args.layer, args.gamma, preserve=True)}
+    suffix = "" if Path(args.edits).name == "edits_same_subject.jsonl" else f"-{Path(args.edits).stem}"
+    for name in args.variants.split(","):
+        make = variants[name]
         start = time.time()
         adapter = make()
         build_s = time.time() - start
@@ -105,7 +153,7 @@ def main() -> None:
                           options=EvalOptions(), data_name=Path(args.edits).name)
         doc = {**report.to_dict(), "bench": {"method": name, "layer": args.layer, "gamma": args.gamma,
                                              "build_s": round(build_s, 1)}}
-        (out / f"same_subject-{name}-L{args.layer}.json").write_text(json.dumps(doc, indent=1))
+        (out / f"same_subject-{name}-L{args.layer}{suffix}.json").write_text(json.dumps(doc, indent=1))
         m, w = report.metrics, report.weak_spots
         print(f"{name}: E {m['efficacy']['post']} G {m['generalization']['post']} S {m['specificity']['post']} "
               f"other facts of edited subjects {w.get('same_subject_other_facts')} gate right "

@@ -2,7 +2,7 @@
 
     python benchmarks/compare/sweep.py --n 1000 --layers 0,1,2,3 --gammas 0.5,0.65,0.75,0.85
 
-Rows are built once per layer (cached in --out as rows-*.nkv, shared with compare.py);
+Rows are built once per layer (cached in --cache as rows-*.nkv, shared with compare.py);
 γ only changes the gate, so each γ reuses them. Free generation and fluency are skipped
 here (compare.py reports them at the chosen point). Writes sweep-n{N}.json and .md.
 """
@@ -21,7 +21,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from compare import WORLD, load_model, rows_for  # noqa: E402
+from compare import CACHE, WORLD, load_model, rows_for  # noqa: E402
 
 
 def main() -> None:
@@ -34,6 +34,7 @@ def main() -> None:
     p.add_argument("--build", default="{}", help='build options as JSON, e.g. \'{"steps": 50}\'')
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--cache", default=str(CACHE), help="built rows (.nkv) are kept here between runs")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     from nkv.facts_io import read_facts
@@ -56,7 +57,7 @@ def main() -> None:
         gammas = [float(g) for g in args.gammas.split(",") if (layer, float(g)) not in done]
         if not gammas:
             continue
-        adapter, build_s = rows_for(model, tok, facts, layer, gammas[0], out, Path(args.edits).stem, args.build)
+        adapter, build_s = rows_for(model, tok, facts, layer, gammas[0], Path(args.cache), Path(args.edits).stem, args.build)
         for gamma in gammas:
             start = time.time()
             report = evaluate(model, tok, replace(adapter, gamma=gamma), facts, unrelated=generic,
