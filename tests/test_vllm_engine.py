@@ -289,7 +289,12 @@ def check_parity(engine: Engine, checkpoints, adapter: str) -> None:
     got = generate(engine.llm)
     assert_same(got, ckpt.ref[adapter], f"{engine.name} vs transformers, adapter {adapter}")
     if adapter == "A":  # the edits are really there (not a no-op adapter on both sides)
-        assert [g[0] for g in got.tokens[:len(EDITS_A)]] == TARGETS_A
+        # The forced ids are TARGETS_A on the random tiny models; on the trained fact-world
+        # models the later layers turn the layer-0 push into other tokens, so check the
+        # model-independent fact: every edited prompt's first token moved off the base one.
+        n = len(EDITS_A)
+        moved = [g[0] != b[0] for g, b in zip(got.tokens[:n], ckpt.ref["base"].tokens[:n])]
+        assert all(moved), f"adapter A left edited prompts' first token unchanged: {moved}"
     assert max_gap(got, ckpt.ref["base"]) > 10 * LOGPROB_ATOL, \
         f"adapter {adapter} changes nothing: the parity check would be vacuous"
 
