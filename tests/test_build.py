@@ -26,6 +26,8 @@ from nkv.loaders.build.hooks import frozen
 from nkv.loaders.build.keys import compute_keys
 from nkv.loaders.transformers import attach
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 FACTS = [
     Fact("dd", "Danielle Darrieux", "The mother tongue of Danielle Darrieux", "English", "French"),
     Fact("ty", "Toko Yasuda", "The guitar of Toko Yasuda", "piano", "guitar"),
@@ -33,13 +35,6 @@ FACTS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two shared cores: OpenMP spin-waits make tiny-model forwards ~100x slower with 2 threads.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @functools.lru_cache(maxsize=None)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from nkv.facts_io import read_facts
 from nkv.loaders.build import build_adapter, default_config, score_answers
@@ -14,16 +13,10 @@ from nkv.loaders.transformers import attach
 FW = Path(__file__).resolve().parents[1] / "examples" / "factworld"
 MODEL = FW / "models" / "llama"
 
-pytestmark = [pytest.mark.slow,
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow,
               pytest.mark.skipif(not (MODEL / "config.json").is_file(), reason="fact-world model not trained")]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_quickstart_edits_take_with_the_defaults():

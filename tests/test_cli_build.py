@@ -6,11 +6,12 @@ import json
 
 import pytest
 import tiny_models as tm
-import torch
 from click.testing import CliRunner
 
 from nkv.adapter import NKVAdapter
 from nkv.cli.main import main
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 FAST = ["--steps", "12", "--lr", "0.2", "--clamp", "2", "--prefixes", "2", "--quiet"]
 FACTS = [
@@ -19,12 +20,6 @@ FACTS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,8 @@ from nkv.loaders.transformers import attach
 from nkv.errors import NKVError, NKVFactsError
 from tiny_models import tiny_model, tiny_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # The subject ends at the prompt's last token, where `forcing_adapter` reads its key,
 # so the gate's "right fact at the subject" is meaningful for these hand-made rows.
 PROMPT = "The Eiffel Tower is located in"
@@ -30,13 +32,6 @@ SUBJECT = "Eiffel Tower is located in"
 NEW, TRUE = "Paris", "Rome"  # " Paris" is one token of the tiny tokenizer; the forcing row can force it
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two threads on two shared cores run these tiny models 10-20x slower than one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
