@@ -9,7 +9,6 @@ outputs are bit-identical to before. No global state is touched.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -18,13 +17,14 @@ import torch
 from torch import nn
 
 from nkv.adapter import NKVAdapter
-from nkv.errors import NKVCompatibilityError, NKVFingerprintError
+from nkv.compat import check_fingerprint, check_shape
+from nkv.errors import NKVCompatibilityError
 from nkv.facts import Fact
-from nkv.fingerprint import fingerprints_match
+from nkv.fingerprint import compute_fingerprint
 from nkv.gate import DEFAULT_FACT_CHUNK, GateResult, key_inverse_norms, nkv_gate
 from nkv.resolve import AdapterSource, resolve_adapter
 
-from .architectures import arch_spec, base_model_info, model_type_of, output_projection
+from .architectures import arch_spec, blocks, model_type_of, output_projection, projection_weight
 
 # Upper bound on the (tokens x facts) score matrix held at once: 2^25 float32 = 128 MiB.
 SCORE_BUDGET = 2**25
@@ -186,28 +186,14 @@ def attach(model: nn.Module, adapter: AdapterSource, *, revision: str | None = N
 
 
 def check_base(model: nn.Module, adapter: NKVAdapter, strict: bool = True) -> None:
-    """Compare the model with the adapter's recorded base model; raise or warn as documented."""
-    expected = adapter.base
-    if model_type_of(model) != expected.model_type:
-        raise NKVCompatibilityError(f"adapter was built for model_type {expected.model_type!r} "
-                                    f"({expected.name}), got {model_type_of(model)!r}")
-    n_layers = len(model.get_submodule(arch_spec(expected.model_type).layers))
-    if n_layers != expected.n_layers:
-        raise NKVCompatibilityError(f"adapter expects {expected.n_layers} layers ({expected.name}), "
-                                    f"the model has {n_layers}")
-    got = base_model_info(model, adapter.layer)
-    if (got.d_model, got.d_key) != (expected.d_model, expected.d_key):
-        raise NKVCompatibilityError(
-            f"adapter expects d_model={expected.d_model}, d_key={expected.d_key} at layer {adapter.layer}, "
-            f"the model has d_model={got.d_model}, d_key={got.d_key}")
-    if not fingerprints_match(expected.fingerprint, got.fingerprint):
-        message = (f"the model is not the checkpoint this adapter was built on ({expected.name}"
-                   f"{'@' + expected.revision if expected.revision else ''}): fingerprint at layer "
-                   f"{adapter.layer} expected {expected.fingerprint[:40]}..., got {got.fingerprint[:40]}...; "
-                   "load the adapter's base model, or pass strict=False to attach anyway")
-        if strict:
-            raise NKVFingerprintError(message)
-        warnings.warn(message, stacklevel=3)
+    """Compare the model with the adapter's recorded base model (the rules live in nkv.compat)."""
+    expected, layer = adapter.base, adapter.layer
+    model_type, n_layers = model_type_of(model), len(blocks(model))
+    same_layout = model_type == expected.model_type and n_layers == expected.n_layers
+    weight = projection_weight(model, layer).detach() if same_layout else None
+    d_model, d_key = weight.shape if weight is not None else (0, 0)
+    check_shape(expected, layer, model_type=model_type, n_layers=n_layers, d_model=d_model, d_key=d_key)
+    check_fingerprint(expected, layer, compute_fingerprint(weight), strict=strict, stacklevel=3)
 
 
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:

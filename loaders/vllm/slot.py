@@ -8,13 +8,12 @@ worker is asked to load, so errors keep their NKV class across process boundarie
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from nkv.adapter import NKVAdapter
-from nkv.errors import NKVCompatibilityError, NKVFingerprintError
-from nkv.fingerprint import fingerprints_match
+from nkv.compat import check_fingerprint, check_shape
+from nkv.errors import NKVCompatibilityError
 from nkv.header import NKVHeader
 
 
@@ -55,17 +54,8 @@ def check_adapter(adapter: NKVAdapter | NKVHeader, slot: SlotInfo, strict: bool 
             adapter holds more facts than the slot's capacity.
         NKVFingerprintError: the engine's weights are not the adapter's base checkpoint.
     """
-    expected = adapter.base
-    if slot.model_type != expected.model_type:
-        raise NKVCompatibilityError(f"adapter was built for model_type {expected.model_type!r} "
-                                    f"({expected.name}), got {slot.model_type!r}")
-    if slot.n_layers != expected.n_layers:
-        raise NKVCompatibilityError(f"adapter expects {expected.n_layers} layers ({expected.name}), "
-                                    f"the model has {slot.n_layers}")
-    if (slot.d_model, slot.d_key) != (expected.d_model, expected.d_key):
-        raise NKVCompatibilityError(
-            f"adapter expects d_model={expected.d_model}, d_key={expected.d_key} at layer {adapter.layer}, "
-            f"the model has d_model={slot.d_model}, d_key={slot.d_key}")
+    check_shape(adapter.base, adapter.layer, model_type=slot.model_type, n_layers=slot.n_layers,
+                d_model=slot.d_model, d_key=slot.d_key)
     if adapter.layer != slot.layer:
         raise NKVCompatibilityError(
             f"adapter edits layer {adapter.layer}, but this engine's gated module is at layer {slot.layer} "
@@ -76,17 +66,6 @@ def check_adapter(adapter: NKVAdapter | NKVHeader, slot: SlotInfo, strict: bool 
         raise NKVCompatibilityError(
             f"adapter holds {adapter.n_facts} facts, but the engine preallocated room for {slot.capacity}; "
             f"restart it with additional_config={{'nkv': {{'capacity': {adapter.n_facts}, ...}}}} or more")
-    got = slot.fingerprint
-    if got is None or not fingerprints_match(expected.fingerprint, got):
-        detail = (f"got {got[:40]}..." if got is not None
-                  else "the engine's weights are not floating point (quantized), so it cannot be checked")
-        message = (f"the model is not the checkpoint this adapter was built on ({expected.name}"
-                   f"{'@' + expected.revision if expected.revision else ''}): fingerprint at layer "
-                   f"{adapter.layer} expected {expected.fingerprint[:40]}..., {detail}; "
-                   "load the adapter's base model, or pass strict=False to attach anyway")
-        if strict:
-            raise NKVFingerprintError(message)
-        warnings.warn(message, stacklevel=stacklevel)
-
+    check_fingerprint(adapter.base, adapter.layer, slot.fingerprint, strict=strict, stacklevel=stacklevel)
 
 __all__ = ["SlotInfo", "check_adapter"]

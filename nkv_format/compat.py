@@ -1,0 +1,46 @@
+"""Does a loaded model match the base model an adapter was built on? One rule set for
+every loader, so transformers and vLLM refuse the same things with the same words."""
+
+from __future__ import annotations
+
+import warnings
+
+from .errors import NKVCompatibilityError, NKVFingerprintError
+from .fingerprint import fingerprints_match
+from .header import BaseModelInfo
+
+
+def check_shape(expected: BaseModelInfo, layer: int, *, model_type: str, n_layers: int, d_model: int,
+                d_key: int) -> None:
+    """Raise NKVCompatibilityError unless the model has the adapter's base architecture and
+    widths (d_model/d_key are only read when model type and layer count already match)."""
+    if model_type != expected.model_type:
+        raise NKVCompatibilityError(f"adapter was built for model_type {expected.model_type!r} "
+                                    f"({expected.name}), got {model_type!r}")
+    if n_layers != expected.n_layers:
+        raise NKVCompatibilityError(f"adapter expects {expected.n_layers} layers ({expected.name}), "
+                                    f"the model has {n_layers}")
+    if (d_model, d_key) != (expected.d_model, expected.d_key):
+        raise NKVCompatibilityError(
+            f"adapter expects d_model={expected.d_model}, d_key={expected.d_key} at layer {layer}, "
+            f"the model has d_model={d_model}, d_key={d_key}")
+
+
+def check_fingerprint(expected: BaseModelInfo, layer: int, fingerprint: str | None, *, strict: bool = True,
+                      stacklevel: int = 3) -> None:
+    """Raise NKVFingerprintError (or warn when strict=False) unless `fingerprint` matches the
+    adapter's base checkpoint. None means the runtime cannot compute one (quantized weights)."""
+    if fingerprint is not None and fingerprints_match(expected.fingerprint, fingerprint):
+        return
+    detail = (f"got {fingerprint[:40]}..." if fingerprint is not None
+              else "the model's weights are not floating point (quantized), so it cannot be checked")
+    message = (f"the model is not the checkpoint this adapter was built on ({expected.name}"
+               f"{'@' + expected.revision if expected.revision else ''}): fingerprint at layer "
+               f"{layer} expected {expected.fingerprint[:40]}..., {detail}; "
+               "load the adapter's base model, or pass strict=False to attach anyway")
+    if strict:
+        raise NKVFingerprintError(message)
+    warnings.warn(message, stacklevel=stacklevel + 1)
+
+
+__all__ = ["check_shape", "check_fingerprint"]
