@@ -7,12 +7,12 @@ Library errors surface as one `Error: ...` line through the command group.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import click
+
+from nkv._atomic import atomic_file
 
 
 @click.command()
@@ -100,14 +100,7 @@ def pull(repo_id: str, revision: str | None, filename: str | None, output_dir: P
 
 
 def _copy_into(src: Path, dest: Path) -> Path:
-    """Copy atomically (temp file + rename) so an interrupted pull leaves no half file."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Copy atomically so an interrupted pull leaves no half file."""
+    with atomic_file(dest) as out, open(src, "rb") as inp:
+        shutil.copyfileobj(inp, out)
     return dest

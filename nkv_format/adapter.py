@@ -11,7 +11,6 @@ import json
 import os
 import struct
 import sys
-import tempfile
 from dataclasses import dataclass, field, replace as dc_replace
 from pathlib import Path
 from typing import Any, Iterable, Literal
@@ -19,6 +18,7 @@ from typing import Any, Iterable, Literal
 import torch
 
 from . import constants as C
+from ._atomic import atomic_file
 from .errors import NKVCompatibilityError, NKVConflictError, NKVFormatError
 from .facts import Fact, decode_facts, encode_facts, fact_record_problems
 from .fingerprint import fingerprints_match
@@ -183,20 +183,8 @@ class NKVAdapter:
         """
         path = Path(path)
         head, parts = self._encode(str(path))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # mkstemp makes the file 0600; keep the mode of the file we replace (else 0644)
-        mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                _write_parts(fh, head, parts)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, mode)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(path) as fh:
+            _write_parts(fh, head, parts)
         return path
 
     @classmethod

@@ -11,12 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
+from nkv._atomic import atomic_file
 from nkv.errors import NKVError
 
 STATE = "state.json"
@@ -105,16 +105,7 @@ class Checkpoint:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
+    with atomic_file(path) as fh:
+        fh.write(data)
 
 __all__ = ["Checkpoint", "digest"]
