@@ -40,14 +40,46 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gemma": _LLAMA_LIKE,
     "gemma2": _LLAMA_LIKE,
     "phi3": _LLAMA_LIKE,
+    "gemma3_text": _LLAMA_LIKE,
+    # Gemma 3 4B/12B/27B load as Gemma3ForConditionalGeneration: the language model's
+    # blocks sit under model.language_model; the vision tower is left alone.
+    "gemma3": ArchSpec("model.language_model.layers", "mlp.down_proj"),
+    "olmo2": _LLAMA_LIKE,
+    "olmo3": _LLAMA_LIKE,
+    "smollm3": _LLAMA_LIKE,
+    "granite": _LLAMA_LIKE,
+    "cohere": _LLAMA_LIKE,
+    "cohere2": _LLAMA_LIKE,
+    "stablelm": _LLAMA_LIKE,
+    "starcoder2": ArchSpec("model.layers", "mlp.c_proj"),  # an nn.Linear despite the GPT-2 name
+    "phi": ArchSpec("model.layers", "mlp.fc2"),
     "gpt_neox": ArchSpec("gpt_neox.layers", "mlp.dense_4h_to_h"),
     "falcon": ArchSpec("transformer.h", "mlp.dense_4h_to_h"),
     "opt": ArchSpec("model.decoder.layers", "fc2"),
 }
 
+# Mixture-of-experts families are refused, with this reason. Their FFN output projection
+# is not one module: each token's FFN output is a router-weighted sum over the k experts it
+# was routed to (transformers fuses the experts' down-projections into one 3-D tensor), so
+# "the down_proj input at the subject's last token" lives in a different expert's space
+# from one prompt to the next, and no single key space exists to compare cosines in.
+# Where the gate should go: around the whole sparse-MoE block (`model.layers.{l}.mlp`),
+# keyed on the block's input (the post-attention-normed hidden state, d_model wide), which
+# every token passes through whatever the routing; the residual is added to the block's
+# output exactly as to a dense FFN's. That needs a d_model-wide key, a fingerprint taken
+# from the router and vLLM's FusedMoE layer instead of RowParallelLinear, so it is not done.
+_MOE_REASON = ("it is a mixture-of-experts model: each token's FFN output is a routed sum over experts, so there "
+               "is no single output projection whose input is the key; NKV would have to wrap the whole MoE "
+               "block and key on its input, which is not implemented (see loaders/architectures.py)")
+MOE_MODEL_TYPES = frozenset({"mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe", "gpt_oss", "granitemoe",
+                             "granitemoehybrid", "deepseek_v2", "deepseek_v3", "llama4", "dbrx", "jamba",
+                             "phimoe", "minimax", "ernie4_5_moe", "glm4_moe", "hunyuan_v1_moe", "flex_olmo"})
+
 
 def arch_spec(model_type: str) -> ArchSpec:
     """The table row for `model_type`, or an error that lists what is supported."""
+    if model_type in MOE_MODEL_TYPES:
+        raise NKVUnsupportedModelError(f"model_type {model_type!r} is not supported: {_MOE_REASON}")
     try:
         return ARCHITECTURES[model_type]
     except KeyError:
@@ -108,5 +140,5 @@ def base_model_info(model: nn.Module, layer: int, name: str | None = None,
     )
 
 
-__all__ = ["ArchSpec", "ARCHITECTURES", "arch_spec", "model_type_of", "blocks", "output_projection",
+__all__ = ["ArchSpec", "ARCHITECTURES", "MOE_MODEL_TYPES", "arch_spec", "model_type_of", "blocks", "output_projection",
            "projection_weight", "base_model_info"]

@@ -27,8 +27,10 @@ _SMALL = dict(vocab_size=300, max_position_embeddings=128, **_IDS)
 
 
 def _configs() -> dict[str, "object"]:
-    from transformers import (FalconConfig, GemmaConfig, GPT2Config, GPTJConfig, GPTNeoXConfig, LlamaConfig,
-                              MistralConfig, OPTConfig, Phi3Config, Qwen2Config, Qwen3Config)
+    from transformers import (Cohere2Config, CohereConfig, FalconConfig, Gemma2Config, Gemma3Config, Gemma3TextConfig, GemmaConfig,
+                              GPT2Config, GPTJConfig, GPTNeoXConfig, GraniteConfig, LlamaConfig, MistralConfig,
+                              Olmo2Config, Olmo3Config, OPTConfig, Phi3Config, PhiConfig, Qwen2Config, Qwen3Config,
+                              SmolLM3Config, StableLmConfig, Starcoder2Config)
 
     llama_like = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                       num_key_value_heads=2, **_SMALL)
@@ -41,6 +43,23 @@ def _configs() -> dict[str, "object"]:
         "qwen3": Qwen3Config(head_dim=32, **llama_like),
         "gemma": GemmaConfig(head_dim=32, **llama_like),
         "phi3": Phi3Config(pad_token_id=0, **llama_like),
+        "gemma2": Gemma2Config(head_dim=32, **llama_like),
+        "gemma3_text": Gemma3TextConfig(head_dim=32, **llama_like),
+        # The multimodal class (Gemma 3 4B and up): a tiny SigLIP tower next to the language model.
+        "gemma3": Gemma3Config(text_config=dict(head_dim=32, **llama_like),
+                               vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                  num_attention_heads=2, image_size=28, patch_size=14),
+                               mm_tokens_per_image=4, boi_token_index=297, eoi_token_index=298,
+                               image_token_index=299, **_IDS),
+        "olmo2": Olmo2Config(pad_token_id=0, **llama_like),
+        "olmo3": Olmo3Config(pad_token_id=0, **llama_like),
+        "smollm3": SmolLM3Config(pad_token_id=0, **llama_like),
+        "granite": GraniteConfig(**llama_like),
+        "cohere": CohereConfig(pad_token_id=0, **llama_like),
+        "cohere2": Cohere2Config(pad_token_id=0, **llama_like),
+        "stablelm": StableLmConfig(**llama_like),
+        "starcoder2": Starcoder2Config(**llama_like),
+        "phi": PhiConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, **_SMALL),
         "gpt_neox": GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                   num_attention_heads=2, **_SMALL),
         "falcon": FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,

@@ -109,9 +109,7 @@ def optimize_residuals(model: nn.Module, layer: int, facts: list[FactTokens], h0
     """
     device = model_device(model)
     n, d_model = h0.shape
-    batch = FactBatch(facts, pad_id, device, split=True)
-    if not batch.prefill(model):  # a cache layout this code does not know: whole sequences
-        batch = FactBatch(facts, pad_id, device, split=False)
+    batch = _prefix_cached_batch(model, layer, facts, pad_id, device, d_model)
     batch.record_layer(model, layer)
     replay = True
     h0_norm = h0.float().norm(dim=-1).clamp_min(1e-6)  # (n,)
@@ -129,7 +127,8 @@ def optimize_residuals(model: nn.Module, layer: int, facts: list[FactTokens], h0
         u_a = u.index_select(0, a)  # (A, d) differentiable view of the active rows
         delta = scale[a] * u_a
         if it == 0:  # first evaluation: δ = 0 gives P_0, and the replay is checked
-            nll, kl, kl_lp = _first_losses(model, layer, sel, delta)
+            probe = scale[a] * torch.randn(delta.shape, generator=torch.Generator().manual_seed(0)).to(device) / 2
+            nll, kl, kl_lp = _first_losses(model, layer, sel, delta, probe)
             replay = kl_lp is not None
             if not replay:
                 nll, kl, kl_lp = fact_losses(model, layer, sel, delta, None)
@@ -152,15 +151,51 @@ def optimize_residuals(model: nn.Module, layer: int, facts: list[FactTokens], h0
     return ResidualResult(residuals, final_loss, t.clone())
 
 
-def _first_losses(model: nn.Module, layer: int, sels: list[Selection], delta: torch.Tensor):
+def _prefix_cached_batch(model: nn.Module, layer: int, facts: list[FactTokens], pad_id: int,
+                         device: torch.device, d_model: int) -> FactBatch:
+    """The batch with its prefixes run once and cached, if that reproduces whole sequences on
+    this model (checked at δ = 0); else whole sequences, with a warning.
+
+    The check costs one forward without gradients per batch. It exists because some
+    families' attention masks or caches (sliding-window layers, Gemma 2/3, OLMo 2/3 in
+    transformers 5.19) do not give the same numbers over a left-padded cached prefix.
+    """
+    split = FactBatch(facts, pad_id, device, split=True)
+    whole = FactBatch(facts, pad_id, device, split=False)
+    if split.prefix_width == 0:
+        return split
+    if not split.prefill(model):  # a cache layout this code does not know
+        return whole
+    everyone = list(range(len(facts)))
+    zero = torch.zeros(len(facts), d_model, device=device)
+    with torch.no_grad():
+        nll, _, lp = fact_losses(model, layer, split.select(everyone), zero, None, replay=False)
+        ref_nll, _, ref_lp = fact_losses(model, layer, whole.select(everyone), zero, None, replay=False)
+    if torch.allclose(nll, ref_nll, rtol=1e-3, atol=1e-3) and torch.allclose(lp, ref_lp, rtol=1e-3, atol=1e-3):
+        return split
+    warnings.warn(f"nkv build: a cached prefix does not reproduce {type(model).__name__}'s whole-sequence "
+                  "forward; running whole sequences (slower, same result)", stacklevel=3)
+    return whole
+
+
+def _first_losses(model: nn.Module, layer: int, sels: list[Selection], delta: torch.Tensor, probe: torch.Tensor):
     """Losses through the replay path, if it reproduces the hooked full forward on this model;
-    else (None, None, None) and a warning."""
+    else (None, None, None) and a warning.
+
+    Checked at δ = 0 and at a random `probe` δ of about half ||h0||: replay adds δ to the
+    block's output, which is right only where the FFN output reaches the residual stream
+    unchanged. Families that normalise or scale it first (Gemma 2/3 and OLMo 2/3's
+    post-FFN norm, Granite's residual multiplier) agree at δ = 0 and differ at any other δ.
+    """
     try:
         nll, kl, kl_lp = fact_losses(model, layer, sels, delta, None, replay=True)
         with torch.no_grad():
             ref_nll, _, ref_lp = fact_losses(model, layer, sels, delta, None, replay=False)
+            probe_nll, _, _ = fact_losses(model, layer, sels, probe, None, replay=True)
+            probe_ref, _, _ = fact_losses(model, layer, sels, probe, None, replay=False)
         ok = (torch.allclose(nll.detach(), ref_nll, rtol=1e-3, atol=1e-3)
-              and torch.allclose(kl_lp, ref_lp, rtol=1e-3, atol=1e-3))
+              and torch.allclose(kl_lp, ref_lp, rtol=1e-3, atol=1e-3)
+              and torch.allclose(probe_nll, probe_ref, rtol=1e-3, atol=1e-3))
     except Exception:  # a model loop the stand-ins do not fit
         ok = False
     if ok:
