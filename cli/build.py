@@ -33,7 +33,8 @@ def _layer(value: str | None) -> int | str | None:
 @click.command()
 @click.argument("facts", type=_FACTS)
 @click.option("--model", "model_name", required=True, metavar="M",
-              help="A local folder saved with save_pretrained, or a Hub id (cached, or online).")
+              help="A folder saved with save_pretrained, a Hub id, a .gguf file, or a packaged model "
+                   "(smollm2-135m, gemma3-270m).")
 @click.option("-o", "--output", required=True, type=_OUT, help="The .nkv file to write.")
 @click.option("--layer", default=None, metavar="N|auto",
               help="Layer to edit; default: the family's default; 'auto': a short sweep on a sample of the facts.")
@@ -69,6 +70,7 @@ def build(facts: Path, model_name: str, output: Path, layer: str | None, gamma: 
     """
     from nkv.facts_io import scan_facts
     from nkv.loaders.build import Checkpoint
+    from nkv.loaders.build.selfcheck import is_low
 
     layer_arg = _layer(layer)
     scan = scan_facts(facts)
@@ -101,9 +103,12 @@ def build(facts: Path, model_name: str, output: Path, layer: str | None, gamma: 
     adapter.save(output)
     partial.remove()
     seconds = time.perf_counter() - started
+    check = adapter.build["self_check"]
     summary = {"output": str(output), "n_facts": adapter.n_facts, "skipped": len(scan.problems),
                "layer": adapter.layer, "layer_choice": adapter.build["layer_choice"], "gamma": adapter.gamma,
-               "seconds": round(seconds, 2), "loss": adapter.build["loss"]}
+               "seconds": round(seconds, 2), "loss": adapter.build["loss"], "self_check": check}
+    if is_low(check):
+        click.echo(low_efficacy_warning(check, adapter.layer, adapter.build["layer_choice"]["mode"]), err=True)
     if as_json:
         click.echo(json.dumps(summary))
         return
@@ -112,16 +117,32 @@ def build(facts: Path, model_name: str, output: Path, layer: str | None, gamma: 
                f"({adapter.build['layer_choice']['mode']}), gamma {adapter.gamma}, {seconds:.1f} s "
                f"({adapter.n_facts / max(seconds, 1e-9):.1f} facts/s); final loss mean {loss['mean']:.3f}, "
                f"{loss['n_above_early_stop']} fact(s) above the early-stop loss")
+    click.echo(f"self-check: {check['efficacy']:.0%} of {check['n_checked']} edit prompts answer their new target "
+               "with the adapter attached (teacher-forced, every target token top-1)")
+
+
+def low_efficacy_warning(check: dict[str, Any], layer: int, mode: str) -> str:
+    """The loud message for an adapter whose own edits did not take, with the fix to try."""
+    fix = ("rebuild with --layer auto (a sweep picks the layer that edits this model), or give the layer a "
+           "causal trace points to" if mode != "auto" else
+           "try more --steps, a larger --clamp, or a lower --gamma if the keys of similar facts are close")
+    failed = ", ".join(check["failed"][:5])
+    return (f"\nWARNING: only {check['efficacy']:.0%} of {check['n_checked']} edits answer their new target with this "
+            f"adapter attached (layer {layer}, {mode}); the model is mostly NOT edited. Fix: {fix}. "
+            f"Not taken, e.g.: {failed}.\n")
 
 
 def load_model(model_name: str, *, revision: str | None = None, device: str = "auto",
                dtype: str = "float32") -> tuple[Any, Any]:
-    """Load a causal LM and its tokenizer from a local folder or a Hub id, or raise NKVError."""
+    """Load a causal LM and its tokenizer from a local folder, a Hub id, a .gguf file or a
+    packaged model name (`nkv.loaders.gguf.PACKAGED`), or raise NKVError."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from nkv.loaders.build.config import DTYPES
+    from nkv.loaders.gguf import model_source
 
+    model_name = model_source(model_name)  # a .gguf file or packaged model: its converted folder
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device.startswith("cuda") and not torch.cuda.is_available():
@@ -139,4 +160,4 @@ def load_model(model_name: str, *, revision: str | None = None, device: str = "a
     return model, tokenizer
 
 
-__all__ = ["build", "load_model"]
+__all__ = ["build", "load_model", "low_efficacy_warning"]

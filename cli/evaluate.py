@@ -19,7 +19,8 @@ from nkv.errors import NKVError
 
 @click.command(name="eval")
 @click.option("--model", "model_name", required=True, metavar="PATH|ORG/NAME",
-              help="The base model (a local folder saved with save_pretrained, or a Hub id).")
+              help="The base model: a folder saved with save_pretrained, a Hub id, a .gguf file, or a "
+                   "packaged model (smollm2-135m, gemma3-270m).")
 @click.option("--adapter", "adapter_src", required=True, metavar="FILE|ORG/NAME", help="The .nkv adapter.")
 @click.option("--data", "data_path", required=True, metavar="FILE",
               help="Facts to evaluate: our JSONL, CounterFact (EasyEdit or ROME shape) or ZsRE records.")
@@ -114,6 +115,9 @@ def _load_model(name: str, device: str | None) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from nkv.loaders.gguf import model_source
+
+    name = model_source(name)  # a .gguf file or packaged model: its converted folder
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device.startswith("cuda") and not torch.cuda.is_available():

@@ -15,11 +15,15 @@ DEFAULT_LIMIT = 20  # prompts taken from a file or the adapter when none are giv
 
 @click.command()
 @click.argument("prompts", nargs=-1)
-@click.option("--model", "model_name", required=True, metavar="M", help="Local folder or Hub id of the base model.")
+@click.option("--model", "model_name", required=True, metavar="M",
+              help="The base model: a local folder, a Hub id, a .gguf file, or a packaged model (smollm2-135m).")
 @click.option("--adapter", "adapter_src", required=True, metavar="A", help=".nkv file, folder or Hub repo id.")
 @click.option("--facts", "facts_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Take the prompts from this facts file (default: the adapter's own facts).")
 @click.option("--paraphrases", is_flag=True, help="Also show each fact's paraphrases (with --facts).")
+@click.option("--neighborhood", is_flag=True,
+              help="Also show each fact's neighbourhood prompts, about other subjects, whose answers should "
+                   "not change (with --facts).")
 @click.option("--limit", type=click.IntRange(1), help=f"At most this many facts [default: {DEFAULT_LIMIT} "
               "when the prompts come from a file or the adapter].")
 @click.option("--max-new-tokens", type=click.IntRange(1), default=8, show_default=True)
@@ -28,7 +32,7 @@ DEFAULT_LIMIT = 20  # prompts taken from a file or the adapter when none are giv
 @click.option("--revision", help="Hub revision of the model.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per prompt.")
 def generate(prompts: tuple[str, ...], model_name: str, adapter_src: str, facts_path: Path | None,
-             paraphrases: bool, limit: int | None, max_new_tokens: int, device: str, dtype: str,
+             paraphrases: bool, neighborhood: bool, limit: int | None, max_new_tokens: int, device: str, dtype: str,
              revision: str | None, as_json: bool) -> None:
     """Print the model's greedy continuation of each PROMPT without and with the adapter.
 
@@ -42,34 +46,37 @@ def generate(prompts: tuple[str, ...], model_name: str, adapter_src: str, facts_
     from .build import load_model
 
     adapter = resolve_adapter(adapter_src)
+    # (prompt, expected answer or None, label shown after the edited answer)
     if prompts:
-        items = [(p, None) for p in prompts]
+        items = [(p, None, "") for p in prompts]
     elif facts_path is not None:
         from nkv.facts_io import read_facts
 
-        chosen = read_facts(facts_path)[: limit or DEFAULT_LIMIT]
-        items = [(p, f.fact.target_new) for f in chosen
-                 for p in [f.fact.prompt, *(f.paraphrases if paraphrases else [])]]
+        items = []
+        for f in read_facts(facts_path)[: limit or DEFAULT_LIMIT]:
+            items += [(p, f.fact.target_new, "target") for p in [f.fact.prompt, *(f.paraphrases if paraphrases else [])]]
+            items += [(p, answer, "unrelated, should stay") for p, answer in (f.neighborhood if neighborhood else [])]
     else:
-        items = [(f.prompt, f.target_new) for f in adapter.facts[: limit or DEFAULT_LIMIT]]
+        items = [(f.prompt, f.target_new, "target") for f in adapter.facts[: limit or DEFAULT_LIMIT]]
     if not items:
         raise NKVError("no prompts: pass PROMPT arguments, --facts FILE, or an adapter that holds facts")
 
     model, tokenizer = load_model(model_name, revision=revision, device=device, dtype=dtype)
-    texts = [p for p, _ in items]
+    texts = [p for p, _, _ in items]
     before = _greedy(model, tokenizer, texts, max_new_tokens)
     handle = attach(model, adapter)
     try:
         after = _greedy(model, tokenizer, texts, max_new_tokens)
     finally:
         handle.detach()
-    for (prompt, target), b, a in zip(items, before, after):
+    for (prompt, target, label), b, a in zip(items, before, after):
         if as_json:  # raw continuations, leading space included
-            click.echo(json.dumps({"prompt": prompt, "target_new": target, "before": b, "after": a}))
+            key = "expected" if label.startswith("unrelated") else "target_new"
+            click.echo(json.dumps({"prompt": prompt, key: target, "before": b, "after": a}))
             continue
         click.echo(prompt)
         click.echo(f"  before: {b.strip()}")
-        click.echo(f"  after:  {a.strip()}" + (f"    (target: {target})" if target else ""))
+        click.echo(f"  after:  {a.strip()}" + (f"    ({label}: {target})" if target else ""))
 
 
 def _greedy(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int) -> list[str]:

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "build": ("build", "build", "Compute keys and residuals for facts; write an .nkv adapter."),
     "generate": ("generate", "generate", "Show a model's answers with and without an adapter."),
     "eval": ("evaluate", "evaluate", "Measure efficacy, generalization, specificity of an adapter."),
+    "convert": ("convert", "convert", "Convert a .gguf file or packaged model to a transformers folder."),
     "inspect": ("manage", "inspect", "Show an adapter's settings, base model and facts."),
     "validate": ("manage", "validate", "Check an .nkv file against the spec."),
     "rm": ("manage", "rm", "Remove facts by id or subject."),

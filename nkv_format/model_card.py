@@ -131,6 +131,10 @@ def _details_section(adapter: NKVAdapter, filename: str, base_id: str | None) ->
     tool = adapter.build.get("tool") if isinstance(adapter.build, dict) else None
     if tool:
         rows.append(("built with", f"`{_cell(str(tool))}`"))
+    check = adapter.build.get("self_check") if isinstance(adapter.build, dict) else None
+    if isinstance(check, dict) and isinstance(check.get("efficacy"), (int, float)):
+        rows.append(("build self-check", f"{check['efficacy']:.1%} of {check.get('n_checked', '?')} edit prompts "
+                     "answer the new target with the adapter attached (teacher-forced top-1)"))
     table = "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
     return f"## Adapter details\n\n{table}\n"
 

@@ -57,7 +57,10 @@ def test_build_and_the_edit_takes_through_the_gate(model_type):
     adapter = build_adapter(model, tok, FACTS, config=_config(model_type), progress=False)
 
     assert adapter.n_facts == 3 and adapter.ids == ["dd", "ty", "cb"]
-    assert adapter.layer == default_layer(model) and adapter.base.model_type == model_type
+    # No layer is verified for these 64-wide models, so the build chose one by a sweep.
+    assert adapter.build["layer_choice"]["mode"] == "auto" and adapter.base.model_type == model_type
+    assert adapter.build["layer_choice"]["why"] == "no verified default for this depth and width"
+    assert adapter.build["self_check"]["n_checked"] == 3
     assert adapter.target_module == ARCHITECTURES[model_type].module_path(adapter.layer)
     assert adapter.keys.dtype == torch.float32 and torch.isfinite(adapter.residuals).all()
     assert adapter.build["config"]["steps"] == 12 and adapter.build["seed"] == 0
@@ -201,7 +204,7 @@ def test_resume_after_an_interrupt_gives_the_uninterrupted_result(tmp_path, monk
 
     model, tok = tm.tiny_model("gpt2"), tm.tiny_tokenizer()
     config = _config("gpt2", batch_size=2)
-    full = build_adapter(model, tok, FACTS, config=config, progress=False)
+    full = build_adapter(model, tok, FACTS, config=config, layer=0, progress=False)
 
     calls = {"n": 0}
     real = api.optimize_residuals
@@ -215,15 +218,15 @@ def test_resume_after_an_interrupt_gives_the_uninterrupted_result(tmp_path, monk
     monkeypatch.setattr(api, "optimize_residuals", dies_on_second_batch)
     ckpt = tmp_path / "edits.nkv.partial"
     with pytest.raises(KeyboardInterrupt):
-        build_adapter(model, tok, FACTS, config=config, progress=False, checkpoint_dir=ckpt)
+        build_adapter(model, tok, FACTS, config=config, layer=0, progress=False, checkpoint_dir=ckpt)
     assert len(list(ckpt.glob("rows-*.safetensors"))) == 1  # the first batch survived
 
     with pytest.raises(NKVError, match="interrupted build"):
-        build_adapter(model, tok, FACTS, config=config, progress=False, checkpoint_dir=ckpt)
+        build_adapter(model, tok, FACTS, config=config, layer=0, progress=False, checkpoint_dir=ckpt)
     with pytest.raises(NKVError, match="different build"):
-        build_adapter(model, tok, FACTS[:2], config=config, progress=False, checkpoint_dir=ckpt, resume=True)
+        build_adapter(model, tok, FACTS[:2], config=config, layer=0, progress=False, checkpoint_dir=ckpt, resume=True)
 
-    resumed = build_adapter(model, tok, FACTS, config=config, progress=False, checkpoint_dir=ckpt, resume=True)
+    resumed = build_adapter(model, tok, FACTS, config=config, layer=0, progress=False, checkpoint_dir=ckpt, resume=True)
     assert calls["n"] == 3  # only the missing batch was computed
     assert resumed.to_bytes() == full.to_bytes()
 

@@ -20,12 +20,13 @@ from nkv.facts_io import FactInput
 
 from ..architectures import arch_spec, base_model_info, model_type_of
 from .checkpoint import Checkpoint, digest
-from .config import DTYPES, BuildConfig, default_config, default_layer
+from .config import DTYPES, BuildConfig, default_config, verified_layer
 from .hooks import frozen, model_device, pad_id_of
 from .keys import compute_keys
 from .prompts import FactTokens, encode_fact
 from .reference import optimize_residuals_reference
 from .residuals import optimize_residuals
+from .selfcheck import self_check
 from .templates import as_templates, generate_prefixes
 
 Progress = Callable[[int], None]  # called with the number of facts just finished
@@ -52,8 +53,9 @@ def build_adapter(
             If `config.device` / `config.dtype` are set, the model is moved / cast in place.
         tokenizer: its tokenizer.
         facts: `FactInput`s (from `nkv.facts_io.read_facts`) or `Fact`s; ids must be unique.
-        layer: the layer to edit; None = the family's default (`default_layer`); "auto" =
-            a short sweep on a sample of the facts (`choose_layer`).
+        layer: the layer to edit; None = the layer verified for this model's depth and width
+            (`config.VERIFIED_LAYERS`), or, when there is none, "auto"; "auto" = a short sweep
+            on a sample of the facts (`choose_layer`).
         gamma: the gate threshold stored in the adapter.
         config: hyperparameters; None = `default_config(model)`.
         name, revision: how the base model is recorded (default: config._name_or_path).
@@ -64,7 +66,8 @@ def build_adapter(
         resume: continue from `checkpoint_dir`; without it an existing checkpoint is an error.
     Returns:
         The adapter (not saved). `adapter.build` records the tool version, the resolved
-        hyperparameters, the layer choice, the context templates and loss statistics.
+        hyperparameters, the layer choice, the context templates, loss statistics and the
+        self-check (`selfcheck.self_check`: efficacy on the edit prompts through the gate).
     Raises:
         NKVFactsError: duplicate ids, or a subject the tokenizer cannot locate (raised
             before any optimisation).
@@ -113,6 +116,7 @@ def build_adapter(
             "loss": {"mean": round(float(loss.mean()), 6), "max": round(float(loss.max()), 6),
                      "n_above_early_stop": int((loss >= config.early_stop_loss).sum())},
         }
+        build["self_check"] = self_check(model, tokenizer, adapter)
         return replace(adapter, build=build)
 
 
@@ -203,15 +207,23 @@ def _resolve_layer(model: nn.Module, tokenizer: Any, facts: Sequence[FactInput |
     if state:  # resuming: the layer chosen when the build started
         return int(state["layer"]), state["layer_choice"]
     if layer is None:
-        return default_layer(model), {"mode": "default"}
-    if layer == "auto":
+        known = verified_layer(model)
+        if known is not None:
+            return known[0], {"mode": "default", "verified_on": known[1]}
+        if verbose:
+            print("nkv build: no layer is verified for this model's depth and width, so it is chosen by a short "
+                  "sweep (--layer auto); pass --layer N to skip it", file=sys.stderr)
+        layer_arg, reason = "auto", "no verified default for this depth and width"
+    else:
+        layer_arg, reason = layer, "asked for"
+    if layer_arg == "auto":
         from .layer import choose_layer
 
         log = (lambda line: print(f"nkv build --layer auto: {line}", file=sys.stderr)) if verbose else None
         choice = choose_layer(model, tokenizer, facts, config=config, log=log)
         if log is not None:
             log(f"chose layer {choice.layer}")
-        return choice.layer, {"mode": "auto", "sample": choice.sample, "scores": choice.scores}
+        return choice.layer, {"mode": "auto", "why": reason, "sample": choice.sample, "scores": choice.scores}
     if isinstance(layer, bool) or not isinstance(layer, int):
         raise NKVError(f"layer must be an integer, 'auto' or None, got {layer!r}")
     arch_n = len(model.get_submodule(arch_spec(model_type_of(model)).layers))
