@@ -115,10 +115,15 @@ def build(facts: Path, model_name: str, output: Path, layer: str | None, gamma: 
     loss = adapter.build["loss"]
     click.echo(f"wrote {output}: {adapter.n_facts} facts, layer {adapter.layer} "
                f"({adapter.build['layer_choice']['mode']}), gamma {adapter.gamma}, {seconds:.1f} s "
-               f"({adapter.n_facts / max(seconds, 1e-9):.1f} facts/s); final loss mean {loss['mean']:.3f}, "
+               f"({_rate(adapter.n_facts, seconds)}); final loss mean {loss['mean']:.3f}, "
                f"{loss['n_above_early_stop']} fact(s) above the early-stop loss")
     click.echo(f"self-check: {check['efficacy']:.0%} of {check['n_checked']} edit prompts answer their new target "
                "with the adapter attached (teacher-forced, every target token top-1)")
+
+
+def _rate(n: int, seconds: float) -> str:
+    per_second = n / max(seconds, 1e-9)
+    return f"{per_second:.1f} facts/s" if per_second >= 1 else f"{seconds / max(n, 1):.1f} s/fact"
 
 
 def low_efficacy_warning(check: dict[str, Any], layer: int, mode: str) -> str:

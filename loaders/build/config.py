@@ -135,6 +135,7 @@ VERIFIED_LAYERS: dict[tuple[str, int, int], tuple[int, str]] = {
     ("gptj", 28, 4096): (8, "GPT-J 6B, NeuralDB paper"),
     ("llama", 32, 4096): (7, "Llama-3-8B-Instruct, NeuralDB paper"),
     ("llama", 30, 576): (6, "SmolLM2-135M-Instruct, benchmarks/real (CounterFact)"),
+    ("gemma3_text", 18, 640): (3, "Gemma 3 270M, benchmarks/real (CounterFact)"),
     ("llama", 4, 128): (0, "fact-world Llama, examples/factworld (causal trace)"),
 }
 
