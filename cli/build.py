@@ -120,7 +120,7 @@ def load_model(model_name: str, *, revision: str | None = None, device: str = "a
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nkv.loaders.build.config import DTYPES
+    from nkv.dtypes import TORCH_DTYPES as DTYPES
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

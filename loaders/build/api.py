@@ -14,13 +14,14 @@ from torch import nn
 from nkv import __version__
 from nkv.adapter import NKVAdapter, empty_adapter
 from nkv.constants import DEFAULT_GAMMA
+from nkv.dtypes import ROW_DTYPE_NAMES, TORCH_DTYPES
 from nkv.errors import NKVError, NKVFactsError
 from nkv.facts import Fact
 from nkv.facts_io import FactInput
 
 from ..architectures import arch_spec, base_model_info, model_type_of
 from .checkpoint import Checkpoint, digest
-from .config import DTYPES, BuildConfig, default_config, default_layer
+from .config import BuildConfig, default_config, default_layer
 from .hooks import frozen, model_device, pad_id_of
 from .keys import compute_keys
 from .prompts import FactTokens, encode_fact
@@ -94,7 +95,7 @@ def build_adapter(
         if ckpt is not None:
             ckpt.write_state({"inputs": digest(common), "layer": layer, "layer_choice": layer_choice,
                               "prefixes": prefixes, "n_facts": len(plain)})
-        store = dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+        store = dtype if dtype in ROW_DTYPE_NAMES else torch.float32  # a dtype the format can hold
         with _bar(len(plain), progress) as advance:
             rows = compute_rows(model, tokenizer, tokens, layer, config, checkpoint=ckpt, on_done=advance,
                                 store_dtype=store)
@@ -228,7 +229,7 @@ def _placed(model: nn.Module, config: BuildConfig) -> Iterator[None]:
             raise NKVError(f"device {config.device!r} requested but CUDA is not available; use --device cpu")
         model.to(torch.device(config.device))
     if config.dtype is not None:
-        model.to(DTYPES[config.dtype])
+        model.to(TORCH_DTYPES[config.dtype])
     yield
 
 

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import torch
 
-from nkv._atomic import atomic_file
+from nkv.atomic import atomic_file
 from nkv.errors import NKVError
 
 STATE = "state.json"

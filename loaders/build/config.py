@@ -13,14 +13,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-import torch
 from torch import nn
 
+from nkv.dtypes import TORCH_DTYPES
 from nkv.errors import NKVError
 
 from ..architectures import arch_spec, model_type_of
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -67,8 +65,8 @@ class BuildConfig:
         for name in ("kl_factor", "weight_decay", "early_stop_loss", "n_prefixes"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            problems.append(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        if self.dtype is not None and self.dtype not in TORCH_DTYPES:
+            problems.append(f"dtype must be one of {list(TORCH_DTYPES)}, got {self.dtype!r}")
         if problems:
             raise NKVError("BuildConfig: " + "; ".join(problems))
 
@@ -134,4 +132,4 @@ def default_layer(model: nn.Module) -> int:
     return min(n_layers - 1, max(0, int(fraction * n_layers)))
 
 
-__all__ = ["BuildConfig", "ARCH_DEFAULTS", "SMALL_DEFAULTS", "default_config", "default_layer", "DTYPES"]
+__all__ = ["BuildConfig", "ARCH_DEFAULTS", "SMALL_DEFAULTS", "default_config", "default_layer"]
