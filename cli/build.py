@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from nkv.constants import DEFAULT_GAMMA
 from nkv.errors import NKVError
 
 _FACTS = click.Path(exists=True, dir_okay=False, path_type=Path)
@@ -37,7 +38,7 @@ def _layer(value: str | None) -> int | str | None:
 @click.option("-o", "--output", required=True, type=_OUT, help="The .nkv file to write.")
 @click.option("--layer", default=None, metavar="N|auto",
               help="Layer to edit; default: the family's default; 'auto': a short sweep on a sample of the facts.")
-@click.option("--gamma", default=0.65, show_default=True, type=click.FloatRange(0, 1),
+@click.option("--gamma", default=DEFAULT_GAMMA, show_default=True, type=click.FloatRange(0, 1),
               help="Gate threshold stored in the adapter (cosine).")
 @click.option("--steps", type=click.IntRange(1),
               help="Optimisation steps per fact [default: 25, GPT-2 20; 40 for models with d_model <= 256].")
@@ -67,8 +68,9 @@ def build(facts: Path, model_name: str, output: Path, layer: str | None, gamma: 
     nkv build examples/factworld/quickstart.jsonl --model examples/factworld/models/llama -o q.nkv
     nkv build counterfact-edit.json --model gpt2-xl --layer 17 --device cuda -o cf.nkv
     """
+    from nkv.editing.solve import Checkpoint, build_adapter, default_config
     from nkv.facts_io import scan_facts
-    from nkv.loaders.build import Checkpoint
+    from nkv.loaders.models import load_model
 
     layer_arg = _layer(layer)
     scan = scan_facts(facts)
@@ -79,12 +81,9 @@ def build(facts: Path, model_name: str, output: Path, layer: str | None, gamma: 
     if not scan.facts:
         raise NKVError(f"{facts}: no usable fact records")
     partial = Checkpoint(output.with_name(output.name + ".partial"))
-    if partial.exists and not resume:
-        raise NKVError(f"{partial.folder} holds an interrupted build ({partial.n_done()} facts done); "
-                       "rerun with --resume to continue it, or delete that folder to start over")
+    partial.require_resume(resume)  # before the model load it would waste
 
     model, tokenizer = load_model(model_name, revision=revision, device=device, dtype=dtype)
-    from nkv.loaders.build import build_adapter, default_config
 
     overrides = {k: v for k, v in options.items() if v is not None}
     config = default_config(model, seed=seed, **overrides)
@@ -114,29 +113,4 @@ def build(facts: Path, model_name: str, output: Path, layer: str | None, gamma: 
                f"{loss['n_above_early_stop']} fact(s) above the early-stop loss")
 
 
-def load_model(model_name: str, *, revision: str | None = None, device: str = "auto",
-               dtype: str = "float32") -> tuple[Any, Any]:
-    """Load a causal LM and its tokenizer from a local folder or a Hub id, or raise NKVError."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from nkv.dtypes import TORCH_DTYPES as DTYPES
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device.startswith("cuda") and not torch.cuda.is_available():
-        raise NKVError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    where = "local folder" if Path(model_name).is_dir() else "Hub id"
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_name, revision=revision)
-        model = AutoModelForCausalLM.from_pretrained(model_name, revision=revision, dtype=DTYPES[dtype])
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise NKVError(f"cannot load model {model_name!r} ({where}): {first[:300]}; pass a folder saved with "
-                       "save_pretrained, or a Hub id that is cached or reachable") from None
-    model.to(device)
-    model.eval()
-    return model, tokenizer
-
-
-__all__ = ["build", "load_model"]
+__all__ = ["build"]

@@ -27,7 +27,7 @@ from torch import nn
 from nkv.adapter import NKVAdapter
 from nkv.gate import key_inverse_norms, nkv_gate
 
-from .slot import SlotInfo
+from .slot import SlotInfo, check_adapter
 
 
 class NKVGatedProjection(nn.Module):
@@ -106,8 +106,23 @@ class NKVGatedProjection(nn.Module):
                 f"tp_rank={s.tp_rank}/{s.tp_size}")
 
 
+def gated_module(model: nn.Module) -> NKVGatedProjection | None:
+    """The engine's gated module, or None when it was started without the nkv config."""
+    for module in model.modules():
+        if isinstance(module, NKVGatedProjection):
+            return module
+    return None
+
+
+def load_into(module: NKVGatedProjection, adapter: NKVAdapter, *, strict: bool, gamma: float | None,
+              source: str | None, revision: str | None = None) -> None:
+    """Check `adapter` against the module's slot (`check_adapter`), then copy its rows in."""
+    check_adapter(adapter, module.slot, strict=strict)
+    module.load(adapter, gamma=gamma, source=source, revision=revision)
+
+
 def _replace(slot: SlotInfo, **changes: Any) -> SlotInfo:
     return SlotInfo.from_dict({**slot.to_dict(), **changes})
 
 
-__all__ = ["NKVGatedProjection"]
+__all__ = ["NKVGatedProjection", "gated_module", "load_into"]

@@ -17,8 +17,7 @@ from torch import nn
 
 from nkv.dtypes import TORCH_DTYPES
 from nkv.errors import NKVError
-
-from ..architectures import arch_spec, model_type_of
+from nkv.loaders.architectures import arch_spec, model_type_of, projection_weight
 
 
 @dataclass(frozen=True)
@@ -119,8 +118,6 @@ def default_config(model: nn.Module | str, **overrides: Any) -> BuildConfig:
 
 
 def _d_model(model: nn.Module) -> int:
-    from ..architectures import projection_weight
-
     return projection_weight(model, 0).shape[0]
 
 

@@ -30,16 +30,18 @@ from nkv.adapter import NKVAdapter
 from nkv.errors import NKVError
 from nkv.facts import Fact
 from nkv.facts_io import FactInput
+from nkv.loaders.transformers import attach
 
 from .fluency import fluency
-from .gatediag import diagnose, subject_position, unrelated_chunks
+from ..generation import SEED_WORDS, free_generation_exact, sample_texts, seed_prompts
+from ..scoring import DEFAULT_BATCH, score_pairs
+from ..tokens import subject_position
+from .gatediag import diagnose, unrelated_chunks
 from .report import EvalReport, pct
-from .scoring import DEFAULT_BATCH, free_generation_exact, sample_texts, score_pairs
 from .truefacts import TrueFact, sample_facts
 
 PROTOCOLS = ("counterfact", "zsre")
 SHARED_TAG = "shared_last_token"
-SEED_WORDS = ("The", "Therefore", "Because", "I", "You")  # for generated unrelated text
 
 
 @dataclass(frozen=True)
@@ -249,7 +251,7 @@ def evaluate_adapter(model: nn.Module, tokenizer: Any, handle: Any, facts: Seque
         unrelated, unrelated_name = [], "not measured"
     elif unrelated is None:
         with handle.disabled():
-            prompts = [SEED_WORDS[i % len(SEED_WORDS)] for i in range(options.generated_texts)]
+            prompts = seed_prompts(options.generated_texts)
             unrelated = sample_texts(model, tokenizer, prompts, options.generated_tokens, seed=options.seed + 1,
                                      batch_size=options.batch_size)
         unrelated_name = unrelated_name or (f"{options.generated_texts} texts sampled from the unedited model "
@@ -350,8 +352,6 @@ def evaluate_adapter(model: nn.Module, tokenizer: Any, handle: Any, facts: Seque
 @contextlib.contextmanager
 def attached(model: nn.Module, adapter: NKVAdapter, strict: bool = True):
     """Attach `adapter` for the duration of the block (detached afterwards, whatever happens)."""
-    from ..transformers import attach
-
     handle = attach(model, adapter, strict=strict)
     try:
         yield handle

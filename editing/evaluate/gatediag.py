@@ -3,7 +3,7 @@
 The forward stops right after the adapter's layer (later layers cannot change what the
 gate saw), and the gate's own per-token results are read through `handle.record`, so
 these numbers are exactly what the attached adapter does, not a re-implementation.
-Subject positions are found with the build's own `locate` (tokenizer-based, BOS- and
+Subject positions are found with the build's own `nkv.editing.tokens.locate` (tokenizer-based, BOS- and
 leading-space-safe), so the token checked here is the token the key was read at.
 """
 
@@ -15,13 +15,12 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from nkv.errors import NKVFactsError
 from nkv.facts import Fact
+from nkv.loaders.architectures import blocks
 
-from ..architectures import blocks
-from ..build.hooks import StopForward, hooks, model_device, pad_batch, pad_id_of
-from ..build.prompts import locate
-from .scoring import DEFAULT_BATCH
+from ..forward import StopForward, hooks, model_device, pad_batch, pad_id_of
+from ..scoring import DEFAULT_BATCH
+from ..tokens import subject_position
 
 
 @dataclass
@@ -77,17 +76,6 @@ def gate_trace(model: nn.Module, tokenizer: Any, handle: Any, texts: Sequence[st
             key = keys[row, pos].detach().float().cpu() if pos is not None else None
             out.append(TokenGate(seq, score[row, :n].clone(), index[row, :n].clone(), fired[row, :n].clone(), key))
     return out
-
-
-def subject_position(tokenizer: Any, text: str, fact: Fact) -> int | None:
-    """The subject's last token in `text` (its first occurrence), or None if absent."""
-    start = text.find(fact.subject)
-    if start < 0:
-        return None
-    try:
-        return locate(tokenizer, text, start + len(fact.subject), fact).subject_pos
-    except NKVFactsError:
-        return None
 
 
 @dataclass
@@ -197,4 +185,4 @@ def unrelated_chunks(tokenizer: Any, lines: Sequence[str], max_tokens: int, chun
     return chunks
 
 
-__all__ = ["TokenGate", "GateDiagnostics", "gate_trace", "subject_position", "diagnose", "unrelated_chunks"]
+__all__ = ["TokenGate", "GateDiagnostics", "gate_trace", "diagnose", "unrelated_chunks"]

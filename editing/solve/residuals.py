@@ -28,12 +28,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..architectures import output_projection
-from .config import BuildConfig
+from nkv.loaders.architectures import output_projection
+
+from ..forward import hooks, model_device, token_index
 from .batch import FactBatch, Selection, make_cache
-from .hooks import hooks, model_device, token_index
-from .replay import replayed
+from .config import BuildConfig
 from .prompts import FactTokens
+from .replay import replayed
 
 BETAS = (0.9, 0.999)  # torch.optim.Adam defaults, as in MEMIT
 EPS = 1e-8
