@@ -145,7 +145,8 @@ def test_evaluate_counterfact_protocol(model, tok, tmp_path):
     assert m["specificity"]["post"] == m["specificity"]["pre"]  # the neighbour never fires at 0.999
     assert report.gate["edit_right"] == 100.0 and report.gate["false_fire"] == 0.0
     assert report.gate["unrelated_tokens"] == 3 * len(tok(unrelated[0])["input_ids"])
-    assert report.weak_spots["specificity_tagged_shared"]["n"] == 1
+    assert report.by_tag["shared_last_token"]["specificity"]["n"] == 1  # a generic per-tag breakdown
+    assert "by tag" in report.table() and "specificity_tagged_shared" not in report.weak_spots
     assert m["fluency"]["pre"] > 0
     text = report.table()
     assert "efficacy" in text and "gate: false fires" in text

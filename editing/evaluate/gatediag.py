@@ -90,8 +90,8 @@ class GateDiagnostics:
     paraphrase_n: int
     false_fire: float  # share of unrelated-text tokens that fired
     unrelated_tokens: int
-    # The part of false_fire on tokens that are some edited subject's last token (" Junior",
-    # " University": the shared-last-token weak spot), as a share of all unrelated tokens.
+    # The part of false_fire on tokens that are some edited subject's last token (a word
+    # many subjects end in: the shared-last-token weak spot), as a share of all unrelated tokens.
     false_fire_shared: float = 0.0
     shared_tokens: int = 0  # unrelated tokens that are an edited subject's last token
     positives: list[float] = field(default_factory=list)  # max cosine at subject tokens

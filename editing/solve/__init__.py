@@ -6,8 +6,8 @@
 >>> adapter.save("edits.nkv")
 
 Modules, by role: config (hyperparameters, defaults), prompts (a fact's token
-sequences), templates (context prefixes), keys (§3), residuals (§4, batched), batch and
-replay (what makes the batch fast), reference (§4, one fact at a time), rows (keys and
+sequences), templates (context prefixes), keys, residuals (batched), batch and
+replay (what makes the batch fast), reference (one fact at a time), rows (keys and
 residuals for many facts, checkpointed), layer (`layer="auto"`), checkpoint (resume),
 api (`build_adapter`). Token positions, teacher-forced scoring and model plumbing are
 shared with the evaluation: `nkv.editing.tokens`, `.scoring`, `.forward`.

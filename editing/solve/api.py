@@ -1,4 +1,4 @@
-"""`build_adapter`: facts in, an `NKVAdapter` out (keys and residuals of method.md §3-4)."""
+"""`build_adapter`: facts in, an `NKVAdapter` out (one key and one residual per fact)."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from nkv.loaders.architectures import arch_spec, model_type_of, projection_weigh
 
 @dataclass(frozen=True)
 class BuildConfig:
-    """Hyperparameters of `build_adapter` (method.md §3-4). Recorded in `adapter.build`.
+    """Hyperparameters of `build_adapter`. Recorded in `adapter.build`.
 
     steps: optimisation steps per fact (MEMIT: at most steps-1 updates).
     lr: Adam step, relative to ||h0|| (see the module docstring).

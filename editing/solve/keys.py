@@ -1,4 +1,4 @@
-"""Keys (method.md §3): the output projection's input at the subject's last token.
+"""Keys (MEMIT's compute_ks): the output projection's input at the subject's last token.
 
 `k = ½ · k(bare prompt) + ½ · mean over prefixed prompts`. The same pass records h0,
 the block's output hidden state at the subject in the bare prompt (MEMIT's

@@ -1,4 +1,4 @@
-"""Residuals (method.md §4): one δ row per fact, many facts per forward/backward.
+"""Residuals (MEMIT's compute_z): one δ row per fact, many facts per forward/backward.
 
 Per fact i, with h0_i its unedited hidden state at the subject and δ_i = s_i · u_i,
 s_i = ||h0_i|| / sqrt(d_model) (see config.py for why):

@@ -1,7 +1,7 @@
 """Keys and residuals for many facts, batch by batch, with finished batches checkpointed.
 
 `compute_rows` is the loop both `build_adapter` and the layer sweep (`--layer auto`) run:
-keys (§3) for a batch, then its residuals (§4), rows stored in preallocated tensors.
+keys for a batch, then its residuals, rows stored in preallocated tensors.
 """
 
 from __future__ import annotations
