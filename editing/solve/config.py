@@ -5,7 +5,9 @@ optimises `u`. Adam moves each coordinate of `u` by about `lr` per step, so `lr`
 step of δ *relative to ||h0||* (the unedited hidden state at the subject): the same
 setting works for a 64-wide random model with ||h0|| ≈ 3 and a 4096-wide model with
 ||h0|| ≈ 200. (MEMIT's absolute lr 0.5 barely moves δ when ||h0|| is large and
-overshoots when it is small.) Clamp and weight decay are relative to ||h0|| as in MEMIT.
+overshoots when it is small.) The clamp is relative to ||h0|| as in MEMIT. The weight decay
+is ||δ|| / ||h0||, a scale-free ratio like the clamp; MEMIT's is ||δ|| / ||h0||², which
+shrinks with the model's hidden-state norm, so its weights do not carry over.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ class BuildConfig:
     steps: optimisation steps per fact (MEMIT: at most steps-1 updates).
     lr: Adam step, relative to ||h0|| (see the module docstring).
     kl_factor: weight of KL(P_δ || P_0) on "{subject} is a".
-    weight_decay: weight of ||δ|| / ||h0||².
+    weight_decay: weight of ||δ|| / ||h0|| (not MEMIT's ||δ|| / ||h0||²).
     clamp: ||δ|| is kept <= clamp · ||h0|| after each step.
     early_stop_loss: a fact stops (its row frozen) once its loss is below this.
     n_prefixes: generated context prefixes ("The", "Therefore", "Because", "I", "You").

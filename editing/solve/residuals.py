@@ -5,7 +5,7 @@ s_i = ||h0_i|| / sqrt(d_model) (see config.py for why):
 
     loss_i = mean over templates of the per-token NLL of target_new (teacher forced)
            + kl_factor · KL(P_δ || P_0) at the subject of "{subject} is a"
-           + weight_decay · ||δ_i|| / ||h0_i||²
+           + weight_decay · ||δ_i|| / ||h0_i||   (MEMIT divides by ||h0||²; see config.py)
 
 δ_i is added to the output projection's output at the subject's last token of each of
 fact i's prompts. The batch loss is the *sum* of the per-fact losses, so row i's gradient

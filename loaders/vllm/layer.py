@@ -8,7 +8,8 @@ before compilation, so it is traced into the compiled graph.
 Buffers have a fixed size (`capacity` rows) chosen at start-up. Loading an adapter
 copies its rows into them in place (`copy_`), which a compiled graph (and a CUDA graph,
 which holds buffer addresses) keeps seeing; unused rows are padding: zero key, zero
-residual, inverse norm 0, so they never win the gate and add nothing if they did.
+residual, inverse norm 0. A padding row scores 0: it can win the argmax (when no real
+row scores above 0) but never fires, since 0 never exceeds γ >= 0, and its residual is zero.
 
 Tensor parallel: rank r sees the key slice `x[:, r*d/tp:(r+1)*d/tp]` and a replicated,
 already reduced output. Its keys buffer holds the same column slice of K1, the inverse
