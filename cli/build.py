@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from nkv.constants import DEFAULT_GAMMA
 from nkv.errors import NKVError
 
 _FACTS = click.Path(exists=True, dir_okay=False, path_type=Path)
@@ -38,7 +39,7 @@ def _layer(value: str | None) -> int | str | None:
 @click.option("-o", "--output", required=True, type=_OUT, help="The .nkv file to write.")
 @click.option("--layer", default=None, metavar="N|auto",
               help="Layer to edit; default: the family's default; 'auto': a short sweep on a sample of the facts.")
-@click.option("--gamma", default=0.65, show_default=True, type=click.FloatRange(0, 1),
+@click.option("--gamma", default=DEFAULT_GAMMA, show_default=True, type=click.FloatRange(0, 1),
               help="Gate threshold stored in the adapter (cosine).")
 @click.option("--steps", type=click.IntRange(1),
               help="Optimisation steps per fact [default: 25, GPT-2 20; 40 for models with d_model <= 256].")
@@ -68,9 +69,10 @@ def build(facts: Path, model_name: str, output: Path, layer: str | None, gamma: 
     nkv build examples/factworld/quickstart.jsonl --model examples/factworld/models/llama -o q.nkv
     nkv build counterfact-edit.json --model gpt2-xl --layer 17 --device cuda -o cf.nkv
     """
+    from nkv.editing.solve import Checkpoint, build_adapter, default_config
     from nkv.facts_io import scan_facts
-    from nkv.loaders.build import Checkpoint
-    from nkv.loaders.build.selfcheck import is_low
+    from nkv.editing.solve.selfcheck import is_low
+    from nkv.loaders.models import load_model
 
     layer_arg = _layer(layer)
     scan = scan_facts(facts)
@@ -81,12 +83,9 @@ def build(facts: Path, model_name: str, output: Path, layer: str | None, gamma: 
     if not scan.facts:
         raise NKVError(f"{facts}: no usable fact records")
     partial = Checkpoint(output.with_name(output.name + ".partial"))
-    if partial.exists and not resume:
-        raise NKVError(f"{partial.folder} holds an interrupted build ({partial.n_done()} facts done); "
-                       "rerun with --resume to continue it, or delete that folder to start over")
+    partial.require_resume(resume)  # before the model load it would waste
 
     model, tokenizer = load_model(model_name, revision=revision, device=device, dtype=dtype)
-    from nkv.loaders.build import build_adapter, default_config
 
     overrides = {k: v for k, v in options.items() if v is not None}
     config = default_config(model, seed=seed, **overrides)
@@ -137,32 +136,4 @@ def low_efficacy_warning(check: dict[str, Any], layer: int, mode: str) -> str:
             f"Not taken, e.g.: {failed}.\n")
 
 
-def load_model(model_name: str, *, revision: str | None = None, device: str = "auto",
-               dtype: str = "float32") -> tuple[Any, Any]:
-    """Load a causal LM and its tokenizer from a local folder, a Hub id, a .gguf file or a
-    packaged model name (`nkv.loaders.gguf.PACKAGED`), or raise NKVError."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from nkv.loaders.build.config import DTYPES
-    from nkv.loaders.gguf import model_source
-
-    model_name = model_source(model_name)  # a .gguf file or packaged model: its converted folder
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device.startswith("cuda") and not torch.cuda.is_available():
-        raise NKVError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    where = "local folder" if Path(model_name).is_dir() else "Hub id"
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_name, revision=revision)
-        model = AutoModelForCausalLM.from_pretrained(model_name, revision=revision, dtype=DTYPES[dtype])
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise NKVError(f"cannot load model {model_name!r} ({where}): {first[:300]}; pass a folder saved with "
-                       "save_pretrained, or a Hub id that is cached or reachable") from None
-    model.to(device)
-    model.eval()
-    return model, tokenizer
-
-
-__all__ = ["build", "load_model", "low_efficacy_warning"]
+__all__ = ["build", "low_efficacy_warning"]

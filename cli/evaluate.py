@@ -7,10 +7,8 @@ data file is evaluated with all of the adapter's edits live at once.
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -36,6 +34,8 @@ from nkv.errors import NKVError
                    "else counterfact).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--device", metavar="DEV", help="cpu, cuda, cuda:N (default: cuda if available, else cpu).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--revision", help="Hub revision (branch, tag or commit) of the model.")
 @click.option("--no-free-gen", is_flag=True, help="Skip greedy free-generation exact match.")
 @click.option("--fluency-prompts", type=click.IntRange(min=0), default=16, show_default=True,
               help="Edit prompts to sample text from for fluency (0: skip).")
@@ -46,7 +46,7 @@ from nkv.errors import NKVError
               help="Store the summary in the adapter file's nkv.eval metadata (atomic rewrite); model cards show it.")
 def evaluate(model_name: str, adapter_src: str, data_path: str, unrelated_path: str | None,
              true_facts_path: str | None, limit: int | None, protocol: str | None, batch_size: int,
-             device: str | None, no_free_gen: bool, fluency_prompts: int, as_json: bool, plot_path: Path | None,
+             device: str | None, dtype: str, revision: str | None, no_free_gen: bool, fluency_prompts: int, as_json: bool, plot_path: Path | None,
              write_back: bool) -> None:
     """Evaluate ADAPTER on the facts in DATA, with the adapter disabled (pre) and enabled (post).
 
@@ -57,6 +57,7 @@ def evaluate(model_name: str, adapter_src: str, data_path: str, unrelated_path: 
     nkv eval --model gpt2-xl --adapter cf.nkv --data counterfact-edit.json --limit 1000 --json
     """
     from nkv.facts_io import read_facts
+    from nkv.loaders.models import load_model
     from nkv.resolve import resolve_adapter
 
     # Cheap checks first: a typo in a path should not cost a model load.
@@ -67,13 +68,15 @@ def evaluate(model_name: str, adapter_src: str, data_path: str, unrelated_path: 
     unrelated = _read_lines(unrelated_path) if unrelated_path else None
     true_facts = None
     if true_facts_path:
-        from nkv.loaders.eval import read_true_facts
+        from nkv.editing.evaluate import read_true_facts
 
         true_facts = read_true_facts(true_facts_path)
     adapter = resolve_adapter(adapter_src)
-    model, tokenizer = _load_model(model_name, device)
+    model, tokenizer = load_model(model_name, revision=revision, device=device or "auto", dtype=dtype)
+    click.echo(f"loaded {model_name} ({sum(p.numel() for p in model.parameters()):,} parameters) on "
+               f"{next(model.parameters()).device}", err=True)
 
-    from nkv.loaders.eval import EvalOptions, evaluate as run_eval
+    from nkv.editing.evaluate import EvalOptions, evaluate as run_eval
 
     options = EvalOptions(batch_size=batch_size, protocol=protocol, free_generation=not no_free_gen,
                           fluency_prompts=fluency_prompts)
@@ -88,7 +91,7 @@ def evaluate(model_name: str, adapter_src: str, data_path: str, unrelated_path: 
     else:
         click.echo(report.table())
     if plot_path is not None:
-        from nkv.loaders.eval import plot_cosines
+        from nkv.editing.evaluate import plot_cosines
 
         click.echo(f"wrote {plot_cosines(report, plot_path)}", err=True)
     if write_back:
@@ -108,29 +111,6 @@ def _read_lines(path: str) -> list[str]:
     if not lines:
         raise NKVError(f"{path}: is empty; --unrelated needs some text (one passage per line)")
     return lines
-
-
-def _load_model(name: str, device: str | None) -> tuple[Any, Any]:
-    """Model and tokenizer from a local folder or the Hub, in eval mode on `device`."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from nkv.loaders.gguf import model_source
-
-    name = model_source(name)  # a .gguf file or packaged model: its converted folder
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device.startswith("cuda") and not torch.cuda.is_available():
-        raise NKVError(f"--device {device} requested but CUDA is not available; use --device cpu")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise NKVError(f"cannot load model {name!r}: {first[:300]} (expected a folder saved with "
-                       "save_pretrained or a Hub model id)") from None
-    print(f"loaded {name} ({sum(p.numel() for p in model.parameters()):,} parameters) on {device}", file=sys.stderr)
-    return model.to(device).eval(), tokenizer
 
 
 __all__ = ["evaluate"]

@@ -40,10 +40,9 @@ def generate(prompts: tuple[str, ...], model_name: str, adapter_src: str, facts_
     nkv generate --model examples/factworld/models/llama --adapter q.nkv
     nkv generate --model examples/factworld/models/llama --adapter q.nkv "Samuel Theley was born in"
     """
+    from nkv.loaders.models import load_model
     from nkv.loaders.transformers import attach
     from nkv.resolve import resolve_adapter
-
-    from .build import load_model
 
     adapter = resolve_adapter(adapter_src)
     # (prompt, expected answer or None, label shown after the edited answer)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from nkv._atomic import atomic_file
+from nkv.atomic import atomic_file
 
 
 @click.command()

@@ -58,7 +58,9 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy so that `import nkv` never imports transformers or vllm.
+    # The one import against the layering (nkv.loaders depends on nkv, not the reverse), on
+    # purpose: `nkv.load_nkv_adapter` is the entry point users look for first. It is lazy,
+    # so `import nkv` stays the format alone (no transformers, vllm or huggingface_hub).
     if name == "load_nkv_adapter":
         from .loaders import load_nkv_adapter
 

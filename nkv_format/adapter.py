@@ -18,14 +18,13 @@ from typing import Any, Iterable, Literal
 import torch
 
 from . import constants as C
-from ._atomic import atomic_file
+from .atomic import atomic_file
+from .dtypes import ROW_DTYPE_NAMES as _DTYPE_NAMES, ROW_DTYPES as _TORCH_DTYPES
 from .errors import NKVCompatibilityError, NKVConflictError, NKVFormatError
 from .facts import Fact, decode_facts, encode_facts, fact_record_problems
 from .fingerprint import fingerprints_match
 from .header import BaseModelInfo, NKVHeader, parse_header, read_header
 
-_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-_DTYPE_NAMES = {v: k for k, v in _TORCH_DTYPES.items()}
 
 ConflictPolicy = Literal["error", "ours", "theirs"]
 

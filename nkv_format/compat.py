@@ -29,11 +29,14 @@ def check_shape(expected: BaseModelInfo, layer: int, *, model_type: str, n_layer
 def check_fingerprint(expected: BaseModelInfo, layer: int, fingerprint: str | None, *, strict: bool = True,
                       stacklevel: int = 3) -> None:
     """Raise NKVFingerprintError (or warn when strict=False) unless `fingerprint` matches the
-    adapter's base checkpoint. None means the runtime cannot compute one (quantized weights)."""
+    adapter's base checkpoint. None means the runtime could not read the projection's weights
+    (vLLM: quantized, or repacked before the load hook saw them); the transformers loader always
+    passes a fingerprint."""
     if fingerprint is not None and fingerprints_match(expected.fingerprint, fingerprint):
         return
     detail = (f"got {fingerprint[:40]}..." if fingerprint is not None
-              else "the model's weights are not floating point (quantized), so it cannot be checked")
+              else "the runtime could not read the projection's weights (quantized or repacked), so it cannot "
+                   "be checked")
     message = (f"the model is not the checkpoint this adapter was built on ({expected.name}"
                f"{'@' + expected.revision if expected.revision else ''}): fingerprint at layer "
                f"{layer} expected {expected.fingerprint[:40]}..., {detail}; "

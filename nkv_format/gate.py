@@ -25,7 +25,12 @@ class GateResult(NamedTuple):
 
 
 def key_inverse_norms(keys: torch.Tensor) -> torch.Tensor:
-    """1 / ||K_i|| per row, in float32; 0 for all-zero (padding) rows so they never win."""
+    """1 / ||K_i|| per row, in float32; 0 for all-zero (padding) rows.
+
+    A padding row then scores exactly 0. It can still win the argmax (when every real row
+    scores below 0, or there is none), but a score of 0 never exceeds gamma >= 0, so it
+    never fires; its residual is zero as well.
+    """
     norms = keys.float().pow(2).sum(-1).sqrt()  # (n_facts,)
     return torch.where(norms > 0, 1.0 / norms.clamp_min(1e-30), torch.zeros_like(norms))
 

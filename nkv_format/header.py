@@ -213,37 +213,8 @@ def _interpret(source: str, meta: dict[str, str], tensors: dict[str, TensorInfo]
         parse_fingerprint(meta[C.K_BASE_FINGERPRINT])
     except NKVFormatError as exc:
         problems.extend(f"V6: {p}" for p in exc.problems)
-    json_fields = {}
-    for key in (C.K_BUILD, C.K_EVAL):
-        json_fields[key] = {}
-        if key in meta:
-            try:
-                value = strict_json_loads(meta[key])
-                if not isinstance(value, dict):
-                    raise ValueError
-                json_fields[key] = value
-            except (ValueError, RecursionError):
-                problems.append(f"V10: metadata {key!r} must be a JSON object")
-
-    # V7: the three tensors, their dtypes and shapes
-    expected = {C.T_KEYS: (n_facts, d_key), C.T_RESIDUALS: (n_facts, d_model)}
-    for name, shape in expected.items():
-        info = tensors.get(name)
-        if info is None:
-            problems.append(f"V7: tensor {name!r} is missing")
-        elif info.dtype not in C.ROW_DTYPES:
-            problems.append(f"V7: tensor {name!r} has dtype {info.dtype}, expected one of {list(C.ROW_DTYPES)}")
-        elif info.shape != shape:
-            problems.append(f"V7: tensor {name!r} has shape {list(info.shape)}, expected {list(shape)} "
-                            "(nkv.n_facts x nkv.base.d_key / d_model)")
-    if C.T_KEYS in tensors and C.T_RESIDUALS in tensors and tensors[C.T_KEYS].dtype != tensors[C.T_RESIDUALS].dtype:
-        problems.append(f"V7: {C.T_KEYS} is {tensors[C.T_KEYS].dtype} but {C.T_RESIDUALS} is "
-                        f"{tensors[C.T_RESIDUALS].dtype}; they must share one dtype")
-    facts = tensors.get(C.T_FACTS)
-    if facts is None:
-        problems.append(f"V7: tensor {C.T_FACTS!r} is missing")
-    elif facts.dtype != "U8" or len(facts.shape) != 1:
-        problems.append(f"V7: tensor {C.T_FACTS!r} must be U8 with shape [n_bytes], got {facts.dtype} {list(facts.shape)}")
+    json_fields = _json_fields(meta, problems)
+    problems.extend(_tensor_problems(tensors, n_facts, d_key, d_model))
     if problems:
         raise NKVFormatError(source, problems)
 
@@ -263,6 +234,46 @@ def _interpret(source: str, meta: dict[str, str], tensors: dict[str, TensorInfo]
         build=json_fields[C.K_BUILD], eval=json_fields[C.K_EVAL],
         metadata=dict(meta), tensors=tensors, data_start=data_start,
     )
+
+
+def _json_fields(meta: dict[str, str], problems: list[str]) -> dict[str, dict]:
+    """V10: nkv.build and nkv.eval as JSON objects ({} when absent); problems appended."""
+    json_fields: dict[str, dict] = {}
+    for key in (C.K_BUILD, C.K_EVAL):
+        json_fields[key] = {}
+        if key in meta:
+            try:
+                value = strict_json_loads(meta[key])
+                if not isinstance(value, dict):
+                    raise ValueError
+                json_fields[key] = value
+            except (ValueError, RecursionError):
+                problems.append(f"V10: metadata {key!r} must be a JSON object")
+    return json_fields
+
+
+def _tensor_problems(tensors: dict[str, TensorInfo], n_facts: int, d_key: int, d_model: int) -> list[str]:
+    """V7: the three tensors, their dtypes and shapes."""
+    problems: list[str] = []
+    expected = {C.T_KEYS: (n_facts, d_key), C.T_RESIDUALS: (n_facts, d_model)}
+    for name, shape in expected.items():
+        info = tensors.get(name)
+        if info is None:
+            problems.append(f"V7: tensor {name!r} is missing")
+        elif info.dtype not in C.ROW_DTYPES:
+            problems.append(f"V7: tensor {name!r} has dtype {info.dtype}, expected one of {list(C.ROW_DTYPES)}")
+        elif info.shape != shape:
+            problems.append(f"V7: tensor {name!r} has shape {list(info.shape)}, expected {list(shape)} "
+                            "(nkv.n_facts x nkv.base.d_key / d_model)")
+    if C.T_KEYS in tensors and C.T_RESIDUALS in tensors and tensors[C.T_KEYS].dtype != tensors[C.T_RESIDUALS].dtype:
+        problems.append(f"V7: {C.T_KEYS} is {tensors[C.T_KEYS].dtype} but {C.T_RESIDUALS} is "
+                        f"{tensors[C.T_RESIDUALS].dtype}; they must share one dtype")
+    facts = tensors.get(C.T_FACTS)
+    if facts is None:
+        problems.append(f"V7: tensor {C.T_FACTS!r} is missing")
+    elif facts.dtype != "U8" or len(facts.shape) != 1:
+        problems.append(f"V7: tensor {C.T_FACTS!r} must be U8 with shape [n_bytes], got {facts.dtype} {list(facts.shape)}")
+    return problems
 
 
 def _version_major(version: str) -> int | None:

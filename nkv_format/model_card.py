@@ -14,6 +14,7 @@ from typing import Any
 
 from . import constants as C
 from .adapter import NKVAdapter
+from .dtypes import row_dtype_name
 
 TAGS = ("nkv", "neuraldb", "knowledge-editing", "model-editing")
 SAMPLE_FACTS = 10  # rows of the fact table; the rest are counted, not listed
@@ -111,8 +112,7 @@ def _facts_section(adapter: NKVAdapter) -> str:
 
 def _details_section(adapter: NKVAdapter, filename: str, base_id: str | None) -> str:
     b = adapter.base
-    dtype = {"torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16"}.get(
-        str(adapter.keys.dtype), str(adapter.keys.dtype))
+    dtype = row_dtype_name(adapter.keys.dtype)
     rows = [
         ("file", f"`{filename}`"),
         ("format", f"NKV {C.FORMAT_VERSION}"),

@@ -1,19 +1,52 @@
 """Turn what a user passes as "the adapter" into an `NKVAdapter`.
 
-Every loader calls `resolve_adapter`, so a path, a Hub repo id and an in-memory adapter
-are accepted the same way everywhere.
+A source is a path (an .nkv file, or a folder holding exactly one), a Hugging Face Hub
+repo id ("user/name"), or an `NKVAdapter` already in memory. `locate_adapter` decides
+which, once, for every caller: `resolve_adapter` (load it), the vLLM server routes (read
+only its header) and the vLLM engine handle (pass it to worker processes).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
 from .adapter import NKVAdapter
 from .errors import NKVError, NKVFormatError
+from .hub import fetch_adapter
 
 AdapterSource = Union[str, os.PathLike, NKVAdapter]
+
+
+@dataclass(frozen=True)
+class AdapterLocation:
+    """Where a source points; exactly one of `adapter`, `path`, `repo_id` is set."""
+
+    adapter: NKVAdapter | None = None  # given in memory
+    path: Path | None = None  # a local .nkv file (a folder's single .nkv file)
+    repo_id: str | None = None  # a Hub repo id, not fetched yet
+
+
+def locate_adapter(source: AdapterSource) -> AdapterLocation:
+    """Classify `source` without reading any adapter data.
+
+    Raises:
+        NKVError: the path does not exist and is not a repo id, or a folder does not
+            hold exactly one .nkv file.
+    """
+    if isinstance(source, NKVAdapter):
+        return AdapterLocation(adapter=source)
+    path = Path(source)
+    if path.is_file():
+        return AdapterLocation(path=path)
+    if path.is_dir():
+        return AdapterLocation(path=single_adapter_file(path))
+    text = os.fspath(source)
+    if looks_like_repo_id(text):
+        return AdapterLocation(repo_id=text)
+    raise NKVError(f"{text}: no such file, and not a Hub repo id of the form 'user/name'")
 
 
 def resolve_adapter(source: AdapterSource, revision: str | None = None) -> NKVAdapter:
@@ -25,23 +58,17 @@ def resolve_adapter(source: AdapterSource, revision: str | None = None) -> NKVAd
         NKVHubError: the repo could not be fetched or holds no single adapter.
         NKVError: the path does not exist and is not a repo id.
     """
-    if isinstance(source, NKVAdapter):
-        return source
-    path = Path(source)
-    if path.is_file():
-        return NKVAdapter.load(path)
-    if path.is_dir():
-        return NKVAdapter.load(single_adapter_file(path))
-    text = str(source)
-    if _looks_like_repo_id(text):
-        from .hub import fetch_adapter  # lazy: huggingface_hub only when needed
-
-        local = fetch_adapter(text, revision=revision)
-        try:
-            return NKVAdapter.load(local)
-        except NKVFormatError as exc:  # name the repo the user asked for, not the cache path
-            raise type(exc)(f"{text}@{revision or 'main'}:{local.name}", exc.problems) from None
-    raise NKVError(f"{text}: no such file, and not a Hub repo id of the form 'user/name'")
+    where = locate_adapter(source)
+    if where.adapter is not None:
+        return where.adapter
+    if where.path is not None:
+        return NKVAdapter.load(where.path)
+    assert where.repo_id is not None
+    local = fetch_adapter(where.repo_id, revision=revision)
+    try:
+        return NKVAdapter.load(local)
+    except NKVFormatError as exc:  # name the repo the user asked for, not the cache path
+        raise type(exc)(f"{where.repo_id}@{revision or 'main'}:{local.name}", exc.problems) from None
 
 
 def single_adapter_file(folder: Path) -> Path:
@@ -54,9 +81,11 @@ def single_adapter_file(folder: Path) -> Path:
     return found[0]
 
 
-def _looks_like_repo_id(text: str) -> bool:
+def looks_like_repo_id(text: str) -> bool:
+    """True for "user/name" (two non-empty parts, not a relative/absolute path, not *.nkv)."""
     parts = text.split("/")
     return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~")) and not text.endswith(".nkv")
 
 
-__all__ = ["resolve_adapter", "single_adapter_file", "AdapterSource"]
+__all__ = ["resolve_adapter", "locate_adapter", "AdapterLocation", "single_adapter_file", "looks_like_repo_id",
+           "AdapterSource"]

@@ -1,4 +1,4 @@
-"""`nkv.loaders.build` on tiny random models of every architecture in the table.
+"""`nkv.editing.solve` on tiny random models of every architecture in the table.
 
 Random weights give nearly flat next-token distributions, so these builds use prompts
 that end at the subject (δ then acts directly on the next token) and a larger clamp:
@@ -20,10 +20,11 @@ from nkv.adapter import NKVAdapter
 from nkv.errors import NKVError, NKVFactsError, NKVUnsupportedModelError
 from nkv.facts import Fact
 from nkv.loaders.architectures import ARCHITECTURES
-from nkv.loaders.build import (BuildConfig, build_adapter, default_config, default_layer, encode_facts,
-                               generate_prefixes, optimize_residuals, optimize_residuals_reference, score_answers)
-from nkv.loaders.build.hooks import frozen
-from nkv.loaders.build.keys import compute_keys
+from nkv.editing.solve import (BuildConfig, build_adapter, default_config, default_layer, encode_facts,
+                               generate_prefixes, optimize_residuals, optimize_residuals_reference)
+from nkv.editing.forward import frozen
+from nkv.editing.scoring import score_pairs
+from nkv.editing.solve.keys import compute_keys
 from nkv.loaders.transformers import attach
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -43,7 +44,7 @@ def _config(model_type: str, **extra) -> BuildConfig:
 
 
 def _first_token_hits(model, tok, facts) -> list[bool]:
-    return [s.first_token_hit for s in score_answers(model, tok, [(f.prompt, f.target_new) for f in facts])]
+    return [s.first_token_hit for s in score_pairs(model, tok, [(f.prompt, f.target_new) for f in facts])]
 
 
 def test_every_architecture_in_the_table_is_covered():
@@ -116,7 +117,7 @@ def test_prefix_cache_buckets_and_replay_match_whole_sequences(model_type, layer
     """The batched path runs only the tokens from the subject on, over a cache of the rest,
     in length buckets, replaying blocks 0..layer; the reference runs whole sequences
     through every block. Same numbers on every family."""
-    from nkv.loaders.build import batch
+    from nkv.editing.solve import batch
 
     monkeypatch.setitem(batch.FORWARD_COST_IN_TOKENS, "cpu", 0)  # force several buckets
     model, tok = tm.tiny_model(model_type), tm.tiny_tokenizer()
@@ -152,7 +153,7 @@ FLAT_GRADIENT_AT_LAST_LAYER = {"olmo2", "olmo3", "gemma3", "gemma3_text", "grani
 
 
 def test_a_replay_that_disagrees_falls_back_to_all_layers(monkeypatch):
-    from nkv.loaders.build import batch
+    from nkv.editing.solve import batch
 
     real = batch.FactBatch.record_layer
 
@@ -200,14 +201,14 @@ def test_bfloat16_build():
 
 
 def test_resume_after_an_interrupt_gives_the_uninterrupted_result(tmp_path, monkeypatch):
-    from nkv.loaders.build import api
+    from nkv.editing.solve import rows
 
     model, tok = tm.tiny_model("gpt2"), tm.tiny_tokenizer()
     config = _config("gpt2", batch_size=2)
     full = build_adapter(model, tok, FACTS, config=config, layer=0, progress=False)
 
     calls = {"n": 0}
-    real = api.optimize_residuals
+    real = rows.optimize_residuals
 
     def dies_on_second_batch(*args, **kwargs):
         calls["n"] += 1
@@ -215,7 +216,7 @@ def test_resume_after_an_interrupt_gives_the_uninterrupted_result(tmp_path, monk
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(api, "optimize_residuals", dies_on_second_batch)
+    monkeypatch.setattr(rows, "optimize_residuals", dies_on_second_batch)
     ckpt = tmp_path / "edits.nkv.partial"
     with pytest.raises(KeyboardInterrupt):
         build_adapter(model, tok, FACTS, config=config, layer=0, progress=False, checkpoint_dir=ckpt)

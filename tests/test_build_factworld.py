@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from nkv.facts_io import read_facts
-from nkv.loaders.build import build_adapter, default_config, score_answers
+from nkv.editing.scoring import score_pairs
+from nkv.editing.solve import build_adapter, default_config
 from nkv.loaders.transformers import attach
 
 FW = Path(__file__).resolve().parents[1] / "examples" / "factworld"
@@ -29,15 +30,15 @@ def test_quickstart_edits_take_with_the_defaults():
     assert (config.clamp, config.lr, config.steps) == (2.0, 0.3, 40)  # toy-size defaults (d_model 128)
 
     edits = [(i.fact.prompt, i.fact.target_new) for i in items]
-    assert not any(s.first_token_hit for s in score_answers(model, tok, edits))
+    assert not any(s.first_token_hit for s in score_pairs(model, tok, edits))
     adapter = build_adapter(model, tok, items, progress=False)
     assert adapter.layer == 0  # the family default on a 4-layer Llama, and the best layer there
     handle = attach(model, adapter)
     try:
-        hits = [s.first_token_hit for s in score_answers(model, tok, edits)]
-        paraphrases = [s.first_token_hit for s in score_answers(
+        hits = [s.first_token_hit for s in score_pairs(model, tok, edits)]
+        paraphrases = [s.first_token_hit for s in score_pairs(
             model, tok, [(p, i.fact.target_new) for i in items for p in i.paraphrases])]
-        neighbours = [s.first_token_hit for s in score_answers(
+        neighbours = [s.first_token_hit for s in score_pairs(
             model, tok, [(p, t) for i in items for p, t in i.neighborhood])]
     finally:
         handle.detach()

@@ -10,7 +10,8 @@ from transformers import PreTrainedTokenizerFast
 
 from nkv.errors import NKVFactsError
 from nkv.facts import Fact
-from nkv.loaders.build.prompts import encode_fact, locate
+from nkv.editing.solve.prompts import encode_fact
+from nkv.editing.tokens import locate
 
 FACT = Fact("dd", "Danielle Darrieux", "The mother tongue of Danielle Darrieux is", "English")
 

@@ -98,11 +98,11 @@ def test_model_and_option_errors(tmp_path, model_dir):
 
 
 def test_ctrl_c_keeps_the_old_output_and_resume_finishes(tmp_path, model_dir, monkeypatch):
-    from nkv.loaders.build import api
+    from nkv.editing.solve import rows
 
     facts, out = _facts(tmp_path / "f.jsonl", FACTS), tmp_path / "edits.nkv"
     out.write_bytes(b"previous adapter")
-    real, calls = api.optimize_residuals, {"n": 0}
+    real, calls = rows.optimize_residuals, {"n": 0}
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
@@ -110,7 +110,7 @@ def test_ctrl_c_keeps_the_old_output_and_resume_finishes(tmp_path, model_dir, mo
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(api, "optimize_residuals", interrupted)
+    monkeypatch.setattr(rows, "optimize_residuals", interrupted)
     result = _run("build", facts, "--model", model_dir, "-o", out, *FAST, "--batch-size", "1")
     assert result.exit_code == 130 and "Interrupted: 1 of 2 facts are saved" in result.stderr
     assert out.read_bytes() == b"previous adapter"

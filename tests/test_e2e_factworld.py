@@ -31,8 +31,8 @@ def report():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from nkv.facts_io import read_facts
-    from nkv.loaders.build import build_adapter, default_config
-    from nkv.loaders.eval import EvalOptions, evaluate_adapter, read_true_facts
+    from nkv.editing.solve import build_adapter, default_config
+    from nkv.editing.evaluate import EvalOptions, evaluate_adapter, read_true_facts
     from nkv.loaders.transformers import attach
 
     threads = torch.get_num_threads()

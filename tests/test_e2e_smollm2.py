@@ -38,7 +38,7 @@ def real(tmp_path_factory):
     """The converted model folder, model, tokenizer, facts, built adapter and its file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nkv.loaders.build import build_adapter
+    from nkv.editing.solve import build_adapter
     from nkv.loaders.gguf import model_source
 
     folder = Path(model_source(MODEL))
@@ -123,7 +123,7 @@ def test_vllm_greedy_tokens_equal_transformers_and_answer_the_edits(real):
 
 
 def test_evaluation_after_all_edits(real):
-    from nkv.loaders.eval import EvalOptions, evaluate_adapter
+    from nkv.editing.evaluate import EvalOptions, evaluate_adapter
     from nkv.loaders.transformers import attach
 
     model, tok = real["model"], real["tok"]

@@ -1,4 +1,4 @@
-"""Metrics of `nkv.loaders.eval` on tiny random models with hand-made adapters.
+"""Metrics of `nkv.editing.evaluate` on tiny random models with hand-made adapters.
 
 Editing quality itself is shown on the trained fact-world model (test_e2e_factworld.py);
 here each measure is checked against a hand computation or a case whose answer is known.
@@ -16,9 +16,10 @@ import torch
 from handmade import capture_keys, forcing_adapter
 from nkv import Fact
 from nkv.facts_io import FactInput
-from nkv.loaders.eval import (EvalOptions, adapter_rows, detect_protocol, evaluate, evaluate_adapter, fluency,
+from nkv.editing.evaluate import (EvalOptions, adapter_rows, detect_protocol, evaluate, evaluate_adapter, fluency,
                               gate_trace, ngram_entropy, plot_cosines, read_true_facts, score_pairs, text_fluency)
-from nkv.loaders.eval.scoring import encode_pair, free_generation_exact, greedy_continuations
+from nkv.editing.generation import free_generation_exact, greedy_continuations
+from nkv.editing.tokens import encode_pair
 from nkv.loaders.transformers import attach
 from nkv.errors import NKVError, NKVFactsError
 from tiny_models import tiny_model, tiny_tokenizer
@@ -144,7 +145,8 @@ def test_evaluate_counterfact_protocol(model, tok, tmp_path):
     assert m["specificity"]["post"] == m["specificity"]["pre"]  # the neighbour never fires at 0.999
     assert report.gate["edit_right"] == 100.0 and report.gate["false_fire"] == 0.0
     assert report.gate["unrelated_tokens"] == 3 * len(tok(unrelated[0])["input_ids"])
-    assert report.weak_spots["specificity_tagged_shared"]["n"] == 1
+    assert report.by_tag["shared_last_token"]["specificity"]["n"] == 1  # a generic per-tag breakdown
+    assert "by tag" in report.table() and "specificity_tagged_shared" not in report.weak_spots
     assert m["fluency"]["pre"] > 0
     text = report.table()
     assert "efficacy" in text and "gate: false fires" in text

@@ -45,7 +45,7 @@ from nkv import (Fact, NKVAdapter, NKVCompatibilityError, NKVError, NKVFingerpri
 from nkv.facts_io import read_facts  # noqa: E402
 from nkv.fingerprint import fingerprints_match  # noqa: E402
 from nkv.loaders.architectures import arch_spec, base_model_info  # noqa: E402
-from nkv.loaders.build.api import build_adapter  # noqa: E402
+from nkv.editing.solve.api import build_adapter  # noqa: E402
 from nkv.loaders.vllm.attach import NKVEngineHandle  # noqa: E402
 
 pytestmark = pytest.mark.vllm

@@ -58,9 +58,9 @@ def run_mode(args: argparse.Namespace) -> dict:
     from nkv.adapter import empty_adapter
     from nkv.facts_io import read_facts
     from nkv.loaders.architectures import arch_spec, base_model_info, model_type_of
-    from nkv.loaders.build import compute_rows, default_config, default_layer, encode_facts, generate_prefixes
-    from nkv.loaders.build.hooks import frozen
-    from nkv.loaders.build.measure import score_answers
+    from nkv.editing.solve import compute_rows, default_config, default_layer, encode_facts, generate_prefixes
+    from nkv.editing.forward import frozen
+    from nkv.editing.scoring import score_pairs
     from nkv.loaders.transformers import attach
 
     torch.set_num_threads(args.threads)
@@ -82,8 +82,8 @@ def run_mode(args: argparse.Namespace) -> dict:
                             arch_spec(model_type_of(model)).module_path(layer)).add(facts, rows["keys"], rows["residuals"])
     adapter.save(args.save)
     handle = attach(model, adapter)
-    edit = score_answers(model, tok, [(f.prompt, f.target_new) for f in facts])
-    para = score_answers(model, tok, [(p, i.fact.target_new) for i in items for p in i.paraphrases])
+    edit = score_pairs(model, tok, [(f.prompt, f.target_new) for f in facts])
+    para = score_pairs(model, tok, [(p, i.fact.target_new) for i in items for p in i.paraphrases])
     handle.detach()
     return {
         "mode": args.mode, "n_facts": len(facts), "layer": layer, "steps": config.steps,
@@ -92,8 +92,8 @@ def run_mode(args: argparse.Namespace) -> dict:
         "peak_gpu_mb": (round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None),
         "mean_updates": round(float(rows["steps"].float().mean()), 2),
         "edit_first_token": round(sum(s.first_token_hit for s in edit) / len(edit), 4),
-        "edit_token_acc": round(sum(s.accuracy for s in edit) / len(edit), 4),
-        "paraphrase_token_acc": round(sum(s.accuracy for s in para) / len(para), 4) if para else None,
+        "edit_token_acc": round(sum(s.token_accuracy for s in edit) / len(edit), 4),
+        "paraphrase_token_acc": round(sum(s.token_accuracy for s in para) / len(para), 4) if para else None,
     }
 
 

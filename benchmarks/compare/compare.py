@@ -65,7 +65,7 @@ def rows_for(model, tokenizer, facts, layer: int, gamma: float, out: Path, stem:
     from dataclasses import replace
 
     from nkv.adapter import NKVAdapter
-    from nkv.loaders.build import build_adapter, default_config
+    from nkv.editing.solve import build_adapter, default_config
 
     out.mkdir(parents=True, exist_ok=True)
     overrides = json.loads(build)
@@ -92,7 +92,7 @@ def rows_for(model, tokenizer, facts, layer: int, gamma: float, out: Path, stem:
     build_s = time.time() - start
     adapter.save(path)
     path.with_suffix(".json").write_text(json.dumps({"build_s": build_s, "n": len(facts)}))
-    from nkv.loaders.build import Checkpoint
+    from nkv.editing.solve import Checkpoint
 
     Checkpoint(ckpt).remove()
     return adapter, build_s
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     from nkv.facts_io import read_facts
-    from nkv.loaders.eval import EvalOptions, evaluate_adapter, plot_cosines, read_true_facts
+    from nkv.editing.evaluate import EvalOptions, evaluate_adapter, plot_cosines, read_true_facts
     from nkv.loaders.transformers import attach
 
     out = Path(args.out)

@@ -28,7 +28,7 @@ from torch import nn
 
 from nkv.adapter import NKVAdapter
 from nkv.loaders.architectures import output_projection, projection_weight
-from nkv.loaders.build.hooks import model_device, pad_batch, pad_id_of
+from nkv.editing.forward import model_device, pad_batch, pad_id_of
 
 MEMIT_LAMBDA = 15_000.0  # MEMIT GPT-J / Llama mom2_update_weight
 ALPHAEDIT_L2 = 10.0  # AlphaEdit's L2 for Llama-3

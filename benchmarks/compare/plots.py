@@ -62,7 +62,10 @@ def weak_spot_table(results: dict[tuple[str, int], dict]) -> str:
     keys = ["specificity_tagged_shared", "specificity_nb_shares_last_token", "specificity_nb_other",
             "unedited_shares_last_token", "unedited_other", "same_subject_other_facts"]
     for (method, n), doc in sorted(results.items(), key=lambda kv: (kv[0][1], METHODS.index(kv[0][0]))):
-        spots = doc.get("weak_spots", {})
+        spots = dict(doc.get("weak_spots", {}))
+        # results written since the per-tag breakdown: the tagged group is by_tag["shared_last_token"]
+        tagged = doc.get("by_tag", {}).get("shared_last_token", {}).get("specificity")
+        spots.setdefault("specificity_tagged_shared", tagged or {})
         cells = [f"{_cell(spots.get(k, {}).get('pre'))} → {_cell(spots.get(k, {}).get('post'))} (n={spots.get(k, {}).get('n', 0)})"
                  for k in keys]
         lines.append(f"| {method} | {n} | " + " | ".join(cells) + " |")

@@ -44,7 +44,7 @@ WORLD = HERE.parents[1] / "examples" / "factworld"
 def preservation_rewrites(model, tok, subject: str, edited_relations: set[str], prompt_for: dict[str, str]):
     """Encoded "<other relation prompt> <the unedited model's greedy answer>" for the subject."""
     from nkv.facts import Fact
-    from nkv.loaders.build.prompts import locate, with_target
+    from nkv.editing.tokens import locate, with_target
 
     out = []
     for relation, template in prompt_for.items():
@@ -67,11 +67,11 @@ def joint_adapter(model, tok, facts, layer: int, gamma: float, preserve: bool = 
     """
     from nkv.adapter import empty_adapter
     from nkv.loaders.architectures import arch_spec, base_model_info, model_type_of
-    from nkv.loaders.build import default_config, encode_facts, generate_prefixes
-    from nkv.loaders.build.hooks import frozen, pad_id_of
-    from nkv.loaders.build.keys import compute_keys
-    from nkv.loaders.build.prompts import FactTokens
-    from nkv.loaders.build.residuals import optimize_residuals
+    from nkv.editing.solve import default_config, encode_facts, generate_prefixes
+    from nkv.editing.forward import frozen, pad_id_of
+    from nkv.editing.solve.keys import compute_keys
+    from nkv.editing.solve.prompts import FactTokens
+    from nkv.editing.solve.residuals import optimize_residuals
 
     config = default_config(model)
     plain = [f.fact for f in facts]
@@ -130,8 +130,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from nkv.facts_io import read_facts
-    from nkv.loaders.build import build_adapter
-    from nkv.loaders.eval import EvalOptions, evaluate, read_true_facts
+    from nkv.editing.solve import build_adapter
+    from nkv.editing.evaluate import EvalOptions, evaluate, read_true_facts
 
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
     tok = AutoTokenizer.from_pretrained(args.model)

@@ -38,7 +38,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     from nkv.facts_io import read_facts
-    from nkv.loaders.eval import EvalOptions, evaluate, read_true_facts
+    from nkv.editing.evaluate import EvalOptions, evaluate, read_true_facts
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

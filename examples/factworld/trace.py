@@ -52,7 +52,7 @@ def embedding(model) -> torch.nn.Module:
 
 
 def out_proj(block: torch.nn.Module, model_type: str) -> torch.nn.Module:
-    """The MLP output projection whose input is the key (see shared/docs/method.md)."""
+    """The MLP output projection whose input is the key (README: How it works)."""
     return block.mlp.down_proj if model_type == "llama" else block.mlp.c_proj
 
 

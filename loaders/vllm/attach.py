@@ -17,7 +17,7 @@ from typing import Any
 from nkv.adapter import ConflictPolicy, NKVAdapter
 from nkv.errors import NKVCompatibilityError, NKVError
 from nkv.facts import Fact
-from nkv.resolve import AdapterSource, resolve_adapter, single_adapter_file
+from nkv.resolve import AdapterSource, locate_adapter, resolve_adapter
 
 from .config import EXAMPLE, section_of
 from .slot import SlotInfo, check_adapter
@@ -152,15 +152,13 @@ class _as_source:
         self.tmpdir: str | None = None
 
     def __enter__(self) -> tuple[str, str | None]:
-        if isinstance(self.original, NKVAdapter):
+        where = locate_adapter(self.original)
+        if where.adapter is not None:
             self.tmpdir = tempfile.mkdtemp(prefix="nkv-swap-")
             path = self.resolved.save(Path(self.tmpdir) / "adapter.nkv")
             return str(path), None
-        path = Path(self.original)
-        if path.is_file():
-            return str(path.resolve()), None
-        if path.is_dir():
-            return str(single_adapter_file(path).resolve()), None
+        if where.path is not None:
+            return str(where.path.resolve()), None
         return os.fspath(self.original), self.revision  # a Hub repo id (resolve_adapter accepted it)
 
     def __exit__(self, *exc: Any) -> None:

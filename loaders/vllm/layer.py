@@ -8,7 +8,8 @@ before compilation, so it is traced into the compiled graph.
 Buffers have a fixed size (`capacity` rows) chosen at start-up. Loading an adapter
 copies its rows into them in place (`copy_`), which a compiled graph (and a CUDA graph,
 which holds buffer addresses) keeps seeing; unused rows are padding: zero key, zero
-residual, inverse norm 0, so they never win the gate and add nothing if they did.
+residual, inverse norm 0. A padding row scores 0: it can win the argmax (when no real
+row scores above 0) but never fires, since 0 never exceeds γ >= 0, and its residual is zero.
 
 Tensor parallel: rank r sees the key slice `x[:, r*d/tp:(r+1)*d/tp]` and a replicated,
 already reduced output. Its keys buffer holds the same column slice of K1, the inverse
@@ -27,7 +28,7 @@ from torch import nn
 from nkv.adapter import NKVAdapter
 from nkv.gate import key_inverse_norms, nkv_gate
 
-from .slot import SlotInfo
+from .slot import SlotInfo, check_adapter
 
 
 class NKVGatedProjection(nn.Module):
@@ -106,8 +107,23 @@ class NKVGatedProjection(nn.Module):
                 f"tp_rank={s.tp_rank}/{s.tp_size}")
 
 
+def gated_module(model: nn.Module) -> NKVGatedProjection | None:
+    """The engine's gated module, or None when it was started without the nkv config."""
+    for module in model.modules():
+        if isinstance(module, NKVGatedProjection):
+            return module
+    return None
+
+
+def load_into(module: NKVGatedProjection, adapter: NKVAdapter, *, strict: bool, gamma: float | None,
+              source: str | None, revision: str | None = None) -> None:
+    """Check `adapter` against the module's slot (`check_adapter`), then copy its rows in."""
+    check_adapter(adapter, module.slot, strict=strict)
+    module.load(adapter, gamma=gamma, source=source, revision=revision)
+
+
 def _replace(slot: SlotInfo, **changes: Any) -> SlotInfo:
     return SlotInfo.from_dict({**slot.to_dict(), **changes})
 
 
-__all__ = ["NKVGatedProjection"]
+__all__ = ["NKVGatedProjection", "gated_module", "load_into"]

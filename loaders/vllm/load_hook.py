@@ -25,15 +25,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from nkv.adapter import NKVAdapter
 from nkv.errors import NKVCompatibilityError, NKVUnsupportedModelError
 from nkv.fingerprint import fingerprint_finalize, fingerprint_partial
 from nkv.resolve import resolve_adapter
 
 from ..architectures import arch_spec
 from .config import NKVServeConfig, section_of
-from .layer import NKVGatedProjection
-from .slot import SlotInfo, check_adapter
+from .layer import NKVGatedProjection, load_into
+from .slot import SlotInfo
+from .worker import NKVWorkerExtension
 
 # Under "vllm." so messages go through vLLM's own handlers and format, in every process.
 logger = logging.getLogger("vllm.nkv")
@@ -107,8 +107,8 @@ def _load_with_nkv(original: Any, loader: Any, vllm_config: Any, model_config: A
     parent_path, _, name = path.rpartition(".")
     setattr(model.get_submodule(parent_path), name, module)
     if adapter is not None:
-        check_adapter(adapter, slot, strict=config.strict)
-        module.load(adapter, gamma=config.gamma, source=config.adapter, revision=config.revision)
+        load_into(module, adapter, strict=config.strict, gamma=config.gamma, source=config.adapter,
+                  revision=config.revision)
     _enable_worker_methods(vllm_config)
     logger.info("NKV: gated %s (capacity %d, tp %d/%d) with %s", path, capacity, slot.tp_rank, slot.tp_size,
                 f"{adapter.n_facts} facts from {config.adapter}" if adapter is not None else "no facts yet")
@@ -162,8 +162,6 @@ def _enable_worker_methods(vllm_config: Any) -> None:
     This lets `llm.collective_rpc("nkv_load", ...)` work without the user passing
     `worker_extension_cls`; an engine started with it already set is left as is.
     """
-    from .worker import NKVWorkerExtension
-
     worker_cls = vllm_config.parallel_config.worker_cls
     if not isinstance(worker_cls, str):
         return
@@ -173,18 +171,4 @@ def _enable_worker_methods(vllm_config: Any) -> None:
         worker_class.__bases__ = worker_class.__bases__ + (NKVWorkerExtension,)
 
 
-def gated_module(model: nn.Module) -> NKVGatedProjection | None:
-    """The engine's gated module, or None when it was started without the nkv config."""
-    for module in model.modules():
-        if isinstance(module, NKVGatedProjection):
-            return module
-    return None
-
-
-def load_into(module: NKVGatedProjection, adapter: NKVAdapter, *, strict: bool, gamma: float | None,
-              source: str | None, revision: str | None = None) -> None:
-    check_adapter(adapter, module.slot, strict=strict)
-    module.load(adapter, gamma=gamma, source=source, revision=revision)
-
-
-__all__ = ["install", "gated_module", "load_into"]
+__all__ = ["install"]

@@ -20,7 +20,6 @@ file's header before any worker is touched, and the prefix cache is reset after 
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request  # the server's own dependency; this module loads only there
@@ -28,7 +27,8 @@ from fastapi.responses import JSONResponse
 
 from nkv.errors import NKVError
 from nkv.header import NKVHeader, read_header
-from nkv.resolve import _looks_like_repo_id, single_adapter_file
+from nkv.hub import fetch_adapter
+from nkv.resolve import locate_adapter
 
 from .slot import SlotInfo, check_adapter
 
@@ -114,17 +114,12 @@ async def _rpc(engine: Any, method: str, args: tuple = ()) -> list[dict[str, Any
 
 
 def adapter_header(source: str, revision: str | None = None) -> NKVHeader:
-    """The validated header of the adapter at `source` (file, folder or Hub repo id)."""
-    path = Path(source)
-    if path.is_file():
-        return read_header(path)
-    if path.is_dir():
-        return read_header(single_adapter_file(path))
-    if _looks_like_repo_id(source):
-        from nkv.hub import fetch_adapter
-
-        return read_header(fetch_adapter(source, revision=revision))
-    raise NKVError(f"{source}: no such file on the server, and not a Hub repo id of the form 'user/name'")
+    """The validated header of the adapter at `source` (file, folder or Hub repo id on the server's machine)."""
+    where = locate_adapter(source)
+    if where.path is not None:
+        return read_header(where.path)
+    assert where.repo_id is not None  # a string source is never an in-memory adapter
+    return read_header(fetch_adapter(where.repo_id, revision=revision))
 
 
 __all__ = ["NKVEndpointPlugin", "build_router", "adapter_header", "PREFIX"]

@@ -28,7 +28,7 @@ class SlotInfo:
     n_layers: int
     d_model: int
     d_key: int  # full width, not the rank's slice
-    fingerprint: str | None  # None when the weights are not floating point (quantized)
+    fingerprint: str | None  # None when the weights could not be read (quantized or repacked)
     tp_rank: int
     tp_size: int
     n_facts: int = 0  # rows in use now

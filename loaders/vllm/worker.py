@@ -16,13 +16,13 @@ from typing import Any
 from nkv.errors import NKVError
 from nkv.resolve import resolve_adapter
 
+from .layer import gated_module, load_into
+
 
 class NKVWorkerExtension:
     """Mixed into vLLM's worker class; `self.model_runner` is the worker's."""
 
     def _nkv_module(self) -> Any:
-        from .load_hook import gated_module
-
         module = gated_module(self.model_runner.get_model())  # type: ignore[attr-defined]
         if module is None:
             raise NKVError("this vLLM engine was started without the nkv config, so no gated module exists; "
@@ -36,8 +36,6 @@ class NKVWorkerExtension:
     def nkv_load(self, source: str, revision: str | None = None, strict: bool = True,
                  gamma: float | None = None) -> dict[str, Any]:
         """Copy the adapter at `source` (path or repo id) into the preallocated buffers."""
-        from .load_hook import load_into
-
         module = self._nkv_module()
         load_into(module, resolve_adapter(source, revision=revision), strict=strict, gamma=gamma, source=source,
                   revision=revision)

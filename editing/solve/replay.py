@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from ..architectures import blocks
+from nkv.loaders.architectures import blocks
 
 
 class _PassThrough(nn.Module):

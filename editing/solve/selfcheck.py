@@ -17,8 +17,9 @@ from typing import Any
 from torch import nn
 
 from nkv.adapter import NKVAdapter
+from nkv.loaders.transformers import attach
 
-from .measure import score_answers
+from ..scoring import score_pairs
 
 LOW_EFFICACY = 0.8  # below this share of edited facts, `nkv build` warns loudly
 SAMPLE = 2000  # facts scored at most (evenly spread), so a 100k-fact build checks in minutes
@@ -31,16 +32,14 @@ def self_check(model: nn.Module, tokenizer: Any, adapter: NKVAdapter) -> dict[st
     "first_token": share whose first target token is top-1, "n_checked", "failed": up to
     10 ids that did not take, "protocol"}.
     """
-    from ..transformers import attach
-
     step = max(1, adapter.n_facts // SAMPLE)
     facts = adapter.facts[::step][:SAMPLE]
     handle = attach(model, adapter)
     try:
-        scores = score_answers(model, tokenizer, [(f.prompt, f.target_new) for f in facts])
+        scores = score_pairs(model, tokenizer, [(f.prompt, f.target_new) for f in facts])
     finally:
         handle.detach()
-    whole = [s.accuracy == 1.0 for s in scores]
+    whole = [s.exact for s in scores]
     n = max(len(scores), 1)
     return {
         "efficacy": round(sum(whole) / n, 4),

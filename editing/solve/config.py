@@ -5,7 +5,9 @@ optimises `u`. Adam moves each coordinate of `u` by about `lr` per step, so `lr`
 step of δ *relative to ||h0||* (the unedited hidden state at the subject): the same
 setting works for a 64-wide random model with ||h0|| ≈ 3 and a 4096-wide model with
 ||h0|| ≈ 200. (MEMIT's absolute lr 0.5 barely moves δ when ||h0|| is large and
-overshoots when it is small.) Clamp and weight decay are relative to ||h0|| as in MEMIT.
+overshoots when it is small.) The clamp is relative to ||h0|| as in MEMIT. The weight decay
+is ||δ|| / ||h0||, a scale-free ratio like the clamp; MEMIT's is ||δ|| / ||h0||², which
+shrinks with the model's hidden-state norm, so its weights do not carry over.
 """
 
 from __future__ import annotations
@@ -13,24 +15,21 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-import torch
 from torch import nn
 
+from nkv.dtypes import TORCH_DTYPES
 from nkv.errors import NKVError
-
-from ..architectures import arch_spec, model_type_of
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from nkv.loaders.architectures import arch_spec, model_type_of, projection_weight
 
 
 @dataclass(frozen=True)
 class BuildConfig:
-    """Hyperparameters of `build_adapter` (method.md §3-4). Recorded in `adapter.build`.
+    """Hyperparameters of `build_adapter`. Recorded in `adapter.build`.
 
     steps: optimisation steps per fact (MEMIT: at most steps-1 updates).
     lr: Adam step, relative to ||h0|| (see the module docstring).
     kl_factor: weight of KL(P_δ || P_0) on "{subject} is a".
-    weight_decay: weight of ||δ|| / ||h0||².
+    weight_decay: weight of ||δ|| / ||h0|| (not MEMIT's ||δ|| / ||h0||²).
     clamp: ||δ|| is kept <= clamp · ||h0|| after each step.
     early_stop_loss: a fact stops (its row frozen) once its loss is below this.
     n_prefixes: generated context prefixes ("The", "Therefore", "Because", "I", "You").
@@ -67,8 +66,8 @@ class BuildConfig:
         for name in ("kl_factor", "weight_decay", "early_stop_loss", "n_prefixes"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            problems.append(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        if self.dtype is not None and self.dtype not in TORCH_DTYPES:
+            problems.append(f"dtype must be one of {list(TORCH_DTYPES)}, got {self.dtype!r}")
         if problems:
             raise NKVError("BuildConfig: " + "; ".join(problems))
 
@@ -121,8 +120,6 @@ def default_config(model: nn.Module | str, **overrides: Any) -> BuildConfig:
 
 
 def _d_model(model: nn.Module) -> int:
-    from ..architectures import projection_weight
-
     return projection_weight(model, 0).shape[0]
 
 
@@ -159,4 +156,4 @@ def default_layer(model: nn.Module) -> int:
 
 
 __all__ = ["BuildConfig", "ARCH_DEFAULTS", "SMALL_DEFAULTS", "VERIFIED_LAYERS", "default_config", "default_layer",
-           "verified_layer", "DTYPES"]
+           "verified_layer"]

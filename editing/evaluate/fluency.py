@@ -1,6 +1,6 @@
 """Fluency: weighted bigram/trigram entropy of generated text (ROME/MEMIT `n_gram_entropy`).
 
-The paper's equation (16) and method.md print `-2/3·H2 + 4/3·H3` with the signs of
+The NeuralDB paper's equation (16) prints `-2/3·H2 + 4/3·H3` with the signs of
 `Σ g log g`; the reference code that produced the numbers every paper in this line
 reports (e.g. ~6.2 bits, "622" in the tables) computes, per text,
 `mean(2/3 · H2, 4/3 · H3)` with H_n the entropy in bits of the text's n-gram

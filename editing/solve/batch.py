@@ -19,6 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from nkv.loaders.architectures import blocks
+
+from ..forward import StopForward, block_output, hooks
 from .prompts import FactTokens
 
 
@@ -105,9 +108,6 @@ class FactBatch:
     @torch.no_grad()
     def record_layer(self, model: nn.Module, layer: int) -> None:
         """Keep block `layer`'s output at every suffix position (δ = 0), for replay.py."""
-        from ..architectures import blocks
-        from .hooks import StopForward, block_output, hooks
-
         def take(module: nn.Module, args: tuple, out: object) -> None:
             self.layer_tuple = isinstance(out, tuple)
             self.layer_out = block_output(out).detach()

@@ -1,4 +1,4 @@
-"""Keys (method.md §3): the output projection's input at the subject's last token.
+"""Keys (MEMIT's compute_ks): the output projection's input at the subject's last token.
 
 `k = ½ · k(bare prompt) + ½ · mean over prefixed prompts`. The same pass records h0,
 the block's output hidden state at the subject in the bare prompt (MEMIT's
@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..architectures import blocks, output_projection
-from .hooks import StopForward, block_output, hooks, model_device, pad_batch, token_index
+from nkv.loaders.architectures import blocks, output_projection
+
+from ..forward import StopForward, block_output, hooks, model_device, pad_batch, token_index
 from .prompts import FactTokens
 
 MAX_SEQS = 256  # sequences per forward in this pass (no gradients, so it can be wide)

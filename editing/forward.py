@@ -1,4 +1,4 @@
-"""Small tools for running a model on padded batches with hooks, and putting it back."""
+"""Running a model on padded batches, with hooks, and putting it back as it was."""
 
 from __future__ import annotations
 
@@ -25,6 +25,18 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) 
     for row, seq in enumerate(seqs):
         ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         mask[row, : len(seq)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids and attention mask, padded on the left so generation appends to every row."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        if seq:
+            ids[row, width - len(seq):] = torch.tensor(list(seq), dtype=torch.long)
+            mask[row, width - len(seq):] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -82,4 +94,5 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-__all__ = ["StopForward", "token_index", "pad_batch", "pad_id_of", "hooks", "frozen", "block_output", "model_device"]
+__all__ = ["StopForward", "token_index", "pad_batch", "left_pad", "pad_id_of", "hooks", "frozen", "block_output",
+           "model_device"]

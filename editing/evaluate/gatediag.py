@@ -3,7 +3,7 @@
 The forward stops right after the adapter's layer (later layers cannot change what the
 gate saw), and the gate's own per-token results are read through `handle.record`, so
 these numbers are exactly what the attached adapter does, not a re-implementation.
-Subject positions are found with the build's own `locate` (tokenizer-based, BOS- and
+Subject positions are found with the build's own `nkv.editing.tokens.locate` (tokenizer-based, BOS- and
 leading-space-safe), so the token checked here is the token the key was read at.
 """
 
@@ -15,13 +15,12 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from nkv.errors import NKVFactsError
 from nkv.facts import Fact
+from nkv.loaders.architectures import blocks
 
-from ..architectures import blocks
-from ..build.hooks import StopForward, hooks, model_device, pad_batch, pad_id_of
-from ..build.prompts import locate
-from .scoring import DEFAULT_BATCH
+from ..forward import StopForward, hooks, model_device, pad_batch, pad_id_of
+from ..scoring import DEFAULT_BATCH
+from ..tokens import subject_position
 
 
 @dataclass
@@ -79,17 +78,6 @@ def gate_trace(model: nn.Module, tokenizer: Any, handle: Any, texts: Sequence[st
     return out
 
 
-def subject_position(tokenizer: Any, text: str, fact: Fact) -> int | None:
-    """The subject's last token in `text` (its first occurrence), or None if absent."""
-    start = text.find(fact.subject)
-    if start < 0:
-        return None
-    try:
-        return locate(tokenizer, text, start + len(fact.subject), fact).subject_pos
-    except NKVFactsError:
-        return None
-
-
 @dataclass
 class GateDiagnostics:
     """Shares in [0, 1] and the cosines behind them (for the γ plot)."""
@@ -102,8 +90,8 @@ class GateDiagnostics:
     paraphrase_n: int
     false_fire: float  # share of unrelated-text tokens that fired
     unrelated_tokens: int
-    # The part of false_fire on tokens that are some edited subject's last token (" Junior",
-    # " University": the shared-last-token weak spot), as a share of all unrelated tokens.
+    # The part of false_fire on tokens that are some edited subject's last token (a word
+    # many subjects end in: the shared-last-token weak spot), as a share of all unrelated tokens.
     false_fire_shared: float = 0.0
     shared_tokens: int = 0  # unrelated tokens that are an edited subject's last token
     positives: list[float] = field(default_factory=list)  # max cosine at subject tokens
@@ -197,4 +185,4 @@ def unrelated_chunks(tokenizer: Any, lines: Sequence[str], max_tokens: int, chun
     return chunks
 
 
-__all__ = ["TokenGate", "GateDiagnostics", "gate_trace", "subject_position", "diagnose", "unrelated_chunks"]
+__all__ = ["TokenGate", "GateDiagnostics", "gate_trace", "diagnose", "unrelated_chunks"]

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import torch
 
-from nkv._atomic import atomic_file
+from nkv.atomic import atomic_file
 from nkv.errors import NKVError
 
 STATE = "state.json"
@@ -47,6 +47,22 @@ class Checkpoint:
                            "to start over") from None
         if state.get("format") != FORMAT:
             raise NKVError(f"{self.folder}: checkpoint written by another nkv version; delete it to start over")
+        return state
+
+    def require_resume(self, resume: bool) -> None:
+        """Refuse to start over an interrupted build unless resuming it (the CLI asks before loading a model)."""
+        if self.exists and not resume:
+            raise NKVError(f"{self.folder} holds an interrupted build ({self.n_done()} of its facts done); "
+                           "resume it (--resume / resume=True) or delete that folder to start over")
+
+    def resumed_state(self, inputs: str) -> dict[str, Any]:
+        """The saved state if there is one ({} if not); an error if it was written for other `inputs`."""
+        if not self.exists:
+            return {}
+        state = self.state()
+        if state.get("inputs") != inputs:
+            raise NKVError(f"{self.folder}: this checkpoint belongs to a different build (facts, options or "
+                           "model changed); rerun with the same inputs or delete it to start over")
         return state
 
     def write_state(self, state: dict[str, Any]) -> None:

@@ -23,16 +23,20 @@ from typing import Any, Callable, Sequence
 from torch import nn
 
 from nkv.adapter import empty_adapter
+from nkv.constants import DEFAULT_GAMMA
 from nkv.facts import Fact
 from nkv.facts_io import FactInput
+from nkv.loaders.architectures import arch_spec, base_model_info, model_type_of
+from nkv.loaders.transformers import attach
 
-from ..architectures import arch_spec, base_model_info, model_type_of
-from .config import BuildConfig
-from .measure import next_token_predictions, score_answers, unchanged_share
+from ..scoring import next_token_predictions, score_pairs, unchanged_share
+from .config import BuildConfig, default_layer
+from .rows import compute_rows, encode_facts
 from .templates import generate_prefixes
 
 SAMPLE = 8
 MAX_CANDIDATES = 8
+BATCH = 16  # full (batch, length, vocab) logits per forward: keep them small for 128k vocabularies
 
 
 @dataclass(frozen=True)
@@ -43,8 +47,7 @@ class LayerChoice:
 
 
 def candidate_layers(model: nn.Module) -> list[int]:
-    from .config import default_layer
-
+    """Every layer of a model with up to MAX_CANDIDATES layers, else that many evenly spaced plus the default."""
     n = len(model.get_submodule(arch_spec(model_type_of(model)).layers))
     if n <= MAX_CANDIDATES:
         return list(range(n))
@@ -53,16 +56,12 @@ def candidate_layers(model: nn.Module) -> list[int]:
 
 
 def choose_layer(model: nn.Module, tokenizer: Any, facts: Sequence[FactInput | Fact], *, config: BuildConfig,
-                 layers: list[int] | None = None, sample: int = SAMPLE, gamma: float = 0.65,
+                 layers: list[int] | None = None, sample: int = SAMPLE, gamma: float = DEFAULT_GAMMA,
                  log: Callable[[str], None] | None = None) -> LayerChoice:
     """Sweep `layers` (default: `candidate_layers`) on up to `sample` facts; see the module doc.
 
     `log` receives one line per layer tried (the CLI prints them on stderr).
     """
-    from ..transformers import attach
-    from .api import compute_rows, encode_facts
-    from .config import default_layer
-
     items = [f if isinstance(f, FactInput) else FactInput(f) for f in facts]
     step = max(1, len(items) // sample)
     picked = items[::step][:sample]  # spread over the file, deterministic
@@ -74,7 +73,7 @@ def choose_layer(model: nn.Module, tokenizer: Any, facts: Sequence[FactInput | F
     if not general:
         general = [(x + f.prompt, f.target_new) for f in fact_list for x in fresh[:2]]
     neighbours = [p for f in picked for p, _ in f.neighborhood] or [x.strip() for x in fresh]
-    before = next_token_predictions(model, tokenizer, neighbours)
+    before = next_token_predictions(model, tokenizer, neighbours, BATCH)
     tokens = encode_facts(tokenizer, fact_list, prefixes)
     quiet = replace(config, batch_size=max(len(tokens), 1), checkpoint_every=1)
     scores: dict[str, dict[str, float]] = {}
@@ -84,9 +83,9 @@ def choose_layer(model: nn.Module, tokenizer: Any, facts: Sequence[FactInput | F
                                 gamma=gamma).add(fact_list, rows["keys"], rows["residuals"])
         handle = attach(model, adapter)
         try:
-            e = _mean(s.accuracy for s in score_answers(model, tokenizer, edits))
-            g = _mean(s.accuracy for s in score_answers(model, tokenizer, general))
-            s = unchanged_share(before, next_token_predictions(model, tokenizer, neighbours))
+            e = _mean(s.token_accuracy for s in score_pairs(model, tokenizer, edits, BATCH))
+            g = _mean(s.token_accuracy for s in score_pairs(model, tokenizer, general, BATCH))
+            s = unchanged_share(before, next_token_predictions(model, tokenizer, neighbours, BATCH))
         finally:
             handle.detach()
         scores[str(layer)] = {"E": round(e, 4), "G": round(g, 4), "S": round(s, 4), "score": round((e + g + s) / 3, 4)}

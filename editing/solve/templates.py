@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-SEED_WORDS = ("The", "Therefore", "Because", "I", "You")
+from ..generation import SEED_WORDS, seed_prompts
+
 TOP_K = 5
 
 
@@ -32,8 +33,8 @@ def generate_prefixes(model: nn.Module, tokenizer, n_prefixes: int = 5, length: 
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
     prefixes = [""]
-    for i in range(n_prefixes):
-        ids = list(tokenizer(SEED_WORDS[i % len(SEED_WORDS)])["input_ids"])
+    for word in seed_prompts(n_prefixes):
+        ids = list(tokenizer(word)["input_ids"])
         for _ in range(length):
             logits = model(torch.tensor([ids], device=device)).logits[0, -1].float().cpu()  # (V,)
             top = torch.topk(logits, min(TOP_K, logits.shape[-1]))
@@ -53,4 +54,4 @@ def as_templates(prefixes: list[str]) -> list[str]:
     return [p + "{}" for p in prefixes]
 
 
-__all__ = ["generate_prefixes", "as_templates", "SEED_WORDS"]
+__all__ = ["generate_prefixes", "as_templates"]

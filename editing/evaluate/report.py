@@ -28,7 +28,6 @@ GATE: list[tuple[str, str]] = [
     ("false_fire_shared", "  of which on an edited subject's last token"),
 ]
 WEAK_SPOTS: list[tuple[str, str]] = [
-    ("specificity_tagged_shared", "specificity, facts tagged shared_last_token"),
     ("specificity_nb_shares_last_token", "specificity, neighbours holding an edited subject's last token"),
     ("specificity_nb_other", "specificity, other neighbours"),
     ("unedited_shares_last_token", "unedited facts, subject ends in an edited subject's last token"),
@@ -51,11 +50,13 @@ class EvalReport:
     weak_spots: dict[str, dict[str, Any]]
     settings: dict[str, Any]
     by_relation: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # relation -> E/G/S
+    by_tag: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # fact tag -> E/G/S
     cosines: dict[str, list[float]] = field(default_factory=dict, repr=False)  # for the plot, not in JSON
 
     def to_dict(self) -> dict[str, Any]:
         return {"data": self.data, "adapter": self.adapter, "metrics": self.metrics, "gate": self.gate,
-                "weak_spots": self.weak_spots, "by_relation": self.by_relation, "settings": self.settings}
+                "weak_spots": self.weak_spots, "by_relation": self.by_relation, "by_tag": self.by_tag,
+                "settings": self.settings}
 
     def summary(self) -> dict[str, Any]:
         """The compact record `--write-back` stores in the adapter's `nkv.eval` (model cards show it)."""
@@ -90,11 +91,12 @@ class EvalReport:
             for key, label in spots:
                 m = self.weak_spots[key]
                 lines.append(f"{label:<{width}}{_cell(m.get('pre')):>9}{_cell(m.get('post')):>9}{m['n']:>8}")
-        if self.by_relation:
-            lines.append("by relation (post: E / G / S):")
-            for rel, ms in self.by_relation.items():
-                cells = " / ".join(_cell(ms[k].get("post")) for k in ("efficacy", "generalization", "specificity"))
-                lines.append(f"  {rel:<{width - 2}}{cells:>26}{ms['efficacy']['n']:>8}")
+        for title, groups in (("by relation", self.by_relation), ("by tag", self.by_tag)):
+            if groups:
+                lines.append(f"{title} (post: E / G / S):")
+                for name, ms in groups.items():
+                    cells = " / ".join(_cell(ms[k].get("post")) for k in ("efficacy", "generalization", "specificity"))
+                    lines.append(f"  {name:<{width - 2}}{cells:>26}{ms['efficacy']['n']:>8}")
         unrelated = self.settings.get("unrelated_source")
         if unrelated:
             lines.append(f"(unrelated text: {unrelated}; shares in %, fluency x100)")

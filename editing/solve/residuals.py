@@ -1,11 +1,11 @@
-"""Residuals (method.md §4): one δ row per fact, many facts per forward/backward.
+"""Residuals (MEMIT's compute_z): one δ row per fact, many facts per forward/backward.
 
 Per fact i, with h0_i its unedited hidden state at the subject and δ_i = s_i · u_i,
 s_i = ||h0_i|| / sqrt(d_model) (see config.py for why):
 
     loss_i = mean over templates of the per-token NLL of target_new (teacher forced)
            + kl_factor · KL(P_δ || P_0) at the subject of "{subject} is a"
-           + weight_decay · ||δ_i|| / ||h0_i||²
+           + weight_decay · ||δ_i|| / ||h0_i||   (MEMIT divides by ||h0||²; see config.py)
 
 δ_i is added to the output projection's output at the subject's last token of each of
 fact i's prompts. The batch loss is the *sum* of the per-fact losses, so row i's gradient
@@ -28,12 +28,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..architectures import output_projection
-from .config import BuildConfig
+from nkv.loaders.architectures import output_projection
+
+from ..forward import hooks, model_device, token_index
 from .batch import FactBatch, Selection, make_cache
-from .hooks import hooks, model_device, token_index
-from .replay import replayed
+from .config import BuildConfig
 from .prompts import FactTokens
+from .replay import replayed
 
 BETAS = (0.9, 0.999)  # torch.optim.Adam defaults, as in MEMIT
 EPS = 1e-8

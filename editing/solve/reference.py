@@ -11,10 +11,10 @@ import math
 import torch
 from torch import nn
 
-from .config import BuildConfig
-from .hooks import model_device
-from .prompts import FactTokens
+from ..forward import model_device
 from .batch import FactBatch
+from .config import BuildConfig
+from .prompts import FactTokens
 from .residuals import ResidualResult, fact_losses, total_loss
 
 

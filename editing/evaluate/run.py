@@ -1,0 +1,158 @@
+"""`evaluate`: every edit applied at once (one attached adapter), measured pre and post.
+
+Protocols (as ROME and MEMIT report them):
+
+* "counterfact": efficacy = share of facts where target_new has a lower mean per-token
+  NLL than target_true after the edit prompt; generalization = the same on paraphrases
+  (mean over a fact's paraphrases, then over facts, as MEMIT's summary does);
+  specificity = neighbourhood prompts where their true answer still has a lower NLL than
+  target_new (mean per fact, then over facts).
+* "zsre": token-by-token top-1 accuracy of the answer under teacher forcing: target_new
+  on the prompt (efficacy) and paraphrases (generalization), the neighbour's answer on
+  the neighbour prompt (specificity).
+
+Auto-detection: ZsRE records (provenance source "zsre") and facts without target_true
+use "zsre", everything else "counterfact". "pre" is the same model with the adapter
+disabled (`handle.disabled()`), i.e. the unedited model.
+
+The steps, one module each: measure (run the model, pre and post), aggregate (per-case
+results into metrics), weak_spots (where edits are known to go wrong), report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict
+from typing import Any, Iterator, Sequence
+
+from torch import nn
+
+from nkv import __version__
+from nkv.adapter import NKVAdapter
+from nkv.errors import NKVError
+from nkv.facts_io import FactInput
+from nkv.loaders.transformers import NKVHandle, attach
+
+from .aggregate import gate_summary, headline, per_fact, unmeasured
+from .gatediag import diagnose, unrelated_chunks
+from .measure import cases_of, measure, true_fact_groups, unrelated_text
+from .options import PROTOCOLS, EvalOptions
+from .report import EvalReport
+from .truefacts import TrueFact
+from .weak_spots import by_relation, by_tag, weak_spots
+
+
+def detect_protocol(facts: Sequence[FactInput]) -> str:
+    """"zsre" for ZsRE records or facts without target_true, else "counterfact"."""
+    if any(f.fact.provenance.get("source") == "zsre" for f in facts):
+        return "zsre"
+    return "counterfact" if all(f.fact.target_true for f in facts) else "zsre"
+
+
+def adapter_rows(adapter: NKVAdapter, facts: Sequence[FactInput]) -> list[int | None]:
+    """Each fact's row in the adapter: by id when the record matches, else by (subject, prompt, target)."""
+    by_id = {f.id: i for i, f in enumerate(adapter.facts)}
+    by_content = {(f.subject, f.prompt, f.target_new): i for i, f in enumerate(adapter.facts)}
+    rows: list[int | None] = []
+    for item in facts:
+        f = item.fact
+        row = by_id.get(f.id)
+        if row is None or (adapter.facts[row].subject, adapter.facts[row].prompt) != (f.subject, f.prompt):
+            row = by_content.get((f.subject, f.prompt, f.target_new))
+        rows.append(row)
+    return rows
+
+
+def evaluate_adapter(model: nn.Module, tokenizer: Any, handle: Any, facts: Sequence[FactInput], *,
+                     unrelated: Sequence[str] | None = None, true_facts: Sequence[TrueFact] | None = None,
+                     options: EvalOptions | None = None, data_name: str = "<facts>",
+                     unrelated_name: str | None = None) -> EvalReport:
+    """Evaluate the adapter attached through `handle` on `facts`, pre-edit and post-edit.
+
+    Args:
+        model, tokenizer: the transformers model the handle is attached to.
+        handle: `nkv.loaders.transformers.attach(model, adapter)`; all edits are live.
+        facts: the facts to evaluate (usually the ones the adapter was built from).
+        unrelated: lines of text unrelated to the edits, for false fires; None = text
+            sampled from the unedited model after the seed words "The", "Therefore", ...
+        true_facts: facts the model knows (`read_true_facts`); facts of subjects not
+            edited give unedited-fact accuracy, edited subjects' other facts the
+            same-subject weak spot. None = not measured.
+        options: `EvalOptions`.
+    Returns:
+        `EvalReport` (`.table()`, `.to_dict()`, `.summary()`).
+
+    >>> handle = attach(model, adapter)
+    >>> report = evaluate_adapter(model, tokenizer, handle, read_facts("edits.jsonl"))
+    >>> print(report.table())
+    """
+    options = options or EvalOptions()
+    facts = list(facts)
+    protocol = _protocol(facts, options, data_name)
+    adapter: NKVAdapter = handle.adapter
+    rows = adapter_rows(adapter, facts)
+    cases = cases_of(facts)
+    unedited, others = true_fact_groups(facts, true_facts, options)
+    was_training = model.training
+    model.eval()
+    try:
+        unrelated, unrelated_name = unrelated_text(model, tokenizer, handle, unrelated, unrelated_name, options)
+        chunks = unrelated_chunks(tokenizer, unrelated, options.unrelated_tokens)
+        pre = None
+        if options.measure_pre:
+            with handle.disabled():
+                pre = measure(model, tokenizer, cases, protocol, unedited, others, options)
+        post = measure(model, tokenizer, cases, protocol, unedited, others, options)
+        diag = diagnose(model, tokenizer, handle, [(f.fact, r, f.paraphrases) for f, r in zip(facts, rows)],
+                        chunks, options.batch_size) if options.gate_diagnostics else None
+    finally:
+        model.train(was_training)
+
+    pre = pre if pre is not None else unmeasured(post)
+    per = {"pre": per_fact(pre, cases), "post": per_fact(post, cases)}
+    return EvalReport(
+        data={"name": data_name, "n_facts": len(facts), "protocol": protocol, "paraphrases": len(cases.paraphrases),
+              "neighbours": len(cases.neighbours)},
+        adapter={"n_facts": adapter.n_facts, "layer": adapter.layer, "gamma": adapter.gamma,
+                 "matched": sum(r is not None for r in rows)},
+        metrics=headline(pre, post, per, options.fluency_prompts), gate=gate_summary(diag),
+        weak_spots=weak_spots(tokenizer, cases, pre, post, per, unedited, diag),
+        by_relation=by_relation(facts, per), by_tag=by_tag(facts, per),
+        settings={**asdict(options), "protocol": protocol, "tool": f"nkv {__version__}",
+                  "unrelated_source": unrelated_name or "given lines",
+                  "fluency_samples_post": post.get("fluency_samples", [])},
+        cosines={} if diag is None else {"positives": diag.positives, "negatives": diag.negatives,
+                                         "own": diag.own_cosine},
+    )
+
+
+def _protocol(facts: list[FactInput], options: EvalOptions, data_name: str) -> str:
+    """The protocol to use (given or detected), or an error when the data cannot support it."""
+    if not facts:
+        raise NKVError(f"{data_name}: no facts to evaluate")
+    protocol = options.protocol or detect_protocol(facts)
+    if protocol == "counterfact" and not all(f.fact.target_true for f in facts):
+        missing = next(f.fact.id for f in facts if not f.fact.target_true)
+        raise NKVError(f"{data_name}: the counterfact protocol compares target_new with target_true, but fact "
+                       f"{missing!r} has no target_true; add it or use the zsre protocol (--protocol zsre)")
+    return protocol
+
+
+@contextlib.contextmanager
+def attached(model: nn.Module, adapter: NKVAdapter, strict: bool = True) -> Iterator[NKVHandle]:
+    """Attach `adapter` for the duration of the block (detached afterwards, whatever happens)."""
+    handle = attach(model, adapter, strict=strict)
+    try:
+        yield handle
+    finally:
+        handle.detach()
+
+
+def evaluate(model: nn.Module, tokenizer: Any, adapter: NKVAdapter, facts: Sequence[FactInput], **kwargs: Any
+             ) -> EvalReport:
+    """Attach `adapter`, `evaluate_adapter`, detach. Keyword arguments as `evaluate_adapter`."""
+    with attached(model, adapter) as handle:
+        return evaluate_adapter(model, tokenizer, handle, facts, **kwargs)
+
+
+__all__ = ["EvalOptions", "evaluate", "evaluate_adapter", "detect_protocol", "adapter_rows", "attached", "PROTOCOLS"]

@@ -1,0 +1,176 @@
+"""`build_adapter`: facts in, an `NKVAdapter` out (one key and one residual per fact)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from dataclasses import replace
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from nkv import __version__
+from nkv.adapter import NKVAdapter, empty_adapter
+from nkv.constants import DEFAULT_GAMMA
+from nkv.dtypes import ROW_DTYPE_NAMES, TORCH_DTYPES
+from nkv.errors import NKVError
+from nkv.facts import Fact
+from nkv.facts_io import FactInput
+from nkv.loaders.architectures import arch_spec, base_model_info, model_type_of
+
+from ..forward import frozen, model_device
+from .checkpoint import Checkpoint, digest
+from .config import BuildConfig, default_config, verified_layer
+from .layer import choose_layer
+from .prompts import encode_fact
+from .rows import Progress, compute_rows, plain_facts
+from .selfcheck import self_check
+from .templates import as_templates, generate_prefixes
+
+
+def build_adapter(
+    model: nn.Module,
+    tokenizer: Any,
+    facts: Sequence[FactInput | Fact],
+    *,
+    layer: int | str | None = None,
+    gamma: float = DEFAULT_GAMMA,
+    config: BuildConfig | None = None,
+    name: str | None = None,
+    revision: str | None = None,
+    progress: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+) -> NKVAdapter:
+    """Compute one key and one residual per fact on the unedited `model`.
+
+    Args:
+        model: a transformers causal LM whose model_type is in the architecture table.
+            If `config.device` / `config.dtype` are set, the model is moved / cast in place.
+        tokenizer: its tokenizer.
+        facts: `FactInput`s (from `nkv.facts_io.read_facts`) or `Fact`s; ids must be unique.
+        layer: the layer to edit; None = the layer verified for this model's depth and width
+            (`config.VERIFIED_LAYERS`), or, when there is none, "auto"; "auto" = a short sweep
+            on a sample of the facts (`choose_layer`).
+        gamma: the gate threshold stored in the adapter.
+        config: hyperparameters; None = `default_config(model)`.
+        name, revision: how the base model is recorded (default: config._name_or_path).
+        progress: a tqdm bar with facts/s on stderr.
+        checkpoint_dir: save finished rows there every `config.checkpoint_every` batches.
+            It is not deleted here: remove it (`Checkpoint(dir).remove()`) once the
+            adapter is saved.
+        resume: continue from `checkpoint_dir`; without it an existing checkpoint is an error.
+    Returns:
+        The adapter (not saved). `adapter.build` records the tool version, the resolved
+        hyperparameters, the layer choice, the context templates, loss statistics and the
+        self-check (`selfcheck.self_check`: efficacy on the edit prompts through the gate).
+    Raises:
+        NKVFactsError: duplicate ids, or a subject the tokenizer cannot locate (raised
+            before any optimisation).
+        NKVUnsupportedModelError: the model's family is not in the table.
+
+    >>> adapter = build_adapter(model, tokenizer, read_facts("facts.jsonl"), layer=3)
+    >>> adapter.save("edits.nkv")
+    """
+    config = config or default_config(model)
+    plain = plain_facts(facts)
+    with _placed(model, config), frozen(model):
+        ckpt = Checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+        if ckpt is not None:
+            ckpt.require_resume(resume)
+        dtype = next(model.parameters()).dtype
+        inputs = digest({"facts": [f.to_record() for f in plain], "objective": config.objective, "layer": layer,
+                         "dtype": str(dtype), "model": base_model_info(model, 0).fingerprint})
+        state = ckpt.resumed_state(inputs) if ckpt is not None else {}
+        layer, layer_choice = _resolve_layer(model, tokenizer, facts, layer, config, state, progress)
+        prefixes = state.get("prefixes") or generate_prefixes(model, tokenizer, config.n_prefixes,
+                                                              config.prefix_length, config.seed)
+        tokens = [encode_fact(tokenizer, f, prefixes) for f in plain]  # all errors before any work
+        if ckpt is not None:
+            ckpt.write_state({"inputs": inputs, "layer": layer, "layer_choice": layer_choice,
+                              "prefixes": prefixes, "n_facts": len(plain)})
+        store = dtype if dtype in ROW_DTYPE_NAMES else torch.float32  # a dtype the format can hold
+        with _bar(len(plain), progress) as advance:
+            rows = compute_rows(model, tokenizer, tokens, layer, config, checkpoint=ckpt, on_done=advance,
+                                store_dtype=store)
+        base = base_model_info(model, layer, name=name, revision=revision)
+        target = arch_spec(model_type_of(model)).module_path(layer)
+        adapter = empty_adapter(base, layer, target, gamma=gamma, dtype=store).add(plain, rows["keys"], rows["residuals"])
+        build = {**_provenance(model, config, layer_choice, prefixes, rows["loss"]),
+                 "self_check": self_check(model, tokenizer, adapter)}
+        return replace(adapter, build=build)
+
+
+def _provenance(model: nn.Module, config: BuildConfig, layer_choice: dict[str, Any], prefixes: list[str],
+                loss: torch.Tensor) -> dict[str, Any]:
+    """What `adapter.build` records: tool, resolved settings, layer choice, templates, losses."""
+    return {
+        "tool": f"nkv {__version__}",
+        "method": "neuraldb: keys and residuals as MEMIT compute_ks / compute_z, batched",
+        "config": {**config.to_dict(), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                   "device": str(model_device(model))},
+        "seed": config.seed,
+        "layer_choice": layer_choice,
+        "templates": as_templates(prefixes),
+        "loss": {"mean": round(float(loss.mean()), 6), "max": round(float(loss.max()), 6),
+                 "n_above_early_stop": int((loss >= config.early_stop_loss).sum())},
+    }
+
+
+def _resolve_layer(model: nn.Module, tokenizer: Any, facts: Sequence[FactInput | Fact], layer: int | str | None,
+                   config: BuildConfig, state: dict[str, Any], verbose: bool) -> tuple[int, dict[str, Any]]:
+    if state:  # resuming: the layer chosen when the build started
+        return int(state["layer"]), state["layer_choice"]
+    if layer is None:
+        known = verified_layer(model)
+        if known is not None:
+            return known[0], {"mode": "default", "verified_on": known[1]}
+        if verbose:
+            print("nkv build: no layer is verified for this model's depth and width, so it is chosen by a short "
+                  "sweep (--layer auto); pass --layer N to skip it", file=sys.stderr)
+        return _swept_layer(model, tokenizer, facts, config, verbose, "no verified default for this depth and width")
+    if layer == "auto":
+        return _swept_layer(model, tokenizer, facts, config, verbose, "asked for")
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise NKVError(f"layer must be an integer, 'auto' or None, got {layer!r}")
+    arch_n = len(model.get_submodule(arch_spec(model_type_of(model)).layers))
+    if not 0 <= layer < arch_n:
+        raise NKVError(f"layer {layer} does not exist: the model has {arch_n} layers (0..{arch_n - 1})")
+    return layer, {"mode": "given"}
+
+
+def _swept_layer(model: nn.Module, tokenizer: Any, facts: Sequence[FactInput | Fact], config: BuildConfig,
+                 verbose: bool, why: str) -> tuple[int, dict[str, Any]]:
+    log = (lambda line: print(f"nkv build --layer auto: {line}", file=sys.stderr)) if verbose else None
+    choice = choose_layer(model, tokenizer, facts, config=config, log=log)
+    if log is not None:
+        log(f"chose layer {choice.layer}")
+    return choice.layer, {"mode": "auto", "why": why, "sample": choice.sample, "scores": choice.scores}
+
+
+@contextlib.contextmanager
+def _placed(model: nn.Module, config: BuildConfig) -> Iterator[None]:
+    """Move / cast the model as the config asks (in place: a copy of an 8B model would not fit)."""
+    if config.device is not None:
+        if config.device.startswith("cuda") and not torch.cuda.is_available():
+            raise NKVError(f"device {config.device!r} requested but CUDA is not available; use --device cpu")
+        model.to(torch.device(config.device))
+    if config.dtype is not None:
+        model.to(TORCH_DTYPES[config.dtype])
+    yield
+
+
+@contextlib.contextmanager
+def _bar(total: int, enabled: bool) -> Iterator[Progress]:
+    if not enabled:
+        yield lambda n: None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="fact", desc="nkv build", dynamic_ncols=True, smoothing=0.1) as bar:
+        yield bar.update
+
+
+__all__ = ["build_adapter"]

@@ -1,0 +1,45 @@
+"""Load a causal LM and its tokenizer for the commands that run one (build, generate, eval).
+
+One loader, so every command accepts the same model sources and fails with the same
+message: a local folder saved with `save_pretrained`, a Hub id (cached, or online), a
+.gguf file or a packaged real model (`nkv.loaders.gguf`: converted once, then a folder).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from nkv.errors import NKVError
+
+
+def load_model(model_name: str, *, revision: str | None = None, device: str = "auto",
+               dtype: str = "float32") -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer from a local folder, a Hub id, a .gguf file or a
+    packaged model name (`nkv.loaders.gguf.PACKAGED`), or raise NKVError."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nkv.dtypes import TORCH_DTYPES as DTYPES
+
+    from .gguf import model_source
+
+    model_name = model_source(model_name)  # a .gguf file or packaged model: its converted folder
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        raise NKVError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    where = "local folder" if Path(model_name).is_dir() else "Hub id"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_name, revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(model_name, revision=revision, dtype=DTYPES[dtype])
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise NKVError(f"cannot load model {model_name!r} ({where}): {first[:300]}; pass a folder saved with "
+                       "save_pretrained, or a Hub id that is cached or reachable") from None
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+__all__ = ["load_model"]
