@@ -74,8 +74,13 @@ def generate(prompts: tuple[str, ...], model_name: str, adapter_src: str, facts_
             click.echo(json.dumps({"prompt": prompt, key: target, "before": b, "after": a}))
             continue
         click.echo(prompt)
-        click.echo(f"  before: {b.strip()}")
-        click.echo(f"  after:  {a.strip()}" + (f"    ({label}: {target})" if target else ""))
+        click.echo(f"  before: {_one_line(b)}")
+        click.echo(f"  after:  {_one_line(a)}" + (f"    ({label}: {target})" if target else ""))
+
+
+def _one_line(text: str) -> str:
+    """A continuation on one line: line breaks shown as ⏎ so the table stays readable."""
+    return " ⏎ ".join(part.strip() for part in text.strip().splitlines() if part.strip())
 
 
 def _greedy(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int) -> list[str]:

@@ -36,7 +36,7 @@ def check_fingerprint(expected: BaseModelInfo, layer: int, fingerprint: str | No
         return
     detail = (f"got {fingerprint[:40]}..." if fingerprint is not None
               else "the runtime could not read the projection's weights (quantized or repacked), so it cannot "
-                   "be checked")
+                   "be checked; a GGUF model is served from its dequantized folder (`nkv convert MODEL.gguf`)")
     message = (f"the model is not the checkpoint this adapter was built on ({expected.name}"
                f"{'@' + expected.revision if expected.revision else ''}): fingerprint at layer "
                f"{layer} expected {expected.fingerprint[:40]}..., {detail}; "

@@ -69,11 +69,11 @@ def test_build_and_the_edit_takes_through_the_gate(model_type):
     assert all(p.requires_grad for p in model.parameters())  # build left the model as it was
 
     pairs = [(f.prompt, f.target_new) for f in FACTS]
-    before = [s.logprob for s in score_answers(model, tok, pairs)]
+    before = [-s.nll for s in score_pairs(model, tok, pairs)]
     handle = attach(model, adapter)
     try:
         if model_type in {"olmo2", "olmo3"}:
-            after = [s.logprob for s in score_answers(model, tok, pairs)]
+            after = [-s.nll for s in score_pairs(model, tok, pairs)]
             assert all(a > b + 0.05 for a, b in zip(after, before)), (before, after)
         else:
             assert _first_token_hits(model, tok, FACTS) == [True, True, True]

@@ -41,7 +41,12 @@ def test_build_writes_a_valid_adapter_and_generate_shows_the_edit(tmp_path, mode
     result = _run("build", facts, "--model", model_dir, "-o", out, *FAST, "--json")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert summary["n_facts"] == 2 and summary["layer"] == 0 and summary["layer_choice"] == {"mode": "default"}
+    # No layer is verified for this 64-wide model, so the CLI swept the layers.
+    assert summary["n_facts"] == 2 and summary["layer_choice"]["mode"] == "auto"
+    assert summary["layer_choice"]["why"] == "no verified default for this depth and width"
+    # The random model takes the first target token only (what this test forces), so the
+    # self-check's whole-target efficacy is low here; its first-token share is not.
+    assert summary["self_check"]["n_checked"] == 2 and summary["self_check"]["first_token"] == 1.0
     adapter = NKVAdapter.load(out)
     assert adapter.ids == ["dd", "ty"] and adapter.base.name == str(model_dir)
     assert adapter.build["config"]["steps"] == 12
@@ -111,11 +116,26 @@ def test_ctrl_c_keeps_the_old_output_and_resume_finishes(tmp_path, model_dir, mo
         return real(*args, **kwargs)
 
     monkeypatch.setattr(rows, "optimize_residuals", interrupted)
-    result = _run("build", facts, "--model", model_dir, "-o", out, *FAST, "--batch-size", "1")
+    result = _run("build", facts, "--model", model_dir, "-o", out, *FAST, "--batch-size", "1", "--layer", "0")
     assert result.exit_code == 130 and "Interrupted: 1 of 2 facts are saved" in result.stderr
     assert out.read_bytes() == b"previous adapter"
 
-    result = _run("build", facts, "--model", model_dir, "-o", out, *FAST, "--batch-size", "1", "--resume")
+    result = _run("build", facts, "--model", model_dir, "-o", out, *FAST, "--batch-size", "1", "--layer", "0",
+                  "--resume")
     assert result.exit_code == 0, result.output
     assert calls["n"] == 3 and NKVAdapter.load(out).ids == ["dd", "ty"]
     assert not (tmp_path / "edits.nkv.partial").exists()
+
+
+def test_an_adapter_whose_edits_did_not_take_is_reported_loudly_with_the_fix(tmp_path, model_dir):
+    from nkv.model_card import render_model_card
+
+    facts, out = _facts(tmp_path / "f.jsonl", FACTS), tmp_path / "edits.nkv"
+    # One step: δ stays 0, so nothing is edited, and the build must say so.
+    result = _run("build", facts, "--model", model_dir, "-o", out, "--steps", "1", "--layer", "0", "--prefixes", "1")
+    assert result.exit_code == 0, result.output
+    assert "WARNING: only 0% of 2 edits answer their new target" in result.stderr
+    assert "--layer auto" in result.stderr and "self-check: 0% of 2" in result.stdout
+    adapter = NKVAdapter.load(out)
+    assert adapter.build["self_check"]["efficacy"] == 0.0 and adapter.build["self_check"]["failed"] == ["dd", "ty"]
+    assert "| build self-check | 0.0% of 2 edit prompts" in render_model_card(adapter, "alice/edits")
