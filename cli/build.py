@@ -38,7 +38,8 @@ def _layer(value: str | None) -> int | str | None:
                    "(smollm2-135m, gemma3-270m).")
 @click.option("-o", "--output", required=True, type=_OUT, help="The .nkv file to write.")
 @click.option("--layer", default=None, metavar="N|auto",
-              help="Layer to edit; default: the family's default; 'auto': a short sweep on a sample of the facts.")
+              help="Layer to edit; default: the layer verified for this model's depth and width, else 'auto': "
+                   "a short sweep on a sample of the facts.")
 @click.option("--gamma", default=DEFAULT_GAMMA, show_default=True, type=click.FloatRange(0, 1),
               help="Gate threshold stored in the adapter (cosine).")
 @click.option("--steps", type=click.IntRange(1),

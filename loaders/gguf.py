@@ -75,6 +75,8 @@ def model_source(name: str) -> str:
     (converting on first use); anything else (a folder, a Hub id) is returned unchanged.
     """
     if name in PACKAGED:
+        if Path(name).is_dir():
+            raise NKVError(f"{name!r} is both a packaged model and a folder here; pass ./{name} for the folder")
         return str(convert_gguf(packaged_gguf(name)))
     if name.lower().endswith(".gguf"):
         return str(convert_gguf(name))
@@ -89,6 +91,9 @@ def packaged_gguf(name: str) -> Path:
     except ModuleNotFoundError:
         raise NKVError(f"model {name!r} ({entry.description}) is not installed; install it with "
                        f"`{entry.install}`") from None
+    except (OSError, ValueError) as exc:  # e.g. a half-assembled or corrupt file from an earlier crash
+        raise NKVError(f"model {name!r}: its GGUF file cannot be assembled ({_first_line(exc)}); delete the "
+                       f"file it names and reinstall with `{entry.install} --force-reinstall`") from None
     if not path.is_file():
         raise NKVError(f"model {name!r}: the package is installed but {path.name} is missing; "
                        f"reinstall it with `{entry.install} --force-reinstall`")
@@ -110,28 +115,48 @@ def convert_gguf(path: str | os.PathLike, cache: Path | None = None) -> Path:
     try:
         _convert(path, staging)
         (staging / MARKER).write_text(json.dumps({"source": path.name, "sha256": digest}, indent=2) + "\n")
-        if folder.exists():  # an incomplete folder from a crash
-            shutil.rmtree(folder)
-        os.replace(staging, folder)  # readers see no folder or a complete one
+        _publish(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def _publish(staging: Path, folder: Path) -> None:
+    """Rename a finished conversion into place; readers see no folder or a complete one.
+
+    Two processes may convert the same file at once: the first rename wins and the other
+    keeps it (never deleting a complete folder another process may be reading). Only a
+    folder without the marker, left by a crash, is replaced.
+    """
+    if (folder / MARKER).is_file():
+        return
+    if folder.exists():
+        shutil.rmtree(folder, ignore_errors=True)
+    try:
+        os.replace(staging, folder)
+    except OSError:
+        if not (folder / MARKER).is_file():  # not a concurrent winner: a real failure
+            raise
 
 
 def check_gguf_file(path: Path) -> None:
     """Raise NKVError unless `path` is a readable file that starts like a GGUF file."""
     if not path.is_file():
         raise NKVError(f"{path}: no such GGUF file")
-    with path.open("rb") as fh:
-        magic = fh.read(4)
+    try:
+        with path.open("rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise NKVError(f"{path}: cannot read this file ({exc.strerror or exc})") from None
     if magic != GGUF_MAGIC:
         raise NKVError(f"{path}: not a GGUF file (it starts with {magic!r}, a GGUF file starts with {GGUF_MAGIC!r})")
 
 
 def _convert(path: Path, out: Path) -> None:
     """Dequantize `path` through transformers and save a normal, saveable model into `out`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     try:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
         import gguf  # noqa: F401  (transformers needs it; checked here for a clear message)
     except ImportError:
         raise NKVError("reading GGUF files needs the `gguf` package: pip install 'nkv[gguf]'") from None
@@ -154,8 +179,12 @@ def _convert(path: Path, out: Path) -> None:
         del config.quantization_config
     plain = type(loaded)(config)
     plain.load_state_dict(loaded.state_dict())
-    plain.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    try:
+        plain.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    except OSError as exc:  # e.g. a full disk: the fp32 folder is ~4x the size of a 4-bit GGUF
+        raise NKVError(f"{path}: cannot write the converted model to {out.parent} ({exc.strerror or exc}); "
+                       "free some space or point NKV_CACHE elsewhere") from None
 
 
 def _sha256(path: Path) -> str:

@@ -237,7 +237,10 @@ class NKVAdapter:
 
     # ---------------------------------------------------------------- row operations
     def _with_rows(self, facts: list[Fact], keys: torch.Tensor, residuals: torch.Tensor) -> "NKVAdapter":
-        return dc_replace(self, facts=list(facts), keys=keys, residuals=residuals)
+        # The build's self-check measured the rows it built; once rows change it describes
+        # another adapter, so it is dropped (nkv eval measures the new one).
+        build = {k: v for k, v in self.build.items() if k != "self_check"} if isinstance(self.build, dict) else self.build
+        return dc_replace(self, facts=list(facts), keys=keys, residuals=residuals, build=build)
 
     def select(self, ids: Iterable[str]) -> "NKVAdapter":
         """A new adapter with only the facts `ids`, in the given order."""

@@ -290,3 +290,15 @@ def test_mixture_of_experts_families_are_refused_with_the_reason(model_type):
     model = AutoModelForCausalLM.from_config(config)
     with pytest.raises(NKVUnsupportedModelError, match="mixture-of-experts.*wrap the whole MoE block"):
         build_adapter(model, tm.tiny_tokenizer(), FACTS, config=default_config("llama", steps=1), progress=False)
+
+
+def test_a_verified_layer_is_used_without_a_sweep(monkeypatch):
+    from nkv.editing.solve import api, config as solve_config
+
+    model, tok = tm.tiny_model("llama"), tm.tiny_tokenizer()
+    monkeypatch.setitem(solve_config.VERIFIED_LAYERS, ("llama", 2, 64), (1, "a test"))
+    monkeypatch.setattr(api, "choose_layer", lambda *a, **k: pytest.fail("no sweep for a verified layer"))
+    adapter = build_adapter(model, tok, FACTS[:1], config=_config("llama"), progress=False)
+    assert adapter.layer == 1 and adapter.build["layer_choice"] == {"mode": "default", "verified_on": "a test"}
+    # Row operations change what the self-check measured, so they drop it.
+    assert "self_check" in adapter.build and "self_check" not in adapter.remove(ids=["dd"]).build
