@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import errors
 from ._version import __version__
 from .adapter import AdapterDiff, NKVAdapter, empty_adapter
 from .errors import (
@@ -45,15 +46,7 @@ __all__ = [
     "compute_fingerprint",
     "fingerprints_match",
     "load_nkv_adapter",
-    "NKVError",
-    "NKVFormatError",
-    "NKVVersionError",
-    "NKVFactsError",
-    "NKVConflictError",
-    "NKVCompatibilityError",
-    "NKVFingerprintError",
-    "NKVUnsupportedModelError",
-    "NKVHubError",
+    *errors.__all__,
 ]
 
 
