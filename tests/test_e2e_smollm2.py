@@ -68,6 +68,19 @@ def _greedy(model, tok, prompts: list[str]) -> list[list[int]]:
     return out
 
 
+def _stop_ids(model) -> set[int]:
+    """The tokens transformers' generate stops at (vLLM runs on with ignore_eos)."""
+    eos = model.generation_config.eos_token_id
+    return set(eos) if isinstance(eos, list) else {eos}
+
+
+def _until_stop(tokens: list[int], stop: set[int]) -> list[int]:
+    for i, token in enumerate(tokens):
+        if token in stop:
+            return tokens[: i + 1]
+    return tokens
+
+
 def _answers_target(tok, tokens: list[int], target: str) -> bool:
     return tok.decode(tokens).strip().startswith(target)
 
@@ -117,7 +130,8 @@ def test_vllm_greedy_tokens_equal_transformers_and_answer_the_edits(real):
         handle.detach()
     params = vllm.SamplingParams(temperature=0.0, max_tokens=N_NEW_TOKENS, ignore_eos=True)
     with running(real["folder"], nkv={"adapter": str(real["path"])}, eager=True) as llm:
-        got = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+        got = [_until_stop(list(o.outputs[0].token_ids), _stop_ids(model))
+               for o in llm.generate(prompts, params, use_tqdm=False)]
     assert got == want
     assert sum(_answers_target(tok, t, f.fact.target_new) for t, f in zip(got, real["facts"])) >= 7
 
