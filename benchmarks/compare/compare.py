@@ -55,9 +55,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_model(path: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Model and tokenizer through the library's one loader (folders, Hub ids, .gguf, packaged)."""
+    from nkv.loaders.models import load_model as load
 
-    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    return load(path, device="cpu")
 
 
 def rows_for(model, tokenizer, facts, layer: int, gamma: float, out: Path, stem: str, build: str = "{}"):

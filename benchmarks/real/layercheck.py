@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     from nkv.facts_io import read_facts
-    from nkv.loaders.build import default_layer
-    from nkv.loaders.eval import EvalOptions, evaluate
+    from nkv.editing.solve import default_layer
+    from nkv.editing.evaluate import EvalOptions, evaluate
     from nkv.loaders.gguf import model_source
 
     model, tok = compare.load_model(model_source(args.model))

@@ -95,8 +95,8 @@ def write_true_facts(data_dir: Path, avoid: set[str], path: Path) -> Path:
 
 def write_unrelated(model, tok, data_dir: Path, avoid: set[str], args: argparse.Namespace, path: Path) -> Path:
     """Generated text from the unedited model, then CounterFact-train sentences (one per line)."""
-    from nkv.loaders.eval.run import SEED_WORDS
-    from nkv.loaders.eval.scoring import sample_texts
+    from nkv.editing.generation import SEED_WORDS
+    from nkv.editing.generation import sample_texts
 
     if path.exists():
         return path
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     from nkv.facts_io import read_facts
-    from nkv.loaders.build import default_layer
+    from nkv.editing.solve import default_layer
     from nkv.loaders.gguf import model_source
 
     start = time.time()
