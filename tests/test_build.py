@@ -265,7 +265,8 @@ def test_config_validation_and_defaults():
         default_config("llama", stepz=3)
     with pytest.raises(NKVUnsupportedModelError, match="supported: .*gpt2.*llama"):
         default_config("t5")
-    assert default_config("gpt2").steps == 20 and default_config("llama").steps == 25
+    previous = {m: default_config(m, preset="previous").steps for m in ("gpt2", "llama")}
+    assert previous == {"gpt2": 20, "llama": 25}  # the build before issue 11 (tests/test_build_speed.py)
     assert default_config("llama").clamp == 0.75  # MEMIT's value for full-size models
     toy = default_config(tm.tiny_model("gpt2"), steps=3)  # d_model 64: the toy-size defaults
     assert (toy.clamp, toy.lr, toy.steps) == (2.0, 0.3, 3)

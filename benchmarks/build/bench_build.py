@@ -1,16 +1,28 @@
-"""Batched build vs the one-fact-at-a-time reference: facts/s, ratio, edit success, peak memory.
+"""`nkv build`'s default against other build paths, interleaved in one run: facts/s, quality, memory.
 
-Both modes run the same objective, hyperparameters, model, facts and context prefixes in
-this one invocation; each runs in its own subprocess so its peak RSS is its own. The
-reference computes keys and residuals one fact at a time (MEMIT's compute_z loop with
-torch.optim.Adam); the batched build puts `--batch-size` facts in each forward/backward.
+Each mode is its own worker process (so its peak RSS is its own) with the model loaded
+once. The facts are split into chunks and the workers take turns, chunk by chunk (A1 B1
+A2 B2 ...), so a machine shared with other jobs slows every mode alike and the facts/s
+ratio stays honest. After the last chunk each worker puts all its rows into one adapter
+and evaluates it with `evaluate_adapter` (`nkv eval`'s measurement) after all edits:
+efficacy, generalization, specificity, free-generation exact match.
 
+Modes:
+- `default`: today's `default_config(model)`;
+- `previous`: `default_config(model, preset="previous")`, the build as it was before the
+  fast defaults (same batching, prefix cache, replay; Adam to a loss threshold under all
+  context prefixes);
+- `one-at-a-time`: the previous settings, one fact per forward/backward, whole sequences
+  through every block, `torch.optim.Adam` per fact (MEMIT's compute_z loop).
+
+    python benchmarks/build/bench_build.py --model smollm2-135m --data counterfact --n 64
     python benchmarks/build/bench_build.py --model examples/factworld/models/llama \\
-        --facts examples/factworld/edits.jsonl --n 64 --batch-size 64 --threads 1
+        --data examples/factworld/edits.jsonl --n 64
 
-`--model tiny:<model_type>` uses a random tiny model from tests/tiny_models.py;
-`--random` initialises the model of `--model`'s config randomly (a real size without its
-weights, e.g. a Llama-3-8B config folder on a GPU: `--random --device cuda --dtype bfloat16`).
+`--model` takes what `nkv build` takes (a folder, a packaged name such as smollm2-135m) or
+`tiny:<model_type>` (a random tiny model from tests/tiny_models.py); `--random` initialises
+a folder's config randomly (a real size without its weights, e.g. a Llama-3-8B config on a
+GPU: `--random --device cuda --dtype bfloat16 --no-eval`).
 """
 
 from __future__ import annotations
@@ -22,11 +34,13 @@ import platform
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT.parent / "shared" / "data"
+DATASETS = {"counterfact": "counterfact-edit.json", "zsre": "zsre_mend_edit.json"}
+MODES = ("default", "previous", "one-at-a-time")
 
 
 def _load(args: argparse.Namespace):
@@ -37,110 +51,151 @@ def _load(args: argparse.Namespace):
         sys.path.insert(0, str(ROOT / "tests"))
         import tiny_models
 
-        model, tok = tiny_models.tiny_model(args.model[5:], dtype=dtype), tiny_models.tiny_tokenizer()
-    else:
+        return tiny_models.tiny_model(args.model[5:], dtype=dtype).eval(), tiny_models.tiny_tokenizer()
+    if args.random:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(args.model)
-        if args.random:
-            torch.manual_seed(0)
-            with torch.device(args.device):
-                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model), dtype=dtype)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
-    return model.to(args.device).eval(), tok
+        torch.manual_seed(0)
+        with torch.device(args.device):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model), dtype=dtype)
+        return model.eval(), AutoTokenizer.from_pretrained(args.model)
+    from nkv.loaders.models import load_model
+
+    model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
+    return model.eval(), tok
 
 
-def run_mode(args: argparse.Namespace) -> dict:
-    """One mode in this process: build, time, save the adapter, measure edit success."""
+def _facts_path(data: str) -> Path:
+    return DATA / DATASETS[data] if data in DATASETS else Path(data)
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One mode: load, then build the chunks the parent names on stdin; `finish` evaluates."""
     import torch
 
     from nkv.adapter import empty_adapter
+    from nkv.editing.evaluate import EvalOptions, evaluate_adapter
+    from nkv.editing.forward import frozen
+    from nkv.editing.solve import compute_rows, default_config, default_layer, encode_facts, generate_prefixes
     from nkv.facts_io import read_facts
     from nkv.loaders.architectures import arch_spec, base_model_info, model_type_of
-    from nkv.editing.solve import compute_rows, default_config, default_layer, encode_facts, generate_prefixes
-    from nkv.editing.forward import frozen
-    from nkv.editing.scoring import score_pairs
     from nkv.loaders.transformers import attach
 
     torch.set_num_threads(args.threads)
     model, tok = _load(args)
-    items = read_facts(args.facts)[: args.n]
-    overrides = {"batch_size": args.batch_size if args.mode == "batched" else 1}
-    if args.steps:
-        overrides["steps"] = args.steps
-    config = default_config(model, **overrides)
+    items = read_facts(_facts_path(args.data))[: args.n]
+    preset = "default" if args.mode == "default" else "previous"
+    overrides = {"batch_size": 1 if args.mode == "one-at-a-time" else args.batch_size}
+    config = default_config(model, preset=preset, **overrides, **json.loads(args.config))
     layer = default_layer(model) if args.layer is None else args.layer
     with frozen(model):
         prefixes = generate_prefixes(model, tok, config.n_prefixes, config.prefix_length, config.seed)
         tokens = encode_facts(tok, items, prefixes)
-        started = time.perf_counter()
-        rows = compute_rows(model, tok, tokens, layer, config, reference=args.mode == "reference")
-        seconds = time.perf_counter() - started
-    facts = [i.fact for i in items]
-    adapter = empty_adapter(base_model_info(model, layer), layer,
-                            arch_spec(model_type_of(model)).module_path(layer)).add(facts, rows["keys"], rows["residuals"])
-    adapter.save(args.save)
-    handle = attach(model, adapter)
-    edit = score_pairs(model, tok, [(f.prompt, f.target_new) for f in facts])
-    para = score_pairs(model, tok, [(p, i.fact.target_new) for i in items for p in i.paraphrases])
-    handle.detach()
-    return {
-        "mode": args.mode, "n_facts": len(facts), "layer": layer, "steps": config.steps,
-        "batch_size": config.batch_size, "seconds": round(seconds, 3), "facts_per_s": round(len(facts) / seconds, 3),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "peak_gpu_mb": (round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None),
-        "mean_updates": round(float(rows["steps"].float().mean()), 2),
-        "edit_first_token": round(sum(s.first_token_hit for s in edit) / len(edit), 4),
-        "edit_token_acc": round(sum(s.token_accuracy for s in edit) / len(edit), 4),
-        "paraphrase_token_acc": round(sum(s.token_accuracy for s in para) / len(para), 4) if para else None,
-    }
+    parts, seconds = [], 0.0
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        cmd = line.split()
+        if cmd[0] == "chunk":
+            start, end = int(cmd[1]), int(cmd[2])
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            began = time.perf_counter()
+            with frozen(model):
+                rows = compute_rows(model, tok, tokens[start:end], layer, config,
+                                    reference=args.mode == "one-at-a-time")
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            took = time.perf_counter() - began
+            seconds += took
+            parts.append(rows)
+            print(json.dumps({"seconds": took}), flush=True)
+        elif cmd[0] == "finish":
+            break
+    rows = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+    n = rows["keys"].shape[0]
+    facts = [i.fact for i in items[:n]]
+    adapter = empty_adapter(base_model_info(model, layer), layer, arch_spec(model_type_of(model)).module_path(layer),
+                            gamma=args.gamma).add(facts, rows["keys"], rows["residuals"])
+    result = {"mode": args.mode, "n_facts": n, "layer": layer, "config": config.to_dict(),
+              "seconds": round(seconds, 2), "facts_per_s": round(n / seconds, 4),
+              "mean_updates": round(float(rows["steps"].float().mean()), 2),
+              "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+              "peak_gpu_mb": (round(torch.cuda.max_memory_allocated() / 2**20, 1)
+                              if torch.cuda.is_available() else None)}
+    if not args.no_eval:
+        handle = attach(model, adapter)
+        try:
+            report = evaluate_adapter(model, tok, handle, items[:n], options=EvalOptions(measure_pre=False),
+                                      data_name=str(args.data))
+        finally:
+            handle.detach()
+        result["metrics"] = {k: m.get("post") for k, m in report.metrics.items()}
+        result["gate"] = {k: report.gate.get(k) for k in ("edit_right", "paraphrase_right", "false_fire")}
+    print(json.dumps(result), flush=True)
+
+
+def _start(mode: str) -> subprocess.Popen:
+    cmd = [sys.executable, __file__, *sys.argv[1:], "--mode", mode]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    _reply(proc, mode)
+    return proc
+
+
+def _reply(proc: subprocess.Popen, mode: str) -> dict:
+    line = proc.stdout.readline()
+    if not line:
+        sys.exit(f"{mode} worker died (its stderr is above)")
+    return json.loads(line)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
-    parser.add_argument("--facts", required=True)
+    parser.add_argument("--data", default="counterfact", help=f"{' | '.join(DATASETS)} or a facts file")
     parser.add_argument("--n", type=int, default=64, help="facts to build")
+    parser.add_argument("--modes", default="default,previous", help=f"comma-separated, of {', '.join(MODES)}")
+    parser.add_argument("--chunk", type=int, default=16, help="facts per turn; the modes alternate chunk by chunk")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--steps", type=int, help="default: the family's default")
-    parser.add_argument("--layer", type=int, help="default: the family's default layer")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads in both modes")
+    parser.add_argument("--layer", type=int, help="default: the model's default layer")
+    parser.add_argument("--gamma", type=float, default=0.65)
+    parser.add_argument("--config", default="{}", help='build settings for every mode, JSON, e.g. \'{"steps": 10}\'')
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in every mode")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--random", action="store_true", help="random weights of --model's config")
-    parser.add_argument("--mode", choices=["batched", "reference"], help=argparse.SUPPRESS)
-    parser.add_argument("--save", help=argparse.SUPPRESS)
+    parser.add_argument("--no-eval", action="store_true", help="speed and memory only")
+    parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.mode:
-        print(json.dumps(run_mode(args)))
+        worker(args)
         return
 
     import torch
 
-    from nkv.adapter import NKVAdapter
-
+    modes = args.modes.split(",")
+    started = time.perf_counter()
+    workers = {mode: _start(mode) for mode in modes}
+    for start in range(0, args.n, args.chunk):
+        for mode, proc in workers.items():
+            proc.stdin.write(f"chunk {start} {min(start + args.chunk, args.n)}\n")
+            proc.stdin.flush()
+            took = _reply(proc, mode)["seconds"]
+            print(f"{mode}: facts {start}..{min(start + args.chunk, args.n)} in {took:.1f} s", file=sys.stderr)
     results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for mode in ("batched", "reference"):
-            save = os.path.join(tmp, f"{mode}.nkv")
-            cmd = [sys.executable, __file__, *sys.argv[1:], "--mode", mode, "--save", save]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode:
-                sys.exit(f"{mode} run failed:\n{out.stderr[-3000:]}")
-            results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-            results[mode]["adapter"] = NKVAdapter.load(save)
-        a, b = results["batched"].pop("adapter"), results["reference"].pop("adapter")
-    diff = (a.residuals - b.residuals).norm(dim=-1) / b.residuals.norm(dim=-1).clamp_min(1e-12)
+    for mode, proc in workers.items():  # evaluations run one after another, not timed
+        proc.stdin.write("finish\n")
+        proc.stdin.flush()
+        results[mode] = _reply(proc, mode)
+        proc.wait()
+    base = results[modes[-1]]["facts_per_s"]
     report = {
         "command": "python benchmarks/build/bench_build.py " + " ".join(sys.argv[1:]),
         "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                     "torch": torch.__version__, "load_avg_at_end": os.getloadavg()[0],
                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
-        "batched": results["batched"], "reference": results["reference"],
-        "speedup": round(results["batched"]["facts_per_s"] / results["reference"]["facts_per_s"], 2),
-        "residual_rel_diff_max": float(diff.max()),
-        "keys_max_abs_diff": float((a.keys - b.keys).abs().max()),
+        "wall_s": round(time.perf_counter() - started, 1),
+        "modes": results,
+        "speedup_vs_" + modes[-1]: {m: round(r["facts_per_s"] / base, 2) for m, r in results.items()},
     }
     print(json.dumps(report, indent=1))
 

@@ -15,7 +15,7 @@ from ..forward import model_device
 from .batch import FactBatch
 from .config import BuildConfig
 from .prompts import FactTokens
-from .residuals import ResidualResult, fact_losses, total_loss
+from .residuals import ResidualResult, fact_losses, finished, optimised_templates, total_loss
 
 
 def optimize_residual_one(model: nn.Module, layer: int, fact: FactTokens, h0: torch.Tensor,
@@ -27,18 +27,19 @@ def optimize_residual_one(model: nn.Module, layer: int, fact: FactTokens, h0: to
     scale = h0_norm / math.sqrt(d_model)
     u = torch.zeros(1, d_model, device=device, requires_grad=True)
     opt = torch.optim.Adam([u], lr=config.lr)
-    sels = FactBatch([fact], pad_id, device, split=False).select([0], max_buckets=1)  # one forward, as MEMIT
+    whole = FactBatch(optimised_templates([fact], config), pad_id, device, split=False)
+    sels = whole.select([0], max_buckets=1)  # one forward, as MEMIT
     kl0 = None
     updates = 0
     loss = torch.zeros(1)
     for it in range(config.steps):
         opt.zero_grad()
         delta = scale * u
-        nll, kl, kl_lp = fact_losses(model, layer, sels, delta, kl0)
+        out = fact_losses(model, layer, sels, delta, kl0)
         if kl0 is None:
-            kl0 = kl_lp
-        loss = total_loss(nll, kl, delta.norm(dim=-1), h0_norm, config)
-        if float(loss.detach()) < config.early_stop_loss or it == config.steps - 1:
+            kl0 = out.kl_lp
+        loss = total_loss(out.nll, out.kl, delta.norm(dim=-1), h0_norm, config)
+        if bool(finished(loss.detach(), out.margin, config)[0]) or it == config.steps - 1:
             break
         loss.sum().backward()
         opt.step()

@@ -10,8 +10,10 @@ s_i = ||h0_i|| / sqrt(d_model) (see config.py for why):
 δ_i is added to the output projection's output at the subject's last token of each of
 fact i's prompts. The batch loss is the *sum* of the per-fact losses, so row i's gradient
 is exactly fact i's gradient. Adam runs per row (its own step count and moments), a fact
-whose loss falls below `early_stop_loss` is frozen and leaves the batch, and the clamp is
-per row: every row follows the trajectory it would have alone (`reference.py` checks).
+whose loss falls below `early_stop_loss`, or (with `stop_margin`) whose every target token
+is ranked first by that many nats on every template, is frozen and leaves the batch, and
+the clamp is per row: every row follows the trajectory it would have alone (`reference.py`
+checks). `opt_prefixes` optimises under the first templates only (keys use all of them).
 Like MEMIT, the loss is evaluated `steps` times and the last evaluation takes no step.
 
 Speed without changing the numbers (batch.py): each step runs only the tokens from the
@@ -24,6 +26,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from dataclasses import replace as dc_replace
 
 import torch
 from torch import nn
@@ -49,9 +52,19 @@ class ResidualResult:
     steps: torch.Tensor  # (n,) int64, Adam updates applied to the row
 
 
+@dataclass
+class Losses:
+    """Per active fact: the loss terms, the KL prompt's log-probs and the success margin."""
+
+    nll: torch.Tensor  # (A,) template-mean per-token NLL of target_new
+    kl: torch.Tensor  # (A,) KL(P_δ || P_0) on the KL prompt
+    kl_lp: torch.Tensor  # (A, V) log-probs on the KL prompt, detached
+    margin: torch.Tensor  # (A,) min over target tokens and templates of log p(label) - max other log p
+
+
 def fact_losses(model: nn.Module, layer: int, sels: list[Selection], delta: torch.Tensor,
-                kl_reference: torch.Tensor | None, replay: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forwards with `delta` (A, d_model) added; returns (nll, kl, KL-prompt log-probs), per fact.
+                kl_reference: torch.Tensor | None, replay: bool = False) -> Losses:
+    """Forwards with `delta` (A, d_model) added; the loss terms per fact (`Losses`).
 
     Only the gathered positions go through the LM head (a pre-hook on it selects them),
     so a 128k vocabulary costs (targets x vocab), not (batch x length x vocab).
@@ -59,19 +72,31 @@ def fact_losses(model: nn.Module, layer: int, sels: list[Selection], delta: torc
     """
     n_active = delta.shape[0]
     nll = torch.zeros(n_active, device=delta.device)
+    margin = torch.full((n_active,), math.inf, device=delta.device)
     kl_parts, kl_owner = [], []
     for sel in sels:
         logp = _log_probs(model, layer, sel, delta, replay and sel.layer_out is not None)  # (E + K, V)
         n_targets = sel.labels.shape[0]
         token_lp = logp[:n_targets].gather(1, sel.labels.unsqueeze(1)).squeeze(1)  # (E,)
         nll = nll.index_add(0, sel.target_fact, -token_lp * sel.target_weight)
+        if n_targets:
+            margin = margin.scatter_reduce(0, sel.target_fact, _margins(logp[:n_targets].detach(), sel.labels),
+                                           "amin")
         kl_parts.append(logp[n_targets:])
         kl_owner.append(sel.kl_fact)
     order = torch.cat(kl_owner).argsort()
     kl_lp = torch.cat(kl_parts)[order]  # (A, V), row a = active fact a
     ref = kl_lp.detach() if kl_reference is None else kl_reference
     kl = (kl_lp.exp() * (kl_lp - ref)).sum(-1)  # KL(P_δ || P_0), (A,)
-    return nll, kl, kl_lp.detach()
+    return Losses(nll, kl, kl_lp.detach(), margin)
+
+
+def _margins(logp: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(label) - the best other token's log p, per row of `logp` (E, V): > 0 iff ranked first."""
+    top = logp.topk(2, dim=-1)  # (E, 2)
+    own = logp.gather(1, labels.unsqueeze(1)).squeeze(1)
+    best_other = torch.where(top.indices[:, 0] == labels, top.values[:, 1], top.values[:, 0])
+    return own - best_other
 
 
 def _log_probs(model: nn.Module, layer: int, sel: Selection, delta: torch.Tensor, replay: bool) -> torch.Tensor:
@@ -110,11 +135,12 @@ def optimize_residuals(model: nn.Module, layer: int, facts: list[FactTokens], h0
     """
     device = model_device(model)
     n, d_model = h0.shape
+    facts = optimised_templates(facts, config)
     batch = _prefix_cached_batch(model, layer, facts, pad_id, device, d_model)
     batch.record_layer(model, layer)
-    replay = True
     h0_norm = h0.float().norm(dim=-1).clamp_min(1e-6)  # (n,)
     scale = (h0_norm / math.sqrt(d_model)).unsqueeze(1)  # (n, 1): δ = scale · u
+    replay = _replay_reproduces(model, layer, batch, scale)
     u = torch.zeros(n, d_model, device=device, requires_grad=True)
     m, v = torch.zeros_like(u), torch.zeros_like(u)
     t = torch.zeros(n, dtype=torch.long, device=device)
@@ -127,18 +153,12 @@ def optimize_residuals(model: nn.Module, layer: int, facts: list[FactTokens], h0
         a = torch.tensor(active, device=device)
         u_a = u.index_select(0, a)  # (A, d) differentiable view of the active rows
         delta = scale[a] * u_a
-        if it == 0:  # first evaluation: δ = 0 gives P_0, and the replay is checked
-            probe = scale[a] * torch.randn(delta.shape, generator=torch.Generator().manual_seed(0)).to(device) / 2
-            nll, kl, kl_lp = _first_losses(model, layer, sel, delta, probe)
-            replay = kl_lp is not None
-            if not replay:
-                nll, kl, kl_lp = fact_losses(model, layer, sel, delta, None)
-            kl0 = kl_lp
-        else:
-            nll, kl, _ = fact_losses(model, layer, sel, delta, kl0[a], replay)
-        loss = total_loss(nll, kl, delta.norm(dim=-1), h0_norm[a], config)  # (A,)
+        out = fact_losses(model, layer, sel, delta, kl0[a] if it else None, replay)
+        if it == 0:  # δ = 0: the unedited distribution on the KL prompt
+            kl0 = out.kl_lp
+        loss = total_loss(out.nll, out.kl, delta.norm(dim=-1), h0_norm[a], config)  # (A,)
         final_loss[a] = loss.detach()
-        keep = loss.detach() >= config.early_stop_loss
+        keep = ~finished(loss.detach(), out.margin, config)
         if it == config.steps - 1 or not bool(keep.any()):
             break
         (grad,) = torch.autograd.grad(loss[keep].sum(), u)
@@ -152,58 +172,101 @@ def optimize_residuals(model: nn.Module, layer: int, facts: list[FactTokens], h0
     return ResidualResult(residuals, final_loss, t.clone())
 
 
+def optimised_templates(facts: list[FactTokens], config: BuildConfig) -> list[FactTokens]:
+    """The facts with only the templates δ is optimised under: the bare prompt and the first
+    `config.opt_prefixes` prefixed ones (keys always average over all of them)."""
+    if config.opt_prefixes is None:
+        return facts
+    return [dc_replace(f, rewrites=f.rewrites[: config.opt_prefixes + 1]) for f in facts]
+
+
+def finished(loss: torch.Tensor, margin: torch.Tensor, config: BuildConfig) -> torch.Tensor:
+    """Which facts stop: loss below `early_stop_loss`, or (with `stop_margin`) every target
+    token ranked first by `stop_margin` nats on every optimised template."""
+    done = loss < config.early_stop_loss
+    if config.stop_margin is not None:
+        done = done | (margin >= config.stop_margin)
+    return done
+
+
+# Facts of a batch on which the prefix cache and the replay are checked against whole
+# sequences through every block: whether they reproduce the model is a property of its
+# code, so a few rows with the longest and shortest prefix and suffix (padding on both
+# sides) show it as well as the whole batch, at a fraction of the cost.
+CHECK_ROWS = 4
+
+
+def _check_rows(facts: list[FactTokens]) -> list[int]:
+    pre = [f.rewrites[-1].subject_pos for f in facts]
+    suf = [len(f.rewrites[0].ids) - f.rewrites[0].subject_pos for f in facts]
+    idx = range(len(facts))
+    picks = [max(idx, key=pre.__getitem__), min(idx, key=pre.__getitem__), max(idx, key=suf.__getitem__),
+             min(idx, key=suf.__getitem__)]
+    return sorted(set(picks))[:CHECK_ROWS]
+
+
 def _prefix_cached_batch(model: nn.Module, layer: int, facts: list[FactTokens], pad_id: int,
                          device: torch.device, d_model: int) -> FactBatch:
     """The batch with its prefixes run once and cached, if that reproduces whole sequences on
-    this model (checked at δ = 0); else whole sequences, with a warning.
+    this model (checked at δ = 0 on a few rows); else whole sequences, with a warning.
 
-    The check costs one forward without gradients per batch. It exists because some
-    families' attention masks or caches (sliding-window layers, Gemma 2/3, OLMo 2/3 in
-    transformers 5.19) do not give the same numbers over a left-padded cached prefix.
+    The check costs one forward without gradients over a few facts per batch. It exists
+    because some families' attention masks or caches (sliding-window layers, Gemma 2/3,
+    OLMo 2/3 in transformers 5.19) do not give the same numbers over a left-padded cached
+    prefix.
     """
     split = FactBatch(facts, pad_id, device, split=True)
-    whole = FactBatch(facts, pad_id, device, split=False)
     if split.prefix_width == 0:
         return split
-    if not split.prefill(model):  # a cache layout this code does not know
-        return whole
-    everyone = list(range(len(facts)))
-    zero = torch.zeros(len(facts), d_model, device=device)
+    # The prefill only needs the cache: keep the LM head to one position (at 49k-152k
+    # vocabularies the logits of every prefix token cost more than the blocks do).
+    head = model.get_output_embeddings()
+    with hooks(head.register_forward_pre_hook(lambda m, args: (args[0][:, -1:], *args[1:]))):
+        cached = split.prefill(model)
+    if not cached:  # a cache layout this code does not know
+        return FactBatch(facts, pad_id, device, split=False)
+    rows = _check_rows(facts)
+    whole = FactBatch([facts[i] for i in rows], pad_id, device, split=False)
+    zero = torch.zeros(len(rows), d_model, device=device)
     with torch.no_grad():
-        nll, _, lp = fact_losses(model, layer, split.select(everyone), zero, None, replay=False)
-        ref_nll, _, ref_lp = fact_losses(model, layer, whole.select(everyone), zero, None, replay=False)
-    if torch.allclose(nll, ref_nll, rtol=1e-3, atol=1e-3) and torch.allclose(lp, ref_lp, rtol=1e-3, atol=1e-3):
+        got = fact_losses(model, layer, split.select(rows), zero, None, replay=False)
+        ref = fact_losses(model, layer, whole.select(list(range(len(rows)))), zero, None, replay=False)
+    if (torch.allclose(got.nll, ref.nll, rtol=1e-3, atol=1e-3)
+            and torch.allclose(got.kl_lp, ref.kl_lp, rtol=1e-3, atol=1e-3)):
         return split
     warnings.warn(f"nkv build: a cached prefix does not reproduce {type(model).__name__}'s whole-sequence "
                   "forward; running whole sequences (slower, same result)", stacklevel=3)
-    return whole
+    return FactBatch(facts, pad_id, device, split=False)
 
 
-def _first_losses(model: nn.Module, layer: int, sels: list[Selection], delta: torch.Tensor, probe: torch.Tensor):
-    """Losses through the replay path, if it reproduces the hooked full forward on this model;
-    else (None, None, None) and a warning.
+@torch.no_grad()
+def _replay_reproduces(model: nn.Module, layer: int, batch: FactBatch, scale: torch.Tensor) -> bool:
+    """Whether the replay path reproduces the hooked full forward on this model (checked on a
+    few rows); if not, a warning, and the caller runs all layers.
 
-    Checked at δ = 0 and at a random `probe` δ of about half ||h0||: replay adds δ to the
+    Checked at δ = 0 and at a random probe δ of about half ||h0||: replay adds δ to the
     block's output, which is right only where the FFN output reaches the residual stream
     unchanged. Families that normalise or scale it first (Gemma 2/3 and OLMo 2/3's
     post-FFN norm, Granite's residual multiplier) agree at δ = 0 and differ at any other δ.
     """
+    rows = _check_rows(batch.facts)
+    sel = batch.select(rows)
+    zero = torch.zeros(len(rows), scale.shape[1], device=scale.device)
+    probe = scale[rows] * torch.randn(zero.shape, generator=torch.Generator().manual_seed(0)).to(scale.device) / 2
     try:
-        nll, kl, kl_lp = fact_losses(model, layer, sels, delta, None, replay=True)
-        with torch.no_grad():
-            ref_nll, _, ref_lp = fact_losses(model, layer, sels, delta, None, replay=False)
-            probe_nll, _, _ = fact_losses(model, layer, sels, probe, None, replay=True)
-            probe_ref, _, _ = fact_losses(model, layer, sels, probe, None, replay=False)
-        ok = (torch.allclose(nll.detach(), ref_nll, rtol=1e-3, atol=1e-3)
-              and torch.allclose(kl_lp, ref_lp, rtol=1e-3, atol=1e-3)
-              and torch.allclose(probe_nll, probe_ref, rtol=1e-3, atol=1e-3))
+        same = []
+        for delta in (zero, probe):
+            got = fact_losses(model, layer, sel, delta, None, replay=True)
+            ref = fact_losses(model, layer, sel, delta, None, replay=False)
+            same.append(torch.allclose(got.nll, ref.nll, rtol=1e-3, atol=1e-3)
+                        and torch.allclose(got.kl_lp, ref.kl_lp, rtol=1e-3, atol=1e-3))
+        ok = all(same)
     except Exception:  # a model loop the stand-ins do not fit
         ok = False
-    if ok:
-        return nll, kl, kl_lp
-    warnings.warn(f"nkv build: replaying layer {layer} does not reproduce {type(model).__name__}'s forward; "
-                  "running all layers (slower, same result)", stacklevel=3)
-    return None, None, None
+    if not ok:
+        warnings.warn(f"nkv build: replaying layer {layer} does not reproduce {type(model).__name__}'s forward; "
+                      "running all layers (slower, same result)", stacklevel=3)
+    return ok
 
 
 @torch.no_grad()
