@@ -43,15 +43,19 @@ def _layer(value: str | None) -> int | str | None:
 @click.option("--gamma", default=DEFAULT_GAMMA, show_default=True, type=click.FloatRange(0, 1),
               help="Gate threshold stored in the adapter (cosine).")
 @click.option("--steps", type=click.IntRange(1),
-              help="Optimisation steps per fact [default: 25, GPT-2 20; 40 for models with d_model <= 256].")
+              help="Optimisation steps per fact at most [default: 12, stopping each fact once its target "
+                   "is top-1 by a margin; 40 for models with d_model <= 256; --preset previous: 25, GPT-2 20].")
 @click.option("--lr", type=click.FloatRange(0, min_open=True),
-              help="Adam step relative to ||h0|| [default: 0.2; 0.3 for d_model <= 256].")
+              help="Adam step relative to ||h0|| [default: 0.5; 0.3 for d_model <= 256; --preset previous: 0.2].")
 @click.option("--kl-factor", type=click.FloatRange(0), help="Weight of the KL term [default: 0.0625].")
 @click.option("--weight-decay", type=click.FloatRange(0), help="Weight of ||δ||/||h0|| [default: 0.01].")
 @click.option("--clamp", type=click.FloatRange(0, min_open=True),
               help="Max ||δ|| / ||h0|| [default: 0.75; 2 for d_model <= 256].")
 @click.option("--prefixes", "n_prefixes", type=click.IntRange(0), help="Generated context prefixes [default: 5].")
 @click.option("--batch-size", type=click.IntRange(1), help="Facts per forward/backward [default: 64].")
+@click.option("--preset", type=click.Choice(["default", "previous"]), default="default", show_default=True,
+              help="'previous': the build before the fast defaults (25 steps, loss-threshold stop), the "
+                   "reference the build benchmark compares against.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the context prefixes.")
@@ -62,7 +66,7 @@ def _layer(value: str | None) -> int | str | None:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def build(facts: Path, model_name: str, output: Path, layer: str | None, gamma: float, device: str, dtype: str,
-          seed: int, revision: str | None, name: str | None, skip_bad: bool, resume: bool, quiet: bool,
+          preset: str, seed: int, revision: str | None, name: str | None, skip_bad: bool, resume: bool, quiet: bool,
           as_json: bool, **options: Any) -> None:
     """Build an adapter for the facts in FACTS (.jsonl or .json; our schema, CounterFact or ZsRE).
 
@@ -89,7 +93,7 @@ def build(facts: Path, model_name: str, output: Path, layer: str | None, gamma: 
     model, tokenizer = load_model(model_name, revision=revision, device=device, dtype=dtype)
 
     overrides = {k: v for k, v in options.items() if v is not None}
-    config = default_config(model, seed=seed, **overrides)
+    config = default_config(model, preset=preset, seed=seed, **overrides)
     started = time.perf_counter()
     try:
         adapter = build_adapter(model, tokenizer, scan.facts, layer=layer_arg, gamma=gamma, config=config,
