@@ -44,6 +44,8 @@ def generate(prompts: tuple[str, ...], model_name: str, adapter_src: str, facts_
     from nkv.loaders.transformers import attach
     from nkv.resolve import resolve_adapter
 
+    if (paraphrases or neighborhood) and facts_path is None:
+        raise click.UsageError("--paraphrases and --neighborhood take their prompts from --facts FILE")
     adapter = resolve_adapter(adapter_src)
     # (prompt, expected answer or None, label shown after the edited answer)
     if prompts:

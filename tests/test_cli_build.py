@@ -139,3 +139,8 @@ def test_an_adapter_whose_edits_did_not_take_is_reported_loudly_with_the_fix(tmp
     adapter = NKVAdapter.load(out)
     assert adapter.build["self_check"]["efficacy"] == 0.0 and adapter.build["self_check"]["failed"] == ["dd", "ty"]
     assert "| build self-check | 0.0% of 2 edit prompts" in render_model_card(adapter, "alice/edits")
+
+
+def test_generate_prompt_options_need_a_facts_file(tmp_path, model_dir):
+    result = _run("generate", "--model", model_dir, "--adapter", tmp_path / "x.nkv", "--neighborhood")
+    assert result.exit_code == 2 and "take their prompts from --facts FILE" in result.output
