@@ -61,7 +61,7 @@ def render_model_card(
         _facts_section(adapter),
         _details_section(adapter, filename, base_id),
         _eval_section(adapter.eval),
-        _usage_section(repo_id, base_label, filename),
+        _usage_section(repo_id, base_label, filename, hub_id=base_id is not None),
     ]
     return "\n".join(p for p in parts if p)
 
@@ -151,9 +151,16 @@ def _eval_section(results: dict[str, Any]) -> str:
             + "\n".join(rows) + "\n")
 
 
-def _usage_section(repo_id: str, base_label: str, filename: str) -> str:
+def _usage_section(repo_id: str, base_label: str, filename: str, hub_id: bool = True) -> str:
     base = json.dumps(base_label)
     repo = json.dumps(repo_id)
+    if hub_id:
+        load = f"from transformers import AutoModelForCausalLM\n\nmodel = AutoModelForCausalLM.from_pretrained({base})"
+        served = base
+    else:  # a local folder, a .gguf file or a packaged model: NKV's loader reads all three
+        load = f"from nkv.loaders.models import load_model\n\nmodel, tokenizer = load_model({base})"
+        served = f"model_source({base})"
+    vllm_import = "" if hub_id else "from nkv.loaders.gguf import model_source\n"
     return f"""## How to use
 
 ```bash
@@ -163,10 +170,8 @@ pip install "nkv[hub]"
 transformers:
 
 ```python
-from transformers import AutoModelForCausalLM
 from nkv import load_nkv_adapter
-
-model = AutoModelForCausalLM.from_pretrained({base})
+{load}
 handle = load_nkv_adapter(model, {repo})   # downloads, validates, checks the fingerprint
 # ... generate as usual; handle.detach() restores the original model
 ```
@@ -175,8 +180,8 @@ vLLM:
 
 ```python
 from vllm import LLM
-
-llm = LLM(model={base}, additional_config={{"nkv": {{"adapter": {repo}}}}})
+{vllm_import}
+llm = LLM(model={served}, additional_config={{"nkv": {{"adapter": {repo}}}}})
 ```
 
 Command line: `nkv pull {repo_id} -o ./edits` downloads `{filename}`; `nkv inspect ./edits/{filename}` lists its facts.

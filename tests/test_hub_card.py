@@ -34,6 +34,13 @@ def test_local_path_base_is_not_declared_as_base_model_unless_overridden():
     assert hub_base_model(small_adapter(base_name="../x")) is None
 
 
+def test_a_gguf_or_packaged_base_gets_snippets_that_load_it():
+    for name in ("smollm2-135m", "./SmolLM2-135M-Instruct.Q4_1.gguf"):
+        card = render_model_card(small_adapter(base_name=name), "alice/edits")
+        assert f'load_model("{name}")' in card and f'LLM(model=model_source("{name}")' in card
+        assert "from_pretrained" not in card  # from_pretrained cannot read a packaged name
+
+
 def test_body_lists_facts_details_and_loading_snippets():
     adapter = small_adapter(n_facts=3)
     card = render_model_card(adapter, "alice/edits")
