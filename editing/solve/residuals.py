@@ -210,8 +210,8 @@ def _prefix_cached_batch(model: nn.Module, layer: int, facts: list[FactTokens], 
     """The batch with its prefixes run once and cached, if that reproduces whole sequences on
     this model (checked at δ = 0 on a few rows); else whole sequences, with a warning.
 
-    The check costs one forward without gradients over a few facts per batch. It exists
-    because some families' attention masks or caches (sliding-window layers, Gemma 2/3,
+    The check costs two forwards without gradients (cached and whole) over a few facts per
+    batch. It exists because some families' attention masks or caches (sliding-window layers, Gemma 2/3,
     OLMo 2/3 in transformers 5.19) do not give the same numbers over a left-padded cached
     prefix.
     """

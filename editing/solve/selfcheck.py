@@ -32,8 +32,8 @@ def self_check(model: nn.Module, tokenizer: Any, adapter: NKVAdapter) -> dict[st
     "first_token": share whose first target token is top-1, "n_checked", "failed": up to
     10 ids that did not take, "protocol"}.
     """
-    step = max(1, adapter.n_facts // SAMPLE)
-    facts = adapter.facts[::step][:SAMPLE]
+    n, k = adapter.n_facts, min(adapter.n_facts, SAMPLE)
+    facts = [adapter.facts[i * n // k] for i in range(k)]  # evenly spread over the whole adapter
     handle = attach(model, adapter)
     try:
         scores = score_pairs(model, tokenizer, [(f.prompt, f.target_new) for f in facts])
