@@ -35,6 +35,17 @@ def key_inverse_norms(keys: torch.Tensor) -> torch.Tensor:
     return torch.where(norms > 0, 1.0 / norms.clamp_min(1e-30), torch.zeros_like(norms))
 
 
+def unit_rows(x: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
+    """x / ||x|| per row, in float32; 0 for all-zero rows. `sq_norm` (T,) is the full-width
+    squared norm (all-reduced under tensor parallelism, so a rank scales its slice by it).
+
+    Normalising *before* the product in the keys' dtype keeps every dot product within
+    ||K_i||, whatever the activation's scale: real models' "massive activations" (x400)
+    overflowed fp16 products to inf and fired the gate on unrelated tokens.
+    """
+    return x.float() * torch.rsqrt(sq_norm.clamp_min(1e-24)).unsqueeze(-1)  # (T, d_key)
+
+
 def nkv_gate(
     k: torch.Tensor,
     keys: torch.Tensor,
@@ -83,19 +94,18 @@ def nkv_gate(
 
     best = torch.full((x.shape[0],), float("-inf"), dtype=torch.float32, device=k.device)
     best_idx = torch.zeros(x.shape[0], dtype=torch.int64, device=k.device)
-    x_c = x.to(keys.dtype)
+    x_c = unit_rows(x, sq_norm).to(keys.dtype)  # (T, d_key) unit rows: no fp16 overflow
     for start in range(0, n_facts, fact_chunk):
         dots = (x_c @ keys[start : start + fact_chunk].T).float()  # (T, chunk)
         if all_reduce is not None:
             dots = _reduced(all_reduce, dots)
-        # cos up to the row's 1/||k||, which does not change the argmax
-        scaled = dots * key_inv_norms[start : start + fact_chunk]  # (T, chunk)
+        scaled = dots * key_inv_norms[start : start + fact_chunk]  # (T, chunk) cosines
         chunk_best, chunk_idx = scaled.max(dim=-1)  # (T,), first index on ties
         better = chunk_best > best  # strict: earlier chunks win ties, like one argmax
         best = torch.where(better, chunk_best, best)
         best_idx = torch.where(better, chunk_idx + start, best_idx)
 
-    score = best * torch.rsqrt(sq_norm.clamp_min(1e-24))  # (T,) cosine
+    score = best.clamp(-1.0, 1.0)  # (T,) rounding may leave |cos| a hair above 1
     fired = score > gamma
     rows = residuals.index_select(0, best_idx)  # (T, d_model)
     delta = rows * fired.unsqueeze(-1).to(rows.dtype)

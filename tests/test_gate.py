@@ -67,11 +67,35 @@ def test_all_reduce_over_column_slices_equals_full_computation():
 
     def run_rank(r):
         other = halves[1 - r]
+        unit = k / k.norm(dim=-1, keepdim=True)  # the other rank scales its slice by the reduced norm
+
         def all_reduce(t):  # simulate: add the other rank's identical partial computation
-            return t + (k[:, other].float().pow(2).sum(-1) if t.dim() == 1 else (k[:, other] @ keys[:, other].T).float())
+            return t + (k[:, other].float().pow(2).sum(-1) if t.dim() == 1 else (unit[:, other] @ keys[:, other].T).float())
         return nkv_gate(k[:, halves[r]], keys[:, halves[r]], inv, residuals, torch.tensor(0.65), all_reduce=all_reduce)
 
     for r in (0, 1):
         res = run_rank(r)
         assert torch.equal(res.index, full.index) and torch.equal(res.fired, full.fired)
         assert torch.allclose(res.score, full.score, atol=1e-6)
+
+
+def test_massive_activation_in_fp16_does_not_overflow_the_gate():
+    # Issue 14: a key at cosine 0.3 to its token must not fire at gamma 0.65. Scaled x400
+    # (real models' "massive activations"), the fp16 dot product used to overflow to inf
+    # and fire. Every score must stay in [-1, 1] whatever the activation's scale and dtype.
+    d = 64
+    g = torch.Generator().manual_seed(3)
+    key = torch.randn(d, generator=g)
+    key = key / key.norm() * 40.0
+    ortho = torch.randn(d, generator=g)
+    ortho = ortho - (ortho @ key) / (key @ key) * key
+    k = 0.3 * key / key.norm() + (1 - 0.3**2) ** 0.5 * ortho / ortho.norm()  # cos(k, key) = 0.3
+    keys, residuals = key.unsqueeze(0), torch.ones(1, 8)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for scale in (1.0, 400.0, 1000.0):
+            x = (k * scale * 40).to(dtype).unsqueeze(0)  # |x| up to 40,000; elements stay finite in fp16
+            assert torch.isfinite(x).all()
+            res = nkv_gate(x, keys.to(dtype), key_inverse_norms(keys), residuals.to(dtype), torch.tensor(0.65))
+            assert not res.fired.any(), (dtype, scale)
+            assert torch.isfinite(res.score).all() and res.score.abs().max() <= 1.0, (dtype, scale, res.score)
+            assert abs(float(res.score[0]) - 0.3) < 0.02, (dtype, scale, res.score)
