@@ -11,6 +11,7 @@ import json
 import os
 import struct
 import sys
+from collections import Counter
 from dataclasses import dataclass, field, replace as dc_replace
 from pathlib import Path
 from typing import Any, Iterable, Literal
@@ -242,9 +243,14 @@ class NKVAdapter:
         build = {k: v for k, v in self.build.items() if k != "self_check"} if isinstance(self.build, dict) else self.build
         return dc_replace(self, facts=list(facts), keys=keys, residuals=residuals, build=build)
 
+    def positions(self) -> dict[str, int]:
+        """fact id -> row, built in one pass (row operations look ids up here, never by scan)."""
+        return {f.id: r for r, f in enumerate(self.facts)}
+
     def select(self, ids: Iterable[str]) -> "NKVAdapter":
-        """A new adapter with only the facts `ids`, in the given order."""
-        rows = [self.index_of(i) for i in ids]
+        """A new adapter with only the facts `ids`, in the given order (KeyError for an unknown id)."""
+        position = self.positions()
+        rows = [position[i] for i in ids]
         idx = torch.tensor(rows, dtype=torch.long)
         return self._with_rows([self.facts[r] for r in rows], self.keys[idx], self.residuals[idx])
 
@@ -259,42 +265,40 @@ class NKVAdapter:
         different rows is a conflict: "error" raises, "ours" keeps the existing row,
         "theirs" replaces it in place. An exact duplicate (same record, same rows) is
         skipped under every policy, so merging an adapter with a copy of itself is a no-op.
+
+        O(n + m) for n rows here and m new ones: ids are looked up in a dict and the rows
+        of the ids present in both are compared in one vectorised pass.
         """
         if keys.shape != (len(facts), self.base.d_key) or residuals.shape != (len(facts), self.base.d_model):
             raise NKVCompatibilityError(
                 f"add: expected keys [{len(facts)}, {self.base.d_key}] and residuals "
                 f"[{len(facts)}, {self.base.d_model}], got {list(keys.shape)} and {list(residuals.shape)}")
-        new_ids = [f.id for f in facts]
-        dup_in_new = {i for i in new_ids if new_ids.count(i) > 1}
+        counts = Counter(f.id for f in facts)
+        dup_in_new = [i for i, c in counts.items() if c > 1]
         if dup_in_new:
             raise NKVConflictError(f"add: fact ids repeated in the new rows: {sorted(dup_in_new)[:5]}")
-        position = {f.id: r for r, f in enumerate(self.facts)}
+        position = self.positions()
         keys = keys.to(self.keys.dtype)
         residuals = residuals.to(self.residuals.dtype)
-
-        def identical(r: int) -> bool:
-            p = position[facts[r].id]
-            return (self.facts[p] == facts[r] and torch.equal(self.keys[p], keys[r])
-                    and torch.equal(self.residuals[p], residuals[r]))
-
-        clashes = [f.id for r, f in enumerate(facts) if f.id in position and not identical(r)]
+        shared = [r for r, f in enumerate(facts) if f.id in position]  # rows of `facts` already present
+        mine = [position[facts[r].id] for r in shared]  # their rows here
+        same = _same_rows(self.keys, self.residuals, mine, keys, residuals, shared)  # (len(shared),) bool
+        clashes = [facts[r].id for r, ok in zip(shared, same) if not (ok and self.facts[position[facts[r].id]] == facts[r])]
         if clashes and on_conflict == "error":
             raise NKVConflictError(
                 f"add: {len(clashes)} fact id(s) already in the adapter, e.g. {clashes[:3]}; "
                 "use replace, or on_conflict='ours'/'theirs' (CLI: --on-conflict)")
         out_facts = list(self.facts)
-        out_keys = self.keys.clone()
-        out_res = self.residuals.clone()
-        append = []
-        for r, fact in enumerate(facts):
-            if fact.id in position:
-                if on_conflict == "theirs":
-                    p = position[fact.id]
-                    out_facts[p] = fact
-                    out_keys[p] = keys[r]
-                    out_res[p] = residuals[r]
-            else:
-                append.append(r)
+        out_keys, out_res = self.keys, self.residuals
+        if on_conflict == "theirs" and shared:
+            # overwriting an exact duplicate changes nothing, so every shared row is copied
+            dst, src = torch.tensor(mine, dtype=torch.long), torch.tensor(shared, dtype=torch.long)
+            out_keys, out_res = self.keys.clone(), self.residuals.clone()
+            out_keys[dst] = keys[src]
+            out_res[dst] = residuals[src]
+            for p, r in zip(mine, shared):
+                out_facts[p] = facts[r]
+        append = [r for r, f in enumerate(facts) if f.id not in position]
         idx = torch.tensor(append, dtype=torch.long)
         return self._with_rows(
             out_facts + [facts[r] for r in append],
@@ -304,7 +308,8 @@ class NKVAdapter:
 
     def replace(self, facts: list[Fact], keys: torch.Tensor, residuals: torch.Tensor) -> "NKVAdapter":
         """Overwrite existing facts (matched by id) with new rows; every id must exist."""
-        missing = [f.id for f in facts if f.id not in set(self.ids)]
+        position = self.positions()
+        missing = [f.id for f in facts if f.id not in position]
         if missing:
             raise NKVConflictError(f"replace: fact id(s) not in the adapter: {missing[:5]}; use add for new facts")
         return self.add(facts, keys, residuals, on_conflict="theirs")
@@ -314,7 +319,7 @@ class NKVAdapter:
     ) -> "NKVAdapter":
         """Drop facts by id and/or by subject (exact match). Unknown ids raise unless missing_ok."""
         ids, subjects = set(ids), set(subjects)
-        unknown = ids - set(self.ids)
+        unknown = ids - self.positions().keys()
         unknown_subjects = subjects - {f.subject for f in self.facts}
         if (unknown or unknown_subjects) and not missing_ok:
             what = [f"id {i!r}" for i in sorted(unknown)[:5]] + [f"subject {s!r}" for s in sorted(unknown_subjects)[:5]]
@@ -363,20 +368,19 @@ class NKVAdapter:
         `settings` maps each differing setting to (ours, theirs); the base fingerprint
         counts as differing only when it does not match within tolerance.
         """
-        mine = {f.id: r for r, f in enumerate(self.facts)}
-        theirs = {f.id: r for r, f in enumerate(other.facts)}
-        changed = []
-        for fid in mine.keys() & theirs.keys():
-            a, b = mine[fid], theirs[fid]
-            same_rows = (self.keys.shape[1:] == other.keys.shape[1:]
-                         and torch.equal(self.keys[a].float(), other.keys[b].float())
-                         and torch.equal(self.residuals[a].float(), other.residuals[b].float()))
-            if self.facts[a] != other.facts[b] or not same_rows:
-                changed.append(fid)
+        mine, theirs = self.positions(), other.positions()
+        common = [fid for fid in mine if fid in theirs]  # in this adapter's row order
+        a_rows, b_rows = [mine[i] for i in common], [theirs[i] for i in common]
+        if self.keys.shape[1:] == other.keys.shape[1:]:
+            same = _same_rows(self.keys, self.residuals, a_rows, other.keys, other.residuals, b_rows)
+        else:
+            same = [False] * len(common)
+        changed = [fid for fid, a, b, ok in zip(common, a_rows, b_rows, same)
+                   if not ok or self.facts[a] != other.facts[b]]
         return AdapterDiff(
             added=[f.id for f in other.facts if f.id not in mine],
             removed=[f.id for f in self.facts if f.id not in theirs],
-            changed=sorted(changed, key=lambda i: mine[i]),
+            changed=changed,
             settings={k: (v1, v2) for k, v1, v2 in (
                 ("layer", self.layer, other.layer), ("gamma", self.gamma, other.gamma),
                 ("base.name", self.base.name, other.base.name),
@@ -390,6 +394,21 @@ class NKVAdapter:
     def to(self, dtype: torch.dtype) -> "NKVAdapter":
         """Same adapter with keys and residuals stored in `dtype` (F32, F16 or BF16)."""
         return dc_replace(self, keys=self.keys.to(dtype), residuals=self.residuals.to(dtype))
+
+
+def _same_rows(keys_a: torch.Tensor, res_a: torch.Tensor, rows_a: list[int],
+               keys_b: torch.Tensor, res_b: torch.Tensor, rows_b: list[int]) -> list[bool]:
+    """Per pair (rows_a[i], rows_b[i]): are the K1 and R1 rows equal, compared in float32?
+    One vectorised pass, in blocks of at most ~16M values (values are finite: V8)."""
+    out: list[bool] = []
+    block = max(1, 2**24 // max(1, keys_a.shape[1] + res_a.shape[1]))
+    for start in range(0, len(rows_a), block):
+        ia = torch.tensor(rows_a[start:start + block], dtype=torch.long)
+        ib = torch.tensor(rows_b[start:start + block], dtype=torch.long)
+        eq = ((keys_a[ia].float() == keys_b[ib].float()).all(-1)
+              & (res_a[ia].float() == res_b[ib].float()).all(-1))  # (block,)
+        out.extend(eq.tolist())
+    return out
 
 
 def _raw_bytes(t: torch.Tensor) -> memoryview:

@@ -1,0 +1,110 @@
+"""Row operations at O(n): the dict/vectorised implementations against a plain reference.
+
+`_reference_add` and `_reference_diff` restate spec §9 the obvious way (per-row scans and
+comparisons, as the 1.0 implementation did); random adapters with overlapping ids, exact
+duplicates, changed records and changed rows must give identical results (or the same
+error) under every conflict policy. Timings at 200k rows are in benchmarks/scale/README.md.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from nkv import Fact, NKVConflictError
+from test_format import D_KEY, D_MODEL, make
+
+
+def _reference_add(a, facts, keys, residuals, on_conflict):
+    ids = [f.id for f in facts]
+    if len(set(ids)) != len(ids):
+        raise NKVConflictError("repeated")
+    keys, residuals = keys.to(a.keys.dtype), residuals.to(a.residuals.dtype)
+    out = [(f, a.keys[i], a.residuals[i]) for i, f in enumerate(a.facts)]
+    for r, f in enumerate(facts):
+        hit = [i for i, (g, _, _) in enumerate(out) if g.id == f.id]
+        if not hit:
+            out.append((f, keys[r], residuals[r]))
+            continue
+        g, k, v = out[hit[0]]
+        identical = g == f and torch.equal(k, keys[r]) and torch.equal(v, residuals[r])
+        if not identical and on_conflict == "error":
+            raise NKVConflictError("conflict")
+        if on_conflict == "theirs":
+            out[hit[0]] = (f, keys[r], residuals[r])
+    return [o[0] for o in out], torch.stack([o[1] for o in out]), torch.stack([o[2] for o in out])
+
+
+def _reference_diff(a, b):
+    mine = {f.id: i for i, f in enumerate(a.facts)}
+    theirs = {f.id: i for i, f in enumerate(b.facts)}
+    changed = [f.id for f in a.facts if f.id in theirs and (
+        f != b.facts[theirs[f.id]] or not torch.equal(a.keys[mine[f.id]].float(), b.keys[theirs[f.id]].float())
+        or not torch.equal(a.residuals[mine[f.id]].float(), b.residuals[theirs[f.id]].float()))]
+    return ([f.id for f in b.facts if f.id not in mine], [f.id for f in a.facts if f.id not in theirs], changed)
+
+
+def _random_case(rng: random.Random):
+    pool = [f"f{i}" for i in range(12)]
+    a = make(rng.sample(pool, rng.randint(1, 8)), salt=0)
+    new_ids = rng.sample(pool, rng.randint(0, 8))
+    b = make(new_ids, salt=0)
+    facts, keys, res = list(b.facts), b.keys.clone(), b.residuals.clone()
+    for r in range(len(new_ids)):  # perturb some rows: a changed record, key or residual
+        what = rng.choice(["same", "same", "record", "key", "residual"])
+        if what == "record":
+            f = facts[r]
+            facts[r] = Fact(id=f.id, subject=f.subject, prompt=f.prompt, target_new=f.target_new + "!")
+        elif what == "key":
+            keys[r, rng.randrange(D_KEY)] += 1.0
+        elif what == "residual":
+            res[r, rng.randrange(D_MODEL)] -= 1.0
+    return a, facts, keys, res
+
+
+@pytest.mark.parametrize("policy", ["error", "ours", "theirs"])
+def test_add_and_merge_match_the_reference(policy: str) -> None:
+    rng = random.Random(policy)
+    for _ in range(150):
+        a, facts, keys, res = _random_case(rng)
+        try:
+            want = _reference_add(a, facts, keys, res, policy)
+        except NKVConflictError:
+            with pytest.raises(NKVConflictError):
+                a.add(facts, keys, res, on_conflict=policy)
+            continue
+        got = a.add(facts, keys, res, on_conflict=policy)
+        assert got.facts == want[0]
+        assert torch.equal(got.keys, want[1]) and torch.equal(got.residuals, want[2])
+        other = make([], salt=0).add(facts, keys, res)
+        merged = a.merge(other, on_conflict=policy)
+        assert merged.facts == want[0] and torch.equal(merged.keys, want[1])
+
+
+def test_diff_select_remove_match_the_reference() -> None:
+    rng = random.Random(7)
+    for _ in range(150):
+        a, facts, keys, res = _random_case(rng)
+        b = make([], salt=0).add(facts, keys, res)
+        d = a.diff(b)
+        assert (d.added, d.removed, d.changed) == _reference_diff(a, b)
+        ids = rng.sample(a.ids, rng.randint(0, a.n_facts))
+        sel = a.select(ids)
+        assert sel.ids == ids
+        assert torch.equal(sel.keys, a.keys[[a.ids.index(i) for i in ids]] if ids else a.keys[:0])
+        kept = a.remove(ids=ids)
+        assert kept.ids == [i for i in a.ids if i not in ids]
+        assert torch.equal(kept.residuals, a.residuals[[a.ids.index(i) for i in kept.ids]] if kept.ids
+                           else a.residuals[:0])
+    with pytest.raises(KeyError):
+        make(["a"]).select(["zz"])
+
+
+def test_add_compares_rows_in_the_adapters_dtype() -> None:
+    a = make(["a", "b"]).to(torch.bfloat16)
+    same = a.add(a.facts, a.keys.float(), a.residuals.float())  # fp32 copies of bf16 rows: duplicates
+    assert same.ids == ["a", "b"]
+    with pytest.raises(NKVConflictError, match="already in the adapter"):
+        a.add(a.facts[:1], a.keys[:1].float() + 1, a.residuals[:1].float())
