@@ -61,14 +61,16 @@ def _layer(value: str | None) -> int | str | None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the context prefixes.")
 @click.option("--revision", help="Hub revision (branch, tag or commit) of the model.")
 @click.option("--name", help="Base-model name recorded in the adapter [default: --model as given].")
-@click.option("--skip-bad", is_flag=True, help="Skip bad fact records (listed on stderr) instead of failing.")
+@click.option("--skip-bad", is_flag=True, help="Skip bad fact records (summarised on stderr) instead of failing.")
+@click.option("--report", "report_path", type=_OUT, metavar="FILE",
+              help="Write every bad fact record (where and why, one per line) to FILE.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted build from OUTPUT.partial/.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def build(facts: Path, model_name: str, output: Path, layer: str | None, gamma: float, device: str, dtype: str,
-          preset: str, seed: int, revision: str | None, name: str | None, skip_bad: bool, resume: bool, quiet: bool,
-          as_json: bool, **options: Any) -> None:
-    """Build an adapter for the facts in FACTS (.jsonl or .json; our schema, CounterFact or ZsRE).
+          preset: str, seed: int, revision: str | None, name: str | None, skip_bad: bool, report_path: Path | None,
+          resume: bool, quiet: bool, as_json: bool, **options: Any) -> None:
+    """Build an adapter for the facts in FACTS (.jsonl or .json; our schema, CounterFact, ZsRE or KnowEdit).
 
     \b
     nkv build examples/factworld/quickstart.jsonl --model examples/factworld/models/llama -o q.nkv
@@ -81,12 +83,7 @@ def build(facts: Path, model_name: str, output: Path, layer: str | None, gamma: 
 
     layer_arg = _layer(layer)
     scan = scan_facts(facts)
-    for problem in scan.problems:
-        click.echo(("skipped: " if skip_bad else "") + problem, err=True)
-    if scan.problems and not skip_bad:
-        raise NKVError(f"{facts}: {len(scan.problems)} bad record(s) (listed above); fix them or pass --skip-bad")
-    if not scan.facts:
-        raise NKVError(f"{facts}: no usable fact records")
+    check_bad_records(scan, report_path, skip_bad)
     partial = Checkpoint(output.with_name(output.name + ".partial"))
     partial.require_resume(resume)  # before the model load it would waste
 
@@ -125,6 +122,23 @@ def build(facts: Path, model_name: str, output: Path, layer: str | None, gamma: 
                "with the adapter attached (teacher-forced, every target token top-1)")
 
 
+def check_bad_records(scan: Any, report_path: Path | None, skip_bad: bool) -> None:
+    """Summarise a facts file's bad records on stderr (a few lines however many), write them all to
+    `report_path`, and stop unless `skip_bad` (or when no good record is left)."""
+    if report_path is not None:
+        scan.write_report(report_path)
+        if scan.bad:
+            click.echo(f"wrote {report_path}: {len(scan.bad)} bad record(s)", err=True)
+    if scan.bad:
+        click.echo(("skipped: " if skip_bad else "") + scan.summary(), err=True)
+    if scan.bad and not skip_bad:
+        where = f"all listed in {report_path}" if report_path else "all of them: --report FILE"
+        raise NKVError(f"{scan.source}: {len(scan.bad)} bad record(s) (summary above; {where}); "
+                       "fix them or pass --skip-bad")
+    if not scan.facts:
+        raise NKVError(f"{scan.source}: no usable fact records")
+
+
 def _rate(n: int, seconds: float) -> str:
     per_second = n / max(seconds, 1e-9)
     return f"{per_second:.1f} facts/s" if per_second >= 1 else f"{seconds / max(n, 1):.1f} s/fact"
@@ -141,4 +155,4 @@ def low_efficacy_warning(check: dict[str, Any], layer: int, mode: str) -> str:
             f"Not taken, e.g.: {failed}.\n")
 
 
-__all__ = ["build", "low_efficacy_warning"]
+__all__ = ["build", "low_efficacy_warning", "check_bad_records"]

@@ -21,7 +21,10 @@ from nkv.errors import NKVError
                    "packaged model (smollm2-135m, gemma3-270m).")
 @click.option("--adapter", "adapter_src", required=True, metavar="FILE|ORG/NAME", help="The .nkv adapter.")
 @click.option("--data", "data_path", required=True, metavar="FILE",
-              help="Facts to evaluate: our JSONL, CounterFact (EasyEdit or ROME shape) or ZsRE records.")
+              help="Facts to evaluate: our JSONL, CounterFact (EasyEdit or ROME shape), ZsRE or KnowEdit records.")
+@click.option("--skip-bad", is_flag=True, help="Skip bad records of DATA (summarised on stderr) instead of failing.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Write every bad record of DATA (where and why, one per line) to FILE.")
 @click.option("--unrelated", "unrelated_path", metavar="FILE",
               help="Text unrelated to the edits, one passage per line, for false fires "
                    "(default: text sampled from the unedited model).")
@@ -44,7 +47,8 @@ from nkv.errors import NKVError
               help="Write the gate's cosine histogram (positives vs unrelated tokens, γ marked).")
 @click.option("--write-back", is_flag=True,
               help="Store the summary in the adapter file's nkv.eval metadata (atomic rewrite); model cards show it.")
-def evaluate(model_name: str, adapter_src: str, data_path: str, unrelated_path: str | None,
+def evaluate(model_name: str, adapter_src: str, data_path: str, skip_bad: bool, report_path: Path | None,
+             unrelated_path: str | None,
              true_facts_path: str | None, limit: int | None, protocol: str | None, batch_size: int,
              device: str | None, dtype: str, revision: str | None, no_free_gen: bool, fluency_prompts: int, as_json: bool, plot_path: Path | None,
              write_back: bool) -> None:
@@ -56,7 +60,8 @@ def evaluate(model_name: str, adapter_src: str, data_path: str, unrelated_path: 
              --unrelated examples/factworld/generic.txt --plot gate.png
     nkv eval --model gpt2-xl --adapter cf.nkv --data counterfact-edit.json --limit 1000 --json
     """
-    from nkv.facts_io import read_facts
+    from nkv.cli.build import check_bad_records
+    from nkv.facts_io import scan_facts
     from nkv.loaders.models import load_model
     from nkv.resolve import resolve_adapter
 
@@ -64,7 +69,9 @@ def evaluate(model_name: str, adapter_src: str, data_path: str, unrelated_path: 
     if write_back and not Path(adapter_src).is_file():
         raise NKVError(f"--write-back rewrites a local .nkv file, but {adapter_src!r} is not one; "
                        "download it first (`nkv pull ... -o DIR`) and pass the file")
-    facts = read_facts(data_path)[:limit]
+    scan = scan_facts(data_path)
+    check_bad_records(scan, report_path, skip_bad)
+    facts = scan.facts[:limit]
     unrelated = _read_lines(unrelated_path) if unrelated_path else None
     true_facts = None
     if true_facts_path:

@@ -1,4 +1,4 @@
-"""Reading the facts a user wants to edit in: our JSONL schema and three benchmark shapes.
+"""Reading the facts a user wants to edit in: our JSONL schema and the benchmarks' shapes.
 
 Torch-free, so `nkv build --help` style checks and validation stay cheap.
 
@@ -14,6 +14,8 @@ Our schema: one JSON object per line (a `.json` file holding a list also works):
      "paraphrases": ["{} speaks"],                     # optional, for evaluation ("{}" or literal)
      "neighborhood": [{"prompt": "Michel Rocard is a native speaker of",
                        "target": "French"}],           # optional, for evaluation
+     "portability": [{"prompt": "The language of the country Danielle Darrieux was born in is",
+                      "target": "French", "kind": "Reasoning"}],  # optional, for evaluation
      "tags": ["language"]}                             # optional, kept in provenance
 
 Benchmark records are recognised by their fields and taken as they are:
@@ -24,9 +26,20 @@ Benchmark records are recognised by their fields and taken as they are:
   target_true.str}, paraphrase_prompts, neighborhood_prompts`); a neighbourhood prompt's
   expected answer is the old target;
 * ZsRE (`subject, src, alt, answers, rephrase, loc, loc_ans`): the new target is `alt`,
-  the old one `answers[0]`; the neighbourhood prompt is `loc + "?"` as in ROME's code.
+  the old one `answers[0]`; the neighbourhood prompt is `loc + "?"` as in ROME's code;
+* KnowEdit (EasyEdit's benchmark: ZsRE, WikiData_counterfact, WikiData_recent) records,
+  `subject, prompt, target_new`, optional `ground_truth` (a string, a list of answers, or a
+  list of alias lists), `rephrase_prompt`, and `portability` / `locality` as objects that
+  map a kind (`Reasoning`, `Subject_Aliasing`, `Relation_Specificity`, ...) to a list of
+  `{prompt, ground_truth}` items, or to one `{prompt: [...], ground_truth: [...]}` of
+  parallel lists (EasyEdit's `edit()` input). Locality prompts become the neighbourhood,
+  portability prompts the portability questions; where a ground truth lists several
+  answers or aliases, the first is the one scored, as EasyEdit does;
+* KnowEdit WikiBio (`text, labels, concept, locality`): the subject is `concept`, the
+  prompt `text`, the new target `labels`.
 
 Ids come from `id` (ours), `case_id` (CounterFact) or the record's 1-based position.
+Fields a shape does not use (ZsRE's `cond`, for one) are ignored.
 The first occurrence of the subject in the prompt is the one edited.
 """
 
@@ -34,16 +47,15 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from .errors import NKVFactsError
 from .facts import Fact
 
-MAX_REPORTED = 20  # problems shown in one error; enough to fix a file in one pass
-
-OUR_FIELDS = ("id", "subject", "prompt", "target_new", "target_true", "paraphrases", "neighborhood", "tags")
+OUR_FIELDS = ("id", "subject", "prompt", "target_new", "target_true", "paraphrases", "neighborhood", "portability",
+              "tags")
 
 
 @dataclass(frozen=True)
@@ -54,15 +66,50 @@ class FactInput:
     paraphrases: list[str] = field(default_factory=list)
     neighborhood: list[tuple[str, str]] = field(default_factory=list)  # (prompt, expected answer)
     tags: list[str] = field(default_factory=list)
+    # (kind, prompt, answer): questions whose answer follows from the edit (KnowEdit's
+    # portability: reasoning / multi-hop, subject aliases, logical generalization)
+    portability: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    """One bad record: where it is ("line 3", "record 7") and what is wrong with it."""
+
+    where: str
+    reason: str
 
 
 @dataclass(frozen=True)
 class FactsScan:
-    """Everything `scan_facts` found: the good facts and one message per bad record."""
+    """Everything `scan_facts` found: the good facts and every bad record."""
 
     source: str
     facts: list[FactInput]
-    problems: list[str]
+    bad: list[BadRecord]
+
+    @property
+    def problems(self) -> list[str]:
+        """One message per bad record: "FILE: WHERE: REASON"."""
+        return [f"{self.source}: {b.where}: {b.reason}" for b in self.bad]
+
+    def summary(self, groups: int = 5) -> str:
+        """A few lines for many bad records: the most common reasons, counted, with where.
+
+        Records that fail the same way (a KnowEdit file read by an older shape: every
+        record's `ground_truth` a list) collapse into one line; `write_report` lists all.
+        """
+        return problems_summary(self.source, self.bad, len(self.facts), groups)
+
+    def write_report(self, path: str | os.PathLike) -> Path:
+        """Write every bad record, one "WHERE: REASON" line each, to `path`; returns the path."""
+        path = Path(path)
+        text = "".join(f"{b.where}: {b.reason}\n" for b in self.bad)
+        try:
+            path.write_text(f"# {self.source}: {len(self.bad)} bad record(s), {len(self.facts)} good\n" + text,
+                            encoding="utf-8")
+        except OSError as exc:
+            raise NKVFactsError(f"{path}: cannot write the bad-record report ({exc.strerror or exc})") from None
+        return path
 
 
 class _Bad(Exception):
@@ -86,11 +133,12 @@ def read_facts(path: str | os.PathLike, *, skip_bad: bool = False) -> list[FactI
     ('The mother tongue of Danielle Darrieux is', 'English')
     """
     scan = scan_facts(path)
-    if scan.problems and not skip_bad:
-        raise NKVFactsError(_summary(scan.source, scan.problems, len(scan.facts)))
+    if scan.bad and not skip_bad:
+        raise NKVFactsError(scan.summary() + "\nFix them or pass --skip-bad (skip_bad=True); "
+                            "--report FILE (FactsScan.write_report) lists them all")
     if not scan.facts:
         raise NKVFactsError(f"{scan.source}: no usable fact records"
-                            + (f" ({len(scan.problems)} bad)" if scan.problems else ""))
+                            + (f" ({len(scan.bad)} bad)" if scan.bad else ""))
     return scan.facts
 
 
@@ -110,31 +158,47 @@ def scan_facts(path: str | os.PathLike) -> FactsScan:
         raise NKVFactsError(f"{source}: cannot read ({exc.strerror or exc})") from None
 
     facts: list[FactInput] = []
-    problems: list[str] = []
+    bad: list[BadRecord] = []
     seen: dict[str, str] = {}
-    for where, position, record in _records(text, source, problems):
+    for where, position, record in _records(text, source, bad):
         try:
             item = _parse_record(record, position)
         except _Bad as exc:
-            problems.append(f"{source}: {where}: {exc}")
+            bad.append(BadRecord(where, str(exc)))
             continue
         fid = item.fact.id
         if fid in seen:
-            problems.append(f"{source}: {where}: duplicate id {fid!r} (first at {seen[fid]}); give each fact its own id")
+            bad.append(BadRecord(where, f"duplicate id {fid!r} (first at {seen[fid]}); give each fact its own id"))
             continue
         seen[fid] = where
         facts.append(item)
-    return FactsScan(source, facts, problems)
+    return FactsScan(source, facts, bad)
 
 
-def _summary(source: str, problems: list[str], n_good: int) -> str:
-    shown = [p.removeprefix(f"{source}: ") for p in problems[:MAX_REPORTED]]
-    more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
-    head = f"{source}: {len(problems)} bad record(s) ({n_good} good); fix them or pass --skip-bad (skip_bad=True)"
-    return head + ":\n" + "\n".join(f"  - {p}" for p in shown) + more
+def problems_summary(source: str, bad: list[BadRecord], n_good: int, groups: int = 5) -> str:
+    """"FILE: N bad record(s) (M good):" and one line per reason, most common first.
+
+    A reason shared by several records is shown once with its count and the first few
+    places; at most `groups` reasons are shown, then how many records are left out.
+    """
+    by_reason: dict[str, list[str]] = {}
+    for b in bad:
+        by_reason.setdefault(b.reason, []).append(b.where)
+    ranked = sorted(by_reason.items(), key=lambda kv: -len(kv[1]))
+    lines = [f"{source}: {len(bad)} bad record(s) ({n_good} good):"]
+    for reason, places in ranked[:groups]:
+        if len(places) == 1:
+            lines.append(f"  - {places[0]}: {reason}")
+        else:
+            first = ", ".join(places[:3]) + (", ..." if len(places) > 3 else "")
+            lines.append(f"  - {len(places)} records ({first}): {reason}")
+    rest = sum(len(places) for _, places in ranked[groups:])
+    if rest:
+        lines.append(f"  - ... and {rest} more record(s) failing in {len(ranked) - groups} other way(s)")
+    return "\n".join(lines)
 
 
-def _records(text: str, source: str, problems: list[str]):
+def _records(text: str, source: str, bad: list[BadRecord]):
     """Yield (where, 1-based position, parsed JSON) for a JSON list or JSON Lines text."""
     if text.lstrip().startswith("["):
         try:
@@ -150,7 +214,7 @@ def _records(text: str, source: str, problems: list[str]):
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as exc:
-            problems.append(f"{source}: line {i}: invalid JSON ({exc.msg} at column {exc.colno})")
+            bad.append(BadRecord(f"line {i}", f"invalid JSON ({exc.msg} at column {exc.colno})"))
             continue
         yield f"line {i}", i, rec
 
@@ -184,11 +248,20 @@ def _ours(rec: dict, position: int) -> FactInput:
         else:
             raise _Bad(f"neighborhood[{j}] must be {{\"prompt\": ..., \"target\": ...}}, got {item!r:.80}")
         neighborhood.append((_text(pair[0], f"neighborhood[{j}].prompt"), _target(pair[1], f"neighborhood[{j}].target")))
+    portability = []
+    for j, item in enumerate(_list(rec, "portability")):
+        if not (isinstance(item, dict) and {"prompt", "target"} <= set(item) <= {"prompt", "target", "kind"}):
+            raise _Bad(f"portability[{j}] must be {{\"prompt\": ..., \"target\": ..., \"kind\": ...}} "
+                       f"(kind optional), got {item!r:.80}")
+        kind = _text(item.get("kind", "portability"), f"portability[{j}].kind")
+        portability.append((kind, _text(item["prompt"], f"portability[{j}].prompt").replace("{}", str(rec.get("subject"))),
+                            _target(item["target"], f"portability[{j}].target")))
     provenance = {"tags": list(tags)} if tags else {}
-    return _make(str(fid), rec.get("subject"), rec.get("prompt"), rec.get("target_new"), rec.get("target_true"),
+    made = _make(str(fid), rec.get("subject"), rec.get("prompt"), rec.get("target_new"), rec.get("target_true"),
                  [_text(p, f"paraphrases[{j}]").replace("{}", str(rec.get("subject")))
                   for j, p in enumerate(_list(rec, "paraphrases"))],
                  neighborhood, list(tags), provenance)
+    return replace(made, portability=portability)
 
 
 def _easyedit_counterfact(rec: dict, position: int) -> FactInput:
@@ -234,9 +307,71 @@ def _zsre(rec: dict, position: int) -> FactInput:
                  {"source": "zsre", "record": position}, names=("subject", "src", "alt", "answers[0]"))
 
 
+def _knowedit(rec: dict, position: int) -> FactInput:
+    """KnowEdit's ZsRE, WikiData_counterfact and WikiData_recent records (see the module doc)."""
+    true = _first_answer(rec["ground_truth"], "ground_truth") if rec.get("ground_truth") is not None else None
+    para = [_text(rec["rephrase_prompt"], "rephrase_prompt")] if rec.get("rephrase_prompt") else []
+    locality = [(p, a) for _, p, a in _knowedit_groups(rec, "locality")]
+    made = _make(str(position), rec.get("subject"), rec.get("prompt"), rec.get("target_new"), true, para, locality,
+                 [], {"source": "knowedit", "record": position},
+                 names=("subject", "prompt", "target_new", "ground_truth"))
+    return replace(made, portability=_knowedit_groups(rec, "portability"))
+
+
+def _wikibio(rec: dict, position: int) -> FactInput:
+    """KnowEdit's WikiBio: a passage (`text`) about `concept`, continued by the sentence `labels`."""
+    locality = [(p, a) for _, p, a in _knowedit_groups(rec, "locality")]
+    return _make(str(position), rec.get("concept"), rec.get("text"), rec.get("labels"), None, [], locality, [],
+                 {"source": "knowedit", "record": position}, names=("concept", "text", "labels", "ground_truth"))
+
+
+def _knowedit_groups(rec: dict, name: str) -> list[tuple[str, str, str]]:
+    """(kind, prompt, answer) of a KnowEdit `portability` / `locality` object."""
+    groups = rec.get(name)
+    if groups is None:
+        return []
+    if not isinstance(groups, dict):
+        raise _Bad(f"field {name!r} must be an object mapping a kind to its prompts, got {type(groups).__name__}")
+    out = []
+    for kind, items in groups.items():
+        where = f"{name}.{kind}"
+        for j, item in enumerate(items if isinstance(items, list) else [items]):
+            if not (isinstance(item, dict) and "prompt" in item and "ground_truth" in item):
+                raise _Bad(f"{where}[{j}] must be {{\"prompt\": ..., \"ground_truth\": ...}}, got {item!r:.80}")
+            out.extend((kind, p, a) for p, a in _prompt_answers(item["prompt"], item["ground_truth"], f"{where}[{j}]"))
+    return out
+
+
+def _prompt_answers(prompt: Any, truth: Any, where: str) -> list[tuple[str, str]]:
+    """One prompt with its answer(s), or EasyEdit's parallel lists of prompts and answers."""
+    if not isinstance(prompt, list):
+        return [(_text(prompt, f"{where}.prompt"), _first_answer(truth, f"{where}.ground_truth"))]
+    if not isinstance(truth, list) or len(truth) != len(prompt):
+        raise _Bad(f"{where}: a list of {len(prompt)} prompts needs a list of as many ground truths, "
+                   f"got {truth!r:.80}")
+    return [(_text(p, f"{where}.prompt[{k}]"), _first_answer(t, f"{where}.ground_truth[{k}]"))
+            for k, (p, t) in enumerate(zip(prompt, truth))]
+
+
+def _first_answer(value: Any, name: str) -> str:
+    """A ground truth given as a string, a list of answers or a list of alias lists: its first string."""
+    while isinstance(value, list):
+        if not value:
+            raise _Bad(f"field {name!r} is an empty list; it needs at least one answer")
+        value = value[0]
+    return _target(value, name)
+
+
+def _is_knowedit(rec: dict) -> bool:
+    return (isinstance(rec.get("portability"), dict) or isinstance(rec.get("locality"), dict)
+            or isinstance(rec.get("ground_truth"), list))
+
+
 _SHAPES: list[tuple[Callable[[dict], bool], Callable[[dict, int], FactInput]]] = [
     (lambda r: "requested_rewrite" in r, _rome_counterfact),
     (lambda r: "src" in r and "alt" in r, _zsre),
+    (lambda r: "concept" in r and "labels" in r, _wikibio),
+    (_is_knowedit, _knowedit),
     (lambda r: "ground_truth" in r or "rephrase_prompt" in r or "case_id" in r, _easyedit_counterfact),
 ]
 
@@ -297,4 +432,4 @@ def _list(rec: dict, name: str) -> list:
     return value
 
 
-__all__ = ["FactInput", "FactsScan", "read_facts", "scan_facts"]
+__all__ = ["FactInput", "FactsScan", "BadRecord", "read_facts", "scan_facts", "problems_summary"]

@@ -7,7 +7,7 @@ unrelated text is given, or sampled from the unedited model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from torch import nn
@@ -32,13 +32,15 @@ class Cases:
     facts: list[FactInput]
     paraphrases: list[tuple[int, str]]  # (fact index, prompt)
     neighbours: list[tuple[int, str, str]]  # (fact index, prompt, expected answer)
+    portability: list[tuple[int, str, str, str]] = field(default_factory=list)  # (fact index, kind, prompt, answer)
 
 
 def cases_of(facts: Sequence[FactInput]) -> Cases:
     """The cases of `facts`; neighbours whose answer is the new target are left out."""
     paras = [(i, p) for i, f in enumerate(facts) for p in f.paraphrases]
     nbs = [(i, p, t) for i, f in enumerate(facts) for p, t in f.neighborhood if t != f.fact.target_new]
-    return Cases(list(facts), paras, nbs)
+    port = [(i, k, p, a) for i, f in enumerate(facts) for k, p, a in f.portability]
+    return Cases(list(facts), paras, nbs, port)
 
 
 def relations_of(item: FactInput) -> set[str]:
@@ -94,24 +96,27 @@ def measure(model: nn.Module, tokenizer: Any, cases: Cases, protocol: str, unedi
     para_new = [(p, facts[i].target_new) for i, p in cases.paraphrases]
     nb_true = [(p, t) for _, p, t in cases.neighbours]
     nb_new = [(p, facts[i].target_new) for i, p, _ in cases.neighbours]
+    port = [(p, a) for _, _, p, a in cases.portability]
     out: dict[str, Any] = {}
     if protocol == "counterfact":
         edit_true = [(f.prompt, f.target_true or "") for f in facts]
         para_true = [(p, facts[i].target_true or "") for i, p in cases.paraphrases]
-        s = score_pairs(model, tokenizer, edit_new + edit_true + para_new + para_true + nb_true + nb_new, bs)
-        n_e, n_p, n_n = len(edit_new), len(para_new), len(nb_true)
-        e_new, e_true = s[:n_e], s[n_e : 2 * n_e]
-        p_new, p_true = s[2 * n_e : 2 * n_e + n_p], s[2 * n_e + n_p : 2 * n_e + 2 * n_p]
-        n_true, n_new = s[2 * n_e + 2 * n_p : 2 * n_e + 2 * n_p + n_n], s[2 * n_e + 2 * n_p + n_n :]
+        e_new, e_true, p_new, p_true, n_true, n_new, s_port = _split(
+            score_pairs(model, tokenizer, edit_new + edit_true + para_new + para_true + nb_true + nb_new + port, bs),
+            edit_new, edit_true, para_new, para_true, nb_true, nb_new, port)
         out["efficacy"] = [float(a.nll < b.nll) for a, b in zip(e_new, e_true)]
         out["generalization"] = [float(a.nll < b.nll) for a, b in zip(p_new, p_true)]
         out["specificity"] = [float(a.nll < b.nll) for a, b in zip(n_true, n_new)]
     else:
-        s = score_pairs(model, tokenizer, edit_new + para_new + nb_true, bs)
-        n_e, n_p = len(edit_new), len(para_new)
-        out["efficacy"] = [x.token_accuracy for x in s[:n_e]]
-        out["generalization"] = [x.token_accuracy for x in s[n_e : n_e + n_p]]
-        out["specificity"] = [x.token_accuracy for x in s[n_e + n_p :]]
+        e_new, p_new, n_true, s_port = _split(score_pairs(model, tokenizer, edit_new + para_new + nb_true + port, bs),
+                                              edit_new, para_new, nb_true, port)
+        out["efficacy"] = [x.token_accuracy for x in e_new]
+        out["generalization"] = [x.token_accuracy for x in p_new]
+        out["specificity"] = [x.token_accuracy for x in n_true]
+    # KnowEdit's measures (see knowedit.py) come from the same teacher-forced scores.
+    out["edit_token_acc"] = [x.token_accuracy for x in e_new]
+    out["portability"] = [x.token_accuracy for x in s_port]
+    out["neighbour_predicted"] = [x.predicted_ids for x in n_true]
     if options.free_generation:
         hits = free_generation_exact(model, tokenizer, edit_new + para_new, bs)
         out["free_gen_prompt"] = [float(h) for h in hits[: len(edit_new)]]
@@ -124,6 +129,15 @@ def measure(model: nn.Module, tokenizer: Any, cases: Cases, protocol: str, unedi
     truth = score_pairs(model, tokenizer, [(t.prompt, t.target) for t in unedited + others], bs)
     out["unedited"] = [float(x.exact) for x in truth[: len(unedited)]]
     out["others"] = [float(x.exact) for x in truth[len(unedited) :]]
+    return out
+
+
+def _split(scored: list, *parts: list) -> list[list]:
+    """Cut one list of results back into the lists of pairs it was scored from, in order."""
+    out, start = [], 0
+    for part in parts:
+        out.append(scored[start : start + len(part)])
+        start += len(part)
     return out
 
 

@@ -49,13 +49,14 @@ class EvalReport:
     gate: dict[str, Any]
     weak_spots: dict[str, dict[str, Any]]
     settings: dict[str, Any]
+    knowedit: dict[str, Any] = field(default_factory=dict)  # KnowEdit's metric names (knowedit.py)
     by_relation: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # relation -> E/G/S
     by_tag: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # fact tag -> E/G/S
     cosines: dict[str, list[float]] = field(default_factory=dict, repr=False)  # for the plot, not in JSON
 
     def to_dict(self) -> dict[str, Any]:
-        return {"data": self.data, "adapter": self.adapter, "metrics": self.metrics, "gate": self.gate,
-                "weak_spots": self.weak_spots, "by_relation": self.by_relation, "by_tag": self.by_tag,
+        return {"data": self.data, "adapter": self.adapter, "metrics": self.metrics, "knowedit": self.knowedit,
+                "gate": self.gate, "weak_spots": self.weak_spots, "by_relation": self.by_relation, "by_tag": self.by_tag,
                 "settings": self.settings}
 
     def summary(self) -> dict[str, Any]:
@@ -63,8 +64,10 @@ class EvalReport:
         post = {k: m["post"] for k, m in self.metrics.items() if _finite(m.get("post"))}
         pre = {k: m["pre"] for k, m in self.metrics.items() if _finite(m.get("pre"))}
         gate = {k: self.gate[k] for k, _ in GATE if _finite(self.gate.get(k))}
+        knowedit = {KNOWEDIT_LABELS[k]: self.knowedit[k]["post"] for k in KNOWEDIT_LABELS
+                    if _finite(self.knowedit.get(k, {}).get("post"))}
         return {"data": self.data["name"], "n_facts": self.data["n_facts"], "protocol": self.data["protocol"],
-                "tool": self.settings.get("tool"), "post": post, "pre": pre, "gate": gate}
+                "tool": self.settings.get("tool"), "post": post, "pre": pre, "gate": gate, "knowedit": knowedit}
 
     def table(self) -> str:
         """A readable fixed-width table (what `nkv eval` prints)."""
@@ -85,6 +88,7 @@ class EvalReport:
             if _finite(self.gate.get(key)) and n:
                 digits = 3 if key.startswith("false_fire") else 2  # targets are ~0.1% of tokens
                 lines.append(f"{label:<{width}}{'-':>9}{_cell(self.gate[key], digits):>9}{n:>8}")
+        lines.extend(self._knowedit_lines(width))
         spots = [(k, label) for k, label in WEAK_SPOTS if self.weak_spots.get(k, {}).get("n")]
         if spots:
             lines.append("weak spots:")
@@ -103,6 +107,21 @@ class EvalReport:
         return "\n".join(lines)
 
 
+    def _knowedit_lines(self, width: int) -> list[str]:
+        """KnowEdit's names for the same run: teacher-forced except fluency (see knowedit.py)."""
+        rows = [(KNOWEDIT_LABELS[k], self.knowedit.get(k)) for k in KNOWEDIT_LABELS]
+        rows[2:2] = [(f"  portability: {kind}", m) for kind, m in self.knowedit.get("portability_by_kind", {}).items()]
+        shown = [f"{label:<{width}}{_cell(m.get('pre')):>9}{_cell(m.get('post')):>9}{m['n']:>8}"
+                 for label, m in rows if m and m.get("n")]
+        return ["KnowEdit (EasyEdit's definitions):", *shown] if shown else []
+
+
+KNOWEDIT_LABELS = {"edit_succ": "Edit Succ. (token acc., teacher-forced)",
+                   "portability": "Portability (token acc., teacher-forced)",
+                   "locality": "Locality (tokens unchanged vs pre)",
+                   "fluency": "Fluency (generated, n-gram entropy x100)"}
+
+
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
@@ -118,4 +137,4 @@ def pct(value: float | None) -> float | None:
     return round(100.0 * value, 2)
 
 
-__all__ = ["EvalReport", "METRICS", "GATE", "WEAK_SPOTS", "pct"]
+__all__ = ["EvalReport", "METRICS", "GATE", "WEAK_SPOTS", "KNOWEDIT_LABELS", "pct"]

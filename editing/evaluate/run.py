@@ -11,8 +11,10 @@ Protocols (as ROME and MEMIT report them):
   on the prompt (efficacy) and paraphrases (generalization), the neighbour's answer on
   the neighbour prompt (specificity).
 
-Auto-detection: ZsRE records (provenance source "zsre") and facts without target_true
-use "zsre", everything else "counterfact". "pre" is the same model with the adapter
+Auto-detection: ZsRE and KnowEdit records (provenance source "zsre" / "knowedit"; KnowEdit
+scores token accuracy on every data set) and facts without target_true use "zsre",
+everything else "counterfact". KnowEdit's own metric names are reported next to these
+(`knowedit.py`). "pre" is the same model with the adapter
 disabled (`handle.disabled()`), i.e. the unedited model.
 
 The steps, one module each: measure (run the model, pre and post), aggregate (per-case
@@ -35,6 +37,7 @@ from nkv.loaders.transformers import NKVHandle, attach
 
 from .aggregate import gate_summary, headline, per_fact, unmeasured
 from .gatediag import diagnose, unrelated_chunks
+from .knowedit import knowedit_metrics
 from .measure import cases_of, measure, true_fact_groups, unrelated_text
 from .options import PROTOCOLS, EvalOptions
 from .report import EvalReport
@@ -43,8 +46,8 @@ from .weak_spots import by_relation, by_tag, weak_spots
 
 
 def detect_protocol(facts: Sequence[FactInput]) -> str:
-    """"zsre" for ZsRE records or facts without target_true, else "counterfact"."""
-    if any(f.fact.provenance.get("source") == "zsre" for f in facts):
+    """"zsre" for ZsRE and KnowEdit records or facts without target_true, else "counterfact"."""
+    if any(f.fact.provenance.get("source") in ("zsre", "knowedit") for f in facts):
         return "zsre"
     return "counterfact" if all(f.fact.target_true for f in facts) else "zsre"
 
@@ -110,12 +113,14 @@ def evaluate_adapter(model: nn.Module, tokenizer: Any, handle: Any, facts: Seque
 
     pre = pre if pre is not None else unmeasured(post)
     per = {"pre": per_fact(pre, cases), "post": per_fact(post, cases)}
+    metrics = headline(pre, post, per, options.fluency_prompts)
     return EvalReport(
         data={"name": data_name, "n_facts": len(facts), "protocol": protocol, "paraphrases": len(cases.paraphrases),
-              "neighbours": len(cases.neighbours)},
+              "neighbours": len(cases.neighbours), "portability": len(cases.portability)},
         adapter={"n_facts": adapter.n_facts, "layer": adapter.layer, "gamma": adapter.gamma,
                  "matched": sum(r is not None for r in rows)},
-        metrics=headline(pre, post, per, options.fluency_prompts), gate=gate_summary(diag),
+        metrics=metrics, gate=gate_summary(diag),
+        knowedit=knowedit_metrics(pre, post, cases, metrics.get("fluency")),
         weak_spots=weak_spots(tokenizer, cases, pre, post, per, unedited, diag),
         by_relation=by_relation(facts, per), by_tag=by_tag(facts, per),
         settings={**asdict(options), "protocol": protocol, "tool": f"nkv {__version__}",
