@@ -21,7 +21,8 @@ from nkv.compat import check_fingerprint, check_shape
 from nkv.errors import NKVCompatibilityError
 from nkv.facts import Fact
 from nkv.fingerprint import compute_fingerprint
-from nkv.gate import DEFAULT_FACT_CHUNK, GateResult, key_inverse_norms, nkv_gate
+from nkv.constants import DEFAULT_SHORTLIST, DEFAULT_SKETCH_DIM, SKETCH_MIN_FACTS
+from nkv.gate import DEFAULT_FACT_CHUNK, GateResult, Sketch, fit_sketch, key_inverse_norms, nkv_gate, sketch_keys
 from nkv.resolve import AdapterSource, resolve_adapter
 
 from .architectures import arch_spec, blocks, model_type_of, output_projection, projection_weight
@@ -69,6 +70,7 @@ class NKVLinear(nn.Module):
         self.register_buffer("nkv_residuals", adapter.residuals.to(device=device, dtype=dtype), persistent=False)
         self.register_buffer("nkv_gamma", torch.tensor(float(adapter.gamma), device=device), persistent=False)
         self.fact_ids = adapter.ids
+        self.use_sketch(adapter, DEFAULT_SHORTLIST if adapter.n_facts >= SKETCH_MIN_FACTS else 0)
         self.enabled = True
         self.recorders: list[GateActivity] = []
 
@@ -81,16 +83,36 @@ class NKVLinear(nn.Module):
             recorder.update(result)
         return out + result.delta.to(out.dtype)
 
+    @torch.no_grad()
+    def use_sketch(self, adapter: NKVAdapter, shortlist: int) -> None:
+        """Gate by the sketch path (spec §5.1) with `shortlist` candidates per token, or exactly (0).
+
+        Attach picks it from SKETCH_MIN_FACTS facts up; the projection is the file's
+        `nkv.sketch.proj`, else fitted to the keys here.
+        """
+        self.shortlist = shortlist
+        if not shortlist:
+            self.register_buffer("nkv_sketch_proj", None, persistent=False)
+            self.register_buffer("nkv_sketch_keys", None, persistent=False)
+            return
+        proj = adapter.sketch_proj if adapter.sketch_proj is not None else fit_sketch(adapter.keys, DEFAULT_SKETCH_DIM)
+        device = self.nkv_keys.device
+        self.register_buffer("nkv_sketch_proj", proj.to(device), persistent=False)  # (d_key, d_sketch) float32
+        self.register_buffer("nkv_sketch_keys", sketch_keys(adapter.keys, proj).to(device, self.nkv_keys.dtype),
+                             persistent=False)  # (n_facts, d_sketch)
+
     def gate(self, x: torch.Tensor) -> GateResult:
-        """nkv_gate over x, in row blocks so (rows x facts) scores stay under SCORE_BUDGET."""
-        n_facts = self.nkv_keys.shape[0]
+        """nkv_gate over x, in row blocks so (rows x facts) scores and the sketch path's
+        (rows x shortlist x d_key) candidate rows stay under SCORE_BUDGET."""
+        n_facts, d_key = self.nkv_keys.shape
         fact_chunk = min(DEFAULT_FACT_CHUNK, max(n_facts, 1))
         lead = x.shape[:-1]
         rows = x.reshape(-1, x.shape[-1])  # (N, d_key)
-        row_chunk = max(1, SCORE_BUDGET // fact_chunk)
+        row_chunk = max(1, SCORE_BUDGET // max(fact_chunk, self.shortlist * d_key))
+        sketch = Sketch(self.nkv_sketch_proj, self.nkv_sketch_keys, self.shortlist) if self.shortlist else None
         parts = [
             nkv_gate(rows[i : i + row_chunk], self.nkv_keys, self.nkv_key_inv_norms, self.nkv_residuals,
-                     self.nkv_gamma, fact_chunk=fact_chunk)
+                     self.nkv_gamma, fact_chunk=fact_chunk, sketch=sketch)
             for i in range(0, max(rows.shape[0], 1), row_chunk)
         ]
         if len(parts) == 1:

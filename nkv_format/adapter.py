@@ -24,6 +24,7 @@ from .dtypes import ROW_DTYPE_NAMES as _DTYPE_NAMES, ROW_DTYPES as _TORCH_DTYPES
 from .errors import NKVCompatibilityError, NKVConflictError, NKVFormatError
 from .facts import Fact, decode_facts, encode_facts, fact_record_problems
 from .fingerprint import fingerprints_match
+from .gate import fit_sketch
 from .header import BaseModelInfo, NKVHeader, parse_header, read_header
 
 
@@ -44,6 +45,8 @@ class NKVAdapter:
         target_module: the module path at `layer`, e.g. "model.layers.7.mlp.down_proj".
         build: build provenance (tool version, hyperparameters, seed); informative only.
         eval: evaluation results, if any; informative only.
+        sketch_proj: optional (d_key, d_sketch) float32 projection fitted to the keys, for
+            the gate's sketch path (spec §5.1); None when the file has none.
     """
 
     keys: torch.Tensor
@@ -55,6 +58,7 @@ class NKVAdapter:
     target_module: str
     build: dict[str, Any] = field(default_factory=dict)
     eval: dict[str, Any] = field(default_factory=dict)
+    sketch_proj: torch.Tensor | None = None
 
     # ---------------------------------------------------------------- basic views
     @property
@@ -95,6 +99,11 @@ class NKVAdapter:
                     bad = int((~torch.isfinite(t)).any(-1).nonzero()[0, 0])
                     out.append(f"V8: {name} holds NaN/Inf values (first in row {bad}, fact "
                                f"{self.facts[bad].id!r}); rebuild that fact")
+        p = self.sketch_proj
+        if p is not None and not (p.dtype == torch.float32 and p.dim() == 2 and p.shape[0] == b.d_key
+                                  and 1 <= p.shape[1] <= b.d_key and bool(torch.isfinite(p).all())):
+            out.append(f"V11: {C.T_SKETCH_PROJ} must be finite float32 [{b.d_key}, d_sketch] with 1 <= d_sketch "
+                       f"<= {b.d_key}, got {p.dtype} {list(p.shape)}; refit it with with_sketch()")
         if not 0 <= self.layer < b.n_layers:
             out.append(f"V6: layer {self.layer} outside the base model's {b.n_layers} layers")
         if not 0.0 <= self.gamma <= 1.0:
@@ -124,7 +133,7 @@ class NKVAdapter:
         b = self.base
         meta = {
             C.K_FORMAT: C.FORMAT_MARKER,
-            C.K_VERSION: C.FORMAT_VERSION,
+            C.K_VERSION: C.FORMAT_VERSION if self.sketch_proj is not None else C.BASE_VERSION,
             C.K_N_FACTS: str(self.n_facts),
             C.K_LAYER: str(self.layer),
             C.K_GAMMA: repr(float(self.gamma)),
@@ -159,6 +168,8 @@ class NKVAdapter:
              _raw_bytes(self.residuals)),
             (C.T_FACTS, "U8", [len(records)], memoryview(records)),
         ]
+        if self.sketch_proj is not None:
+            parts.append((C.T_SKETCH_PROJ, "F32", list(self.sketch_proj.shape), _raw_bytes(self.sketch_proj)))
         doc: dict[str, Any] = {"__metadata__": dict(sorted(self.metadata().items()))}
         offset = 0
         for name, dtype, shape, data in parts:
@@ -203,7 +214,7 @@ class NKVAdapter:
 
         try:
             with safe_open(str(path), framework="pt", device=str(device)) as fh:
-                tensors = {name: fh.get_tensor(name) for name in (C.T_KEYS, C.T_RESIDUALS, C.T_FACTS)}
+                tensors = {name: fh.get_tensor(name) for name in _known_tensors(header)}
         except Exception as exc:  # the Rust reader's errors: we already validated, so this is I/O
             raise NKVFormatError(header.source, [f"cannot read tensor data: {exc}"]) from None
         return cls._from_parts(header, tensors)
@@ -213,7 +224,7 @@ class NKVAdapter:
         """Parse a whole .nkv file held in memory (used for downloads and fuzzing)."""
         header = parse_header(data[: 8 + C.MAX_HEADER_BYTES], len(data), source)
         tensors = {}
-        for name in (C.T_KEYS, C.T_RESIDUALS, C.T_FACTS):
+        for name in _known_tensors(header):
             info = header.tensors[name]
             begin, end = (header.data_start + o for o in info.data_offsets)
             dtype = torch.uint8 if info.dtype == "U8" else _TORCH_DTYPES[info.dtype]
@@ -229,6 +240,7 @@ class NKVAdapter:
             keys=tensors[C.T_KEYS], residuals=tensors[C.T_RESIDUALS], facts=facts if not problems else [],
             layer=header.layer, gamma=header.gamma, base=header.base,
             target_module=header.target_module, build=header.build, eval=header.eval,
+            sketch_proj=tensors.get(C.T_SKETCH_PROJ),
         )
         if not problems:
             problems = adapter.problems()
@@ -387,9 +399,22 @@ class NKVAdapter:
                 ("base.revision", self.base.revision, other.base.revision),
                 ("target_module", self.target_module, other.target_module),
                 ("dtype", _DTYPE_NAMES.get(self.keys.dtype), _DTYPE_NAMES.get(other.keys.dtype)),
+                ("sketch", _sketch_dim(self), _sketch_dim(other)),
             ) if v1 != v2} | ({} if fingerprints_match(self.base.fingerprint, other.base.fingerprint)
                                else {"base.fingerprint": (self.base.fingerprint, other.base.fingerprint)}),
         )
+
+    def with_sketch(self, dim: int = C.DEFAULT_SKETCH_DIM) -> "NKVAdapter":
+        """Same adapter with a sketch projection fitted to its keys (spec §5.1); dim 0 drops it.
+
+        Row operations keep the projection: it stays valid (the sketch path rescoring is
+        exact), and a refit after large changes only tunes the shortlist.
+
+        >>> NKVAdapter.load("big.nkv").with_sketch(64).save("big.nkv")
+        """
+        if dim == 0 or self.n_facts == 0:
+            return dc_replace(self, sketch_proj=None)
+        return dc_replace(self, sketch_proj=fit_sketch(self.keys, dim))
 
     def to(self, dtype: torch.dtype) -> "NKVAdapter":
         """Same adapter with keys and residuals stored in `dtype` (F32, F16 or BF16)."""
@@ -409,6 +434,15 @@ def _same_rows(keys_a: torch.Tensor, res_a: torch.Tensor, rows_a: list[int],
               & (res_a[ia].float() == res_b[ib].float()).all(-1))  # (block,)
         out.extend(eq.tolist())
     return out
+
+
+def _sketch_dim(adapter: NKVAdapter) -> int:
+    return 0 if adapter.sketch_proj is None else int(adapter.sketch_proj.shape[1])
+
+
+def _known_tensors(header: NKVHeader) -> list[str]:
+    """The tensors this reader uses that the file holds (unknown ones are ignored, §8)."""
+    return [C.T_KEYS, C.T_RESIDUALS, C.T_FACTS] + [t for t in C.OPTIONAL_TENSORS if t in header.tensors]
 
 
 def _raw_bytes(t: torch.Tensor) -> memoryview:

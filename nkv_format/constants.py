@@ -6,7 +6,8 @@ Change a value here only together with the spec and a version bump.
 from __future__ import annotations
 
 FORMAT_MARKER = "nkv"
-FORMAT_VERSION = "1.0"  # "major.minor"; readers refuse a newer major
+FORMAT_VERSION = "1.1"  # "major.minor" of this spec; readers refuse a newer major
+BASE_VERSION = "1.0"  # what writers write when a file uses no part added after 1.0
 SUPPORTED_MAJOR = 1
 
 # Tensors ---------------------------------------------------------------------------
@@ -14,6 +15,9 @@ T_KEYS = "nkv.keys"  # K1, [n_facts, d_key]
 T_RESIDUALS = "nkv.residuals"  # R1, [n_facts, d_model]
 T_FACTS = "nkv.facts"  # U8 [n_bytes]: UTF-8 JSON Lines, one fact record per row
 ROW_DTYPES = ("F32", "F16", "BF16")
+# Optional (1.1): a projection fitted to the keys for the sketch path of the gate (spec §5.1)
+T_SKETCH_PROJ = "nkv.sketch.proj"  # F32, [d_key, d_sketch]
+OPTIONAL_TENSORS = (T_SKETCH_PROJ,)
 
 # Metadata keys (all values are strings) --------------------------------------------
 K_FORMAT = "nkv.format"
@@ -57,3 +61,8 @@ FACT_OPTIONAL_FIELDS = ("target_true", "provenance")
 # Reader limits ---------------------------------------------------------------------
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors limit
 DEFAULT_GAMMA = 0.65  # paper, all models
+
+# Sketch path of the gate (spec §5.1); serving choices, not stored in the file ----------
+DEFAULT_SKETCH_DIM = 64  # d_sketch of a fitted projection
+DEFAULT_SHORTLIST = 32  # candidates per token rescored exactly
+SKETCH_MIN_FACTS = 16384  # loaders take the sketch path from this many facts (capacity) up

@@ -6,6 +6,12 @@ serves `(B, T, d_key)` activations from transformers and `(num_tokens, d_key)` f
 
 It is written to be traced by torch.compile: no `.item()`, no Python branch on tensor
 values, loops only over static sizes (the number of facts), gamma a tensor.
+
+Two paths, one decision rule (spec §5): the exact path scores every stored key; the
+sketch path (`Sketch`, spec §5.1) scores low-dimensional sketches of the keys, keeps the
+`shortlist` best candidates per token and rescores those exactly. A candidate's score is
+its exact cosine, so the sketch path never fires where the exact path does not; it can
+only miss the best row when that row falls outside the shortlist.
 """
 
 from __future__ import annotations
@@ -15,6 +21,14 @@ from typing import Callable, NamedTuple
 import torch
 
 DEFAULT_FACT_CHUNK = 8192
+
+
+class Sketch(NamedTuple):
+    """The sketch path's inputs (spec §5.1); static `shortlist`, tensors copied in place on a swap."""
+
+    proj: torch.Tensor  # (d_key, d_sketch) float32 projection; under TP the rank's rows (d_key / tp, d_sketch)
+    keys: torch.Tensor  # (n_facts, d_sketch) sketches of the unit keys, unit_key @ proj (0 = padding)
+    shortlist: int  # candidates rescored exactly per token
 
 
 class GateResult(NamedTuple):
@@ -55,6 +69,7 @@ def nkv_gate(
     *,
     fact_chunk: int = DEFAULT_FACT_CHUNK,
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    sketch: Sketch | None = None,
 ) -> GateResult:
     """Cosine-gated nearest-fact residual for every row of `k`.
 
@@ -69,6 +84,9 @@ def nkv_gate(
         all_reduce: sums a tensor over tensor-parallel ranks (in place or returned);
             None on a single device. Partial dot products and squared norms are reduced
             before the argmax so every rank picks the same fact.
+        sketch: None for the exact path; else shortlist by sketch, then rescore exactly.
+            Under tensor parallelism the all-reduces carry (T, d_sketch) and
+            (T, shortlist) floats instead of (T, n_facts).
     Returns:
         GateResult(delta, index, score, fired); add `delta` to the projection's output.
 
@@ -92,18 +110,12 @@ def nkv_gate(
     if all_reduce is not None:
         sq_norm = _reduced(all_reduce, sq_norm)
 
-    best = torch.full((x.shape[0],), float("-inf"), dtype=torch.float32, device=k.device)
-    best_idx = torch.zeros(x.shape[0], dtype=torch.int64, device=k.device)
-    x_c = unit_rows(x, sq_norm).to(keys.dtype)  # (T, d_key) unit rows: no fp16 overflow
-    for start in range(0, n_facts, fact_chunk):
-        dots = (x_c @ keys[start : start + fact_chunk].T).float()  # (T, chunk)
-        if all_reduce is not None:
-            dots = _reduced(all_reduce, dots)
-        scaled = dots * key_inv_norms[start : start + fact_chunk]  # (T, chunk) cosines
-        chunk_best, chunk_idx = scaled.max(dim=-1)  # (T,), first index on ties
-        better = chunk_best > best  # strict: earlier chunks win ties, like one argmax
-        best = torch.where(better, chunk_best, best)
-        best_idx = torch.where(better, chunk_idx + start, best_idx)
+    x_unit = unit_rows(x, sq_norm)  # (T, d_key) float32: no fp16 overflow downstream
+    if sketch is None:
+        best, best_idx = _exact_best(x_unit.to(keys.dtype), keys, key_inv_norms, fact_chunk, all_reduce)
+    else:
+        cand = _shortlist(x_unit, sketch, fact_chunk, all_reduce)  # (T, c)
+        best, best_idx = _rescore(x_unit.to(keys.dtype), keys, key_inv_norms, cand, all_reduce)
 
     score = best.clamp(-1.0, 1.0)  # (T,) rounding may leave |cos| a hair above 1
     fired = score > gamma
@@ -117,9 +129,94 @@ def nkv_gate(
     )
 
 
+def _exact_best(x_c: torch.Tensor, keys: torch.Tensor, key_inv_norms: torch.Tensor, fact_chunk: int,
+                all_reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(best cosine, its row) per token over every stored key; the first row wins ties."""
+    best = torch.full((x_c.shape[0],), float("-inf"), dtype=torch.float32, device=x_c.device)  # (T,)
+    best_idx = torch.zeros(x_c.shape[0], dtype=torch.int64, device=x_c.device)  # (T,)
+    for start in range(0, keys.shape[0], fact_chunk):
+        dots = (x_c @ keys[start : start + fact_chunk].T).float()  # (T, chunk)
+        if all_reduce is not None:
+            dots = _reduced(all_reduce, dots)
+        scaled = dots * key_inv_norms[start : start + fact_chunk]  # (T, chunk) cosines
+        chunk_best, chunk_idx = scaled.max(dim=-1)  # (T,), first index on ties
+        better = chunk_best > best  # strict: earlier chunks win ties, like one argmax
+        best = torch.where(better, chunk_best, best)
+        best_idx = torch.where(better, chunk_idx + start, best_idx)
+    return best, best_idx
+
+
+def _shortlist(x_unit: torch.Tensor, sketch: Sketch, fact_chunk: int,
+               all_reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+    """(T, c) rows whose sketches score highest against the token's sketch."""
+    q = x_unit @ sketch.proj.float()  # (T, d_sketch); a rank's partial sum under TP
+    if all_reduce is not None:
+        q = _reduced(all_reduce, q)
+    q = q.to(sketch.keys.dtype)
+    n_facts = sketch.keys.shape[0]
+    c = min(sketch.shortlist, n_facts)
+    chunk = max(fact_chunk, c)  # the first chunk fills the shortlist
+    top_v = top_i = None
+    for start in range(0, n_facts, chunk):
+        approx = (q @ sketch.keys[start : start + chunk].T).float()  # (T, chunk)
+        v, i = approx.topk(min(c, approx.shape[-1]), dim=-1)  # (T, c)
+        i = i + start
+        if top_v is not None:
+            v, pick = torch.cat([top_v, v], -1).topk(c, dim=-1)  # (T, c) of the 2c
+            i = torch.cat([top_i, i], -1).gather(-1, pick)
+        top_v, top_i = v, i
+    return top_i
+
+
+def _rescore(x_c: torch.Tensor, keys: torch.Tensor, key_inv_norms: torch.Tensor, cand: torch.Tensor,
+             all_reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact cosines of the candidates; (best, its row), the lowest row winning ties as in §5."""
+    T, c = cand.shape
+    rows = keys.index_select(0, cand.reshape(-1)).reshape(T, c, keys.shape[-1])  # (T, c, d_key)
+    dots = torch.bmm(rows, x_c.unsqueeze(-1)).squeeze(-1).float()  # (T, c)
+    if all_reduce is not None:
+        dots = _reduced(all_reduce, dots)
+    scaled = dots * key_inv_norms.index_select(0, cand.reshape(-1)).reshape(T, c)  # (T, c) cosines
+    best = scaled.max(dim=-1).values  # (T,)
+    at_best = torch.where(scaled == best.unsqueeze(-1), cand, torch.full_like(cand, keys.shape[0]))
+    return best, at_best.min(dim=-1).values
+
+
+def fit_sketch(keys: torch.Tensor, dim: int, max_rows: int = 65536, seed: int = 0) -> torch.Tensor:
+    """A (d_key, dim) float32 projection fitted to the keys: the top right singular vectors of
+    the unit keys (uncentred PCA: it keeps the directions that carry the dot products).
+
+    Fitted on at most `max_rows` rows, drawn with `seed`, so the cost does not grow with
+    n_facts and the same keys always give the same projection.
+
+    >>> proj = fit_sketch(adapter.keys, 64)
+    """
+    n, d_key = keys.shape
+    dim = max(1, min(dim, d_key))
+    rows = keys
+    if n > max_rows:
+        pick = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_rows]
+        rows = keys.index_select(0, pick)
+    unit = rows.float() * key_inverse_norms(rows).unsqueeze(-1)  # (m, d_key)
+    second = unit.T.double() @ unit.double()  # (d_key, d_key) second moment, float64 for a stable eigh
+    _, vecs = torch.linalg.eigh(second)  # ascending eigenvalues
+    proj = vecs[:, -dim:].flip(-1).float()  # (d_key, dim), strongest direction first
+    # eigenvectors are defined up to sign: fix it so the same keys give the same bytes
+    signs = torch.sign(proj[proj.abs().argmax(0), torch.arange(dim)])
+    return (proj * torch.where(signs == 0, 1.0, signs)).contiguous()
+
+
+def sketch_keys(keys: torch.Tensor, proj: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+    """(n_facts, d_sketch) float32 sketches of the unit keys; all-zero rows give zero sketches."""
+    parts = [keys[s : s + chunk].float() * key_inverse_norms(keys[s : s + chunk]).unsqueeze(-1) @ proj.float()
+             for s in range(0, keys.shape[0], chunk)]
+    return torch.cat(parts) if parts else torch.zeros(0, proj.shape[1])
+
+
 def _reduced(all_reduce: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor) -> torch.Tensor:
     out = all_reduce(t)
     return t if out is None else out
 
 
-__all__ = ["GateResult", "nkv_gate", "key_inverse_norms", "DEFAULT_FACT_CHUNK"]
+__all__ = ["GateResult", "Sketch", "nkv_gate", "key_inverse_norms", "unit_rows", "fit_sketch", "sketch_keys",
+           "DEFAULT_FACT_CHUNK"]

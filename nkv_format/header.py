@@ -253,7 +253,7 @@ def _json_fields(meta: dict[str, str], problems: list[str]) -> dict[str, dict]:
 
 
 def _tensor_problems(tensors: dict[str, TensorInfo], n_facts: int, d_key: int, d_model: int) -> list[str]:
-    """V7: the three tensors, their dtypes and shapes."""
+    """V7: the three tensors, their dtypes and shapes; V11: the optional sketch projection."""
     problems: list[str] = []
     expected = {C.T_KEYS: (n_facts, d_key), C.T_RESIDUALS: (n_facts, d_model)}
     for name, shape in expected.items():
@@ -273,6 +273,12 @@ def _tensor_problems(tensors: dict[str, TensorInfo], n_facts: int, d_key: int, d
         problems.append(f"V7: tensor {C.T_FACTS!r} is missing")
     elif facts.dtype != "U8" or len(facts.shape) != 1:
         problems.append(f"V7: tensor {C.T_FACTS!r} must be U8 with shape [n_bytes], got {facts.dtype} {list(facts.shape)}")
+    proj = tensors.get(C.T_SKETCH_PROJ)
+    if proj is not None and not (proj.dtype == "F32" and len(proj.shape) == 2 and proj.shape[0] == d_key
+                                 and 1 <= proj.shape[1] <= d_key):
+        problems.append(f"V11: tensor {C.T_SKETCH_PROJ!r} must be F32 [d_key = {d_key}, d_sketch] with "
+                        f"1 <= d_sketch <= d_key, got {proj.dtype} {list(proj.shape)}; drop it or refit it "
+                        "(NKVAdapter.with_sketch)")
     return problems
 
 

@@ -1,4 +1,5 @@
-"""Write the golden example `golden.nkv` and its human-readable dump `golden.txt`.
+"""Write the golden examples `golden.nkv` (format 1.0) and `golden-sketch.nkv` (1.1, with
+the optional sketch projection) and their human-readable dumps `golden.txt`, `golden-sketch.txt`.
 
 Every value is fixed here (no randomness, no model), and all numbers are exact binary
 fractions, so the file is the same on every machine. tests/test_spec_golden.py checks that
@@ -46,6 +47,12 @@ LAYER = 1
 GAMMA = 0.65
 TARGET_MODULE = "transformer.h.1.mlp.c_proj"
 BUILD = {"tool": "spec/examples/make_golden.py", "seed": 0}
+SKETCH_PROJ = [  # nkv.sketch.proj (format 1.1), [d_key = 4, d_sketch = 2]; golden-sketch.nkv only
+    [0.75, 0.0],
+    [0.0, 0.75],
+    [0.5, -0.5],
+    [-0.25, 0.25],
+]
 
 
 def golden_adapter():  # -> nkv.NKVAdapter
@@ -59,6 +66,13 @@ def golden_adapter():  # -> nkv.NKVAdapter
         facts=[Fact(**f) for f in FACTS],
         layer=LAYER, gamma=GAMMA, base=base, target_module=TARGET_MODULE, build=BUILD,
     )
+
+
+def golden_sketch_adapter():  # -> nkv.NKVAdapter
+    """The golden adapter plus a sketch projection: the 1.1 example."""
+    from dataclasses import replace
+
+    return replace(golden_adapter(), sketch_proj=torch.tensor(SKETCH_PROJ, dtype=torch.float32))
 
 
 def dump(data: bytes, name: str = "golden.nkv") -> str:
@@ -104,10 +118,11 @@ def dump(data: bytes, name: str = "golden.nkv") -> str:
 
 
 def main() -> None:
-    data = golden_adapter().to_bytes()
-    (HERE / "golden.nkv").write_bytes(data)
-    (HERE / "golden.txt").write_text(dump(data), encoding="utf-8")
-    print(f"wrote {HERE / 'golden.nkv'} ({len(data)} bytes) and golden.txt")
+    for stem, adapter in (("golden", golden_adapter()), ("golden-sketch", golden_sketch_adapter())):
+        data = adapter.to_bytes()
+        (HERE / f"{stem}.nkv").write_bytes(data)
+        (HERE / f"{stem}.txt").write_text(dump(data, f"{stem}.nkv"), encoding="utf-8")
+        print(f"wrote {HERE / stem}.nkv ({len(data)} bytes) and {stem}.txt")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,181 @@
+"""The sketch path of the gate (spec §5.1) and the optional `nkv.sketch.proj` tensor (V11).
+
+The exact path is the reference: the sketch path must equal it when the shortlist holds
+every row, never fire where it does not, report exact cosines, agree across two
+tensor-parallel ranks, trace without graph breaks and follow in-place hot swaps.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+
+import pytest
+import torch
+
+from nkv import NKVAdapter, NKVFormatError
+from nkv.gate import Sketch, fit_sketch, key_inverse_norms, nkv_gate, sketch_keys
+from test_format import make
+
+
+def clustered(n: int, d: int, rank: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys that share a low-rank structure (as real FFN keys do), and queries: half near a key."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(rank, d, generator=g)
+    keys = torch.randn(n, rank, generator=g) @ basis + 0.4 * torch.randn(n, d, generator=g)
+    q = torch.randn(64, rank, generator=g) @ basis + 0.4 * torch.randn(64, d, generator=g)
+    near = keys[torch.randint(0, n, (32,), generator=g)]
+    q[:32] = near + 0.15 * near.norm(dim=-1, keepdim=True) / d**0.5 * torch.randn(32, d, generator=g)
+    return keys, q
+
+
+def _sketch(keys: torch.Tensor, dim: int, shortlist: int) -> Sketch:
+    proj = fit_sketch(keys, dim)
+    return Sketch(proj, sketch_keys(keys, proj), shortlist)
+
+
+def test_full_shortlist_equals_the_exact_path_including_ties_and_padding() -> None:
+    keys = torch.tensor([[1.0, 0.0, 0.0], [2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])  # 0, 1 tie; 3 pads
+    residuals = torch.arange(12.0).reshape(4, 3)
+    k = torch.tensor([[5.0, 0.0, 0.1], [0.0, -1.0, 0.0], [0.0, 0.0, 0.0], [0.1, 1.0, 0.0]])
+    inv, gamma = key_inverse_norms(keys), torch.tensor(0.5)
+    exact = nkv_gate(k, keys, inv, residuals, gamma)
+    for chunk in (1, 2, 4):
+        fast = nkv_gate(k, keys, inv, residuals, gamma, fact_chunk=chunk, sketch=_sketch(keys, 2, 4))
+        assert torch.equal(fast.index, exact.index) and torch.equal(fast.fired, exact.fired)
+        assert torch.allclose(fast.score, exact.score) and torch.equal(fast.delta, exact.delta)
+    assert int(exact.index[0]) == 0  # the first of two tied rows, on both paths
+
+
+def test_never_fires_where_exact_does_not_and_scores_are_exact() -> None:
+    keys, q = clustered(3000, 48)
+    residuals = torch.randn(3000, 8)
+    inv = key_inverse_norms(keys)
+    for gamma in (0.3, 0.65, 0.9):
+        exact = nkv_gate(q, keys, inv, residuals, torch.tensor(gamma))
+        fast = nkv_gate(q, keys, inv, residuals, torch.tensor(gamma), fact_chunk=512, sketch=_sketch(keys, 4, 2))
+        assert not (fast.fired & ~exact.fired).any()
+        cos = torch.nn.functional.cosine_similarity(q, keys[fast.index], dim=-1)
+        assert torch.allclose(fast.score, cos, atol=1e-5)
+        assert (fast.score <= exact.score + 1e-6).all()
+
+
+def test_recall_of_the_exact_decision_on_clustered_keys() -> None:
+    keys, q = clustered(20000, 96, seed=1)
+    residuals = torch.randn(20000, 8)
+    inv, gamma = key_inverse_norms(keys), torch.tensor(0.65)
+    exact = nkv_gate(q, keys, inv, residuals, gamma)
+    fast = nkv_gate(q, keys, inv, residuals, gamma, sketch=_sketch(keys, 32, 32))
+    same = (fast.fired == exact.fired) & (~exact.fired | (fast.index == exact.index))
+    assert exact.fired.sum() >= 30 and bool(same.all())
+    # a one-dimensional sketch with one candidate is too coarse: the test can tell
+    coarse = nkv_gate(q, keys, inv, residuals, gamma, sketch=_sketch(keys, 1, 1))
+    assert not bool(((coarse.fired == exact.fired) & (coarse.index == exact.index)).all())
+
+
+def test_tensor_parallel_ranks_pick_the_same_rows_as_one_device() -> None:
+    keys, q = clustered(500, 16, seed=2)
+    residuals, inv, gamma = torch.randn(500, 4), key_inverse_norms(keys), torch.tensor(0.65)
+    sk = _sketch(keys, 6, 4)
+    want = nkv_gate(q, keys, inv, residuals, gamma, fact_chunk=128, sketch=sk)
+    barrier, slots, outs, sizes = threading.Barrier(2), [None, None], [None, None], []
+
+    def rank(r: int) -> None:
+        def all_reduce(t: torch.Tensor) -> torch.Tensor:
+            sizes.append(t.numel())
+            slots[r] = t.clone()
+            barrier.wait()
+            total = slots[0] + slots[1]
+            barrier.wait()
+            return total
+        cols = slice(8 * r, 8 * (r + 1))
+        outs[r] = nkv_gate(q[:, cols], keys[:, cols], inv, residuals, gamma, fact_chunk=128, all_reduce=all_reduce,
+                           sketch=Sketch(sk.proj[cols], sk.keys, sk.shortlist))
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for out in outs:
+        assert torch.equal(out.index[want.fired], want.index[want.fired]) and torch.equal(out.fired, want.fired)
+        assert torch.allclose(out.score, want.score, atol=1e-5)
+    # all-reduce traffic: (T,) norms, (T, d_sketch), (T, shortlist) -- never (T, n_facts)
+    assert max(sizes) == q.shape[0] * 6 < q.shape[0] * 500
+
+
+def test_compiles_without_graph_breaks_and_follows_in_place_swaps() -> None:
+    keys, q = clustered(400, 16, seed=3)
+    residuals, gamma = torch.randn(400, 4), torch.tensor(0.65)
+    capacity = 512
+    buf = {"keys": torch.zeros(capacity, 16), "inv": torch.zeros(capacity), "res": torch.zeros(capacity, 4),
+           "proj": torch.zeros(16, 6), "sk": torch.zeros(capacity, 6)}
+
+    def load(k: torch.Tensor, r: torch.Tensor) -> None:  # a hot swap: in-place copies, padding after
+        proj = fit_sketch(k, 6)
+        for name, rows in (("keys", k), ("inv", key_inverse_norms(k)), ("res", r), ("sk", sketch_keys(k, proj))):
+            buf[name].zero_()
+            buf[name][: rows.shape[0]].copy_(rows)
+        buf["proj"].copy_(proj)
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        return nkv_gate(x, buf["keys"], buf["inv"], buf["res"], gamma, fact_chunk=128,
+                        sketch=Sketch(buf["proj"], buf["sk"], 8)).delta
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")  # fullgraph: a graph break raises
+    for k, r in ((keys, residuals), (keys[:200] * 2, -residuals[:200]), (keys[:0], residuals[:0])):
+        load(k, r)
+        assert torch.equal(compiled(q), step(q))
+        if k.shape[0]:  # the padded buffers decide as the unpadded rows do
+            proj = fit_sketch(k, 6)
+            want = nkv_gate(q, k, key_inverse_norms(k), r, gamma, sketch=Sketch(proj, sketch_keys(k, proj), 8))
+            assert want.fired.any() and torch.allclose(compiled(q), want.delta)
+        else:
+            assert not compiled(q).any()
+
+
+def test_transformers_loader_takes_the_sketch_path_from_the_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nkv.loaders import transformers as tl
+
+    adapter = replace(make([f"f{i}" for i in range(300)]), keys=clustered(300, 4, rank=2, seed=4)[0])
+    base = torch.nn.Linear(4, 3)
+    exact = tl.NKVLinear(base, adapter, torch.float32, torch.device("cpu"))
+    assert exact.shortlist == 0 and exact.nkv_sketch_keys is None
+    monkeypatch.setattr(tl, "SKETCH_MIN_FACTS", 300)
+    fast = tl.NKVLinear(base, adapter.with_sketch(3), torch.float32, torch.device("cpu"))
+    assert fast.shortlist == tl.DEFAULT_SHORTLIST and fast.nkv_sketch_keys.shape == (300, 3)
+    x = adapter.keys[:50] + 0.01 * torch.randn(50, 4)
+    a, b = exact.gate(x), fast.gate(x)
+    assert not (b.fired & ~a.fired).any()
+    assert (a.fired == b.fired).float().mean() >= 0.9
+
+
+# ------------------------------------------------------------------ the file part (V11)
+def test_sketch_round_trips_and_survives_row_operations(tmp_path) -> None:
+    a = make([f"f{i}" for i in range(6)]).with_sketch(2)
+    assert a.sketch_proj.shape == (4, 2) and torch.equal(a.with_sketch(2).sketch_proj, a.sketch_proj)
+    back = NKVAdapter.load(a.save(tmp_path / "a.nkv"))
+    assert torch.equal(back.sketch_proj, a.sketch_proj) and back.to_bytes() == a.to_bytes()
+    assert b'"nkv.version":"1.1"' in a.to_bytes() and b'"nkv.version":"1.0"' in a.with_sketch(0).to_bytes()
+    for out in (a.remove(ids=["f1"]), a.select(["f2", "f0"]), a.merge(make(["z"])), a.to(torch.float16)):
+        assert torch.equal(out.sketch_proj, a.sketch_proj)
+        NKVAdapter.from_bytes(out.to_bytes())
+    assert a.diff(a.with_sketch(0)).settings == {"sketch": (2, 0)}
+
+
+@pytest.mark.parametrize("proj, needle", [
+    (torch.zeros(4, 2, dtype=torch.float64), "V11"),
+    (torch.zeros(3, 2), "V11"),
+    (torch.zeros(4, 5), "V11"),
+    (torch.full((4, 2), float("nan")), "V11"),
+])
+def test_bad_sketch_is_refused_by_writer_and_reader(proj: torch.Tensor, needle: str) -> None:
+    a = replace(make(["a", "b"]), sketch_proj=proj)
+    with pytest.raises(NKVFormatError, match=needle):
+        a.to_bytes()
+    good = make(["a", "b"]).with_sketch(2).to_bytes()
+    bad = good.replace(b'"nkv.sketch.proj":{"dtype":"F32","shape":[4,2]',
+                       b'"nkv.sketch.proj":{"dtype":"I32","shape":[4,2]')
+    assert bad != good
+    with pytest.raises(NKVFormatError, match=r"V11: tensor 'nkv.sketch.proj' must be F32"):
+        NKVAdapter.from_bytes(bad)
