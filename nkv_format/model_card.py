@@ -115,7 +115,7 @@ def _details_section(adapter: NKVAdapter, filename: str, base_id: str | None) ->
     dtype = row_dtype_name(adapter.keys.dtype)
     rows = [
         ("file", f"`{filename}`"),
-        ("format", f"NKV {C.FORMAT_VERSION}"),
+        ("format", f"NKV {adapter.metadata()[C.K_VERSION]}"),  # the version the file is written as
         ("facts", str(adapter.n_facts)),
         ("base model", f"`{_cell(b.name)}` ({_cell(b.architecture)}, `{_cell(b.model_type)}`)"),
     ]
