@@ -190,3 +190,11 @@ def test_knowedit_metrics_on_a_forcing_adapter():
 
     unmeasured = evaluate(model, tok, adapter, [far], options=replace(options, measure_pre=False)).knowedit
     assert unmeasured["locality"]["post"] is None and unmeasured["edit_succ"]["pre"] is None
+
+
+def test_eval_reports_bad_data_records_before_loading_anything(tmp_path):
+    data, report = _many_bad(tmp_path / "bad.json", 30), tmp_path / "bad.txt"
+    result = _run("eval", "--model", "never-loaded", "--adapter", "never-read.nkv", "--data", data, "--report", report)
+    assert result.exit_code == 1 and "31 bad record(s)" in result.stderr
+    assert "30 records (record 2, record 3, record 4, ...)" in result.stderr
+    assert len(report.read_text().splitlines()) == 32 and "cannot load model" not in result.stderr
