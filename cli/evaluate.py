@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from nkv.atomic import check_writable_target, rewrite_adapter
 from nkv.errors import NKVError
 
 
@@ -69,6 +70,8 @@ def evaluate(model_name: str, adapter_src: str, data_path: str, skip_bad: bool, 
     if write_back and not Path(adapter_src).is_file():
         raise NKVError(f"--write-back rewrites a local .nkv file, but {adapter_src!r} is not one; "
                        "download it first (`nkv pull ... -o DIR`) and pass the file")
+    if write_back:
+        check_writable_target(adapter_src)  # a symlink into the Hub cache: refuse before the model loads
     scan = scan_facts(data_path)
     check_bad_records(scan, report_path, skip_bad)
     facts = scan.facts[:limit]
@@ -103,8 +106,8 @@ def evaluate(model_name: str, adapter_src: str, data_path: str, skip_bad: bool, 
         click.echo(f"wrote {plot_cosines(report, plot_path)}", err=True)
     if write_back:
         path = Path(adapter_src)
-        stored = replace(adapter, eval={**adapter.eval, Path(data_path).name: report.summary()})
-        stored.save(path)
+        # Re-read under the writers' lock: an `nkv rm` during the evaluation is kept, not overwritten.
+        rewrite_adapter(path, lambda now: replace(now, eval={**now.eval, Path(data_path).name: report.summary()}))
         click.echo(f"stored the summary in {path} (nkv.eval[{Path(data_path).name!r}])", err=True)
 
 

@@ -13,7 +13,9 @@ from typing import Any
 
 import click
 
-from nkv import NKVAdapter, NKVFormatError, read_header
+from nkv import NKVAdapter, NKVError, NKVFormatError, read_header
+from nkv.atomic import check_writable_target, locked, rewrite_adapter
+from nkv.compat import check_gamma
 from nkv.facts import Fact, decode_facts
 from nkv.header import NKVHeader
 
@@ -33,6 +35,16 @@ def _size(n_bytes: int) -> str:
 def _short(text: str, width: int) -> str:
     text = text.replace("\n", " ")
     return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _gamma(value: float | None) -> float | None:
+    """--gamma through the one range check every entry point uses (click's FloatRange lets NaN through)."""
+    if value is None:
+        return None
+    try:
+        return check_gamma(value, "--gamma")
+    except NKVError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def _read_facts(header: NKVHeader) -> list[Fact]:
@@ -169,12 +181,16 @@ def rm(file: Path, ids: tuple[str, ...], subjects: tuple[str, ...], output: Path
     """
     if not ids and not subjects:
         raise click.UsageError("give at least one --id or --subject")
-    adapter = NKVAdapter.load(file)
-    kept = adapter.remove(ids=ids, subjects=subjects, missing_ok=missing_ok)
-    left = set(kept.ids)  # once, not per id: O(n) at 200k rows
-    gone = [i for i in adapter.ids if i not in left]
+    before: list[str] = []
+
+    def remove(adapter: NKVAdapter) -> NKVAdapter:
+        before.extend(adapter.ids)
+        return adapter.remove(ids=ids, subjects=subjects, missing_ok=missing_ok)
+
     target = output or file
-    kept.save(target)
+    kept = rewrite_adapter(file, remove, output=target)  # locked, atomic, never through a symlink
+    left = set(kept.ids)  # once, not per id: O(n) at 200k rows
+    gone = [i for i in before if i not in left]
     click.echo(f"removed {len(gone)} fact{'s' * (len(gone) != 1)} ({_short(', '.join(gone), 60) or 'none'}); "
                f"{kept.n_facts} left in {target}")
 
@@ -185,8 +201,8 @@ def rm(file: Path, ids: tuple[str, ...], subjects: tuple[str, ...], output: Path
 @click.option("-o", "--output", type=_OUT, required=True, help="Where to write the merged adapter.")
 @click.option("--on-conflict", type=click.Choice(["error", "ours", "theirs"]), default="error", show_default=True,
               help="A fact id in both files with different content: fail, keep A's, or take B's.")
-@click.option("--gamma", type=click.FloatRange(0.0, 1.0), default=None,
-              help="Threshold of the result (required when A and B differ).")
+@click.option("--gamma", type=float, default=None, callback=lambda _ctx, _param, v: _gamma(v),
+              help="Threshold of the result, in [0, 1] (required when A and B differ).")
 def merge(a: Path, b: Path, output: Path, on_conflict: str, gamma: float | None) -> None:
     """Merge adapters A and B (same base model and layer) into OUTPUT: A's facts, then B's.
 
@@ -194,10 +210,12 @@ def merge(a: Path, b: Path, output: Path, on_conflict: str, gamma: float | None)
     Example:
       nkv merge team1.nkv team2.nkv -o all.nkv --on-conflict theirs
     """
-    first, second = NKVAdapter.load(a), NKVAdapter.load(b)
-    conflicts = first.diff(second).changed
-    merged = first.merge(second, on_conflict=on_conflict, gamma=gamma)  # type: ignore[arg-type]
-    merged.save(output)
+    check_writable_target(output)
+    with locked(output):  # `merge A B -o A` rewrites A: one writer at a time
+        first, second = NKVAdapter.load(a), NKVAdapter.load(b)
+        conflicts = first.diff(second).changed
+        merged = first.merge(second, on_conflict=on_conflict, gamma=gamma)  # type: ignore[arg-type]
+        merged.save(output)
     note = f"; {len(conflicts)} conflicting id(s) resolved as {on_conflict}" if conflicts else ""
     click.echo(f"merged {first.n_facts} + {second.n_facts} facts -> {merged.n_facts} in {output}{note}")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from nkv.errors import NKVError
+from nkv.errors import NKVError, NKVUnsupportedModelError
 
 
 def load_model(model_name: str, *, revision: str | None = None, device: str = "auto",
@@ -18,11 +18,12 @@ def load_model(model_name: str, *, revision: str | None = None, device: str = "a
     """Load a causal LM and its tokenizer from a local folder, a Hub id, a .gguf file or a
     packaged model name (`nkv.loaders.gguf.PACKAGED`), or raise NKVError."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from nkv.dtypes import TORCH_DTYPES as DTYPES
 
     from .gguf import model_source
+    from .transformers import quantization_method
 
     model_name = model_source(model_name)  # a .gguf file or packaged model: its converted folder
     if device == "auto":
@@ -32,6 +33,12 @@ def load_model(model_name: str, *, revision: str | None = None, device: str = "a
     where = "local folder" if Path(model_name).is_dir() else "Hub id"
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_name, revision=revision)
+        method = quantization_method(AutoConfig.from_pretrained(model_name, revision=revision))
+        if method is not None:  # before from_pretrained, which would want the quantization library
+            raise NKVUnsupportedModelError(
+                f"model {model_name!r} is quantized ({method}); NKV builds and checks adapters on float weights, "
+                "and bitsandbytes, GPTQ and AWQ layers are not supported. Use the unquantized checkpoint (a "
+                ".gguf file is fine: nkv dequantizes it)")
         model = AutoModelForCausalLM.from_pretrained(model_name, revision=revision, dtype=DTYPES[dtype])
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

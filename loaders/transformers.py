@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from nkv.adapter import NKVAdapter
-from nkv.compat import check_fingerprint, check_shape
-from nkv.errors import NKVCompatibilityError
+from nkv.compat import check_fingerprint, check_gamma, check_shape
+from nkv.errors import NKVCompatibilityError, NKVUnsupportedModelError
 from nkv.facts import Fact
 from nkv.fingerprint import compute_fingerprint
 from nkv.constants import DEFAULT_SHORTLIST, DEFAULT_SKETCH_DIM, SKETCH_MIN_FACTS
@@ -180,8 +180,10 @@ class NKVHandle:
 
 
 def attach(model: nn.Module, adapter: AdapterSource, *, revision: str | None = None,
-           strict: bool = True) -> NKVHandle:
+           strict: bool = True, gamma: float | None = None) -> NKVHandle:
     """Attach an adapter to a transformers causal LM (see `nkv.load_nkv_adapter`).
+
+    `gamma` overrides the adapter's threshold (a number in [0, 1]).
 
     Raises:
         NKVUnsupportedModelError: the architecture is not in the table.
@@ -189,7 +191,11 @@ def attach(model: nn.Module, adapter: AdapterSource, *, revision: str | None = N
             or an adapter is already attached at that layer.
         NKVFingerprintError: different checkpoint (a warning instead when strict=False).
     """
+    if gamma is not None:
+        gamma = check_gamma(gamma, "load_nkv_adapter(gamma=...)")
     adapter = resolve_adapter(adapter, revision=revision)
+    if gamma is not None:
+        adapter = replace(adapter, gamma=gamma)
     spec = arch_spec(model_type_of(model))
     check_base(model, adapter, strict=strict)
     path = spec.module_path(adapter.layer)
@@ -212,10 +218,43 @@ def check_base(model: nn.Module, adapter: NKVAdapter, strict: bool = True) -> No
     expected, layer = adapter.base, adapter.layer
     model_type, n_layers = model_type_of(model), len(blocks(model))
     same_layout = model_type == expected.model_type and n_layers == expected.n_layers
+    if same_layout:
+        refuse_quantized(model, layer)
     weight = projection_weight(model, layer).detach() if same_layout else None
     d_model, d_key = weight.shape if weight is not None else (0, 0)
     check_shape(expected, layer, model_type=model_type, n_layers=n_layers, d_model=d_model, d_key=d_key)
     check_fingerprint(expected, layer, compute_fingerprint(weight), strict=strict, stacklevel=3)
+
+
+def quantization_method(model_or_config: Any) -> str | None:
+    """The `quant_method` of a model's (or config's) `quantization_config`, or None."""
+    config = getattr(model_or_config, "config", model_or_config)
+    qc = getattr(config, "quantization_config", None)
+    if not qc:
+        return None
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    return str(getattr(method, "value", method) or "unknown method")
+
+
+def refuse_quantized(model: nn.Module, layer: int) -> None:
+    """NKVUnsupportedModelError unless layer `layer`'s output projection holds a float weight.
+
+    bitsandbytes int8/4-bit layers hold integer weights, GPTQ and AWQ layers packed `qweight`s
+    and no `weight`: the gate's fingerprint and dtype come from the float weight, so such a
+    layer is refused by name instead of failing as "wrong checkpoint" or AttributeError.
+    (A dequantized model, such as a .gguf file transformers loaded, has float weights: fine.)
+    """
+    module = output_projection(model, layer)
+    module = getattr(module, "base_layer", module)
+    weight = getattr(module, "weight", None)
+    packed = hasattr(module, "qweight") or not isinstance(weight, torch.Tensor) or not weight.is_floating_point()
+    if packed:
+        method = quantization_method(model) or type(module).__name__
+        raise NKVUnsupportedModelError(
+            f"the model is quantized ({method}): layer {layer}'s output projection is a {type(module).__name__} "
+            "without a float weight, which NKV needs to check the base model and to gate; bitsandbytes, GPTQ "
+            "and AWQ layers are not supported. Load the unquantized checkpoint (e.g. dtype=torch.bfloat16) "
+            "to attach or build adapters")
 
 
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -224,4 +263,5 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, name, module)
 
 
-__all__ = ["attach", "check_base", "NKVHandle", "NKVLinear", "GateActivity"]
+__all__ = ["attach", "check_base", "refuse_quantized", "quantization_method", "NKVHandle", "NKVLinear",
+           "GateActivity"]

@@ -3,9 +3,10 @@ every loader, so transformers and vLLM refuse the same things with the same word
 
 from __future__ import annotations
 
+import math
 import warnings
 
-from .errors import NKVCompatibilityError, NKVFingerprintError
+from .errors import NKVCompatibilityError, NKVError, NKVFingerprintError
 from .fingerprint import fingerprints_match
 from .header import BaseModelInfo
 
@@ -46,4 +47,21 @@ def check_fingerprint(expected: BaseModelInfo, layer: int, fingerprint: str | No
     warnings.warn(message, stacklevel=stacklevel + 1)
 
 
-__all__ = ["check_shape", "check_fingerprint"]
+def check_gamma(value: object, where: str = "gamma") -> float:
+    """Return `value` as a float if it is a threshold the gate can use, else raise NKVError.
+
+    γ is a cosine threshold: the gate fires where cos(key, activation) > γ. Below 0 nearly
+    every token fires; above 1 (or NaN) nothing ever does. Every entry point (the vLLM
+    config and HTTP route, `load_nkv_adapter`, `nkv merge --gamma`) calls this one check.
+
+    >>> check_gamma(0.65)
+    0.65
+    """
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or not 0.0 <= value <= 1.0:  # type: ignore[operator,arg-type]
+        raise NKVError(f"{where} must be a number in [0, 1] (the cosine above which the gate fires), got "
+                       f"{value!r}; omit it to use the adapter's own threshold")
+    return float(value)  # type: ignore[arg-type]
+
+
+__all__ = ["check_shape", "check_fingerprint", "check_gamma"]

@@ -170,3 +170,64 @@ def test_row_chunking_matches_one_block(monkeypatch):
     assert torch.allclose(whole.score, blocked.score, atol=1e-6)  # matmul blocking: last-ulp noise
     assert torch.allclose(whole.delta, blocked.delta)
     assert bool(whole.fired[1, 2])
+
+
+# ------------------------------------------------------------------ quantized models and gamma (issue 14)
+class Int8Linear(torch.nn.Module):
+    """Looks like bitsandbytes' Linear8bitLt: an int8 `weight` (plus scales), no float weight."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.weight = torch.nn.Parameter(linear.weight.detach().mul(127).round().to(torch.int8), requires_grad=False)
+        self.register_buffer("SCB", linear.weight.detach().abs().amax(1))
+
+
+class PackedLinear(torch.nn.Module):
+    """Looks like a GPTQ/AWQ QuantLinear: packed int32 `qweight`, scales, zeros; no `weight`."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        out_features, in_features = linear.weight.shape
+        self.register_buffer("qweight", torch.zeros(in_features // 8, out_features, dtype=torch.int32))
+        self.register_buffer("scales", torch.ones(1, out_features, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("kind, method", [(Int8Linear, "bitsandbytes"), (PackedLinear, "gptq"), (PackedLinear, "awq")])
+def test_quantized_projection_is_refused_by_name(kind, method):
+    from nkv import NKVUnsupportedModelError
+    from nkv.loaders.architectures import arch_spec
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    adapter = forcing_adapter(model, tok, EDITED, TARGETS)
+    path = arch_spec("llama").module_path(adapter.layer)
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent), name, kind(model.get_submodule(path)))
+    model.config.quantization_config = {"quant_method": method, "bits": 8 if kind is Int8Linear else 4}
+    with pytest.raises(NKVUnsupportedModelError, match=f"quantized \\({method}\\).*not supported"):
+        load_nkv_adapter(model, adapter)
+
+
+def test_quantized_checkpoint_is_refused_before_loading(tmp_path):
+    import json
+
+    from tiny_models import save_tiny
+
+    from nkv import NKVUnsupportedModelError
+    from nkv.loaders.models import load_model
+
+    folder = save_tiny("llama", tmp_path / "gptq")
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(NKVUnsupportedModelError, match="quantized \\(gptq\\)"):  # not an ImportError
+        load_model(str(folder), device="cpu")
+
+
+@pytest.mark.parametrize("gamma", [-1.0, 1.01, float("nan")])
+def test_gamma_override_is_range_checked(gamma):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    adapter = forcing_adapter(model, tok, EDITED, TARGETS)
+    with pytest.raises(nkv.NKVError, match="must be a number in \\[0, 1\\]"):
+        load_nkv_adapter(model, adapter, gamma=gamma)
+    handle = load_nkv_adapter(model, adapter, gamma=0.25)
+    assert handle.info["gamma"] == 0.25 and float(handle.module.nkv_gamma) == 0.25
