@@ -114,8 +114,9 @@ def test_batched_equals_one_fact_at_a_time_reference():
 @pytest.mark.parametrize("layer", [0, 1])
 @pytest.mark.parametrize("model_type", tm.MODEL_TYPES)
 def test_prefix_cache_buckets_and_replay_match_whole_sequences(model_type, layer, monkeypatch):
-    """The batched path runs only the tokens from the subject on, over a cache of the rest,
-    in length buckets, replaying blocks 0..layer; the reference runs whole sequences
+    """The batched path runs only the tokens from the subject on, over a cache of the rest
+    (built in two stages: the prefixes' shared starts, then each row's own tokens), in
+    length buckets, replaying blocks 0..layer; the reference runs whole sequences
     through every block. Same numbers on every family."""
     from nkv.editing.solve import batch
 
@@ -129,6 +130,7 @@ def test_prefix_cache_buckets_and_replay_match_whole_sequences(model_type, layer
         tokens, h0 = _tokens_and_h0(model, tok, facts, layer)
         split = batch.FactBatch(tokens, 0, torch.device("cpu"))
         assert min(split.pre_len) == 0 and len(split.select(list(range(len(facts))))) > 1
+        assert len(split.shared_ids) == 2  # each context prefix's common start runs once, shared
         batched = optimize_residuals(model, layer, tokens, h0, config, pad_id=0)
         reference = optimize_residuals_reference(model, layer, tokens, h0, config, pad_id=0)
     fell_back = any("replaying layer" in str(w.message) for w in caught)

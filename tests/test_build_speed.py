@@ -100,11 +100,14 @@ def test_opt_prefixes_optimises_under_the_first_templates_only():
 
 
 def test_presets():
-    previous, fast = default_config("llama", preset="previous"), default_config("llama")
+    previous, default = default_config("llama", preset="previous"), default_config("llama")
     assert (previous.steps, previous.lr, previous.stop_margin, previous.opt_prefixes) == (25, 0.2, None, None)
-    assert (fast.steps, fast.lr, fast.stop_margin) == (12, 0.5, 3.0)
+    assert (default.steps, default.lr, default.stop_margin, default.opt_prefixes) == (12, 0.5, 3.0, None)
+    fast = default_config("llama", preset="fast")  # the default under the bare prompt and one prefix
+    assert fast == default_config("llama", opt_prefixes=1)
     toy = tm.tiny_model("llama")  # toy-sized models keep their previous settings
     assert default_config(toy) == default_config(toy, preset="previous")
+    assert default_config(toy, preset="fast").opt_prefixes == 1
     with pytest.raises(NKVError, match="unknown build preset"):
         default_config("llama", preset="turbo")
     with pytest.raises(NKVError, match="stop_margin must be None or >= 0"):

@@ -7,8 +7,10 @@ ratio stays honest. After the last chunk each worker puts all its rows into one 
 and evaluates it with `evaluate_adapter` (`nkv eval`'s measurement) after all edits:
 efficacy, generalization, specificity, free-generation exact match.
 
-Modes:
+Modes (a preset name, optionally with settings: `default@opt_prefixes=2`):
 - `default`: today's `default_config(model)`;
+- `fast`: `default_config(model, preset="fast")`, the default optimised under the bare
+  prompt and one context prefix;
 - `previous`: `default_config(model, preset="previous")`, the build as it was before the
   fast defaults (same batching, prefix cache, replay; Adam to a loss threshold under all
   context prefixes);
@@ -40,7 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT.parent / "shared" / "data"
 DATASETS = {"counterfact": "counterfact-edit.json", "zsre": "zsre_mend_edit.json"}
-MODES = ("default", "previous", "one-at-a-time")
+MODES = ("default", "fast", "previous", "one-at-a-time")
 
 
 def _load(args: argparse.Namespace):
@@ -84,9 +86,10 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     model, tok = _load(args)
     items = read_facts(_facts_path(args.data))[: args.n]
-    preset = "default" if args.mode == "default" else "previous"
-    overrides = {"batch_size": 1 if args.mode == "one-at-a-time" else args.batch_size}
-    config = default_config(model, preset=preset, **overrides, **json.loads(args.config))
+    name, settings = _mode_settings(args.mode)
+    preset = "previous" if name == "one-at-a-time" else name
+    overrides = {"batch_size": 1 if name == "one-at-a-time" else args.batch_size, **json.loads(args.config), **settings}
+    config = default_config(model, preset=preset, **overrides)
     layer = default_layer(model) if args.layer is None else args.layer
     with frozen(model):
         prefixes = generate_prefixes(model, tok, config.n_prefixes, config.prefix_length, config.seed)
@@ -102,7 +105,7 @@ def worker(args: argparse.Namespace) -> None:
             began = time.perf_counter()
             with frozen(model):
                 rows = compute_rows(model, tok, tokens[start:end], layer, config,
-                                    reference=args.mode == "one-at-a-time")
+                                    reference=name == "one-at-a-time")
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             took = time.perf_counter() - began
@@ -134,6 +137,14 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps(result), flush=True)
 
 
+def _mode_settings(mode: str) -> tuple[str, dict]:
+    """"default@opt_prefixes=2@steps=8" -> ("default", {"opt_prefixes": 2, "steps": 8})."""
+    name, *pairs = mode.split("@")
+    if name not in MODES:
+        sys.exit(f"unknown mode {name!r}; known: {', '.join(MODES)}")
+    return name, {k: json.loads(v) for k, v in (pair.split("=", 1) for pair in pairs)}
+
+
 def _start(mode: str) -> subprocess.Popen:
     cmd = [sys.executable, __file__, *sys.argv[1:], "--mode", mode]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -142,10 +153,12 @@ def _start(mode: str) -> subprocess.Popen:
 
 
 def _reply(proc: subprocess.Popen, mode: str) -> dict:
-    line = proc.stdout.readline()
-    if not line:
-        sys.exit(f"{mode} worker died (its stderr is above)")
-    return json.loads(line)
+    while True:  # libraries may write stray lines to stdout; the worker's replies are JSON objects
+        line = proc.stdout.readline()
+        if not line:
+            sys.exit(f"{mode} worker died (its stderr is above)")
+        if line.startswith("{"):
+            return json.loads(line)
 
 
 def main() -> None:
@@ -164,7 +177,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--random", action="store_true", help="random weights of --model's config")
     parser.add_argument("--no-eval", action="store_true", help="speed and memory only")
-    parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.mode:
         worker(args)
@@ -173,6 +186,8 @@ def main() -> None:
     import torch
 
     modes = args.modes.split(",")
+    for mode in modes:
+        _mode_settings(mode)  # a typo fails here, not after the first chunk
     started = time.perf_counter()
     workers = {mode: _start(mode) for mode in modes}
     for start in range(0, args.n, args.chunk):

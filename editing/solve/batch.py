@@ -8,6 +8,15 @@ from the subject on (`suf`, right-padded) on top of that cache. With context pre
 of ~10 tokens in front of every prompt this cuts the tokens per step about 4x; the loss
 is the same up to float rounding (tests compare it with the full-sequence reference).
 
+The prefixes are mostly shared: every fact's prompt behind context prefix j starts with
+the same generated text. So the prefill runs in two stages. First the tokens that all
+of a batch's sequences of template j begin with (their longest common token prefix, so no
+assumption about how the tokenizer joins prefix and prompt) run once per template; then
+each sequence's own tokens up to the subject run on top of that shared cache. The
+cached part of a row is [shared, left-padded | own, left-padded]; the masked holes in the
+middle change nothing, as padding never does (the prefix-cache check in residuals.py
+compares the result with whole sequences).
+
 `split=False` keeps whole sequences (pre is empty): MEMIT's computation, used by the
 one-fact-at-a-time reference and as the fallback for caches this code does not know.
 """
@@ -15,13 +24,14 @@ one-fact-at-a-time reference and as the fallback for caches this code does not k
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from nkv.loaders.architectures import blocks
 
-from ..forward import StopForward, block_output, hooks
+from ..forward import StopForward, block_output, hooks, left_pad
 from .prompts import FactTokens
 
 
@@ -54,52 +64,82 @@ class FactBatch:
         self.n_templates = len(facts[0].rewrites)
         self.per_fact = self.n_templates + 1
         self.device = device
-        pres, sufs = [], []
+        pres, sufs, template = [], [], []
         self.delta_col: list[int] = []  # δ position in the suffix of each sequence
         self.targets: list[list[tuple[int, int]]] = []  # (suffix position, label) per sequence
         for f in facts:
-            for enc in (*f.rewrites, f.kl):
+            for j, enc in enumerate((*f.rewrites, f.kl)):
                 ids = enc.ids[:-1] if enc.target_start >= 0 else enc.ids  # the last token predicts nothing
                 cut = enc.subject_pos if split else 0
                 pres.append(ids[:cut])
                 sufs.append(ids[cut:])
+                template.append(j)
                 self.delta_col.append(enc.subject_pos - cut)
                 self.targets.append([(p - cut, enc.ids[p + 1]) for p in range(enc.target_start - 1, len(enc.ids) - 1)]
                                     if enc.target_start >= 0 else [])
         self.pre_len = [len(p) for p in pres]
         self.suf_len = [len(s) for s in sufs]
-        width_p, width_s = max(self.pre_len), max(self.suf_len)
-        n = len(sufs)
-        self.pre_ids = torch.full((n, width_p), pad_id, dtype=torch.long)
-        self.pre_mask = torch.zeros((n, width_p), dtype=torch.long)
+        shared = _shared_starts(pres, template, self.per_fact)  # per template: tokens all its rows begin with
+        self.shared_ids = [s for s in shared if s]  # the ones worth a stage of their own
+        slot = {j: self.shared_ids.index(s) for j, s in enumerate(shared) if s}
+        self.shared_slot = [slot.get(j, -1) for j in template]  # (n,) row -> its shared prefix, -1 none
+        shared_len = [len(shared[j]) for j in template]
+        owns = [pre[k:] for pre, k in zip(pres, shared_len)]
+        n, width_s = len(sufs), max(self.suf_len)
+        dev = device
+        # Stage a (shared) and stage b (own tokens) of the prefix, each left-padded.
+        a_ids, a_mask = left_pad(self.shared_ids or [[]], pad_id, torch.device("cpu"))
+        a_ids, a_mask = a_ids[: len(self.shared_ids)], a_mask[: len(self.shared_ids)]
+        width_a = a_ids.shape[1]
+        a_lens = torch.tensor([len(x) for x in self.shared_ids], dtype=torch.long).unsqueeze(1)
+        self.shared_ids_t, self.shared_mask = a_ids.to(dev), a_mask.to(dev)
+        self.shared_pos = (torch.arange(width_a).unsqueeze(0) - (width_a - a_lens)).clamp_min(0).to(dev)
+        b_ids, b_mask = left_pad(owns, pad_id, torch.device("cpu"))
+        width_b = b_ids.shape[1]
+        row_a_mask = torch.zeros((n, width_a), dtype=torch.long)
+        for row, k in enumerate(self.shared_slot):
+            if k >= 0:
+                row_a_mask[row] = a_mask[k]
+        own_lens = torch.tensor([len(o) for o in owns]).unsqueeze(1)  # (n, 1)
+        base = torch.tensor(shared_len).unsqueeze(1)  # (n, 1) positions taken by the shared part
+        self.pre_ids = b_ids.to(dev)  # (n, B) the own part, run by stage b
+        self.pre_mask = torch.cat([row_a_mask, b_mask], dim=1).to(dev)  # (n, A + B) over the whole cache
+        self.pre_pos = (base + (torch.arange(width_b).unsqueeze(0) - (width_b - own_lens)).clamp_min(0)).to(dev)
         self.suf_ids = torch.full((n, width_s), pad_id, dtype=torch.long)
         self.suf_mask = torch.zeros((n, width_s), dtype=torch.long)
-        for row, (pre, suf) in enumerate(zip(pres, sufs)):
-            if pre:  # left padding: real prefix tokens end where the suffix begins
-                self.pre_ids[row, width_p - len(pre):] = torch.tensor(pre)
-                self.pre_mask[row, width_p - len(pre):] = 1
+        for row, suf in enumerate(sufs):
             self.suf_ids[row, : len(suf)] = torch.tensor(suf)
             self.suf_mask[row, : len(suf)] = 1
         lens = torch.tensor(self.pre_len).unsqueeze(1)  # (n, 1)
-        self.pre_pos = (torch.arange(width_p).unsqueeze(0) - (width_p - lens)).clamp_min(0)  # (n, P)
-        self.suf_pos = lens + torch.arange(width_s).unsqueeze(0)  # (n, W)
-        for name in ("pre_ids", "pre_mask", "pre_pos", "suf_ids", "suf_mask", "suf_pos"):
-            setattr(self, name, getattr(self, name).to(device))
+        self.suf_pos = (lens + torch.arange(width_s).unsqueeze(0)).to(dev)  # (n, W)
+        self.suf_ids, self.suf_mask = self.suf_ids.to(dev), self.suf_mask.to(dev)
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.layer_out: torch.Tensor | None = None
         self.layer_tuple = False
 
     @property
     def prefix_width(self) -> int:
-        return self.pre_ids.shape[1]
+        return self.pre_mask.shape[1]
 
     @torch.no_grad()
     def prefill(self, model: nn.Module) -> bool:
-        """Run the prefixes once and keep their keys/values; False if this model's cache is unusable."""
+        """Run the prefixes once (shared parts, then each row's own) and keep their keys/values;
+        False if this model's cache is unusable."""
         if self.prefix_width == 0:
             return True
-        out = model(input_ids=self.pre_ids, attention_mask=self.pre_mask, position_ids=self.pre_pos, use_cache=True)
-        kv = cache_tensors(out.past_key_values, self.prefix_width + max(self.suf_len))
+        length = self.prefix_width + max(self.suf_len)
+        past = {}
+        if self.shared_ids:
+            out = model(input_ids=self.shared_ids_t, attention_mask=self.shared_mask, position_ids=self.shared_pos,
+                        use_cache=True)
+            kv = cache_tensors(out.past_key_values, length)
+            if kv is None:
+                return False
+            pick = torch.tensor([max(k, 0) for k in self.shared_slot], device=self.device)  # -1: masked anyway
+            past = {"past_key_values": make_cache([(k.index_select(0, pick), v.index_select(0, pick)) for k, v in kv])}
+        out = model(input_ids=self.pre_ids, attention_mask=self.pre_mask, position_ids=self.pre_pos, use_cache=True,
+                    **past)
+        kv = cache_tensors(out.past_key_values, length)
         if kv is None:
             return False
         self.kv = kv
@@ -170,6 +210,25 @@ class FactBatch:
             layer_out=None if self.layer_out is None else self.layer_out[idx, :width],
             layer_tuple=self.layer_tuple,
         )
+
+
+# A shared start shorter than this is left in each row's own part: a stage of its own
+# would cost more than it saves (the bare prompt and the KL prompt share a token or two).
+MIN_SHARED = 4
+
+
+def _shared_starts(pres: Sequence[Sequence[int]], template: Sequence[int], n_templates: int) -> list[list[int]]:
+    """Per template, the tokens every row of it begins with, leaving each row >= 1 own token
+    (an empty row in stage b would be all padding); [] when shorter than MIN_SHARED."""
+    out = []
+    for j in range(n_templates):
+        rows = [p for p, t in zip(pres, template) if t == j]
+        common = min(len(p) for p in rows) - 1
+        first = rows[0]
+        for p in rows[1:]:
+            common = next((i for i in range(common) if p[i] != first[i]), common)
+        out.append(list(first[:common]) if common >= MIN_SHARED else [])
+    return out
 
 
 # The fixed cost of one more forward/backward, in padded tokens: a few ms of Python and
