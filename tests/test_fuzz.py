@@ -1,7 +1,8 @@
 """Fuzz the reader: every input ends as a valid adapter or an NKVError, never anything else.
 
-Inputs are mutations of spec/examples/golden.nkv (bit flips, truncations, splices,
-structured edits of the header JSON and of the fact records) and random bytes. Each goes
+Inputs are mutations of spec/examples/golden.nkv and golden-sketch.nkv (format 1.1, with
+the optional sketch projection): bit flips, truncations, splices, structured edits of the
+header JSON, of the fact records and of the sketch tensor, and random bytes. Each goes
 to `NKVAdapter.from_bytes`, to `NKVAdapter.load` (through a file) and to `read_header`.
 An input that loads must also be valid in the other readers, write back to the same
 adapter, and say the same in both readers (a differential check of our JSON parser
@@ -11,7 +12,8 @@ Hangs: hypothesis' per-example deadline, plus a SIGALRM watchdog that turns a tr
 into a test failure instead of a stuck CI job. A crash (segfault) kills pytest, which CI
 reports as a failure.
 
-Cases per CI run: FUZZ_CASES below (about 2,400; ~30 s on two shared CPU cores). Each
+Cases per CI run: FUZZ_CASES below (10,400; about 65 s of CPU time, 3 minutes of wall time
+on two CPU cores shared with other jobs). Each
 test asserts how many inputs it ran and prints the count (`pytest -s` shows it).
 Raise NKV_FUZZ_SCALE (e.g. 20) for a longer local run.
 """
@@ -37,7 +39,13 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from nkv import NKVAdapter, NKVError, read_header
 
-GOLDEN = (Path(__file__).resolve().parent.parent / "spec" / "examples" / "golden.nkv").read_bytes()
+EXAMPLES = Path(__file__).resolve().parent.parent / "spec" / "examples"
+GOLDEN = (EXAMPLES / "golden.nkv").read_bytes()
+GOLDEN_SKETCH = (EXAMPLES / "golden-sketch.nkv").read_bytes()  # format 1.1
+_NS = struct.unpack("<Q", GOLDEN_SKETCH[:8])[0]
+HEADER_SKETCH = json.loads(GOLDEN_SKETCH[8 : 8 + _NS])
+BODY_SKETCH = GOLDEN_SKETCH[8 + _NS :]
+goldens = st.sampled_from([GOLDEN, GOLDEN_SKETCH])
 _N = struct.unpack("<Q", GOLDEN[:8])[0]
 HEADER = json.loads(GOLDEN[8 : 8 + _N])
 BODY = GOLDEN[8 + _N :]
@@ -45,9 +53,9 @@ _FACTS_AT = HEADER["nkv.facts"]["data_offsets"][0]  # the fact records are the l
 
 SCALE = int(os.environ.get("NKV_FUZZ_SCALE", "1"))
 # examples per strategy; the sum is the number of cases per CI run
-FUZZ_CASES = {"bitflips": 500, "truncation": 200, "splices": 400, "header_json": 700,
-              "fact_records": 300, "random_bytes": 300}
-TOTAL_CASES = sum(FUZZ_CASES.values())  # 2,400
+FUZZ_CASES = {"bitflips": 2000, "truncation": 1000, "splices": 1600, "header_json": 2800,
+              "fact_records": 1000, "random_bytes": 1000, "sketch": 1000}
+TOTAL_CASES = sum(FUZZ_CASES.values())  # 10,400
 
 _TMP = Path(tempfile.mkdtemp(prefix="nkv-fuzz-"))
 atexit.register(shutil.rmtree, _TMP, True)
@@ -235,7 +243,8 @@ def fact_mutation(draw: st.DrawFn) -> bytes:
 
 @st.composite
 def splice(draw: st.DrawFn) -> bytes:
-    data = bytearray(GOLDEN)
+    golden = draw(goldens)
+    data = bytearray(golden)
     for _ in range(draw(st.integers(1, 3))):
         a = draw(st.integers(0, len(data)))
         b = draw(st.integers(a, min(len(data), a + 64)))
@@ -250,24 +259,55 @@ def splice(draw: st.DrawFn) -> bytes:
             c = draw(st.integers(0, len(data)))
             data[c:c] = data[a:b]
     if draw(st.booleans()) and len(data) >= 8:  # keep the length field consistent with a shifted header
-        data[:8] = struct.pack("<Q", max(0, _N + len(data) - len(GOLDEN)))
+        data[:8] = struct.pack("<Q", max(0, struct.unpack("<Q", golden[:8])[0] + len(data) - len(golden)))
     return bytes(data)
 
 
 @st.composite
 def bitflips(draw: st.DrawFn) -> bytes:
-    data = bytearray(GOLDEN)
+    data = bytearray(draw(goldens))
+    n = struct.unpack("<Q", data[:8])[0]
     region = draw(st.sampled_from(["anywhere", "length", "header", "data"]))
-    lo, hi = {"anywhere": (0, len(data)), "length": (0, 8), "header": (8, 8 + _N),
-              "data": (8 + _N, len(data))}[region]
+    lo, hi = {"anywhere": (0, len(data)), "length": (0, 8), "header": (8, 8 + n),
+              "data": (8 + n, len(data))}[region]
     for _ in range(draw(st.integers(1, 6))):
         data[draw(st.integers(lo, hi - 1))] ^= 1 << draw(st.integers(0, 7))
     return bytes(data)
 
 
+@st.composite
+def sketch_mutation(draw: st.DrawFn) -> bytes:
+    """golden-sketch.nkv with its `nkv.sketch.proj` entry, values, version or neighbours edited."""
+    doc = json.loads(json.dumps(HEADER_SKETCH))
+    body = bytearray(BODY_SKETCH)
+    begin, end = doc["nkv.sketch.proj"]["data_offsets"]
+    for _ in range(draw(st.integers(1, 3))):
+        action = draw(st.sampled_from(["dtype", "shape", "offsets", "entry", "drop", "value", "version", "d_key"]))
+        entry = doc.get("nkv.sketch.proj")
+        if action in ("dtype", "shape", "offsets") and isinstance(entry, dict):
+            field = {"dtype": "dtype", "shape": "shape", "offsets": "data_offsets"}[action]
+            entry[field] = draw({"dtype": dtypes, "shape": st.one_of(shapes, st.sampled_from(
+                [[4, 1], [4, 4], [4, 5], [3, 2], [8, 1], [2, 4], [4], [4, 2, 1]])), "offsets": offsets}[action])
+        elif action == "entry":
+            doc["nkv.sketch.proj"] = draw(json_value)
+        elif action == "drop":
+            doc.pop("nkv.sketch.proj", None)
+        elif action == "value":  # a NaN, an Inf or any float in one cell of the projection
+            cell = draw(st.integers(0, (end - begin) // 4 - 1))
+            value = draw(st.sampled_from([b"\x00\x00\xc0\x7f", b"\x00\x00\x80\x7f", b"\x00\x00\x80\xff"])
+                         | st.binary(min_size=4, max_size=4))
+            body[begin + 4 * cell : begin + 4 * cell + 4] = value
+        elif action == "version":
+            doc["__metadata__"]["nkv.version"] = draw(st.one_of(versions, st.sampled_from(["1.0", "1.1", "1.9", "2.0"])))
+        else:  # d_key moves, the projection's first dimension does not
+            doc["__metadata__"]["nkv.base.d_key"] = draw(st.sampled_from(["1", "2", "3", "5"]))
+    return _frame(_dump(doc), bytes(body))
+
+
 # ------------------------------------------------------------------ tests
 def test_golden_is_valid() -> None:
     check(GOLDEN, "golden")
+    check(GOLDEN_SKETCH, "golden")
 
 
 def test_fuzz_bitflips(capsys: pytest.CaptureFixture, record_property: Any) -> None:
@@ -276,8 +316,9 @@ def test_fuzz_bitflips(capsys: pytest.CaptureFixture, record_property: Any) -> N
 
 
 def test_fuzz_truncation(capsys: pytest.CaptureFixture, record_property: Any) -> None:
-    # every cut point of the golden file: a finite space, hypothesis may stop early when exhausted
-    given(st.integers(0, len(GOLDEN)))(_settings("truncation")(lambda n: check(GOLDEN[:n], "truncation")))()
+    # every cut point of both golden files: a finite space, hypothesis may stop early when exhausted
+    cuts = st.tuples(goldens, st.integers(0, len(GOLDEN_SKETCH)))
+    given(cuts)(_settings("truncation")(lambda gn: check(gn[0][: gn[1]], "truncation")))()
     _report("truncation", capsys, record_property)
 
 
@@ -301,3 +342,8 @@ def test_fuzz_random_bytes(capsys: pytest.CaptureFixture, record_property: Any) 
     given(st.one_of(st.binary(max_size=300), framed))(
         _settings("random_bytes")(lambda data: check(data, "random_bytes")))()
     _report("random_bytes", capsys, record_property)
+
+
+def test_fuzz_sketch(capsys: pytest.CaptureFixture, record_property: Any) -> None:
+    given(sketch_mutation())(_settings("sketch")(lambda data: check(data, "sketch")))()
+    _report("sketch", capsys, record_property)
