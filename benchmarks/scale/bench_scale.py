@@ -1,0 +1,220 @@
+"""Scale benchmark: the exact gate against the sketch path at 10k .. 1M facts.
+
+    python benchmarks/scale/read_keys.py --n 100000 -o keys.pt     # real SmolLM2 keys (CPU: ~1 h)
+    python benchmarks/scale/bench_scale.py recall  --keys keys.pt --sizes 10000,100000,1000000
+    python benchmarks/scale/bench_scale.py forward --keys keys.pt --sizes 10000,100000,200000
+    python benchmarks/scale/bench_scale.py attach  --keys keys.pt --sizes 100000,1000000
+    python benchmarks/scale/bench_scale.py bytes
+
+Facts beyond the real keys are synthetic, drawn to match the real keys' first two moments:
+x = mean + z * sqrt(eigval) @ eigvecᵀ with z ~ N(0, I), from the eigendecomposition of the real
+keys' covariance (so mean, covariance and hence the spread of cosines match; higher moments
+do not). Each command prints JSON lines; README.md beside this file holds the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from nkv.constants import DEFAULT_SHORTLIST, DEFAULT_SKETCH_DIM
+from nkv.gate import Sketch, fit_sketch, key_inverse_norms, nkv_gate, sketch_keys
+
+GAMMA = 0.65
+
+
+def _emit(**row) -> None:
+    print(json.dumps(row), flush=True)
+
+
+def synthetic_like(real: torch.Tensor, n: int, seed: int = 0, chunk: int = 65536) -> torch.Tensor:
+    """(n, d) float16 keys with the mean and covariance of `real` (see the module docstring)."""
+    x = real.float()
+    mean = x.mean(0)
+    cov = torch.cov((x - mean).T.double())  # (d, d)
+    vals, vecs = torch.linalg.eigh(cov)
+    scale = (vecs * vals.clamp_min(0).sqrt()).T.float()  # (d, d): z @ scale ~ N(0, cov)
+    g = torch.Generator().manual_seed(seed)
+    out = torch.empty(n, x.shape[1], dtype=torch.float16)
+    for s in range(0, n, chunk):
+        m = min(chunk, n - s)
+        out[s : s + m] = (torch.randn(m, x.shape[1], generator=g) @ scale + mean).half()
+    return out
+
+
+def table(data: dict, n: int) -> torch.Tensor:
+    """n keys: the real ones first, then synthetic ones matched to them."""
+    real = data["keys"]
+    if n <= real.shape[0]:
+        return real[:n]
+    return torch.cat([real, synthetic_like(real, n - real.shape[0])])
+
+
+def decisions(q: torch.Tensor, keys: torch.Tensor, sketch: Sketch | None, chunk: int = 100_000):
+    """(fired, index, score) of the gate on q against keys (float16 storage, float32 math),
+    in blocks of `chunk` facts so a 1M table never exists in float32 at once."""
+    no_residuals = torch.zeros(keys.shape[0], 1)
+    if sketch is not None:
+        r = nkv_gate(q.float(), _Float32Rows(keys), key_inverse_norms(keys), no_residuals, torch.tensor(GAMMA),
+                     sketch=sketch)
+        return r.fired, r.index, r.score
+    best = torch.full((q.shape[0],), -2.0)
+    idx = torch.zeros(q.shape[0], dtype=torch.long)
+    for s in range(0, keys.shape[0], chunk):
+        part = keys[s : s + chunk].float()
+        r = nkv_gate(q.float(), part, key_inverse_norms(part), no_residuals[: part.shape[0]], torch.tensor(GAMMA))
+        better = r.score > best  # strict: the earlier block wins ties, like one argmax
+        best = torch.where(better, r.score, best)
+        idx = torch.where(better, r.index + s, idx)
+    return best > GAMMA, idx, best
+
+
+class _Float32Rows:
+    """A float16 table that hands out float32 rows: all the sketch path reads of the keys
+    (the shortlisted rows), without a float32 copy of the whole table."""
+
+    def __init__(self, keys: torch.Tensor) -> None:
+        self.keys, self.shape, self.dtype = keys, keys.shape, torch.float32
+
+    def index_select(self, dim: int, idx: torch.Tensor) -> torch.Tensor:
+        return self.keys.index_select(dim, idx).float()
+
+
+def cmd_recall(data: dict, sizes: list[int], dims: list[int], shortlists: list[int], max_tokens: int) -> None:
+    queries = {"text": data["text"], "edit": data["edit"], "paraphrase": data["paraphrase"]}
+    g = torch.Generator().manual_seed(0)
+    for name, q in queries.items():  # the same token sample at every size
+        if q.shape[0] > max_tokens:
+            queries[name] = q[torch.randperm(q.shape[0], generator=g)[:max_tokens]]
+    for n in sizes:
+        keys = table(data, n)
+        t0 = time.perf_counter()
+        exact = {name: decisions(q, keys, None) for name, q in queries.items()}
+        exact_s = time.perf_counter() - t0
+        for dim in dims:
+            proj = fit_sketch(keys, dim)
+            sk_keys = sketch_keys(keys, proj)
+            for c in shortlists:
+                sketch = Sketch(proj, sk_keys, c)
+                for name, q in queries.items():
+                    t0 = time.perf_counter()
+                    fired, idx, score = decisions(q, keys, sketch)
+                    fast_s = time.perf_counter() - t0
+                    e_fired, e_idx, _ = exact[name]
+                    same = (fired == e_fired) & (~e_fired | (idx == e_idx))
+                    _emit(cmd="recall", n_facts=n, real_keys=min(n, data["keys"].shape[0]), d_sketch=dim,
+                          shortlist=c, queries=name, tokens=q.shape[0], exact_fired=int(e_fired.sum()),
+                          fast_fired=int(fired.sum()), recall=round(float(same.float().mean()), 6),
+                          missed=int((e_fired & ~same).sum()), false_fires=int((fired & ~e_fired).sum()),
+                          exact_s=round(exact_s, 1), fast_s=round(fast_s, 2))
+
+
+def cmd_forward(data: dict, sizes: list[int], model_name: str, reps: int) -> None:
+    from nkv import BaseModelInfo, Fact, NKVAdapter
+    from nkv.loaders.models import load_model
+    from nkv.loaders.transformers import NKVLinear
+
+    model, tok = load_model(model_name, device="cpu")
+    model.eval()
+    text = Path(__file__).resolve().parents[1] / "real" / "results" / "unrelated-smollm2-135m.txt"
+    ids = tok(text.read_text()[:20000], return_tensors="pt")["input_ids"][0]
+    batch = ids[: 4 * 64].reshape(4, 64)  # 4 x 64 tokens of real text, as issue 12 measured
+    layer = int(data["layer"])
+    mlp = model.model.layers[layer].mlp
+    down = mlp.down_proj
+    d_key, d_model = down.weight.shape[1], down.weight.shape[0]
+
+    def fwd() -> float:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model(input_ids=batch)
+        return time.perf_counter() - t0
+
+    for n in sizes:
+        keys = table(data, n)
+        base = BaseModelInfo(name=model_name, architecture="LlamaForCausalLM", model_type="llama", n_layers=30,
+                             d_model=d_model, d_key=d_key, fingerprint="unused")
+        adapter = NKVAdapter(keys=keys, residuals=torch.zeros(n, d_model, dtype=keys.dtype),
+                             facts=[Fact(id=str(i), subject="s", prompt="p", target_new="t") for i in range(n)],
+                             layer=layer, gamma=GAMMA, base=base, target_module="")
+        modules = {"exact": NKVLinear(down, adapter, torch.float32, torch.device("cpu"))}
+        t0 = time.perf_counter()
+        fast = NKVLinear(down, adapter, torch.float32, torch.device("cpu"))
+        fast.use_sketch(adapter, DEFAULT_SHORTLIST)
+        attach_s = time.perf_counter() - t0
+        modules["sketch"] = fast
+        times: dict[str, list[float]] = {"none": [], "exact": [], "sketch": []}
+        fwd()  # warm-up
+        for _ in range(reps):  # interleaved, so load from other jobs hits every variant alike
+            for name in times:
+                mlp.down_proj = down if name == "none" else modules[name]
+                times[name].append(fwd())
+        mlp.down_proj = down
+        base_t = statistics.median(times["none"])
+        _emit(cmd="forward", n_facts=n, tokens=int(batch.numel()), reps=reps,
+              none_s=round(base_t, 4), exact_ratio=round(statistics.median(times["exact"]) / base_t, 3),
+              sketch_ratio=round(statistics.median(times["sketch"]) / base_t, 3),
+              sketch_attach_s=round(attach_s, 2), d_sketch=DEFAULT_SKETCH_DIM, shortlist=DEFAULT_SHORTLIST)
+        del modules, fast, adapter
+
+
+def cmd_attach(data: dict, sizes: list[int]) -> None:
+    """What attaching costs beyond copying rows: norms, the fitted projection, the sketches."""
+    for n in sizes:
+        keys = table(data, n)
+        t0 = time.perf_counter()
+        inv = key_inverse_norms(keys)
+        t1 = time.perf_counter()
+        proj = fit_sketch(keys, DEFAULT_SKETCH_DIM)
+        t2 = time.perf_counter()
+        sketch_keys(keys, proj)
+        t3 = time.perf_counter()
+        _emit(cmd="attach", n_facts=n, norms_s=round(t1 - t0, 2), fit_s=round(t2 - t1, 2),
+              sketch_keys_s=round(t3 - t2, 2), total_s=round(t3 - t0, 2), rows=int(inv.numel()))
+
+
+def cmd_bytes() -> None:
+    """Bytes read per decode step (one token) by the gate, against the model's weights."""
+    shapes = {"llama-3-8b": (14336, 4096, 8.03e9), "smollm2-135m": (1536, 576, 1.35e8)}
+    for model, (d_key, d_model, params) in shapes.items():
+        weights = 2 * params  # fp16/bf16
+        for n in (10_000, 100_000, 1_000_000):
+            exact = 2 * n * d_key + 4 * n + 2 * d_model  # keys, inverse norms, one residual row
+            sketch = (2 * n * DEFAULT_SKETCH_DIM + 4 * d_key * DEFAULT_SKETCH_DIM  # sketches, projection
+                      + DEFAULT_SHORTLIST * (2 * d_key + 4) + 2 * d_model)  # rescored rows, one residual
+            _emit(cmd="bytes", model=model, n_facts=n, exact_overhead=round(exact / weights, 4),
+                  sketch_overhead=round(sketch / weights, 4), file_bytes_per_fact=2 * (d_key + d_model))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("cmd", choices=["recall", "forward", "attach", "bytes"])
+    p.add_argument("--keys", type=Path)
+    p.add_argument("--sizes", default="10000,100000")
+    p.add_argument("--dims", default=str(DEFAULT_SKETCH_DIM))
+    p.add_argument("--shortlists", default=str(DEFAULT_SHORTLIST))
+    p.add_argument("--max-tokens", type=int, default=4000, help="query tokens per kind (sampled)")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    if args.cmd == "bytes":
+        return cmd_bytes()
+    data = torch.load(args.keys)
+    if args.cmd == "recall":
+        cmd_recall(data, ints(args.sizes), ints(args.dims), ints(args.shortlists), args.max_tokens)
+    elif args.cmd == "forward":
+        cmd_forward(data, ints(args.sizes), args.model, args.reps)
+    else:
+        cmd_attach(data, ints(args.sizes))
+
+
+if __name__ == "__main__":
+    main()
