@@ -9,6 +9,7 @@ architecture, not what a trained model needs (see examples/factworld for that).
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 import functools
 import warnings
 
@@ -305,3 +306,39 @@ def test_a_verified_layer_is_used_without_a_sweep(monkeypatch):
     assert adapter.layer == 1 and adapter.build["layer_choice"] == {"mode": "default", "verified_on": "a test"}
     # Row operations change what the self-check measured, so they drop it.
     assert "self_check" in adapter.build and "self_check" not in adapter.remove(ids=["dd"]).build
+
+
+def test_probes_leave_out_what_an_edit_asks_and_batched_equals_reference():
+    """The subject's other relations (preserve.py): a probe that asks the edited question is
+    dropped; the rest are held by a KL term, batched exactly as one fact at a time."""
+    from nkv.editing.scoring import next_token_predictions
+    from nkv.editing.solve import choose_probes
+
+    model, tok = tm.tiny_model("llama"), tm.tiny_tokenizer()
+    facts = [Fact("ty", "Toko Yasuda", "Toko Yasuda plays the", "piano", "guitar"),
+             Fact("ty2", "Toko Yasuda", "Toko Yasuda lives in", "Peru"),  # a second edit of one subject
+             Fact("cb", "Carl Bosch", "The mother tongue of Carl Bosch is", "Tokyo")]
+    templates = ("{} plays the", "{} lives in", "{} was born in", "{} works as a")
+    with frozen(model):
+        probes = choose_probes(model, tok, facts, templates)
+        texts = [t.replace("{}", f.subject) for f in facts for t in templates] + [f.prompt for f in facts]
+        answer = dict(zip(texts, (p[-1] for p in next_token_predictions(model, tok, texts))))
+    edited = {"Toko Yasuda": {answer[facts[0].prompt], answer[facts[1].prompt]},
+              "Carl Bosch": {answer[facts[2].prompt]}}
+    for f, held in zip(facts, probes):
+        want = [t.replace("{}", f.subject) for t in templates if answer[t.replace("{}", f.subject)] not in edited[f.subject]]
+        assert held == want
+    assert "Toko Yasuda plays the" not in probes[0] + probes[1]  # both of its edits' questions are left out
+    assert probes[2]  # something is held for Carl Bosch
+
+    config = _config("llama", early_stop_loss=5.4, preserve_factor=1.0)
+    with frozen(model):
+        tokens = encode_facts(tok, facts, generate_prefixes(model, tok, 2, 4, seed=0), probes)
+        _, h0 = compute_keys(model, 0, tokens, pad_id=0)
+        batched = optimize_residuals(model, 0, tokens, h0, config, pad_id=0)
+        reference = optimize_residuals_reference(model, 0, tokens, h0, config, pad_id=0)
+        unheld = optimize_residuals(model, 0, tokens, h0, replace(config, preserve_factor=0.0), pad_id=0)
+    assert batched.steps.tolist() == reference.steps.tolist()
+    torch.testing.assert_close(batched.residuals, reference.residuals, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(batched.loss, reference.loss.to(batched.loss.dtype), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(batched.residuals, unheld.residuals)  # the probes are in the objective

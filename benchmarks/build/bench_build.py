@@ -78,7 +78,7 @@ def worker(args: argparse.Namespace) -> None:
     from nkv.adapter import empty_adapter
     from nkv.editing.evaluate import EvalOptions, evaluate_adapter
     from nkv.editing.forward import frozen
-    from nkv.editing.solve import compute_rows, default_config, default_layer, encode_facts, generate_prefixes
+    from nkv.editing.solve import compute_rows, default_config, default_layer, generate_prefixes, tokenize_for_build
     from nkv.facts_io import read_facts
     from nkv.loaders.architectures import arch_spec, base_model_info, model_type_of
     from nkv.loaders.transformers import attach
@@ -93,7 +93,7 @@ def worker(args: argparse.Namespace) -> None:
     layer = default_layer(model) if args.layer is None else args.layer
     with frozen(model):
         prefixes = generate_prefixes(model, tok, config.n_prefixes, config.prefix_length, config.seed)
-        tokens = encode_facts(tok, items, prefixes)
+        tokens = tokenize_for_build(model, tok, items, prefixes, config)
     parts, seconds = [], 0.0
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:

@@ -23,7 +23,10 @@ prompts for the other relations; here they come from the world's templates.)
 All are evaluated on examples/factworld/edits_same_subject.jsonl (100 subjects x 2
 facts; `--edits` for another file), all edits live, with the edited subjects' other
 (unedited) facts measured from true_facts.jsonl.
-Results: results/same_subject-{plain,joint,preserve}-L{layer}[-<edits stem>].json.
+Variants: "plain" is today's `nkv build` without the probes of the subject's other
+relations (`preserve_factor=0`), "default" is today's `nkv build` (preserve.py), "joint"
+and "preserve" are the prototypes above.
+Results: results/same_subject-{variant}-L{layer}[-<edits stem>][-<model>][-n<limit>].json.
 """
 
 from __future__ import annotations
@@ -121,29 +124,37 @@ def main() -> None:
     p.add_argument("--edits", default=str(WORLD / "edits_same_subject.jsonl"))
     p.add_argument("--layer", type=int, default=0)
     p.add_argument("--gamma", type=float, default=0.65)
-    p.add_argument("--variants", default="plain,joint,preserve")
+    p.add_argument("--variants", default="plain,default,joint,preserve")
+    p.add_argument("--true-facts", default=str(WORLD / "true_facts.jsonl"), help="the subjects' facts, to measure the other ones")
+    p.add_argument("--unrelated", default=str(WORLD / "generic.txt"), help="unrelated text, one per line")
     p.add_argument("--limit", type=int, default=None, help="only the first N edits")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from nkv.facts_io import read_facts
-    from nkv.editing.solve import build_adapter
+    from nkv.editing.solve import build_adapter, default_config
     from nkv.editing.evaluate import EvalOptions, evaluate, read_true_facts
+    from nkv.loaders.models import load_model
 
-    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
-    tok = AutoTokenizer.from_pretrained(args.model)
+    model, tok = load_model(args.model)
+    model.eval()
     facts = read_facts(args.edits)[: args.limit]
-    true_facts = read_true_facts(WORLD / "true_facts.jsonl")
-    generic = [line for line in (WORLD / "generic.txt").read_text().splitlines() if line.strip()]
+    true_facts = read_true_facts(args.true_facts)
+    generic = [line for line in Path(args.unrelated).read_text().splitlines() if line.strip()]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    variants = {"plain": lambda: build_adapter(model, tok, facts, layer=args.layer, gamma=args.gamma, progress=False),
+    plain = default_config(model, preserve_factor=0.0)  # today's build without the probes
+    variants = {"plain": lambda: build_adapter(model, tok, facts, layer=args.layer, gamma=args.gamma, config=plain,
+                                               progress=False),
+                "default": lambda: build_adapter(model, tok, facts, layer=args.layer, gamma=args.gamma, progress=False),
                 "joint": lambda: joint_adapter(model, tok, facts, args.layer, args.gamma),
                 "preserve": lambda: joint_adapter(model, tok, facts, args.layer, args.gamma, preserve=True)}
     suffix = "" if Path(args.edits).name == "edits_same_subject.jsonl" else f"-{Path(args.edits).stem}"
+    if Path(args.model).name != "llama":
+        suffix += f"-{Path(args.model).name}"
+    if args.limit:
+        suffix += f"-n{args.limit}"
     for name in args.variants.split(","):
         make = variants[name]
         start = time.time()

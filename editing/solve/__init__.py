@@ -6,7 +6,7 @@
 >>> adapter.save("edits.nkv")
 
 Modules, by role: config (hyperparameters, defaults), prompts (a fact's token
-sequences), templates (context prefixes), keys, residuals (batched), batch and
+sequences), templates (context prefixes), preserve (probes of the subject's other facts), keys, residuals (batched), batch and
 replay (what makes the batch fast), reference (one fact at a time), rows (keys and
 residuals for many facts, checkpointed), layer (`layer="auto"`), checkpoint (resume),
 api (`build_adapter`). Token positions, teacher-forced scoring and model plumbing are
@@ -21,7 +21,8 @@ from .config import ARCH_DEFAULTS, BuildConfig, default_config, default_layer
 from .layer import LayerChoice, candidate_layers, choose_layer
 from .reference import optimize_residual_one, optimize_residuals_reference
 from .residuals import optimize_residuals
-from .rows import compute_rows, encode_facts
+from .preserve import PRESERVE_TEMPLATES, choose_probes
+from .rows import compute_rows, encode_facts, tokenize_for_build
 from .templates import generate_prefixes
 
 __all__ = [
@@ -35,6 +36,9 @@ __all__ = [
     "LayerChoice",
     "compute_rows",
     "encode_facts",
+    "tokenize_for_build",
+    "choose_probes",
+    "PRESERVE_TEMPLATES",
     "generate_prefixes",
     "optimize_residuals",
     "optimize_residuals_reference",

@@ -24,8 +24,7 @@ from ..forward import frozen, model_device
 from .checkpoint import Checkpoint, digest
 from .config import BuildConfig, default_config, verified_layer
 from .layer import choose_layer
-from .prompts import encode_fact
-from .rows import Progress, compute_rows, plain_facts
+from .rows import Progress, compute_rows, plain_facts, tokenize_for_build
 from .selfcheck import self_check
 from .templates import as_templates, generate_prefixes
 
@@ -87,7 +86,7 @@ def build_adapter(
         layer, layer_choice = _resolve_layer(model, tokenizer, facts, layer, config, state, progress)
         prefixes = state.get("prefixes") or generate_prefixes(model, tokenizer, config.n_prefixes,
                                                               config.prefix_length, config.seed)
-        tokens = [encode_fact(tokenizer, f, prefixes) for f in plain]  # all errors before any work
+        tokens = tokenize_for_build(model, tokenizer, plain, prefixes, config)  # all errors before any work
         if ckpt is not None:
             ckpt.write_state({"inputs": inputs, "layer": layer, "layer_choice": layer_choice,
                               "prefixes": prefixes, "n_facts": len(plain)})

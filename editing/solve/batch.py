@@ -52,38 +52,57 @@ class Selection:
     target_fact: torch.Tensor  # (E,) active fact of each target position
     target_weight: torch.Tensor  # (E,) 1 / (target length * templates): per-token and template mean
     kl_fact: torch.Tensor  # (K,) active fact of each KL row
+    kl_slot: torch.Tensor  # (K,) the KL row's number in the whole batch (its unedited distribution)
+    kl_probe_weight: torch.Tensor  # (K,) 0 for "{subject} is a"; 1 / the fact's probes for a probe
     layer_out: torch.Tensor | None = None  # (S, W, d_model) recorded output of the edited block
     layer_tuple: bool = False  # whether that block returns a tuple
 
 
+KL_PROMPT, PROBE = -1, -2  # kinds of sequence that are not rewrites (whose kind is the template index)
+
+
 class FactBatch:
-    """The sequences of a group of facts: rewrites (one per template), then the KL prompt."""
+    """The sequences of a group of facts: rewrites (one per template), the KL prompt, probes.
+
+    A KL prompt's distribution is read at the subject (MEMIT's "{subject} is a"); a probe's
+    (preserve.py) at its last token, where the answer about the subject's other relation
+    comes next.
+    """
 
     def __init__(self, facts: list[FactTokens], pad_id: int, device: torch.device, split: bool = True):
         self.facts = facts
         self.n_templates = len(facts[0].rewrites)
-        self.per_fact = self.n_templates + 1
         self.device = device
-        pres, sufs, template = [], [], []
+        pres, sufs = [], []
+        self.kind: list[int] = []  # per sequence: template index, KL_PROMPT or PROBE
+        self.seqs_of: list[range] = []  # fact -> its sequences
         self.delta_col: list[int] = []  # δ position in the suffix of each sequence
+        self.kl_col: list[int] = []  # suffix position of the distribution a KL row reads, -1 none
         self.targets: list[list[tuple[int, int]]] = []  # (suffix position, label) per sequence
         for f in facts:
-            for j, enc in enumerate((*f.rewrites, f.kl)):
+            first = len(sufs)
+            kinds = [*range(len(f.rewrites)), KL_PROMPT, *[PROBE] * len(f.probes)]
+            for kind, enc in zip(kinds, (*f.rewrites, f.kl, *f.probes)):
                 ids = enc.ids[:-1] if enc.target_start >= 0 else enc.ids  # the last token predicts nothing
                 cut = enc.subject_pos if split else 0
                 pres.append(ids[:cut])
                 sufs.append(ids[cut:])
-                template.append(j)
+                self.kind.append(kind)
                 self.delta_col.append(enc.subject_pos - cut)
+                self.kl_col.append({KL_PROMPT: enc.subject_pos - cut, PROBE: len(ids) - 1 - cut}.get(kind, -1))
                 self.targets.append([(p - cut, enc.ids[p + 1]) for p in range(enc.target_start - 1, len(enc.ids) - 1)]
                                     if enc.target_start >= 0 else [])
+            self.seqs_of.append(range(first, len(sufs)))
+        self.owner = [i for i, r in enumerate(self.seqs_of) for _ in r]  # sequence -> its fact
+        kl_seqs = [i for i, c in enumerate(self.kl_col) if c >= 0]
+        self.kl_slot = {seq: k for k, seq in enumerate(kl_seqs)}  # sequence -> row of the unedited distributions
         self.pre_len = [len(p) for p in pres]
         self.suf_len = [len(s) for s in sufs]
-        shared = _shared_starts(pres, template, self.per_fact)  # per template: tokens all its rows begin with
-        self.shared_ids = [s for s in shared if s]  # the ones worth a stage of their own
-        slot = {j: self.shared_ids.index(s) for j, s in enumerate(shared) if s}
-        self.shared_slot = [slot.get(j, -1) for j in template]  # (n,) row -> its shared prefix, -1 none
-        shared_len = [len(shared[j]) for j in template]
+        shared = _shared_starts(pres, self.kind)  # per kind: tokens all its rows begin with
+        self.shared_ids = [s for s in shared.values() if s]  # the ones worth a stage of their own
+        slot = {kind: self.shared_ids.index(s) for kind, s in shared.items() if s}
+        self.shared_slot = [slot.get(kind, -1) for kind in self.kind]  # (n,) row -> its shared prefix, -1 none
+        shared_len = [len(shared[kind]) for kind in self.kind]
         owns = [pre[k:] for pre, k in zip(pres, shared_len)]
         n, width_s = len(sufs), max(self.suf_len)
         dev = device
@@ -168,20 +187,20 @@ class FactBatch:
         from the subject on) are not padded to the longest: a few forwards of similar
         widths cost less than one padded forward.
         """
-        rows = [(a, i * self.per_fact + j, j) for a, i in enumerate(active) for j in range(self.per_fact)]
+        rows = [(a, seq, self.kind[seq]) for a, i in enumerate(active) for seq in self.seqs_of[i]]
         rows.sort(key=lambda r: self.suf_len[r[1]])
         overhead = FORWARD_COST_IN_TOKENS["cuda" if self.device.type == "cuda" else "cpu"]
         groups = _buckets(rows, [self.suf_len[r[1]] for r in rows], overhead, max_buckets)
         return [self._selection(group) for group in groups]
 
     def _selection(self, rows: list[tuple[int, int, int]]) -> Selection:
-        """rows: (active fact index, sequence index, template index or n_templates for KL)."""
+        """rows: (active fact index, sequence index, its kind)."""
         seq_ids = [s for _, s, _ in rows]
         width = max(self.suf_len[s] for s in seq_ids)
         t_rows, t_cols, t_label, t_fact, t_weight = [], [], [], [], []
-        kl_rows, kl_cols, kl_fact = [], [], []
-        for row, (a, s, j) in enumerate(rows):
-            if j < self.n_templates:
+        kl_rows, kl_cols, kl_fact, kl_slot, kl_probe = [], [], [], [], []
+        for row, (a, s, kind) in enumerate(rows):
+            if kind >= 0:  # a rewrite: teacher-forced target tokens
                 weight = 1.0 / (len(self.targets[s]) * self.n_templates)
                 for col, label in self.targets[s]:
                     t_rows.append(row)
@@ -189,10 +208,12 @@ class FactBatch:
                     t_label.append(label)
                     t_fact.append(a)
                     t_weight.append(weight)
-            else:  # the KL prompt: the distribution right at the subject
+            else:  # a distribution held near the unedited one
                 kl_rows.append(row)
-                kl_cols.append(self.delta_col[s])
+                kl_cols.append(self.kl_col[s])
                 kl_fact.append(a)
+                kl_slot.append(self.kl_slot[s])
+                kl_probe.append(1.0 / len(self.facts[self.owner[s]].probes) if kind == PROBE else 0.0)
         dev = self.device
         t = lambda xs, dt=torch.long: torch.tensor(xs, dtype=dt, device=dev)  # noqa: E731
         idx = t(seq_ids)
@@ -206,7 +227,7 @@ class FactBatch:
             delta_fact=t([a for a, _, _ in rows]),
             gather_rows=t(t_rows + kl_rows), gather_cols=t(t_cols + kl_cols),
             labels=t(t_label), target_fact=t(t_fact), target_weight=t(t_weight, torch.float32),
-            kl_fact=t(kl_fact),
+            kl_fact=t(kl_fact), kl_slot=t(kl_slot), kl_probe_weight=t(kl_probe, torch.float32),
             layer_out=None if self.layer_out is None else self.layer_out[idx, :width],
             layer_tuple=self.layer_tuple,
         )
@@ -217,17 +238,17 @@ class FactBatch:
 MIN_SHARED = 4
 
 
-def _shared_starts(pres: Sequence[Sequence[int]], template: Sequence[int], n_templates: int) -> list[list[int]]:
-    """Per template, the tokens every row of it begins with, leaving each row >= 1 own token
-    (an empty row in stage b would be all padding); [] when shorter than MIN_SHARED."""
-    out = []
-    for j in range(n_templates):
-        rows = [p for p, t in zip(pres, template) if t == j]
+def _shared_starts(pres: Sequence[Sequence[int]], kinds: Sequence[int]) -> dict[int, list[int]]:
+    """Per kind of sequence, the tokens every row of it begins with, leaving each row >= 1 own
+    token (an empty row in stage b would be all padding); [] when shorter than MIN_SHARED."""
+    out = {}
+    for kind in sorted(set(kinds)):
+        rows = [p for p, k in zip(pres, kinds) if k == kind]
         common = min(len(p) for p in rows) - 1
         first = rows[0]
         for p in rows[1:]:
             common = next((i for i in range(common) if p[i] != first[i]), common)
-        out.append(list(first[:common]) if common >= MIN_SHARED else [])
+        out[kind] = list(first[:common]) if common >= MIN_SHARED else []
     return out
 
 

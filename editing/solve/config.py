@@ -21,6 +21,8 @@ from nkv.dtypes import TORCH_DTYPES
 from nkv.errors import NKVError
 from nkv.loaders.architectures import arch_spec, model_type_of, projection_weight
 
+from .preserve import PRESERVE_TEMPLATES
+
 
 @dataclass(frozen=True)
 class BuildConfig:
@@ -29,6 +31,9 @@ class BuildConfig:
     steps: optimisation steps per fact (MEMIT: at most steps-1 updates).
     lr: Adam step, relative to ||h0|| (see the module docstring).
     kl_factor: weight of KL(P_δ || P_0) on "{subject} is a".
+    preserve_factor: weight of the mean KL(P_δ || P_0) after the subject's probes (its other
+        relations, `preserve_templates` filled with the subject; preserve.py); 0 = none.
+    preserve_templates: the probes' templates ("{}" is the subject).
     weight_decay: weight of ||δ|| / ||h0|| (not MEMIT's ||δ|| / ||h0||²).
     clamp: ||δ|| is kept <= clamp · ||h0|| after each step.
     early_stop_loss: a fact stops (its row frozen) once its loss is below this.
@@ -48,6 +53,8 @@ class BuildConfig:
     steps: int = 25
     lr: float = 0.2
     kl_factor: float = 0.0625
+    preserve_factor: float = 0.0
+    preserve_templates: tuple[str, ...] = PRESERVE_TEMPLATES
     weight_decay: float = 0.01
     clamp: float = 0.75
     early_stop_loss: float = 0.05
@@ -62,6 +69,7 @@ class BuildConfig:
     checkpoint_every: int = 1
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "preserve_templates", tuple(self.preserve_templates))  # a JSON list is fine
         problems = []
         for name in ("steps", "batch_size", "checkpoint_every", "prefix_length"):
             if getattr(self, name) < 1:
@@ -69,7 +77,7 @@ class BuildConfig:
         for name in ("lr", "clamp"):
             if not getattr(self, name) > 0:
                 problems.append(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("kl_factor", "weight_decay", "early_stop_loss", "n_prefixes"):
+        for name in ("kl_factor", "preserve_factor", "weight_decay", "early_stop_loss", "n_prefixes"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.dtype is not None and self.dtype not in TORCH_DTYPES:
@@ -77,6 +85,9 @@ class BuildConfig:
         for name in ("stop_margin", "opt_prefixes"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 problems.append(f"{name} must be None or >= 0, got {getattr(self, name)}")
+        bad = [t for t in self.preserve_templates if not isinstance(t, str) or t.count("{}") != 1]
+        if bad:
+            problems.append(f"preserve_templates must each hold '{{}}' (the subject) once, got {bad}")
         if problems:
             raise NKVError("BuildConfig: " + "; ".join(problems))
 
@@ -122,6 +133,8 @@ FAST_SMALL_DEFAULTS: dict[str, Any] = {"stop_margin": None}
 # step runs 3 of 7 sequences per fact. It trades free-generation on paraphrases for speed:
 # benchmarks/build/README.md has the measured cost.
 FASTEST: dict[str, Any] = {"opt_prefixes": 1}
+# Every preset but "previous" holds the subject's other relations (preserve.py; issue 13).
+PRESERVE_DEFAULTS: dict[str, Any] = {"preserve_factor": 1.0}
 PRESETS = ("default", "fast", "previous")
 
 # Default layer as a fraction of depth, from the paper's layers: GPT2-XL 17/48,
@@ -159,6 +172,8 @@ def default_config(model: nn.Module | str, preset: str = "default", **overrides:
             defaults.update(FAST_SMALL_DEFAULTS)
     if preset == "fast":
         defaults.update(FASTEST)
+    if preset != "previous":
+        defaults.update(PRESERVE_DEFAULTS)
     return replace(BuildConfig(**defaults), **overrides)
 
 

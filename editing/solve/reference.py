@@ -38,7 +38,7 @@ def optimize_residual_one(model: nn.Module, layer: int, fact: FactTokens, h0: to
         out = fact_losses(model, layer, sels, delta, kl0)
         if kl0 is None:
             kl0 = out.kl_lp
-        loss = total_loss(out.nll, out.kl, delta.norm(dim=-1), h0_norm, config)
+        loss = total_loss(out, delta.norm(dim=-1), h0_norm, config)
         if bool(finished(loss.detach(), out.margin, config)[0]) or it == config.steps - 1:
             break
         loss.sum().backward()

@@ -5,6 +5,8 @@ s_i = ||h0_i|| / sqrt(d_model) (see config.py for why):
 
     loss_i = mean over templates of the per-token NLL of target_new (teacher forced)
            + kl_factor · KL(P_δ || P_0) at the subject of "{subject} is a"
+           + preserve_factor · mean over the subject's probes of KL(P_δ || P_0) at the
+             probe's end ("{subject} was born in", ...: its other facts; preserve.py)
            + weight_decay · ||δ_i|| / ||h0_i||   (MEMIT divides by ||h0||²; see config.py)
 
 δ_i is added to the output projection's output at the subject's last token of each of
@@ -58,13 +60,18 @@ class Losses:
 
     nll: torch.Tensor  # (A,) template-mean per-token NLL of target_new
     kl: torch.Tensor  # (A,) KL(P_δ || P_0) on the KL prompt
-    kl_lp: torch.Tensor  # (A, V) log-probs on the KL prompt, detached
+    preserve: torch.Tensor  # (A,) mean KL(P_δ || P_0) over the fact's probes (0 without probes)
+    kl_lp: torch.Tensor  # (K, V) log-probs of the KL rows (KL prompts and probes) by slot, detached
+    kl_slot: torch.Tensor  # (K,) their slots, ascending
     margin: torch.Tensor  # (A,) min over target tokens and templates of log p(label) - max other log p
 
 
 def fact_losses(model: nn.Module, layer: int, sels: list[Selection], delta: torch.Tensor,
                 kl_reference: torch.Tensor | None, replay: bool = False) -> Losses:
     """Forwards with `delta` (A, d_model) added; the loss terms per fact (`Losses`).
+
+    `kl_reference` holds the unedited log-probs of every KL row of the batch by slot (the
+    `kl_lp` of the δ = 0 call, which covers all of them); None = this call is that one.
 
     Only the gathered positions go through the LM head (a pre-hook on it selects them),
     so a 128k vocabulary costs (targets x vocab), not (batch x length x vocab).
@@ -73,7 +80,7 @@ def fact_losses(model: nn.Module, layer: int, sels: list[Selection], delta: torc
     n_active = delta.shape[0]
     nll = torch.zeros(n_active, device=delta.device)
     margin = torch.full((n_active,), math.inf, device=delta.device)
-    kl_parts, kl_owner = [], []
+    kl_parts, kl_owner, kl_slots, probe_weights = [], [], [], []
     for sel in sels:
         logp = _log_probs(model, layer, sel, delta, replay and sel.layer_out is not None)  # (E + K, V)
         n_targets = sel.labels.shape[0]
@@ -84,11 +91,18 @@ def fact_losses(model: nn.Module, layer: int, sels: list[Selection], delta: torc
                                            "amin")
         kl_parts.append(logp[n_targets:])
         kl_owner.append(sel.kl_fact)
-    order = torch.cat(kl_owner).argsort()
-    kl_lp = torch.cat(kl_parts)[order]  # (A, V), row a = active fact a
-    ref = kl_lp.detach() if kl_reference is None else kl_reference
-    kl = (kl_lp.exp() * (kl_lp - ref)).sum(-1)  # KL(P_δ || P_0), (A,)
-    return Losses(nll, kl, kl_lp.detach(), margin)
+        kl_slots.append(sel.kl_slot)
+        probe_weights.append(sel.kl_probe_weight)
+    slot = torch.cat(kl_slots)
+    order = slot.argsort()
+    slot, owner, probe_weight = slot[order], torch.cat(kl_owner)[order], torch.cat(probe_weights)[order]
+    kl_lp = torch.cat(kl_parts)[order]  # (K, V)
+    ref = kl_lp.detach() if kl_reference is None else kl_reference.index_select(0, slot)
+    kl_row = (kl_lp.exp() * (kl_lp - ref)).sum(-1)  # KL(P_δ || P_0), (K,)
+    on_prompt = probe_weight == 0
+    kl = torch.zeros(n_active, device=delta.device).index_add(0, owner[on_prompt], kl_row[on_prompt])
+    preserve = torch.zeros(n_active, device=delta.device).index_add(0, owner, kl_row * probe_weight)
+    return Losses(nll, kl, preserve, kl_lp.detach(), slot, margin)
 
 
 def _margins(logp: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -120,10 +134,10 @@ def _log_probs(model: nn.Module, layer: int, sel: Selection, delta: torch.Tensor
     return torch.log_softmax(logits.float(), dim=-1)
 
 
-def total_loss(nll: torch.Tensor, kl: torch.Tensor, delta_norm: torch.Tensor, h0_norm: torch.Tensor,
-               config: BuildConfig) -> torch.Tensor:
-    """Per-fact loss: NLL + kl_factor · KL + weight_decay · ||δ|| / ||h0||."""
-    return nll + config.kl_factor * kl + config.weight_decay * delta_norm / h0_norm
+def total_loss(out: Losses, delta_norm: torch.Tensor, h0_norm: torch.Tensor, config: BuildConfig) -> torch.Tensor:
+    """Per-fact loss: NLL + kl_factor · KL + preserve_factor · probes' KL + weight_decay · ||δ|| / ||h0||."""
+    return (out.nll + config.kl_factor * out.kl + config.preserve_factor * out.preserve
+            + config.weight_decay * delta_norm / h0_norm)
 
 
 def optimize_residuals(model: nn.Module, layer: int, facts: list[FactTokens], h0: torch.Tensor,
@@ -153,10 +167,10 @@ def optimize_residuals(model: nn.Module, layer: int, facts: list[FactTokens], h0
         a = torch.tensor(active, device=device)
         u_a = u.index_select(0, a)  # (A, d) differentiable view of the active rows
         delta = scale[a] * u_a
-        out = fact_losses(model, layer, sel, delta, kl0[a] if it else None, replay)
-        if it == 0:  # δ = 0: the unedited distribution on the KL prompt
+        out = fact_losses(model, layer, sel, delta, kl0 if it else None, replay)
+        if it == 0:  # δ = 0: the unedited distributions of every KL row, by slot
             kl0 = out.kl_lp
-        loss = total_loss(out.nll, out.kl, delta.norm(dim=-1), h0_norm[a], config)  # (A,)
+        loss = total_loss(out, delta.norm(dim=-1), h0_norm[a], config)  # (A,)
         final_loss[a] = loss.detach()
         keep = ~finished(loss.detach(), out.margin, config)
         if it == config.steps - 1 or not bool(keep.any()):

@@ -19,6 +19,7 @@ from ..forward import pad_id_of
 from .checkpoint import Checkpoint
 from .config import BuildConfig
 from .keys import compute_keys
+from .preserve import choose_probes
 from .prompts import FactTokens, encode_fact
 from .reference import optimize_residuals_reference
 from .residuals import optimize_residuals
@@ -89,9 +90,22 @@ def _flush(checkpoint: Checkpoint, pending: list[tuple[list[int], dict[str, torc
     pending.clear()
 
 
-def encode_facts(tokenizer: Any, facts: Sequence[FactInput | Fact], prefixes: list[str]) -> list[FactTokens]:
-    """Tokenize facts for `compute_rows` (prefixes from `generate_prefixes`)."""
-    return [encode_fact(tokenizer, f, prefixes) for f in plain_facts(facts)]
+def tokenize_for_build(model: nn.Module, tokenizer: Any, facts: Sequence[FactInput | Fact], prefixes: list[str],
+                       config: BuildConfig) -> list[FactTokens]:
+    """`encode_facts` with the probes `config` asks for (the subject's other relations)."""
+    plain = plain_facts(facts)
+    probes = (choose_probes(model, tokenizer, plain, config.preserve_templates) if config.preserve_factor > 0
+              else None)
+    return encode_facts(tokenizer, plain, prefixes, probes)
+
+
+def encode_facts(tokenizer: Any, facts: Sequence[FactInput | Fact], prefixes: list[str],
+                 probes: Sequence[Sequence[str]] | None = None) -> list[FactTokens]:
+    """Tokenize facts for `compute_rows` (prefixes from `generate_prefixes`, probes per fact
+    from `preserve.choose_probes`; none: the subject's other relations are not held)."""
+    plain = plain_facts(facts)
+    probes = probes if probes is not None else [()] * len(plain)
+    return [encode_fact(tokenizer, f, prefixes, held) for f, held in zip(plain, probes)]
 
 
 def plain_facts(facts: Sequence[FactInput | Fact]) -> list[Fact]:
@@ -109,4 +123,4 @@ def plain_facts(facts: Sequence[FactInput | Fact]) -> list[Fact]:
     return plain
 
 
-__all__ = ["compute_rows", "encode_facts", "plain_facts", "Progress"]
+__all__ = ["compute_rows", "encode_facts", "tokenize_for_build", "plain_facts", "Progress"]
