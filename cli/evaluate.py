@@ -31,7 +31,8 @@ from nkv.errors import NKVError
                    "(default: text sampled from the unedited model).")
 @click.option("--true-facts", "true_facts_path", metavar="FILE",
               help="JSONL of {subject, prompt, target} the model knows: unedited-fact accuracy and the "
-                   "edited subjects' other facts.")
+                   "edited subjects' other facts (without it, those are measured on the model's own answers "
+                   "to relation prompts about each edited subject).")
 @click.option("--limit", type=click.IntRange(min=1), metavar="N", help="Evaluate only the first N facts.")
 @click.option("--protocol", type=click.Choice(["counterfact", "zsre"]),
               help="Scoring protocol (default: zsre for ZsRE records or facts without target_true, "

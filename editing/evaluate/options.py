@@ -23,6 +23,8 @@ class EvalOptions:
     free_generation: also run greedy exact match (off saves time on big sets).
     gate_diagnostics: measure where the gate fires (needs an NKV handle; off for other editors).
     measure_pre: also measure the unedited model (off when another run already did, e.g. benchmarks).
+    probe_other_facts: without true facts, measure the edited subjects' other facts on the
+        unedited model's own answers to relation prompts (probes.py).
     """
 
     batch_size: int = DEFAULT_BATCH
@@ -36,6 +38,7 @@ class EvalOptions:
     free_generation: bool = True
     gate_diagnostics: bool = True
     measure_pre: bool = True
+    probe_other_facts: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:

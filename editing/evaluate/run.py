@@ -41,7 +41,8 @@ from .knowedit import knowedit_metrics
 from .measure import cases_of, measure, true_fact_groups, unrelated_text
 from .options import PROTOCOLS, EvalOptions
 from .report import EvalReport
-from .truefacts import TrueFact
+from .probes import probed_other_facts
+from .truefacts import TrueFact, sample_facts
 from .weak_spots import by_relation, by_tag, weak_spots
 
 
@@ -99,6 +100,12 @@ def evaluate_adapter(model: nn.Module, tokenizer: Any, handle: Any, facts: Seque
     was_training = model.training
     model.eval()
     try:
+        others_source = "true facts" if others else "not measured"
+        if true_facts is None and options.probe_other_facts:
+            with handle.disabled():
+                others = sample_facts(probed_other_facts(model, tokenizer, facts), options.true_facts_limit,
+                                      options.seed)
+            others_source = "the unedited model's answers to relation prompts"
         unrelated, unrelated_name = unrelated_text(model, tokenizer, handle, unrelated, unrelated_name, options)
         chunks = unrelated_chunks(tokenizer, unrelated, options.unrelated_tokens)
         pre = None
@@ -124,7 +131,7 @@ def evaluate_adapter(model: nn.Module, tokenizer: Any, handle: Any, facts: Seque
         weak_spots=weak_spots(tokenizer, cases, pre, post, per, unedited, diag),
         by_relation=by_relation(facts, per), by_tag=by_tag(facts, per),
         settings={**asdict(options), "protocol": protocol, "tool": f"nkv {__version__}",
-                  "unrelated_source": unrelated_name or "given lines",
+                  "unrelated_source": unrelated_name or "given lines", "other_facts_source": others_source,
                   "fluency_samples_post": post.get("fluency_samples", [])},
         cosines={} if diag is None else {"positives": diag.positives, "negatives": diag.negatives,
                                          "own": diag.own_cosine},
