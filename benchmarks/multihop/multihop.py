@@ -21,8 +21,8 @@ defaults; then measure, for the unedited model, NKV, and the edit as text in the
 * portability (teacher-forced): KnowEdit's token accuracy of the new two-hop answer;
 * hop 2 kept (greedy): the second hop still generates its answer.
 
-Everything on all cases and on the "known" ones (the unedited model generates hop 1's old
-answer and hop 2's answer, MQuAKE's filter).
+Everything on all cases, on the "known" ones (the unedited model generates hop 1's old
+answer and hop 2's answer, MQuAKE's filter), and per kind of chain.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,7 +43,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks" / "retrieval"))
 
-from icl import KeywordIndex, measure_in_context, with_context  # noqa: E402
+from icl import KeywordIndex, command_line, measure_in_context, with_context  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,7 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--cases", default=str(HERE / "cases.json"))
     p.add_argument("--adapter", help="an adapter already built from multihop.jsonl (default: build one)")
-    p.add_argument("--work", default="/tmp/nkv-multihop", help="where the built adapter goes (not committed)")
+    p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "nkv-multihop"),
+                   help="where the built adapter goes (not committed)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(HERE / "results"))
     return p.parse_args(argv)
@@ -139,17 +141,20 @@ def main(argv: list[str] | None = None) -> None:
     icl = run_probes(model, tok, probes(cases, prompts))
     icl_port = measure_in_context(model, tok, got.facts, "counterfact", options)["knowedit"]["portability"]
 
-    result = {"model": args.model, "cases": len(cases), "known": sum(known), "adapter": {
+    result = {"model": args.model, "cases": len(cases), "n_known": sum(known), "adapter": {
         "n_facts": adapter.n_facts, "layer": adapter.layer, "gamma": adapter.gamma}, "build_s": build_s,
         "machine": f"{platform.machine()}, torch {torch.__version__}, {args.threads} thread(s)",
-        "command": "python benchmarks/multihop/multihop.py " + " ".join(argv or sys.argv[1:])}
-    everyone = [True] * len(cases)
-    for name, keep in (("all", everyone), ("known", known)):
-        result[name] = {"unedited": summarise(unedited, keep, per_case["pre"] if name == "all" else None),
-                        "nkv": summarise(nkv, keep, per_case["post"] if name == "all" else None),
-                        "in_context": summarise(icl, keep, icl_port["post"] if name == "all" else None)}
-    result["per_case"] = [{"subject": c["subject"], "known": k, **{f"{who}.{n}": h[n][i] for who, h in
-                           (("unedited", unedited), ("nkv", nkv), ("in_context", icl)) for n in h}}
+        "command": command_line("benchmarks/multihop/multihop.py", argv or sys.argv[1:])}
+    groups = {"all": [True] * len(cases), "known": known}
+    groups.update({chain: [c["chain"] == chain for c in cases] for chain in dict.fromkeys(c["chain"] for c in cases)})
+    result["groups"] = {}
+    for name, keep in groups.items():
+        port = (per_case["pre"], per_case["post"], icl_port["post"]) if name == "all" else (None, None, None)
+        result["groups"][name] = {"n": sum(keep), "unedited": summarise(unedited, keep, port[0]),
+                                  "nkv": summarise(nkv, keep, port[1]), "in_context": summarise(icl, keep, port[2])}
+    result["per_case"] = [{"subject": c["subject"], "chain": c["chain"], "known": k,
+                           **{f"{who}.{n}": h[n][i] for who, h in
+                              (("unedited", unedited), ("nkv", nkv), ("in_context", icl)) for n in h}}
                           for i, (c, k) in enumerate(zip(cases, known))]
     result["wall_s"] = round(time.time() - started, 1)
     out = Path(args.out)
@@ -162,10 +167,10 @@ def table(result: dict) -> str:
     cols = ("hop1_old", "edit", "two_hop_new", "two_hop_old", "hop2_kept", "portability")
     lines = ["| cases | editor | hop 1 old (greedy) | edit (greedy) | two-hop new (greedy) | two-hop old (greedy) "
              "| hop 2 kept (greedy) | portability (teacher-forced) |", "|---|---|" + "---:|" * len(cols)]
-    for name in ("all", "known"):
-        n = result["cases"] if name == "all" else result["known"]
+    for name, group in result["groups"].items():
+        n = group["n"]
         for who, label in (("unedited", "unedited model"), ("nkv", "NKV"), ("in_context", "edit in the prompt")):
-            r = result[name][who]
+            r = group[who]
             cells = " | ".join("–" if r[c] is None else f"{r[c]:.1f}" for c in cols)
             lines.append(f"| {name} ({n}) | {label} | {cells} |")
     return "\n".join(lines)

@@ -115,4 +115,11 @@ def measure_in_context(model: Any, tokenizer: Any, facts: Sequence[FactInput], p
     return {"metrics": metrics, "knowedit": knowedit_metrics(pre, post, cases, metrics.get("fluency"))}
 
 
-__all__ = ["KeywordIndex", "in_context", "with_context", "measure_in_context", "Retrieved", "words", "fact_text"]
+def command_line(script: str, argv: Sequence[str]) -> str:
+    """The command as run, with file arguments shortened to their names (no machine paths in results)."""
+    from pathlib import Path
+
+    return " ".join(["python", script, *(Path(a).name if "/" in a and Path(a).exists() else a for a in argv)])
+
+
+__all__ = ["command_line", "KeywordIndex", "in_context", "with_context", "measure_in_context", "Retrieved", "words", "fact_text"]

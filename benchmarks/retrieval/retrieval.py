@@ -37,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 
-from icl import KeywordIndex, in_context, measure_in_context, with_context  # noqa: E402
+from icl import KeywordIndex, command_line, in_context, measure_in_context, with_context  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     result: dict = {"model": args.model, "data": Path(args.data).name, "n_edits": len(facts), "k": args.k,
                     "adapter": {"n_facts": adapter.n_facts, "layer": adapter.layer, "gamma": adapter.gamma},
                     "machine": f"{platform.machine()}, torch {torch.__version__}, {args.threads} thread(s)",
-                    "command": "python benchmarks/retrieval/retrieval.py " + " ".join(argv or sys.argv[1:])}
+                    "command": command_line("benchmarks/retrieval/retrieval.py", argv or sys.argv[1:])}
 
     t = time.time()
     report = evaluate(model, tok, adapter, facts, options=options, data_name=Path(args.data).name)
