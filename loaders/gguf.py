@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from nkv.atomic import atomic_file
 from nkv.errors import NKVError, NKVUnsupportedModelError
 
 GGUF_MAGIC = b"GGUF"
@@ -104,9 +105,11 @@ def convert_gguf(path: str | os.PathLike, cache: Path | None = None) -> Path:
     """The transformers folder for GGUF file `path`, converted once and cached by content."""
     path = Path(path)
     check_gguf_file(path)
-    digest = _sha256(path)
-    folder = (cache or cache_root()) / f"{path.stem}-{digest[:16]}"
+    cache = cache or cache_root()
+    digest = _remembered_sha256(path, cache) or _sha256(path)
+    folder = cache / f"{path.stem}-{digest[:16]}"
     if (folder / MARKER).is_file():
+        _remember_sha256(path, cache, digest)
         return folder
     print(f"nkv: converting {path.name} to a transformers folder (once; cached in {folder})", file=sys.stderr)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -118,6 +121,7 @@ def convert_gguf(path: str | os.PathLike, cache: Path | None = None) -> Path:
         _publish(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    _remember_sha256(path, cache, digest)
     return folder
 
 
@@ -154,6 +158,7 @@ def check_gguf_file(path: Path) -> None:
 
 def _convert(path: Path, out: Path) -> None:
     """Dequantize `path` through transformers and save a normal, saveable model into `out`."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -174,17 +179,57 @@ def _convert(path: Path, out: Path) -> None:
     except Exception as exc:  # noqa: BLE001  e.g. an unknown quantization type deep in gguf-py
         raise NKVError(f"{path}: cannot dequantize this GGUF model: {_first_line(exc)}") from None
     # The GGUF-loaded model is flagged as quantized and refuses save_pretrained: build a
-    # plain model of the same class from the config and give it the dequantized weights.
+    # plain model of the same class from the config, on the meta device (no second copy
+    # of the weights in memory), and hand it the dequantized tensors themselves.
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = type(loaded)(config)
-    plain.load_state_dict(loaded.state_dict())
+    with torch.device("meta"):
+        plain = type(loaded)(config)
+    plain.load_state_dict(loaded.state_dict(), assign=True)
+    plain.tie_weights()
     try:
         plain.save_pretrained(out)
         tokenizer.save_pretrained(out)
     except OSError as exc:  # e.g. a full disk: the fp32 folder is ~4x the size of a 4-bit GGUF
         raise NKVError(f"{path}: cannot write the converted model to {out.parent} ({exc.strerror or exc}); "
                        "free some space or point NKV_CACHE elsewhere") from None
+
+
+HASH_INDEX = "sha256-index.json"
+
+
+def _hash_key(path: Path) -> str:
+    stat = path.stat()
+    return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def _hash_index(cache: Path) -> dict[str, str]:
+    try:
+        known = json.loads((cache / HASH_INDEX).read_text())
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def _remembered_sha256(path: Path, cache: Path) -> str | None:
+    """The SHA-256 of `path` remembered from an earlier conversion by (path, size, mtime), or
+    None: reading a multi-GB file on every command would cost seconds each time. A file
+    rewritten in place gets a new mtime, so it is hashed again."""
+    digest = _hash_index(cache).get(_hash_key(path))
+    return digest if isinstance(digest, str) else None
+
+
+def _remember_sha256(path: Path, cache: Path, digest: str) -> None:
+    """Record `path`'s hash once its conversion exists (a failed one leaves nothing behind)."""
+    key = _hash_key(path)
+    known = _hash_index(cache)
+    if known.get(key) == digest:
+        return
+    try:
+        with atomic_file(cache / HASH_INDEX) as fh:  # concurrent writers: the last one wins, each file whole
+            fh.write(json.dumps({**known, key: digest}, indent=1).encode())
+    except (OSError, NKVError):  # a read-only cache still works; it only hashes again next time
+        pass
 
 
 def _sha256(path: Path) -> str:

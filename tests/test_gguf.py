@@ -99,3 +99,24 @@ def test_a_packaged_model_that_is_not_installed(tmp_path, monkeypatch):
 def test_convert_refuses_what_needs_no_conversion():
     result = CliRunner().invoke(main, ["convert", "org/some-model"])
     assert result.exit_code == 1 and "needs no conversion" in result.output
+
+
+def test_the_file_hash_is_remembered_until_the_file_changes(tmp_path):
+    import os
+
+    from nkv.loaders import gguf as nkv_gguf
+
+    model, cache = tmp_path / "m.gguf", tmp_path / "cache"
+    cache.mkdir()
+    model.write_bytes(b"GGUF" + b"a" * 100)
+    assert nkv_gguf._remembered_sha256(model, cache) is None  # nothing converted yet
+    first = nkv_gguf._sha256(model)
+    nkv_gguf._remember_sha256(model, cache, first)
+    assert nkv_gguf._remembered_sha256(model, cache) == first
+    model.write_bytes(b"GGUF" + b"b" * 100)
+    os.utime(model, ns=(1, 10**18))  # a new mtime, as any rewrite gives
+    assert nkv_gguf._remembered_sha256(model, cache) is None  # hashed again
+    (cache / nkv_gguf.HASH_INDEX).write_text("not json")  # a damaged index is ignored, then rewritten
+    assert nkv_gguf._remembered_sha256(model, cache) is None
+    nkv_gguf._remember_sha256(model, cache, "x" * 64)
+    assert nkv_gguf._remembered_sha256(model, cache) == "x" * 64
