@@ -184,7 +184,7 @@ def _rescore(x_c: torch.Tensor, keys: torch.Tensor, key_inv_norms: torch.Tensor,
     return best, at_best.min(dim=-1).values
 
 
-def fit_sketch(keys: torch.Tensor, dim: int, max_rows: int = 65536, seed: int = 0) -> torch.Tensor:
+def fit_sketch(keys: torch.Tensor, dim: int, max_rows: int = 16384, seed: int = 0) -> torch.Tensor:
     """A (d_key, dim) float32 projection fitted to the keys: the top right singular vectors of
     the unit keys (uncentred PCA: it keeps the directions that carry the dot products).
 
@@ -200,7 +200,7 @@ def fit_sketch(keys: torch.Tensor, dim: int, max_rows: int = 65536, seed: int = 
         pick = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_rows]
         rows = keys.index_select(0, pick)
     unit = rows.float() * key_inverse_norms(rows).unsqueeze(-1)  # (m, d_key)
-    second = unit.T.double() @ unit.double()  # (d_key, d_key) second moment, float64 for a stable eigh
+    second = (unit.T @ unit).double()  # (d_key, d_key) second moment; float64 for a stable eigh
     _, vecs = torch.linalg.eigh(second)  # ascending eigenvalues
     proj = vecs[:, -dim:].flip(-1).float()  # (d_key, dim), strongest direction first
     # eigenvectors are defined up to sign: fix it so the same keys give the same bytes
