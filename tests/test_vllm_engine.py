@@ -20,6 +20,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterator
 
 import pytest
@@ -388,7 +389,8 @@ class TestLlamaEager:
         assert_same(generate(engine.llm, prompts), llama.long_ref["Z"], "long prompts, Z", prompts)
 
         # Without the reset the cached first block still carries Z's edits...
-        monkeypatch.setattr(engine.llm, "reset_prefix_cache", lambda *a, **k: True)
+        core = engine.llm.llm_engine.engine_core.engine_core  # in-process EngineCore: nkv_apply resets it
+        monkeypatch.setattr(core, "reset_prefix_cache", lambda *a, **k: True)
         handle.clear()
         stale = generate(engine.llm, prompts)
         assert max_gap(stale, llama.long_ref["base"]) > 10 * LOGPROB_ATOL, "this check could not see stale blocks"
@@ -419,31 +421,35 @@ class TestLlamaEager:
         from fastapi.testclient import TestClient
 
         from nkv.loaders.vllm.routes import build_router
+        from nkv.loaders.vllm.swap import SwapRequest, call_engine
 
-        resets: list[bool] = []
+        llama = checkpoints["llama"]
+        served = llama.files["B"].parent
 
-        class EngineClient:  # the two async calls the routes make, over the in-process LLM
+        class EngineCore:  # the async utility call, over the in-process LLM
+            async def call_utility_async(self, method, request):
+                return call_engine(engine.llm, SwapRequest.from_dict(request))
+
+        class EngineClient:
+            vllm_config = SimpleNamespace(additional_config={
+                "nkv": {"capacity": 16, "layer": EDIT_LAYER, "adapter_dirs": [str(served)]}})
+            engine_core = EngineCore()
+
             async def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
                 return engine.llm.collective_rpc(method, args=args)
-
-            async def reset_prefix_cache(self, reset_running_requests=False, reset_connector=False):
-                resets.append(reset_running_requests)
-                return engine.llm.reset_prefix_cache(reset_running_requests)
 
         app = FastAPI()
         app.include_router(build_router())
         app.state.engine_client = EngineClient()
         client = TestClient(app)
-        llama = checkpoints["llama"]
 
         reply = client.post("/v1/nkv/load", json={"adapter": str(llama.files["B"])})
         assert reply.status_code == 200 and reply.json()["ranks"][0]["n_facts"] == len(EDITS_B)
         assert_same(generate(engine.llm), llama.ref["B"], "after POST /v1/nkv/load")
-        assert resets == [True]
 
         reply = client.post("/v1/nkv/load", json={"adapter": str(checkpoints["gpt2"].files["A"])})
         assert reply.status_code == 400 and reply.json()["error"]["type"] == "NKVCompatibilityError"
-        reply = client.post("/v1/nkv/load", json={"adapter": "no/such.nkv"})
+        reply = client.post("/v1/nkv/load", json={"adapter": str(served / "no-such.nkv")})
         assert reply.status_code == 400 and "no such file" in reply.json()["error"]["message"]
         assert client.get("/v1/nkv").json()["ranks"][0]["n_facts"] == len(EDITS_B)  # unchanged
 

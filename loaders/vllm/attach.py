@@ -1,26 +1,29 @@
 """`load_nkv_adapter(llm, ...)` for a `vllm.LLM`: swap adapters on a running engine.
 
 The gated module and its buffers exist from start-up (see load_hook); here an adapter is
-checked against the engine in the caller's process (so errors keep their NKV class),
-every worker is told through `collective_rpc` to copy it into its buffers, and the
-prefix cache is reset, since cached KV blocks hold activations computed before the swap.
+pinned (path or Hub commit, plus its sha256) and checked against the engine in the
+caller's process (so errors keep their NKV class), then the engine core applies it on
+every rank between two steps and resets the prefix cache, or rolls every rank back
+(swap.py).
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from nkv.adapter import ConflictPolicy, NKVAdapter
+from nkv.compat import check_gamma
 from nkv.errors import NKVCompatibilityError, NKVError
 from nkv.facts import Fact
-from nkv.resolve import AdapterSource, locate_adapter, resolve_adapter
+from nkv.resolve import AdapterSource, resolve_adapter
 
 from .config import EXAMPLE, section_of
 from .slot import SlotInfo, check_adapter
+from .swap import CLEAR, SwapRequest, call_engine, pin
 
 
 class NKVEngineHandle:
@@ -66,14 +69,17 @@ class NKVEngineHandle:
              gamma: float | None = None) -> "NKVEngineHandle":
         """Replace whatever the engine holds with `adapter` (path, Hub repo id or NKVAdapter).
 
+        The change lands between two engine steps, on every rank or on none (swap.py).
+
         Raises:
             NKVCompatibilityError: other model/layer/widths, or more facts than the capacity.
             NKVFingerprintError: different base checkpoint (a warning when strict=False).
         """
-        resolved = resolve_adapter(adapter, revision=revision)
-        check_adapter(resolved, self.slot, strict=strict)
-        with _as_source(adapter, resolved, revision) as (source, source_revision):
-            results = self.llm.collective_rpc("nkv_load", args=(source, source_revision, strict, gamma))
+        gamma = None if gamma is None else check_gamma(gamma, "swap(gamma=...)")
+        with _pinned(adapter, revision, strict, gamma) as (request, local):
+            resolved = adapter if isinstance(adapter, NKVAdapter) else NKVAdapter.load(local)
+            check_adapter(resolved, self.slot, strict=strict)
+            results = call_engine(self.llm, request)
         self._after_change(results, expected_facts=resolved.n_facts)
         self.adapter, self._source = resolved, self.slot.source
         return self
@@ -96,7 +102,7 @@ class NKVEngineHandle:
 
     def clear(self) -> "NKVEngineHandle":
         """Remove every fact; the engine then answers like the base model."""
-        results = self.llm.collective_rpc("nkv_clear")
+        results = call_engine(self.llm, CLEAR)
         self._after_change(results, expected_facts=0)
         self.adapter, self._source = None, None
         return self
@@ -135,35 +141,21 @@ class NKVEngineHandle:
             raise NKVCompatibilityError(f"workers disagree after the swap: rows in use per rank {sorted(counts)}, "
                                         f"expected {expected_facts}; restart the engine")
         self.slot = SlotInfo.from_dict(results[0])
-        # Cached KV blocks were computed with the old rows; running requests are
-        # preempted and recomputed with the new ones.
-        self.llm.reset_prefix_cache(reset_running_requests=True)
 
 
-class _as_source:
-    """Context: (string source, revision) that workers can resolve for `adapter`.
-
-    Paths are made absolute; Hub repo ids are passed on (workers hit the local cache the
-    caller just filled); in-memory adapters are written to a temporary file, removed after.
-    """
-
-    def __init__(self, original: AdapterSource, resolved: NKVAdapter, revision: str | None) -> None:
-        self.original, self.resolved, self.revision = original, resolved, revision
-        self.tmpdir: str | None = None
-
-    def __enter__(self) -> tuple[str, str | None]:
-        where = locate_adapter(self.original)
-        if where.adapter is not None:
-            self.tmpdir = tempfile.mkdtemp(prefix="nkv-swap-")
-            path = self.resolved.save(Path(self.tmpdir) / "adapter.nkv")
-            return str(path), None
-        if where.path is not None:
-            return str(where.path.resolve()), None
-        return os.fspath(self.original), self.revision  # a Hub repo id (resolve_adapter accepted it)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.tmpdir is not None:
-            shutil.rmtree(self.tmpdir, ignore_errors=True)
+@contextlib.contextmanager
+def _pinned(adapter: AdapterSource, revision: str | None, strict: bool,
+            gamma: float | None) -> Iterator[tuple[SwapRequest, Path]]:
+    """(the request every rank loads, the local file) for `adapter`: a path, a Hub repo id
+    pinned to one commit, or an in-memory adapter written to a temporary file, removed after."""
+    if not isinstance(adapter, NKVAdapter):
+        yield pin(adapter, revision, strict=strict, gamma=gamma)
+        return
+    tmpdir = tempfile.mkdtemp(prefix="nkv-swap-")
+    try:
+        yield pin(adapter.save(Path(tmpdir) / "adapter.nkv"), strict=strict, gamma=gamma)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 def attach_to_llm(llm: Any, adapter: AdapterSource, revision: str | None = None, strict: bool = True,
@@ -184,6 +176,7 @@ def attach_to_llm(llm: Any, adapter: AdapterSource, revision: str | None = None,
     >>> llm.generate(["The Eiffel Tower is in"], SamplingParams(temperature=0))
     """
     gamma = options.pop("gamma", None)
+    gamma = None if gamma is None else check_gamma(gamma, "load_nkv_adapter(gamma=...)")
     if options:
         raise NKVError(f"load_nkv_adapter(vllm.LLM): unknown option(s) {sorted(options)}; known: gamma")
     handle = NKVEngineHandle(llm)

@@ -11,12 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from nkv.compat import check_gamma
 from nkv.errors import NKVError
 from nkv.gate import DEFAULT_FACT_CHUNK
 
 CONFIG_KEY = "nkv"
 
-_KNOWN = {"adapter", "revision", "capacity", "layer", "gamma", "strict", "fact_chunk"}
+_KNOWN = {"adapter", "revision", "capacity", "layer", "gamma", "strict", "fact_chunk", "adapter_dirs", "hub_repos"}
 
 EXAMPLE = '{"nkv": {"adapter": "user/repo-or-path.nkv", "capacity": 10000}}'
 
@@ -36,6 +37,9 @@ class NKVServeConfig:
         gamma: overrides the adapter's threshold when set.
         strict: a base-model fingerprint mismatch fails (True) or only warns (False).
         fact_chunk: facts scored per matmul (bounds the score matrix's memory).
+        adapter_dirs: server folders whose .nkv files `POST /v1/nkv/load` may read
+            (nothing else on the server's disk is readable through the route).
+        hub_repos: Hub repo ids the route may fetch; "owner/*" allows every repo of an owner.
     """
 
     adapter: str | None = None
@@ -45,6 +49,8 @@ class NKVServeConfig:
     gamma: float | None = None
     strict: bool = True
     fact_chunk: int = DEFAULT_FACT_CHUNK
+    adapter_dirs: tuple[str, ...] = ()
+    hub_repos: tuple[str, ...] = ()
 
     @classmethod
     def from_mapping(cls, section: Any, where: str = "additional_config['nkv']") -> "NKVServeConfig":
@@ -62,20 +68,25 @@ class NKVServeConfig:
         layer = _int(section, "layer", 0, problems)
         fact_chunk = _int(section, "fact_chunk", 1, problems)
         gamma = section.get("gamma")
-        if gamma is not None and (isinstance(gamma, bool) or not isinstance(gamma, (int, float))
-                                  or not 0.0 <= gamma <= 1.0):
-            problems.append(f"'gamma' must be a number in [0, 1], got {gamma!r}")
+        if gamma is not None:
+            try:
+                gamma = check_gamma(gamma, "'gamma'")
+            except NKVError as exc:
+                problems.append(str(exc))
         strict = section.get("strict", True)
         if not isinstance(strict, bool):
             problems.append(f"'strict' must be true or false, got {strict!r}")
         if adapter is None and (capacity is None or layer is None):
             problems.append("without 'adapter', both 'capacity' and 'layer' are needed to preallocate the "
                             "gated module, e.g. {\"nkv\": {\"capacity\": 10000, \"layer\": 7}}")
+        adapter_dirs = _strings(section, "adapter_dirs", problems)
+        hub_repos = _strings(section, "hub_repos", problems)
         if problems:
             raise NKVError(f"{where}: " + "; ".join(problems))
         return cls(adapter=adapter, revision=revision, capacity=capacity, layer=layer,
-                   gamma=None if gamma is None else float(gamma), strict=strict,
-                   fact_chunk=DEFAULT_FACT_CHUNK if fact_chunk is None else fact_chunk)
+                   gamma=gamma, strict=strict,
+                   fact_chunk=DEFAULT_FACT_CHUNK if fact_chunk is None else fact_chunk,
+                   adapter_dirs=adapter_dirs, hub_repos=hub_repos)
 
 
 def section_of(additional_config: Any) -> Any | None:
@@ -93,6 +104,14 @@ def _int(section: Mapping, key: str, minimum: int, problems: list[str]) -> int |
         problems.append(f"{key!r} must be an integer >= {minimum}, got {value!r}")
         return None
     return value
+
+
+def _strings(section: Mapping, key: str, problems: list[str]) -> tuple[str, ...]:
+    value = section.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        problems.append(f"{key!r} must be a list of non-empty strings, got {value!r}")
+        return ()
+    return tuple(value)
 
 
 __all__ = ["NKVServeConfig", "CONFIG_KEY", "EXAMPLE", "section_of"]

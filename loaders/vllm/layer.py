@@ -26,9 +26,10 @@ import torch
 from torch import nn
 
 from nkv.adapter import NKVAdapter
+from nkv.compat import check_gamma
 from nkv.gate import key_inverse_norms, nkv_gate
 
-from .slot import SlotInfo, check_adapter
+from .slot import SlotInfo
 
 
 class NKVGatedProjection(nn.Module):
@@ -59,6 +60,7 @@ class NKVGatedProjection(nn.Module):
         # gamma is a buffer, not a Python float: a float would be baked into the graph.
         self.register_buffer("nkv_gamma", torch.tensor(1.0, dtype=torch.float32, device=device),
                              persistent=False)
+        self.begin()
 
     def forward(self, x: torch.Tensor) -> Any:
         out = self.base_layer(x)
@@ -70,36 +72,80 @@ class NKVGatedProjection(nn.Module):
             y = y + delta.to(y.dtype)
         return (y, bias) if self._return_bias else y
 
-    @torch.no_grad()
-    def load(self, adapter: NKVAdapter, gamma: float | None = None, source: str | None = None,
-             revision: str | None = None) -> None:
-        """Copy `adapter`'s rows (this rank's key slice) into the buffers; pad the rest.
+    # ------------------------------------------------------------ changes
+    # A change is staged, then committed: `apply_swap` stages on every rank first and
+    # commits only when all succeeded, and can roll every rank back (see swap.py).
+    _BUFFERS = ("nkv_keys", "nkv_key_inv_norms", "nkv_residuals", "nkv_gamma")
 
-        The caller checks compatibility (`slot.check_adapter`); here only the invariants
-        that would corrupt memory are asserted.
-        """
+    def begin(self, change: str | None = None) -> None:
+        """Start change `change` (an id): forget the previous change's staged and saved rows."""
+        self._change = change
+        self._staged: tuple[dict[str, torch.Tensor], SlotInfo] | None = None
+        self._previous: tuple[dict[str, torch.Tensor], SlotInfo] | None = None
+
+    @torch.no_grad()
+    def stage(self, adapter: NKVAdapter | None, gamma: float | None = None, source: str | None = None,
+              revision: str | None = None, digest: str | None = None) -> None:
+        """Prepare `adapter`'s rows (this rank's key slice, padded to capacity) without touching
+        the live buffers; None stages an empty table. The caller checks compatibility
+        (`slot.check_adapter`) and calls `begin`; only invariants that would corrupt memory are asserted."""
+        self._staged = None
+        rows = {name: torch.zeros_like(getattr(self, name), device="cpu") for name in self._BUFFERS}
+        if adapter is None:
+            rows["nkv_gamma"].fill_(1.0)
+            self._staged = rows, _replace(self.slot, n_facts=0, gamma=None, source=None, revision=None, digest=None)
+            return
         n = adapter.n_facts
         assert n <= self.slot.capacity and adapter.keys.shape[1] == self.slot.d_key
-        keys = adapter.keys[:, self.col_start:self.col_start + self.d_key_local]
+        rows["nkv_keys"][:n] = adapter.keys[:, self.col_start:self.col_start + self.d_key_local]
         # Norms of the full stored rows, before any rounding to the serving dtype.
-        self.nkv_keys[:n].copy_(keys)
-        self.nkv_keys[n:].zero_()
-        self.nkv_key_inv_norms[:n].copy_(key_inverse_norms(adapter.keys))
-        self.nkv_key_inv_norms[n:].zero_()
-        self.nkv_residuals[:n].copy_(adapter.residuals)
-        self.nkv_residuals[n:].zero_()
-        value = float(adapter.gamma if gamma is None else gamma)
-        self.nkv_gamma.fill_(value)
-        self.slot = _replace(self.slot, n_facts=n, gamma=value, source=source, revision=revision)
+        rows["nkv_key_inv_norms"][:n] = key_inverse_norms(adapter.keys)
+        rows["nkv_residuals"][:n] = adapter.residuals
+        value = check_gamma(adapter.gamma if gamma is None else gamma)
+        rows["nkv_gamma"].fill_(value)
+        self._staged = rows, _replace(self.slot, n_facts=n, gamma=value, source=source, revision=revision,
+                                      digest=digest)
 
     @torch.no_grad()
+    def commit(self) -> None:
+        """Copy the staged rows into the live buffers (in place: compiled graphs keep seeing them),
+        keeping the old rows until `rollback` or the next change."""
+        assert self._staged is not None, "commit() without stage()"
+        self._previous = {name: getattr(self, name).detach().to("cpu", copy=True) for name in self._BUFFERS}, \
+            self.slot
+        self._write(*self._staged)
+        self._staged = None
+
+    @torch.no_grad()
+    def rollback(self, change: str | None = None) -> None:
+        """Undo change `change` on this rank: drop staged rows, put back the rows its commit
+        replaced. A rank that failed before `begin(change)` holds another change: left as is."""
+        if change != self._change:
+            return
+        previous = self._previous
+        self.begin()
+        if previous is not None:
+            self._write(*previous)
+
+    def _write(self, rows: dict[str, torch.Tensor], slot: SlotInfo) -> None:
+        for name in self._BUFFERS:
+            getattr(self, name).copy_(rows[name])
+        self.slot = slot
+
+    def load(self, adapter: NKVAdapter, gamma: float | None = None, source: str | None = None,
+             revision: str | None = None, digest: str | None = None) -> None:
+        """Stage and commit `adapter` on this rank alone (start-up, tests)."""
+        self.begin()
+        self.stage(adapter, gamma=gamma, source=source, revision=revision, digest=digest)
+        self.commit()
+        self.begin()
+
     def clear(self) -> None:
         """All rows padding: the gate never fires and outputs equal the base model's."""
-        self.nkv_keys.zero_()
-        self.nkv_key_inv_norms.zero_()
-        self.nkv_residuals.zero_()
-        self.nkv_gamma.fill_(1.0)
-        self.slot = _replace(self.slot, n_facts=0, gamma=None, source=None, revision=None)
+        self.begin()
+        self.stage(None)
+        self.commit()
+        self.begin()
 
     def extra_repr(self) -> str:
         s = self.slot
@@ -115,15 +161,8 @@ def gated_module(model: nn.Module) -> NKVGatedProjection | None:
     return None
 
 
-def load_into(module: NKVGatedProjection, adapter: NKVAdapter, *, strict: bool, gamma: float | None,
-              source: str | None, revision: str | None = None) -> None:
-    """Check `adapter` against the module's slot (`check_adapter`), then copy its rows in."""
-    check_adapter(adapter, module.slot, strict=strict)
-    module.load(adapter, gamma=gamma, source=source, revision=revision)
-
-
 def _replace(slot: SlotInfo, **changes: Any) -> SlotInfo:
     return SlotInfo.from_dict({**slot.to_dict(), **changes})
 
 
-__all__ = ["NKVGatedProjection", "gated_module", "load_into"]
+__all__ = ["NKVGatedProjection", "gated_module"]

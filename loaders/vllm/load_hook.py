@@ -27,49 +27,74 @@ from torch import nn
 
 from nkv.errors import NKVCompatibilityError, NKVUnsupportedModelError
 from nkv.fingerprint import fingerprint_finalize, fingerprint_partial
-from nkv.resolve import resolve_adapter
 
 from ..architectures import arch_spec
 from .config import NKVServeConfig, section_of
-from .layer import NKVGatedProjection, load_into
-from .slot import SlotInfo
+from .layer import NKVGatedProjection
+from .slot import SlotInfo, check_adapter
+from .swap import pin, read_pinned
 from .worker import NKVWorkerExtension
 
 # Under "vllm." so messages go through vLLM's own handlers and format, in every process.
 logger = logging.getLogger("vllm.nkv")
 
 _MARK = "_nkv_wrapped"
+_ACTIVE = "_nkv_loading"  # set on a loader while NKV attaches during its load_model
 
 
 def install() -> None:
-    """Wrap `BaseModelLoader.load_model` once; calling again is a no-op."""
+    """Wrap `BaseModelLoader.load_model`, and every loader class that overrides it, once;
+    calling again is a no-op. (A loader defined later that overrides it without calling
+    the base method is caught by guard.py's start-up check.)"""
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
-    original = BaseModelLoader.load_model
-    if getattr(original, _MARK, False):
-        return
+    for cls in [BaseModelLoader, *_subclasses(BaseModelLoader)]:
+        original = cls.__dict__.get("load_model")
+        if original is not None and not getattr(original, _MARK, False):
+            cls.load_model = _wrapped(original)
 
+
+def _subclasses(cls: type) -> list[type]:
+    return [sub for direct in cls.__subclasses__() for sub in (direct, *_subclasses(direct))]
+
+
+def _wrapped(original: Any) -> Any:
     @functools.wraps(original)
     def load_model(self: Any, vllm_config: Any, model_config: Any, prefix: str = "") -> nn.Module:
         section = section_of(vllm_config.additional_config)
         # Drafter models (speculative decoding) come through here too: only the served model is gated.
-        if section is None or model_config is not vllm_config.model_config:
+        # An overriding loader that calls super().load_model reaches a second wrapper: attach once.
+        if section is None or model_config is not vllm_config.model_config or getattr(self, _ACTIVE, False):
             return original(self, vllm_config, model_config, prefix)
-        return _load_with_nkv(original, self, vllm_config, model_config, prefix,
-                              NKVServeConfig.from_mapping(section))
+        setattr(self, _ACTIVE, True)
+        try:
+            return _load_with_nkv(original, self, vllm_config, model_config, prefix,
+                                  NKVServeConfig.from_mapping(section))
+        finally:
+            delattr(self, _ACTIVE)
 
     setattr(load_model, _MARK, True)
-    BaseModelLoader.load_model = load_model
+    return load_model
 
 
 def _load_with_nkv(original: Any, loader: Any, vllm_config: Any, model_config: Any, prefix: str,
                    config: NKVServeConfig) -> nn.Module:
+    quantization = getattr(model_config, "quantization", None)
+    if quantization:
+        raise NKVUnsupportedModelError(
+            f"this model is quantized ({quantization}); NKV reads and fingerprints the float weight of the FFN "
+            "output projection, which quantized layers do not hold. Serve the unquantized checkpoint "
+            "(dtype bfloat16 or float16) with NKV")
     pp = vllm_config.parallel_config.pipeline_parallel_size
     if pp > 1:
         # The gated layer would live on one stage only; swaps and checks assume every rank has it.
         raise NKVUnsupportedModelError("NKV in vLLM supports tensor parallelism, not pipeline parallelism "
                                        f"(pipeline_parallel_size={pp}); use tensor_parallel_size instead")
-    adapter = resolve_adapter(config.adapter, revision=config.revision) if config.adapter else None
+    # Each rank pins the start adapter to a commit and a digest; the engine's start-up check
+    # (guard.py) refuses to start unless every rank loaded the same bytes.
+    start = pin(config.adapter, config.revision, strict=config.strict, gamma=config.gamma)[0] if config.adapter \
+        else None
+    adapter = read_pinned(start) if start is not None else None
     if adapter is not None and config.layer is not None and config.layer != adapter.layer:
         raise NKVCompatibilityError(f"additional_config['nkv'] says layer {config.layer}, but the adapter "
                                     f"{config.adapter} edits layer {adapter.layer}; drop 'layer' or make them "
@@ -107,8 +132,9 @@ def _load_with_nkv(original: Any, loader: Any, vllm_config: Any, model_config: A
     parent_path, _, name = path.rpartition(".")
     setattr(model.get_submodule(parent_path), name, module)
     if adapter is not None:
-        load_into(module, adapter, strict=config.strict, gamma=config.gamma, source=config.adapter,
-                  revision=config.revision)
+        assert start is not None
+        check_adapter(adapter, module.slot, strict=config.strict)
+        module.load(adapter, gamma=config.gamma, source=start.source, revision=start.revision, digest=start.digest)
     _enable_worker_methods(vllm_config)
     logger.info("NKV: gated %s (capacity %d, tp %d/%d) with %s", path, capacity, slot.tp_rank, slot.tp_size,
                 f"{adapter.n_facts} facts from {config.adapter}" if adapter is not None else "no facts yet")

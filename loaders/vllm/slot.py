@@ -34,7 +34,8 @@ class SlotInfo:
     n_facts: int = 0  # rows in use now
     gamma: float | None = None  # threshold in use now
     source: str | None = None  # what was loaded last (path or repo id)
-    revision: str | None = None  # its Hub revision, if a repo id
+    revision: str | None = None  # its Hub revision (the commit it was pinned to), if a repo id
+    digest: str | None = None  # sha256 of the loaded file's bytes: equal on every rank
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

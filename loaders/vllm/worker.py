@@ -14,13 +14,18 @@ from __future__ import annotations
 from typing import Any
 
 from nkv.errors import NKVError
-from nkv.resolve import resolve_adapter
 
-from .layer import gated_module, load_into
+from .layer import gated_module
+from .slot import check_adapter
+from .swap import SwapRequest, read_pinned
 
 
 class NKVWorkerExtension:
-    """Mixed into vLLM's worker class; `self.model_runner` is the worker's."""
+    """Mixed into vLLM's worker class; `self.model_runner` is the worker's.
+
+    Changes go through `swap.apply_swap` in the engine core, which calls nkv_prepare on
+    every rank, then nkv_commit, and nkv_rollback on every rank if any of them failed.
+    """
 
     def _nkv_module(self) -> Any:
         module = gated_module(self.model_runner.get_model())  # type: ignore[attr-defined]
@@ -33,18 +38,29 @@ class NKVWorkerExtension:
         """This rank's SlotInfo as a dict."""
         return self._nkv_module().slot.to_dict()
 
-    def nkv_load(self, source: str, revision: str | None = None, strict: bool = True,
-                 gamma: float | None = None) -> dict[str, Any]:
-        """Copy the adapter at `source` (path or repo id) into the preallocated buffers."""
+    def nkv_prepare(self, request: dict[str, Any], change: str) -> dict[str, Any]:
+        """Read and check the requested adapter, stage this rank's rows; the live rows stay as they are."""
         module = self._nkv_module()
-        load_into(module, resolve_adapter(source, revision=revision), strict=strict, gamma=gamma, source=source,
-                  revision=revision)
+        module.begin(change)
+        swap = SwapRequest.from_dict(request)
+        if swap.source is None:
+            module.stage(None)
+        else:
+            adapter = read_pinned(swap)
+            check_adapter(adapter, module.slot, strict=swap.strict)
+            module.stage(adapter, gamma=swap.gamma, source=swap.source, revision=swap.revision, digest=swap.digest)
         return module.slot.to_dict()
 
-    def nkv_clear(self) -> dict[str, Any]:
-        """Remove every fact: outputs equal the base model's again."""
+    def nkv_commit(self) -> dict[str, Any]:
+        """Copy the staged rows into the live buffers."""
         module = self._nkv_module()
-        module.clear()
+        module.commit()
+        return module.slot.to_dict()
+
+    def nkv_rollback(self, change: str) -> dict[str, Any]:
+        """Drop staged rows and undo this change's commit, if there was one."""
+        module = self._nkv_module()
+        module.rollback(change)
         return module.slot.to_dict()
 
 
