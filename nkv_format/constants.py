@@ -63,6 +63,6 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors limit
 DEFAULT_GAMMA = 0.65  # paper, all models
 
 # Sketch path of the gate (spec §5.1); serving choices, not stored in the file ----------
-DEFAULT_SKETCH_DIM = 64  # d_sketch of a fitted projection
-DEFAULT_SHORTLIST = 32  # candidates per token rescored exactly
+DEFAULT_SKETCH_DIM = 128  # d_sketch of a fitted projection (64 missed rows on real keys)
+DEFAULT_SHORTLIST = 128  # candidates per token rescored exactly
 SKETCH_MIN_FACTS = 16384  # loaders take the sketch path from this many facts (capacity) up

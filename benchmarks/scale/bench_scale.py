@@ -8,8 +8,9 @@
 
 Facts beyond the real keys are synthetic, drawn to match the real keys' first two moments:
 x = mean + z · sqrt(λ) · Vᵀ over the top 256 principal directions of the real keys' covariance,
-plus isotropic noise carrying the remaining variance in the other directions (so the mean,
-the dominant covariance, the norms and the spread of cosines match; higher moments do not). Each command prints JSON lines; README.md beside this file holds the results.
+plus isotropic noise carrying the mean remaining variance (so the mean, the dominant
+covariance, the norms and the mean cosine match; higher moments and the near-duplicates that
+similar names give real keys do not: synthetic keys are easier to tell apart). Each command prints JSON lines; README.md beside this file holds the results.
 """
 
 from __future__ import annotations
@@ -34,8 +35,7 @@ def _emit(**row) -> None:
 
 def synthetic_like(real: torch.Tensor, n: int, rank: int = 256, seed: int = 0, chunk: int = 65536) -> torch.Tensor:
     """(n, d) float16 keys with the mean of `real` and its covariance in the top `rank`
-    principal directions; the remaining variance is spread evenly over the other directions
-    (so per-key norms and the spread of cosines match; higher moments do not)."""
+    principal directions, plus isotropic noise with the mean remaining variance."""
     x = real.float()
     mean = x.mean(0)
     vals, vecs = torch.linalg.eigh(torch.cov((x - mean).T.double()))  # ascending
@@ -47,8 +47,7 @@ def synthetic_like(real: torch.Tensor, n: int, rank: int = 256, seed: int = 0, c
     for s in range(0, n, chunk):
         m = min(chunk, n - s)
         low = torch.randn(m, rank, generator=g) @ scale  # (m, d) in the top directions
-        noise = torch.randn(m, x.shape[1], generator=g) * rest**0.5
-        noise -= (noise @ top_vecs.float()) @ top_vecs.float().T  # keep it out of the top directions
+        noise = torch.randn(m, x.shape[1], generator=g) * rest**0.5  # also adds `rest` to the top directions
         out[s : s + m] = (mean + low + noise).half()
     return out
 
