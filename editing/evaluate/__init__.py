@@ -7,7 +7,7 @@
 
 Modules, by role: run (`evaluate`), options, measure (the model runs, pre and post),
 aggregate (per-case results into metrics), weak_spots (where edits go wrong), fluency
-(n-gram entropy), gatediag (where the gate fires), truefacts (unedited-fact accuracy),
+(n-gram entropy), knowedit (KnowEdit's Edit Succ. / Portability / Locality / Fluency), gatediag (where the gate fires), truefacts (unedited-fact accuracy),
 report (table / JSON / stored summary), plot (the γ histogram). Teacher-forced scoring, generation and token positions are shared with
 the build: `nkv.editing.scoring`, `.generation`, `.tokens`.
 """
