@@ -185,7 +185,7 @@ def _device_of(module: nn.Module) -> torch.device:
 def _enable_worker_methods(vllm_config: Any) -> None:
     """Add `NKVWorkerExtension` to the worker class, as vLLM does for `worker_extension_cls`.
 
-    This lets `llm.collective_rpc("nkv_load", ...)` work without the user passing
+    This lets `llm.collective_rpc("nkv_info")` (and the nkv_apply swaps) work without the user passing
     `worker_extension_cls`; an engine started with it already set is left as is.
     """
     worker_cls = vllm_config.parallel_config.worker_cls
