@@ -49,6 +49,10 @@ def _layer(value: str | None) -> int | str | None:
               help="Adam step relative to ||h0|| [default: 0.5; 0.3 for d_model <= 256; --preset previous: 0.2].")
 @click.option("--kl-factor", type=click.FloatRange(0), help="Weight of the KL term [default: 0.0625].")
 @click.option("--weight-decay", type=click.FloatRange(0), help="Weight of ||δ||/||h0|| [default: 0.01].")
+@click.option("--preserve-factor", type=click.FloatRange(0),
+              help="Weight of the KL that holds each edited subject's other relations at the model's own "
+                   "answers (probes from the facts' own prompt shapes and generic ones) [default: 0, off; "
+                   "1 kept them on the fact-world model, not on SmolLM2: see benchmarks/compare].")
 @click.option("--clamp", type=click.FloatRange(0, min_open=True),
               help="Max ||δ|| / ||h0|| [default: 0.75; 2 for d_model <= 256].")
 @click.option("--prefixes", "n_prefixes", type=click.IntRange(0), help="Generated context prefixes [default: 5].")

@@ -313,6 +313,7 @@ def test_probes_leave_out_what_an_edit_asks_and_batched_equals_reference():
     dropped; the rest are held by a KL term, batched exactly as one fact at a time."""
     from nkv.editing.scoring import next_token_predictions
     from nkv.editing.solve import choose_probes
+    from nkv.editing.solve.preserve import data_templates
 
     model, tok = tm.tiny_model("llama"), tm.tiny_tokenizer()
     facts = [Fact("ty", "Toko Yasuda", "Toko Yasuda plays the", "piano", "guitar"),
@@ -321,12 +322,16 @@ def test_probes_leave_out_what_an_edit_asks_and_batched_equals_reference():
     templates = ("{} plays the", "{} lives in", "{} was born in", "{} works as a")
     with frozen(model):
         probes = choose_probes(model, tok, facts, templates)
-        texts = [t.replace("{}", f.subject) for f in facts for t in templates] + [f.prompt for f in facts]
+        texts = [t.replace("{}", f.subject) for f in facts for t in (*templates, "The mother tongue of {} is")]
+        texts += [f.prompt for f in facts]
         answer = dict(zip(texts, (p[-1] for p in next_token_predictions(model, tok, texts))))
     edited = {"Toko Yasuda": {answer[facts[0].prompt], answer[facts[1].prompt]},
               "Carl Bosch": {answer[facts[2].prompt]}}
+    shapes = ["{} plays the", "{} lives in", "The mother tongue of {} is"]  # the facts' own prompts first
+    assert data_templates(facts) == shapes
+    everything = shapes + [t for t in templates if t not in shapes]
     for f, held in zip(facts, probes):
-        want = [t.replace("{}", f.subject) for t in templates if answer[t.replace("{}", f.subject)] not in edited[f.subject]]
+        want = [t.replace("{}", f.subject) for t in everything if answer[t.replace("{}", f.subject)] not in edited[f.subject]]
         assert held == want
     assert "Toko Yasuda plays the" not in probes[0] + probes[1]  # both of its edits' questions are left out
     assert probes[2]  # something is held for Carl Bosch

@@ -105,9 +105,9 @@ def test_presets():
     assert (default.steps, default.lr, default.stop_margin, default.opt_prefixes) == (12, 0.5, 3.0, None)
     fast = default_config("llama", preset="fast")  # the default under the bare prompt and one prefix
     assert fast == default_config("llama", opt_prefixes=1)
-    assert (previous.preserve_factor, default.preserve_factor, fast.preserve_factor) == (0.0, 1.0, 1.0)
+    assert (previous.preserve_factor, default.preserve_factor, fast.preserve_factor) == (0.0, 0.0, 0.0)  # opt-in
     toy = tm.tiny_model("llama")  # toy-sized models keep their previous optimiser settings
-    assert default_config(toy) == default_config(toy, preset="previous", preserve_factor=1.0)
+    assert default_config(toy) == default_config(toy, preset="previous")
     assert default_config(toy, preset="fast").opt_prefixes == 1
     with pytest.raises(NKVError, match="unknown build preset"):
         default_config("llama", preset="turbo")

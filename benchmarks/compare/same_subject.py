@@ -23,8 +23,8 @@ prompts for the other relations; here they come from the world's templates.)
 All are evaluated on examples/factworld/edits_same_subject.jsonl (100 subjects x 2
 facts; `--edits` for another file), all edits live, with the edited subjects' other
 (unedited) facts measured from true_facts.jsonl.
-Variants: "plain" is today's `nkv build` without the probes of the subject's other
-relations (`preserve_factor=0`), "default" is today's `nkv build` (preserve.py), "joint"
+Variants: "plain" is today's `nkv build` (no probes), "probes" is `nkv build` holding
+the subject's other relations (`preserve_factor=1.0`, editing/solve/preserve.py), "joint"
 and "preserve" are the prototypes above.
 Results: results/same_subject-{variant}-L{layer}[-<edits stem>][-<model>][-n<limit>].json.
 """
@@ -124,7 +124,7 @@ def main() -> None:
     p.add_argument("--edits", default=str(WORLD / "edits_same_subject.jsonl"))
     p.add_argument("--layer", type=int, default=0)
     p.add_argument("--gamma", type=float, default=0.65)
-    p.add_argument("--variants", default="plain,default,joint,preserve")
+    p.add_argument("--variants", default="plain,probes,joint,preserve")
     p.add_argument("--true-facts", default=str(WORLD / "true_facts.jsonl"), help="the subjects' facts, to measure the other ones")
     p.add_argument("--unrelated", default=str(WORLD / "generic.txt"), help="unrelated text, one per line")
     p.add_argument("--limit", type=int, default=None, help="only the first N edits")
@@ -144,10 +144,10 @@ def main() -> None:
     generic = [line for line in Path(args.unrelated).read_text().splitlines() if line.strip()]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    plain = default_config(model, preserve_factor=0.0)  # today's build without the probes
-    variants = {"plain": lambda: build_adapter(model, tok, facts, layer=args.layer, gamma=args.gamma, config=plain,
-                                               progress=False),
-                "default": lambda: build_adapter(model, tok, facts, layer=args.layer, gamma=args.gamma, progress=False),
+    probes = default_config(model, preserve_factor=1.0)  # nkv build --preserve-factor 1
+    variants = {"plain": lambda: build_adapter(model, tok, facts, layer=args.layer, gamma=args.gamma, progress=False),
+                "probes": lambda: build_adapter(model, tok, facts, layer=args.layer, gamma=args.gamma, config=probes,
+                                                progress=False),
                 "joint": lambda: joint_adapter(model, tok, facts, args.layer, args.gamma),
                 "preserve": lambda: joint_adapter(model, tok, facts, args.layer, args.gamma, preserve=True)}
     suffix = "" if Path(args.edits).name == "edits_same_subject.jsonl" else f"-{Path(args.edits).stem}"

@@ -5,8 +5,11 @@ reaches every prompt about the subject ("X was born in", "X speaks", ...). Optim
 the edit alone (plus MEMIT's "{subject} is a"), it rewrites the subject's other facts
 too: on the fact-world model they fall from 100% to 36% correct. So the objective also
 holds the next-token distribution after a few generic relation prompts about the
-subject (`PRESERVE_TEMPLATES`, or the user's own) at the unedited model's (KL, weighted
-by `preserve_factor`), with no facts to supply: the model's own answers are the targets.
+subject at the unedited model's (KL, weighted by `preserve_factor`), with no facts to
+supply: the model's own answers are the targets. The prompts are the build's own most
+frequent prompt shapes with this subject ("The capital of {} is", when the facts ask
+about capitals), then generic ones (`PRESERVE_TEMPLATES`, or the user's own): generic
+person-centred prompts alone held nothing of a country's capital or currency on SmolLM2.
 
 A probe that asks what an edit changes must not be held. Which relation a prompt asks
 for is not written anywhere, so the model decides: a probe whose unedited greedy answer
@@ -18,6 +21,7 @@ lose their probe too; that costs preservation, never the edit.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Sequence
 
 import torch
@@ -42,10 +46,24 @@ PRESERVE_TEMPLATES: tuple[str, ...] = (
 )
 
 
+# The relations a knowledge base is about are the ones its own prompts ask: the build's
+# most frequent prompt shapes ("The capital of {} is") are probes too, ahead of the generic ones.
+MAX_DATA_TEMPLATES = 6
+
+
+def data_templates(facts: Sequence[Fact], limit: int = MAX_DATA_TEMPLATES) -> list[str]:
+    """The `limit` most frequent prompts of `facts` with the subject as "{}" (most frequent first)."""
+    shapes = Counter(f.prompt.replace(f.subject, "{}") for f in facts if f.prompt.count(f.subject) == 1)
+    return [t for t, _ in shapes.most_common(limit)]
+
+
 @torch.no_grad()
 def choose_probes(model: nn.Module, tokenizer: Any, facts: Sequence[Fact],
                   templates: Sequence[str] = PRESERVE_TEMPLATES) -> list[list[str]]:
-    """Per fact, the probe texts (templates filled with its subject) to hold, as above."""
+    """Per fact, the probe texts (the build's own prompt shapes, then `templates`, filled with
+    its subject) to hold, as above."""
+    own = data_templates(facts)
+    templates = [*own, *(t for t in templates if t not in own)]
     subjects = sorted({f.subject for f in facts})
     probes = {s: [t.replace("{}", s) for t in templates] for s in subjects}
     texts = sorted({f.prompt for f in facts} | {p for ps in probes.values() for p in ps})
@@ -56,4 +74,4 @@ def choose_probes(model: nn.Module, tokenizer: Any, facts: Sequence[Fact],
     return [[p for p in probes[f.subject] if answer[p] not in edited[f.subject]] for f in facts]
 
 
-__all__ = ["PRESERVE_TEMPLATES", "choose_probes"]
+__all__ = ["PRESERVE_TEMPLATES", "MAX_DATA_TEMPLATES", "choose_probes", "data_templates"]
