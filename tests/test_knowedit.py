@@ -12,7 +12,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from handmade import forcing_adapter
@@ -28,12 +27,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "knowedit"
 FAST = ["--steps", "8", "--lr", "0.2", "--clamp", "2", "--prefixes", "1", "--quiet", "--layer", "1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # two threads on two shared cores are 10-20x slower here
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
