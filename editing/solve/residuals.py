@@ -61,8 +61,7 @@ class Losses:
     nll: torch.Tensor  # (A,) template-mean per-token NLL of target_new
     kl: torch.Tensor  # (A,) KL(P_δ || P_0) on the KL prompt
     preserve: torch.Tensor  # (A,) mean KL(P_δ || P_0) over the fact's probes (0 without probes)
-    kl_lp: torch.Tensor  # (K, V) log-probs of the KL rows (KL prompts and probes) by slot, detached
-    kl_slot: torch.Tensor  # (K,) their slots, ascending
+    kl_lp: torch.Tensor  # (K, V) log-probs of the KL rows (KL prompts and probes), ascending slot, detached
     margin: torch.Tensor  # (A,) min over target tokens and templates of log p(label) - max other log p
 
 
@@ -102,7 +101,7 @@ def fact_losses(model: nn.Module, layer: int, sels: list[Selection], delta: torc
     on_prompt = probe_weight == 0
     kl = torch.zeros(n_active, device=delta.device).index_add(0, owner[on_prompt], kl_row[on_prompt])
     preserve = torch.zeros(n_active, device=delta.device).index_add(0, owner, kl_row * probe_weight)
-    return Losses(nll, kl, preserve, kl_lp.detach(), slot, margin)
+    return Losses(nll, kl, preserve, kl_lp.detach(), margin)
 
 
 def _margins(logp: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
