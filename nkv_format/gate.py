@@ -131,6 +131,73 @@ def nkv_gate(
     )
 
 
+class RowRange(NamedTuple):
+    """One resident adapter's rows in a shared table (several adapters in one engine or module)."""
+
+    start: int  # first row of this adapter in keys / residuals
+    n_facts: int  # rows in use, from `start`
+    gamma: float  # this adapter's threshold
+    sketch: Sketch | None = None  # its sketch path (keys already sliced to the range), None = exact
+
+
+def nkv_gate_routed(
+    k: torch.Tensor,
+    token_adapter: torch.Tensor,
+    ranges: list[RowRange],
+    keys: torch.Tensor,
+    key_inv_norms: torch.Tensor,
+    residuals: torch.Tensor,
+    *,
+    fact_chunk: int = DEFAULT_FACT_CHUNK,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> GateResult:
+    """`nkv_gate` for a batch whose tokens choose different adapters, like a MoE layer routes
+    tokens to experts: token t is gated against the rows of `ranges[token_adapter[t]]` only,
+    and left untouched (fired False, delta 0) where `token_adapter[t]` is -1.
+
+    Each token is scored against its own adapter's rows, so the cost per token does not grow
+    with the number of resident adapters. The grouping reads the routing on the host (one
+    sync), so this runs eagerly: loaders that compile the model call it from an opaque op.
+    Under tensor parallelism every rank holds the same routing, so the ranks visit the same
+    adapters in the same order and their all-reduces pair up.
+
+    Args:
+        k: (..., d_key) FFN keys, as for `nkv_gate`.
+        token_adapter: (...) or (N,) with N >= k's token count, int: index into `ranges`, -1 = none.
+            Extra entries past the token count are ignored (a preallocated routing buffer).
+        ranges: the resident adapters; index i is what `token_adapter` names.
+        keys, key_inv_norms, residuals: the shared table; adapter i owns rows
+            [ranges[i].start, ranges[i].start + ranges[i].n_facts).
+    Returns:
+        GateResult with `index` the row in the shared table (meaningful where fired).
+
+    >>> r = nkv_gate_routed(k, torch.tensor([0, 0, -1, 1]), [RowRange(0, 10, 0.65), RowRange(10, 5, 0.7)],
+    ...                     K, key_inverse_norms(K), R)
+    """
+    lead = k.shape[:-1]
+    x = k.reshape(-1, k.shape[-1])  # (T, d_key)
+    route = token_adapter.reshape(-1)[: x.shape[0]].to(torch.int64)  # (T,)
+    delta = torch.zeros(x.shape[0], residuals.shape[-1], dtype=residuals.dtype, device=k.device)  # (T, d_model)
+    index = torch.zeros(x.shape[0], dtype=torch.int64, device=k.device)
+    score = torch.zeros(x.shape[0], dtype=torch.float32, device=k.device)
+    fired = torch.zeros(x.shape[0], dtype=torch.bool, device=k.device)
+    for a in torch.unique(route[route >= 0]).tolist():  # sorted: the same order on every rank
+        if a >= len(ranges):
+            raise IndexError(f"token routed to adapter {a}, but only {len(ranges)} are resident")
+        r = ranges[a]
+        tokens = (route == a).nonzero().squeeze(1)  # (T_a,)
+        rows = slice(r.start, r.start + r.n_facts)
+        part = nkv_gate(x.index_select(0, tokens), keys[rows], key_inv_norms[rows], residuals[rows],
+                        torch.tensor(r.gamma, device=k.device), fact_chunk=fact_chunk, all_reduce=all_reduce,
+                        sketch=r.sketch)
+        delta.index_copy_(0, tokens, part.delta.to(delta.dtype))
+        index.index_copy_(0, tokens, part.index + r.start)
+        score.index_copy_(0, tokens, part.score)
+        fired.index_copy_(0, tokens, part.fired)
+    return GateResult(delta.reshape(*lead, residuals.shape[-1]), index.reshape(lead), score.reshape(lead),
+                      fired.reshape(lead))
+
+
 def _exact_best(x_c: torch.Tensor, keys: torch.Tensor, key_inv_norms: torch.Tensor, fact_chunk: int,
                 all_reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(best cosine, its row) per token over every stored key; the first row wins ties."""
@@ -220,5 +287,5 @@ def _reduced(all_reduce: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor
     return t if out is None else out
 
 
-__all__ = ["GateResult", "Sketch", "nkv_gate", "key_inverse_norms", "unit_rows", "fit_sketch", "sketch_keys",
+__all__ = ["GateResult", "Sketch", "RowRange", "nkv_gate", "nkv_gate_routed", "key_inverse_norms", "unit_rows", "fit_sketch", "sketch_keys",
            "DEFAULT_FACT_CHUNK"]

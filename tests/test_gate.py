@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from nkv.gate import key_inverse_norms, nkv_gate
+from nkv.gate import RowRange, key_inverse_norms, nkv_gate, nkv_gate_routed
 
 
 def brute_force(k, keys, residuals, gamma):
@@ -99,3 +99,40 @@ def test_massive_activation_in_fp16_does_not_overflow_the_gate():
             assert not res.fired.any(), (dtype, scale)
             assert torch.isfinite(res.score).all() and res.score.abs().max() <= 1.0, (dtype, scale, res.score)
             assert abs(float(res.score[0]) - 0.3) < 0.02, (dtype, scale, res.score)
+
+
+def test_routed_gate_scores_each_token_against_its_own_adapter_only():
+    g = torch.Generator().manual_seed(2)
+    keys, residuals = torch.randn(30, 12, generator=g), torch.randn(30, 4, generator=g)
+    ranges = [RowRange(0, 10, 0.65), RowRange(10, 15, 0.5), RowRange(25, 0, 0.65)]  # A, B, an empty one
+    k = torch.randn(8, 12, generator=g)
+    k[0], k[1], k[2] = keys[3], keys[12], keys[12]  # token 1 asks A for B's fact: must not fire
+    route = torch.tensor([0, 0, 1, -1, 1, 2, 0, -1, 7, 7])  # a padded routing buffer: 8..9 ignored
+    inv = key_inverse_norms(keys)
+    res = nkv_gate_routed(k, route, ranges, keys, inv, residuals)
+    for t, a in enumerate(route[:8].tolist()):
+        if a < 0:  # no adapter: untouched
+            assert not res.fired[t] and torch.count_nonzero(res.delta[t]) == 0
+            continue
+        r = ranges[a]
+        alone = nkv_gate(k[t:t + 1], keys[r.start:r.start + r.n_facts], inv[r.start:r.start + r.n_facts],
+                         residuals[r.start:r.start + r.n_facts], torch.tensor(r.gamma))
+        assert bool(res.fired[t]) == bool(alone.fired[0])
+        assert torch.equal(res.delta[t], alone.delta[0])
+        if alone.fired[0]:
+            assert int(res.index[t]) == int(alone.index[0]) + r.start
+    assert res.fired[0] and not res.fired[1] and res.fired[2] and int(res.index[2]) == 12
+
+
+def test_routed_gate_keeps_leading_dims_and_refuses_an_unknown_adapter():
+    keys = torch.randn(4, 3)
+    res = nkv_gate_routed(torch.randn(2, 5, 3), torch.zeros(2, 5, dtype=torch.int64), [RowRange(0, 4, 0.65)],
+                          keys, key_inverse_norms(keys), torch.randn(4, 6))
+    assert res.delta.shape == (2, 5, 6) and res.index.shape == (2, 5)
+    try:
+        nkv_gate_routed(torch.randn(2, 3), torch.tensor([0, 1]), [RowRange(0, 4, 0.65)], keys,
+                        key_inverse_norms(keys), torch.randn(4, 6))
+    except IndexError as exc:
+        assert "only 1 are resident" in str(exc)
+    else:
+        raise AssertionError("a token routed past the resident adapters must fail, not pass unedited")
