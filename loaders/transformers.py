@@ -1,9 +1,14 @@
-"""Attach an NKV adapter to a transformers causal LM.
+"""Attach NKV adapters to a transformers causal LM.
 
-Wrap, don't patch: the output projection at the adapter's layer is replaced in its
-parent by `NKVLinear`, which keeps the original as `base_layer` and returns
-`base_layer(x) + nkv_gate(x, ...).delta`. Detaching puts the original module back, so
-outputs are bit-identical to before. No global state is touched.
+Wrap, don't patch: the output projection at an adapter's layer is replaced in its parent
+by `NKVLinear`, which keeps the original as `base_layer` and returns
+`base_layer(x) + gate(x).delta`. Detaching puts the original module back, so outputs are
+bit-identical to before. No global state is touched.
+
+Several named adapters at one layer share one `NKVLinear`: their rows are concatenated in
+one table and each keeps its own gamma and sketch (a `RowRange`). `NKVHandle.using` picks
+an adapter (or none) per batch row, like PEFT's `adapter_names=`; the routed gate
+(`nkv_gate_routed`) scores each token against its own adapter's rows only.
 """
 
 from __future__ import annotations
@@ -11,18 +16,19 @@ from __future__ import annotations
 import contextlib
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence, Union
 
 import torch
 from torch import nn
 
 from nkv.adapter import NKVAdapter
 from nkv.compat import check_fingerprint, check_gamma, check_shape
-from nkv.errors import NKVCompatibilityError, NKVUnsupportedModelError
+from nkv.errors import NKVCompatibilityError, NKVError, NKVUnsupportedModelError
 from nkv.facts import Fact
 from nkv.fingerprint import compute_fingerprint
 from nkv.constants import DEFAULT_SHORTLIST, DEFAULT_SKETCH_DIM, SKETCH_MIN_FACTS
-from nkv.gate import DEFAULT_FACT_CHUNK, GateResult, Sketch, fit_sketch, key_inverse_norms, nkv_gate, sketch_keys
+from nkv.gate import (DEFAULT_FACT_CHUNK, GateResult, RowRange, Sketch, fit_sketch, key_inverse_norms, nkv_gate,
+                      nkv_gate_routed, sketch_keys)
 from nkv.resolve import AdapterSource, resolve_adapter
 
 from .architectures import arch_spec, blocks, model_type_of, output_projection, projection_weight
@@ -30,10 +36,22 @@ from .architectures import arch_spec, blocks, model_type_of, output_projection, 
 # Upper bound on the (tokens x facts) score matrix held at once: 2^25 float32 = 128 MiB.
 SCORE_BUDGET = 2**25
 
+# The name an adapter attached without `name=` gets ("default-<layer>" if taken at another layer).
+DEFAULT_NAME = "default"
+
+# What `NKVHandle.using` accepts: one name (or None) for every row, or one per batch row.
+AdapterChoice = Union[str, None, Sequence[Union[str, None]]]
+
 
 @dataclass
 class GateActivity:
-    """What the gate did while recording: token counts, fires per fact, optional details."""
+    """What one adapter's gate did while recording: tokens gated against it, fires per fact.
+
+    `tokens` counts the tokens routed to the adapter (every token at its layer when no
+    choice is active), `fired` and `per_fact` (keyed by the adapter's own fact ids) its
+    fires. `results`, if kept, are the layer's raw GateResults: `index` is a row of the
+    layer's shared table, which is the adapter's own row when it is alone at its layer.
+    """
 
     fact_ids: list[str]
     tokens: int = 0
@@ -41,14 +59,17 @@ class GateActivity:
     per_fact: Counter = field(default_factory=Counter)  # fact id -> tokens it fired on
     keep_results: bool = False
     results: list[GateResult] = field(default_factory=list)  # one per forward, if kept
+    adapter: str = DEFAULT_NAME  # the adapter counted
 
-    def update(self, result: GateResult) -> None:
-        fired = result.fired
-        self.tokens += fired.numel()
+    def update(self, result: GateResult, routed: torch.Tensor | None = None, start: int = 0) -> None:
+        """Count `result`; `routed` masks the tokens gated against this adapter (None: all),
+        whose rows start at `start` in the layer's table."""
+        fired = result.fired if routed is None else result.fired & routed
+        self.tokens += fired.numel() if routed is None else int(routed.sum())
         n_fired = int(fired.sum())
         self.fired += n_fired
         if n_fired:
-            for idx, count in zip(*torch.unique(result.index[fired], return_counts=True)):
+            for idx, count in zip(*torch.unique(result.index[fired] - start, return_counts=True)):
                 self.per_fact[self.fact_ids[int(idx)]] += int(count)
         if self.keep_results:
             self.results.append(GateResult(*(t.detach().cpu() for t in result)))
@@ -58,106 +79,376 @@ class GateActivity:
         return self.fired / self.tokens if self.tokens else 0.0
 
 
-class NKVLinear(nn.Module):
-    """The output projection plus the NKV gate; shapes (..., d_key) -> (..., d_model)."""
+_NO_CHOICE = object()  # `_Routing.choice` outside any `handle.using()` block
 
-    def __init__(self, base_layer: nn.Module, adapter: NKVAdapter, dtype: torch.dtype, device: torch.device):
+
+class _Routing:
+    """Shared by every NKVLinear of one model: the active per-row choice and where each name lives."""
+
+    def __init__(self) -> None:
+        self.choice: Any = _NO_CHOICE  # a name or None for every row, or a tuple with one per row
+        self.modules: dict[str, NKVLinear] = {}  # adapter name -> the module holding its rows
+
+    def check_known(self, choice: Any) -> None:
+        wanted = choice if isinstance(choice, tuple) else (choice,)
+        unknown = sorted({n for n in wanted if n is not None and n not in self.modules})
+        if unknown:
+            attached = ", ".join(repr(n) for n in self.modules) or "none"
+            raise NKVError(f"no NKV adapter named {', '.join(map(repr, unknown))} is attached to this model; "
+                           f"attached: {attached} (None = the base model for that row)")
+
+    def row_count_error(self, rows: int) -> NKVError:
+        n = len(self.choice)
+        hint = "pass one name (or None) per batch row"
+        if rows > n and rows % n == 0:
+            k = rows // n
+            hint = (f"generate() with num_beams={k} or num_return_sequences={k} repeats each prompt {k} times in "
+                    f"a row: pass one name per expanded row, e.g. handle.using([n for n in names for _ in range({k})])")
+        return NKVError(f"handle.using() was given {n} adapter names, one per batch row, but the batch has "
+                        f"{rows} rows; {hint}")
+
+    def check_batch(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Model forward pre-hook: the batch has one row per name (also for families that
+        flatten (B, T) before the FFN, where the layer alone cannot tell rows from tokens)."""
+        if not isinstance(self.choice, tuple):
+            return None
+        rows = kwargs.get("input_ids", args[0] if args else None)
+        rows = kwargs.get("inputs_embeds") if rows is None else rows
+        if isinstance(rows, torch.Tensor) and rows.dim() >= 2 and rows.shape[0] != len(self.choice):
+            raise self.row_count_error(rows.shape[0])
+        return None
+
+
+class _Resident(nn.Module):
+    """One adapter in an NKVLinear: rows [start, start + n_facts) of the shared table, its
+    own gamma and its own sketch (spec §5.1; used from SKETCH_MIN_FACTS facts up)."""
+
+    def __init__(self, name: str, adapter: NKVAdapter, start: int, device: torch.device):
+        super().__init__()
+        self.name, self.adapter, self.start = name, adapter, start
+        self.register_buffer("gamma", torch.tensor(float(adapter.gamma), device=device), persistent=False)
+        self.shortlist = 0
+        self.register_buffer("sketch_proj", None, persistent=False)  # (d_key, d_sketch) float32
+        self.register_buffer("sketch_keys", None, persistent=False)  # (n_facts, d_sketch)
+
+    @property
+    def n_facts(self) -> int:
+        return self.adapter.n_facts
+
+    def sketch(self) -> Sketch | None:
+        return Sketch(self.sketch_proj, self.sketch_keys, self.shortlist) if self.shortlist else None
+
+    def row_range(self) -> RowRange:
+        return RowRange(self.start, self.n_facts, float(self.gamma), self.sketch())
+
+
+class NKVLinear(nn.Module):
+    """The output projection plus the NKV gate; shapes (..., d_key) -> (..., d_model).
+
+    Holds one adapter, or several named ones in one table (`add`); with several, a choice
+    made by `NKVHandle.using` says which adapter each batch row is gated against.
+    """
+
+    def __init__(self, base_layer: nn.Module, adapter: NKVAdapter, dtype: torch.dtype, device: torch.device,
+                 name: str = DEFAULT_NAME, routing: _Routing | None = None):
         super().__init__()
         self.base_layer = base_layer
         # Cast once here, never per call. Norms from the stored keys, before any rounding.
         self.register_buffer("nkv_keys", adapter.keys.to(device=device, dtype=dtype), persistent=False)
         self.register_buffer("nkv_key_inv_norms", key_inverse_norms(adapter.keys).to(device), persistent=False)
         self.register_buffer("nkv_residuals", adapter.residuals.to(device=device, dtype=dtype), persistent=False)
-        self.register_buffer("nkv_gamma", torch.tensor(float(adapter.gamma), device=device), persistent=False)
-        self.fact_ids = adapter.ids
-        self.use_sketch(adapter, DEFAULT_SHORTLIST if adapter.n_facts >= SKETCH_MIN_FACTS else 0)
+        self.nkv_residents = nn.ModuleList([_Resident(name, adapter, 0, device)])
+        self.routing = routing if routing is not None else _Routing()
+        self.path = ""  # where attach put it in the model
+        self.use_sketch(adapter, DEFAULT_SHORTLIST if adapter.n_facts >= SKETCH_MIN_FACTS else 0, name=name)
         self.enabled = True
         self.recorders: list[GateActivity] = []
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
-        if not self.enabled:
-            return out
-        result = self.gate(x)
-        for recorder in self.recorders:  # empty on the normal path: no host sync
-            recorder.update(result)
-        return out + result.delta.to(out.dtype)
+    # -- the residents
+    @property
+    def names(self) -> list[str]:
+        return [r.name for r in self.nkv_residents]
+
+    def resident(self, name: str | None = None) -> _Resident:
+        """The adapter called `name`; None: the only one (an error when several are resident)."""
+        if name is None and len(self.nkv_residents) == 1:
+            return self.nkv_residents[0]
+        for r in self.nkv_residents:
+            if r.name == name:
+                return r
+        raise NKVError(f"no adapter named {name!r} in this layer's NKV module; it holds {self.names}")
+
+    # One-adapter views, as before several adapters could share a module.
+    @property
+    def nkv_gamma(self) -> torch.Tensor:
+        return self.resident().gamma
+
+    @property
+    def shortlist(self) -> int:
+        return self.resident().shortlist
+
+    @property
+    def nkv_sketch_proj(self) -> torch.Tensor | None:
+        return self.resident().sketch_proj
+
+    @property
+    def nkv_sketch_keys(self) -> torch.Tensor | None:
+        return self.resident().sketch_keys
+
+    @property
+    def fact_ids(self) -> list[str]:
+        return self.resident().adapter.ids
 
     @torch.no_grad()
-    def use_sketch(self, adapter: NKVAdapter, shortlist: int) -> None:
-        """Gate by the sketch path (spec §5.1) with `shortlist` candidates per token, or exactly (0).
+    def add(self, adapter: NKVAdapter, name: str) -> None:
+        """Append `adapter`'s rows to the shared table under `name` (the caller checked its base model)."""
+        assert name not in self.names, name
+        start, dtype, device = self.nkv_keys.shape[0], self.nkv_keys.dtype, self.nkv_keys.device
+        self.nkv_keys = torch.cat([self.nkv_keys, adapter.keys.to(device=device, dtype=dtype)])
+        self.nkv_key_inv_norms = torch.cat([self.nkv_key_inv_norms, key_inverse_norms(adapter.keys).to(device)])
+        self.nkv_residuals = torch.cat([self.nkv_residuals, adapter.residuals.to(device=device, dtype=dtype)])
+        self.nkv_residents.append(_Resident(name, adapter, start, device))
+        self.use_sketch(adapter, DEFAULT_SHORTLIST if adapter.n_facts >= SKETCH_MIN_FACTS else 0, name=name)
+
+    @torch.no_grad()
+    def remove(self, name: str) -> None:
+        """Drop `name`'s rows from the table; the adapters after it move up."""
+        i = self.names.index(name)
+        gone = self.nkv_residents[i]
+        stop = gone.start + gone.n_facts
+        for t in ("nkv_keys", "nkv_key_inv_norms", "nkv_residuals"):
+            rows = getattr(self, t)
+            setattr(self, t, torch.cat([rows[: gone.start], rows[stop:]]))
+        for later in self.nkv_residents[i + 1 :]:
+            later.start -= gone.n_facts
+        del self.nkv_residents[i]
+
+    @torch.no_grad()
+    def use_sketch(self, adapter: NKVAdapter, shortlist: int, name: str | None = None) -> None:
+        """Gate adapter `name` (None: the only one) by the sketch path (spec §5.1) with
+        `shortlist` candidates per token, or exactly (0).
 
         Attach picks it from SKETCH_MIN_FACTS facts up; the projection is the file's
         `nkv.sketch.proj`, else fitted to the keys here.
         """
-        self.shortlist = shortlist
+        r = self.resident(name)
+        r.shortlist = shortlist
         if not shortlist:
-            self.register_buffer("nkv_sketch_proj", None, persistent=False)
-            self.register_buffer("nkv_sketch_keys", None, persistent=False)
+            r.register_buffer("sketch_proj", None, persistent=False)
+            r.register_buffer("sketch_keys", None, persistent=False)
             return
         proj = adapter.sketch_proj if adapter.sketch_proj is not None else fit_sketch(adapter.keys, DEFAULT_SKETCH_DIM)
         device = self.nkv_keys.device
-        self.register_buffer("nkv_sketch_proj", proj.to(device), persistent=False)  # (d_key, d_sketch) float32
-        self.register_buffer("nkv_sketch_keys", sketch_keys(adapter.keys, proj).to(device, self.nkv_keys.dtype),
-                             persistent=False)  # (n_facts, d_sketch)
+        r.register_buffer("sketch_proj", proj.to(device), persistent=False)  # (d_key, d_sketch) float32
+        r.register_buffer("sketch_keys", sketch_keys(adapter.keys, proj).to(device, self.nkv_keys.dtype),
+                          persistent=False)  # (n_facts, d_sketch)
+
+    # -- the forward pass
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if not self.enabled:
+            return out
+        route = self.route(x)
+        result = self.gate(x) if route is None else self.gate_routed(x, route)
+        for recorder in self.recorders:  # empty on the normal path: no host sync
+            self._record(recorder, result, route)
+        return out + result.delta.to(out.dtype)
+
+    def route(self, x: torch.Tensor) -> torch.Tensor | None:
+        """(N,) int64 per token of x: the index of its adapter in `nkv_residents`, -1 = none.
+
+        None when no choice is active and one adapter is resident: every token is gated
+        against it, as with a single adapter. Several resident and no choice is an error.
+        A choice per row maps batch row b to every token of row b: x is (B, T, d_key), or
+        (B * T, d_key) in families that flatten tokens before the FFN (OPT), row-major.
+        """
+        choice, names = self.routing.choice, self.names
+        if choice is _NO_CHOICE:
+            if len(names) == 1:
+                return None
+            layer = self.nkv_residents[0].adapter.layer
+            raise NKVError(
+                f"{len(names)} NKV adapters are attached at layer {layer} ({', '.join(names)}) and none was "
+                "chosen; choose one per batch row with `with handle.using(['name', None, ...]):` (None = base "
+                "model for that row), or one for every row with `handle.using('name')`")
+        self.routing.check_known(choice)  # still attached (an unload inside the block)?
+        n_tokens = x.shape[:-1].numel()
+        if not isinstance(choice, tuple):  # one name (or None) for every row
+            return torch.full((n_tokens,), _index(names, choice), dtype=torch.int64, device=x.device)
+        n_rows = len(choice)
+        if (x.dim() > 2 and x.shape[0] != n_rows) or n_tokens % n_rows:
+            raise self.routing.row_count_error(x.shape[0] if x.dim() > 2 else n_tokens)
+        per_row = torch.tensor([_index(names, n) for n in choice], dtype=torch.int64, device=x.device)  # (B,)
+        return per_row.repeat_interleave(n_tokens // n_rows)  # (B * T,)
 
     def gate(self, x: torch.Tensor) -> GateResult:
-        """nkv_gate over x, in row blocks so (rows x facts) scores and the sketch path's
-        (rows x shortlist x d_key) candidate rows stay under SCORE_BUDGET."""
+        """nkv_gate over x against the one resident adapter, in row blocks so (rows x facts)
+        scores and the sketch path's (rows x shortlist x d_key) candidate rows stay under SCORE_BUDGET."""
         n_facts, d_key = self.nkv_keys.shape
         fact_chunk = min(DEFAULT_FACT_CHUNK, max(n_facts, 1))
-        lead = x.shape[:-1]
         rows = x.reshape(-1, x.shape[-1])  # (N, d_key)
-        row_chunk = max(1, SCORE_BUDGET // max(fact_chunk, self.shortlist * d_key))
-        sketch = Sketch(self.nkv_sketch_proj, self.nkv_sketch_keys, self.shortlist) if self.shortlist else None
+        r = self.resident()
+        row_chunk = max(1, SCORE_BUDGET // max(fact_chunk, r.shortlist * d_key))
         parts = [
             nkv_gate(rows[i : i + row_chunk], self.nkv_keys, self.nkv_key_inv_norms, self.nkv_residuals,
-                     self.nkv_gamma, fact_chunk=fact_chunk, sketch=sketch)
+                     r.gamma, fact_chunk=fact_chunk, sketch=r.sketch())
             for i in range(0, max(rows.shape[0], 1), row_chunk)
         ]
-        if len(parts) == 1:
-            merged = parts[0]
-        else:
-            merged = GateResult(*(torch.cat(ts) for ts in zip(*parts)))
-        return GateResult(merged.delta.reshape(*lead, -1), *(t.reshape(lead) for t in merged[1:]))
+        return _merged(parts, x.shape[:-1])
+
+    def gate_routed(self, x: torch.Tensor, route: torch.Tensor) -> GateResult:
+        """nkv_gate_routed over x: token t against the rows of adapter route[t] only (-1 = none);
+        row blocks as in `gate`. `index` is a row of the shared table."""
+        ranges = [r.row_range() for r in self.nkv_residents]
+        d_key = self.nkv_keys.shape[1]
+        fact_chunk = min(DEFAULT_FACT_CHUNK, max([r.n_facts for r in ranges] + [1]))
+        shortlist = max(r.sketch.shortlist if r.sketch else 0 for r in ranges)
+        rows = x.reshape(-1, x.shape[-1])  # (N, d_key)
+        row_chunk = max(1, SCORE_BUDGET // max(fact_chunk, shortlist * d_key))
+        parts = [
+            nkv_gate_routed(rows[i : i + row_chunk], route[i : i + row_chunk], ranges, self.nkv_keys,
+                            self.nkv_key_inv_norms, self.nkv_residuals, fact_chunk=fact_chunk)
+            for i in range(0, max(rows.shape[0], 1), row_chunk)
+        ]
+        return _merged(parts, x.shape[:-1])
+
+    def _record(self, recorder: GateActivity, result: GateResult, route: torch.Tensor | None) -> None:
+        if recorder.adapter not in self.names:  # unloaded while recording
+            return
+        if route is None:  # the one resident adapter saw every token
+            recorder.update(result)
+            return
+        i = self.names.index(recorder.adapter)
+        recorder.update(result, (route == i).reshape(result.fired.shape), self.nkv_residents[i].start)
+
+
+def _index(names: list[str], name: str | None) -> int:
+    """Position of `name` among a module's residents; -1 for None or an adapter at another layer."""
+    return names.index(name) if name in names else -1
+
+
+def _merged(parts: list[GateResult], lead: torch.Size) -> GateResult:
+    merged = parts[0] if len(parts) == 1 else GateResult(*(torch.cat(ts) for ts in zip(*parts)))
+    return GateResult(merged.delta.reshape(*lead, -1), *(t.reshape(lead) for t in merged[1:]))
+
+
+def _routing_of(model: nn.Module) -> _Routing | None:
+    """The routing shared by the model's NKV modules, None when none is attached."""
+    return next((m.routing for m in model.modules() if isinstance(m, NKVLinear) and m.names), None)
+
+
+def _normalised(adapters: AdapterChoice) -> Any:
+    if adapters is None or isinstance(adapters, str):
+        return adapters
+    if isinstance(adapters, Sequence) and adapters and all(a is None or isinstance(a, str) for a in adapters):
+        return tuple(adapters)
+    raise NKVError(f"handle.using() takes an adapter name, None, or a non-empty list with one name (or None) "
+                   f"per batch row; got {adapters!r}")
 
 
 class NKVHandle:
-    """What `load_nkv_adapter` returns for a transformers model.
+    """What `load_nkv_adapter` returns for a transformers model: one attached adapter.
 
     >>> handle = load_nkv_adapter(model, "edits.nkv")
     >>> with handle.disabled(): base_out = model(**inputs)   # adapter off temporarily
     >>> with handle.record() as activity: model(**inputs)    # which facts fired
     >>> handle.detach()                                      # original module restored
+
+    Several named adapters, chosen per batch row (None = base model for that row):
+
+    >>> prices = load_nkv_adapter(model, "prices.nkv", name="prices")
+    >>> load_nkv_adapter(model, "org.nkv", name="org")
+    >>> with prices.using(["prices", None, "org"]): model.generate(**batch)
     """
 
-    def __init__(self, model: nn.Module, adapter: NKVAdapter, module: NKVLinear, path: str):
+    def __init__(self, model: nn.Module, adapter: NKVAdapter, module: NKVLinear, path: str,
+                 name: str = DEFAULT_NAME):
         self.model = model
         self.adapter = adapter
         self.module = module
         self.path = path
-        self._attached = True
+        self.name = name
 
     @property
     def facts(self) -> list[Fact]:
         return self.adapter.facts
 
     @property
+    def attached(self) -> bool:
+        return self.module.routing.modules.get(self.name) is self.module and \
+            self.module.resident(self.name).adapter is self.adapter
+
+    @property
     def info(self) -> dict[str, Any]:
         a = self.adapter
-        return {"n_facts": a.n_facts, "layer": a.layer, "gamma": a.gamma, "module": self.path,
-                "base": a.base.name, "attached": self._attached, "enabled": self.module.enabled}
+        return {"name": self.name, "n_facts": a.n_facts, "layer": a.layer, "gamma": a.gamma, "module": self.path,
+                "base": a.base.name, "attached": self.attached, "enabled": self.module.enabled}
+
+    @property
+    def adapters(self) -> dict[str, dict[str, Any]]:
+        """Every adapter attached to the model, by name: {"n_facts", "gamma", "layer"}."""
+        routing = _routing_of(self.model)
+        out = {}
+        for name, module in (routing.modules.items() if routing else ()):
+            a = module.resident(name).adapter
+            out[name] = {"n_facts": a.n_facts, "gamma": a.gamma, "layer": a.layer}
+        return out
 
     def detach(self) -> nn.Module:
-        """Put the original output projection back; returns the model."""
-        if self._attached:
-            _set_submodule(self.model, self.path, self.module.base_layer)
-            self._attached = False
+        """Remove this handle's adapter; its layer gets the original projection back when no
+        other adapter is left there. Returns the model."""
+        if self.attached:
+            _unload(self.model, self.module.routing, self.name)
+        return self.model
+
+    def unload(self, name: str | None = None) -> nn.Module:
+        """Remove the adapter called `name` (any layer; None: this handle's, as `detach`).
+
+        Raises:
+            NKVError: no adapter of that name is attached (the message lists those that are).
+        """
+        if name is None:
+            return self.detach()
+        routing = _routing_of(self.model)
+        if routing is None or name not in routing.modules:
+            attached = ", ".join(map(repr, routing.modules)) if routing else "none"
+            raise NKVError(f"cannot unload {name!r}: no NKV adapter of that name is attached; attached: {attached}")
+        _unload(self.model, routing, name)
         return self.model
 
     @contextlib.contextmanager
+    def using(self, adapters: AdapterChoice) -> Iterator[None]:
+        """Choose the adapter of every batch row inside the block, like PEFT's `adapter_names=`.
+
+        Args:
+            adapters: a list with one name (or None = the base model) per batch row, or one
+                name (or None) for every row. It applies to every layer: a row named
+                "prices" is gated against "prices" where it is attached, and left alone
+                at other layers. generate(num_beams=k / num_return_sequences=k) runs k
+                rows per prompt: give one name per expanded row.
+        Raises:
+            NKVError: a name is not attached (at once); the batch's row count differs from
+                the list's length (at forward time).
+
+        >>> with handle.using(["prices", None, "org"]): out = model.generate(**batch)  # 3 rows
+        """
+        routing = _routing_of(self.model)
+        if routing is None:
+            raise NKVError("handle.using(): no NKV adapter is attached to this model any more")
+        choice = _normalised(adapters)
+        routing.check_known(choice)
+        previous, routing.choice = routing.choice, choice
+        hook = self.model.register_forward_pre_hook(routing.check_batch, with_kwargs=True)
+        try:
+            yield
+        finally:
+            hook.remove()
+            routing.choice = previous
+
+    @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
-        """Run the model without the adapter inside the block (outputs equal the base model)."""
+        """Run without NKV at this handle's layer inside the block (every adapter there is off,
+        so with one adapter attached the outputs equal the base model)."""
         previous = self.module.enabled
         self.module.enabled = False
         try:
@@ -167,8 +458,9 @@ class NKVHandle:
 
     @contextlib.contextmanager
     def record(self, keep_results: bool = False) -> Iterator[GateActivity]:
-        """Count gate fires (and keep per-token index/score/fired if asked) inside the block."""
-        activity = GateActivity(self.adapter.ids, keep_results=keep_results)
+        """Count this adapter's gate fires per fact id (and keep the layer's per-token
+        index/score/fired if asked) inside the block; see GateActivity."""
+        activity = GateActivity(self.adapter.ids, keep_results=keep_results, adapter=self.name)
         self.module.recorders.append(activity)
         try:
             yield activity
@@ -180,17 +472,23 @@ class NKVHandle:
 
 
 def attach(model: nn.Module, adapter: AdapterSource, *, revision: str | None = None,
-           strict: bool = True, gamma: float | None = None) -> NKVHandle:
+           strict: bool = True, gamma: float | None = None, name: str | None = None) -> NKVHandle:
     """Attach an adapter to a transformers causal LM (see `nkv.load_nkv_adapter`).
 
-    `gamma` overrides the adapter's threshold (a number in [0, 1]).
+    `gamma` overrides the adapter's threshold (a number in [0, 1]). `name` lets several
+    adapters share a layer (one table, each with its own gamma and sketch), chosen per batch
+    row with `handle.using`. Without a name the adapter is called "default" ("default-<layer>"
+    when "default" is taken at another layer) and its layer must hold no adapter yet.
 
     Raises:
         NKVUnsupportedModelError: the architecture is not in the table.
         NKVCompatibilityError: layer count or widths differ from the adapter's base model,
-            or an adapter is already attached at that layer.
+            an adapter of that name is already attached, or (without a name) an adapter is
+            already attached at that layer.
         NKVFingerprintError: different checkpoint (a warning instead when strict=False).
     """
+    if name is not None and (not isinstance(name, str) or not name):
+        raise NKVError(f"load_nkv_adapter(name=...) must be a non-empty string; got {name!r}")
     if gamma is not None:
         gamma = check_gamma(gamma, "load_nkv_adapter(gamma=...)")
     adapter = resolve_adapter(adapter, revision=revision)
@@ -200,17 +498,38 @@ def attach(model: nn.Module, adapter: AdapterSource, *, revision: str | None = N
     check_base(model, adapter, strict=strict)
     path = spec.module_path(adapter.layer)
     target = output_projection(model, adapter.layer)
-    if isinstance(target, NKVLinear):
-        # One adapter per layer keeps the gate's meaning simple (one argmax over one table);
-        # adapters at different layers are independent and may be attached together.
+    routing = _routing_of(model) or _Routing()
+    if name is None:
+        if isinstance(target, NKVLinear):
+            # Unnamed adapters keep the one-adapter-per-layer rule: one argmax over one table.
+            raise NKVCompatibilityError(
+                f"an NKV adapter is already attached at {path}; merge the two first "
+                "(`nkv merge A B -o AB.nkv` or NKVAdapter.merge) or detach the first handle, or attach each "
+                "with name= to hold several at one layer and choose per batch row with handle.using()")
+        name = DEFAULT_NAME if DEFAULT_NAME not in routing.modules else f"{DEFAULT_NAME}-{adapter.layer}"
+    if name in routing.modules:
+        held = routing.modules[name].resident(name).adapter.layer
         raise NKVCompatibilityError(
-            f"an NKV adapter is already attached at {path}; merge the two first "
-            "(`nkv merge A B -o AB.nkv` or NKVAdapter.merge) or detach the first handle")
-    weight = target.weight
-    dtype = weight.dtype if weight.is_floating_point() else getattr(model, "dtype", torch.float32)
-    module = NKVLinear(target, adapter, dtype=dtype, device=weight.device)
-    _set_submodule(model, path, module)
-    return NKVHandle(model, adapter, module, path)
+            f"an NKV adapter named {name!r} is already attached (layer {held}); unload it first "
+            f"(handle.unload({name!r})) or attach this one under another name")
+    if isinstance(target, NKVLinear):
+        module = target
+        module.add(adapter, name)
+    else:
+        weight = target.weight
+        dtype = weight.dtype if weight.is_floating_point() else getattr(model, "dtype", torch.float32)
+        module = NKVLinear(target, adapter, dtype=dtype, device=weight.device, name=name, routing=routing)
+        module.path = path
+        _set_submodule(model, path, module)
+    routing.modules[name] = module
+    return NKVHandle(model, adapter, module, path, name)
+
+
+def _unload(model: nn.Module, routing: _Routing, name: str) -> None:
+    module = routing.modules.pop(name)
+    module.remove(name)
+    if not module.names:  # the last one: the original projection goes back
+        _set_submodule(model, module.path, module.base_layer)
 
 
 def check_base(model: nn.Module, adapter: NKVAdapter, strict: bool = True) -> None:
@@ -264,4 +583,4 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 __all__ = ["attach", "check_base", "refuse_quantized", "quantization_method", "NKVHandle", "NKVLinear",
-           "GateActivity"]
+           "GateActivity", "AdapterChoice", "DEFAULT_NAME"]
