@@ -43,7 +43,7 @@ class Rank(NKVWorkerExtension):
 
     def nkv_commit(self) -> dict[str, Any]:
         if self.fail == "commit":
-            def half_copy(rows, slot):  # the copy dies after the first row
+            def half_copy(*staged):  # the copy dies after the first row
                 self.module.nkv_keys[0].fill_(7.0)
                 raise RuntimeError("rank 1: device error while copying")
 

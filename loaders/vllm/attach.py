@@ -21,9 +21,9 @@ from nkv.errors import NKVCompatibilityError, NKVError
 from nkv.facts import Fact
 from nkv.resolve import AdapterSource, resolve_adapter
 
-from .config import EXAMPLE, section_of
+from .config import EXAMPLE, check_name, remember_client_resident, section_of
 from .slot import SlotInfo, check_adapter
-from .swap import CLEAR, SwapRequest, call_engine, pin
+from .swap import CLEAR, SwapRequest, call_engine, pin, resident_names, unload
 
 
 class NKVEngineHandle:
@@ -33,6 +33,14 @@ class NKVEngineHandle:
     >>> handle = load_nkv_adapter(llm, "edits.nkv")   # copied into the preallocated rows
     >>> handle.swap("other.nkv")                      # old facts gone, new ones answer
     >>> handle.remove(ids=["f3"]); handle.clear()     # row operations, no restart
+
+    Named adapters (an engine started with `max_adapters`): each request chooses one.
+
+    >>> llm = LLM(model="...", additional_config={"nkv": {"max_adapters": 4, "capacity": 40000, "layer": 7}})
+    >>> handle = load_nkv_adapter(llm, "user/prices", name="prices")
+    >>> handle.load("org", "org-chart.nkv")
+    >>> llm.generate(prompts, SamplingParams(extra_args={"nkv": "prices"}))  # no "nkv": the base model
+    >>> handle.unload("org")
     """
 
     def __init__(self, llm: Any) -> None:
@@ -54,6 +62,11 @@ class NKVEngineHandle:
         """The facts the engine holds now (read from where they came from if another handle loaded them)."""
         current = self._current()
         return [] if current is None else current.facts
+
+    @property
+    def adapters(self) -> dict[str, dict[str, Any]]:
+        """The named adapters resident now: name -> n_facts, gamma, source, revision, digest."""
+        return {e["name"]: {k: v for k, v in e.items() if k != "name"} for e in self._info().named}
 
     @property
     def info(self) -> dict[str, Any]:
@@ -82,6 +95,33 @@ class NKVEngineHandle:
             results = call_engine(self.llm, request)
         self._after_change(results, expected_facts=resolved.n_facts)
         self.adapter, self._source = resolved, self.slot.source
+        return self
+
+    def load(self, name: str, adapter: AdapterSource, *, revision: str | None = None, strict: bool = True,
+             gamma: float | None = None) -> "NKVEngineHandle":
+        """Load `adapter` as named adapter `name` (replacing the adapter of that name, if any);
+        requests choose it with `SamplingParams(extra_args={"nkv": name})`.
+
+        Raises:
+            NKVCompatibilityError: the engine has no named adapters (max_adapters 0), holds
+                max_adapters others already, or lacks the rows; and as `swap`.
+        """
+        check_name(name)
+        gamma = None if gamma is None else check_gamma(gamma, "load(gamma=...)")
+        with _pinned(adapter, revision, strict, gamma, name) as (request, local):
+            resolved = adapter if isinstance(adapter, NKVAdapter) else NKVAdapter.load(local)
+            check_adapter(resolved, self._info(), strict=strict, name=name)
+            results = call_engine(self.llm, request)
+        self._after_change(results, expected_facts=self.slot.n_facts, name=name,
+                           expected_named=resolved.n_facts)
+        return self
+
+    def unload(self, name: str) -> "NKVEngineHandle":
+        """Unload named adapter `name`; requests still naming it are aborted, later ones refused."""
+        if name not in self.adapters:
+            raise NKVError(f"unload: the engine holds no adapter named {name!r} (named: {sorted(self.adapters)})")
+        results = call_engine(self.llm, unload(name))
+        self._after_change(results, expected_facts=self.slot.n_facts, name=name, expected_named=0)
         return self
 
     def add(self, other: AdapterSource, *, on_conflict: ConflictPolicy = "error",
@@ -135,37 +175,44 @@ class NKVEngineHandle:
                            "including 'nkv'?)") from None
         return SlotInfo.from_dict(results[0])
 
-    def _after_change(self, results: list[dict[str, Any]], expected_facts: int) -> None:
+    def _after_change(self, results: list[dict[str, Any]], expected_facts: int, name: str | None = None,
+                      expected_named: int = 0) -> None:
         counts = {r["n_facts"] for r in results}
+        if name is not None:  # the named adapter's rows (0: unloaded)
+            counts = {(SlotInfo.from_dict(r).named_entry(name) or {"n_facts": 0})["n_facts"] for r in results}
+            expected_facts = expected_named
         if counts != {expected_facts}:
             raise NKVCompatibilityError(f"workers disagree after the swap: rows in use per rank {sorted(counts)}, "
                                         f"expected {expected_facts}; restart the engine")
         self.slot = SlotInfo.from_dict(results[0])
+        remember_client_resident(self.llm.llm_engine.vllm_config, resident_names(results[0]))
 
 
 @contextlib.contextmanager
-def _pinned(adapter: AdapterSource, revision: str | None, strict: bool,
-            gamma: float | None) -> Iterator[tuple[SwapRequest, Path]]:
+def _pinned(adapter: AdapterSource, revision: str | None, strict: bool, gamma: float | None,
+            name: str | None = None) -> Iterator[tuple[SwapRequest, Path]]:
     """(the request every rank loads, the local file) for `adapter`: a path, a Hub repo id
     pinned to one commit, or an in-memory adapter written to a temporary file, removed after."""
     if not isinstance(adapter, NKVAdapter):
-        yield pin(adapter, revision, strict=strict, gamma=gamma)
+        yield pin(adapter, revision, strict=strict, gamma=gamma, name=name)
         return
     tmpdir = tempfile.mkdtemp(prefix="nkv-swap-")
     try:
-        yield pin(adapter.save(Path(tmpdir) / "adapter.nkv"), strict=strict, gamma=gamma)
+        yield pin(adapter.save(Path(tmpdir) / "adapter.nkv"), strict=strict, gamma=gamma, name=name)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 def attach_to_llm(llm: Any, adapter: AdapterSource, revision: str | None = None, strict: bool = True,
-                  **options: Any) -> NKVEngineHandle:
+                  name: str | None = None, **options: Any) -> NKVEngineHandle:
     """Load `adapter` into a running vLLM engine (the `load_nkv_adapter` entry for vllm.LLM).
 
     The engine must have been started with `additional_config={"nkv": {...}}` (capacity
     and layer, or a start adapter), which preallocates the rows this copies into.
 
-    Options: gamma (float) overrides the adapter's threshold.
+    `name` loads it as a named adapter that requests choose (engines with `max_adapters`);
+    without it, it becomes the engine-wide adapter. Options: gamma (float) overrides the
+    adapter's threshold.
 
     Raises:
         NKVError: the engine was started without the nkv config (the message shows how).
@@ -180,6 +227,8 @@ def attach_to_llm(llm: Any, adapter: AdapterSource, revision: str | None = None,
     if options:
         raise NKVError(f"load_nkv_adapter(vllm.LLM): unknown option(s) {sorted(options)}; known: gamma")
     handle = NKVEngineHandle(llm)
+    if name is not None:
+        return handle.load(name, adapter, revision=revision, strict=strict, gamma=gamma)
     return handle.swap(adapter, revision=revision, strict=strict, gamma=gamma)
 
 

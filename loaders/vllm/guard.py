@@ -9,7 +9,12 @@ Installed on vLLM's `EngineCore` (the process that schedules steps) by the plugi
   allocated and the model compiled: every rank must report a gated module
   (`nkv_info`), and all ranks the same rows (source, commit, digest, fingerprint). A
   load hook that could not be installed, or a model loader that bypassed it, therefore
-  stops the engine instead of serving the base model silently.
+  stops the engine instead of serving the base model silently. With named adapters,
+  every rank's model runner must also route requests to them (router.py);
+* request checks for named adapters: a request naming an adapter the engine does not
+  hold is refused (never served by the base model), and its name is added to the
+  request's prefix-cache salt, so KV blocks computed under one adapter are never reused
+  by a request for another (as vLLM keys cached blocks by LoRA).
 """
 
 from __future__ import annotations
@@ -19,12 +24,13 @@ from typing import Any, Callable
 
 from nkv.errors import NKVError
 
-from .config import section_of
-from .swap import UTILITY, apply_swap
+from .config import REQUEST_KEY, client_resident, requested_adapter, section_of
+from .swap import UTILITY, apply_swap, remember_resident
 
 _MARK = "_nkv_checked"
 # Fields every rank must agree on (tp_rank differs by design).
-_SAME_ON_EVERY_RANK = ("module", "capacity", "n_facts", "gamma", "source", "revision", "digest", "fingerprint")
+_SAME_ON_EVERY_RANK = ("module", "capacity", "n_facts", "gamma", "source", "revision", "digest", "fingerprint",
+                       "max_adapters", "named", "routing")
 
 
 def install(hook_error: Callable[[], str | None]) -> None:
@@ -47,6 +53,80 @@ def install(hook_error: Callable[[], str | None]) -> None:
 
     setattr(initialize_kv_caches, _MARK, True)
     EngineCore._initialize_kv_caches = initialize_kv_caches
+    _install_request_checks(EngineCore)
+    _install_client_check()
+
+
+def _install_client_check() -> None:
+    """Refuse, in the caller's process, a request naming an adapter the engine does not hold:
+    `llm.generate` raises ValueError and the server answers 400, before the engine sees it."""
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    validate = InputProcessor._validate_params
+
+    @functools.wraps(validate)
+    def _validate_params(self: Any, params: Any, *args: Any, **kwargs: Any) -> Any:
+        result = validate(self, params, *args, **kwargs)
+        name = requested_adapter(params)
+        if name is not None:
+            check_client_request(self.vllm_config, name)
+        return result
+
+    InputProcessor._validate_params = _validate_params
+
+
+def check_client_request(vllm_config: Any, name: Any) -> None:
+    """ValueError unless the engine of `vllm_config` serves named adapters and holds `name`."""
+    section = section_of(vllm_config.additional_config)
+    if not isinstance(section, dict) or not section.get("max_adapters"):
+        raise ValueError(f"the request names NKV adapter {name!r} (extra_args {{'{REQUEST_KEY}': ...}}), but this "
+                         "engine was not started with named adapters (additional_config={'nkv': {'max_adapters': "
+                         "N, ...}})")
+    resident = client_resident(vllm_config)
+    if name not in resident:
+        raise ValueError(f"unknown NKV adapter {name!r}: this engine holds {sorted(resident) or 'none'}")
+
+
+def _install_request_checks(engine_core: type) -> None:
+    """Refuse requests for adapters the engine does not hold; salt the prefix cache by adapter."""
+    preprocess, add = engine_core.preprocess_add_request, engine_core.add_request
+
+    @functools.wraps(preprocess)
+    def preprocess_add_request(self: Any, request: Any) -> Any:
+        name = requested_adapter(request.sampling_params)
+        if name is not None:
+            check_requested(self, name)
+            # Cached KV blocks past the edit layer depend on the adapter: hash them apart.
+            request.cache_salt = f"{request.cache_salt or ''}|{REQUEST_KEY}:{name}"
+        return preprocess(self, request)
+
+    @functools.wraps(add)
+    def add_request(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        name = requested_adapter(request.sampling_params)
+        if name is not None and name not in getattr(self, "_nkv_resident", frozenset()):
+            # Checked when it arrived, unloaded since (a change ran in between): finish it, never serve it unedited.
+            refuse = getattr(self, "_send_error_outputs_to_client", None)
+            if refuse is None:
+                check_requested(self, name)
+            refuse([request.request_id], request.client_index)
+            return None
+        return add(self, request, *args, **kwargs)
+
+    setattr(preprocess_add_request, _MARK, True)
+    setattr(add_request, _MARK, True)
+    engine_core.preprocess_add_request = preprocess_add_request
+    engine_core.add_request = add_request
+
+
+def check_requested(core: Any, name: Any) -> None:
+    """NKVError unless the engine holds named adapter `name`."""
+    resident = getattr(core, "_nkv_resident", None)
+    if resident is None:
+        raise NKVError(f"this request names NKV adapter {name!r}, but the engine was not started with named adapters "
+                       "(additional_config={'nkv': {'max_adapters': N, ...}})")
+    if name not in resident:
+        raise NKVError(f"unknown NKV adapter {name!r}: this engine holds {sorted(resident) or 'none'}; load it "
+                       "first (handle.load / POST /v1/nkv/load with a name)")
 
 
 def check_ranks(core: Any, hook_error: str | None = None) -> list[dict[str, Any]]:
@@ -68,7 +148,13 @@ def check_ranks(core: Any, hook_error: str | None = None) -> list[dict[str, Any]
         values = {str(rank.get(field)) for rank in ranks}
         if len(values) > 1:
             raise NKVError(refuse.format(why=f"the ranks disagree on the gated module's {field} ({sorted(values)})"))
+    if ranks and ranks[0].get("max_adapters") and not ranks[0].get("routing"):
+        raise NKVError(refuse.format(why="it asks for named adapters (max_adapters), and this vLLM's model runner "
+                                         "cannot route requests to them (only the V1 runner is supported: set "
+                                         "VLLM_USE_V2_MODEL_RUNNER=0)"))
+    if ranks and ranks[0].get("max_adapters"):
+        remember_resident(core, ranks[0])
     return ranks
 
 
-__all__ = ["install", "check_ranks"]
+__all__ = ["install", "check_ranks", "check_requested"]

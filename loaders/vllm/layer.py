@@ -11,6 +11,14 @@ which holds buffer addresses) keeps seeing; unused rows are padding: zero key, z
 residual, inverse norm 0. A padding row scores 0: it can win the argmax (when no real
 row scores above 0) but never fires, since 0 never exceeds γ >= 0, and its residual is zero.
 
+Named adapters (`max_adapters` > 0): several adapters share the `capacity` rows, each a
+contiguous range, and every request chooses one or none. The worker's model runner
+writes each token's adapter index into `nkv_route` before every step (router.py); the
+gate then scores each token against its own adapter's rows only (`nkv_gate_routed`).
+That grouping reads the routing on the host, so it runs inside one opaque custom op
+(`nkv::routed_delta`), as vLLM runs attention: compiled graphs call it, never trace it.
+The engine-wide adapter, when loaded, is one more range, used by requests that name none.
+
 Tensor parallel: rank r sees the key slice `x[:, r*d/tp:(r+1)*d/tp]` and a replicated,
 already reduced output. Its keys buffer holds the same column slice of K1, the inverse
 norms are those of the *full* rows, and `nkv_gate` all-reduces the partial dot products
@@ -20,23 +28,42 @@ adds that residual to its (identical) reduced output.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from nkv.adapter import NKVAdapter
 from nkv.compat import check_gamma
-from nkv.gate import key_inverse_norms, nkv_gate
+from nkv.errors import NKVError
+from nkv.gate import RowRange, key_inverse_norms, nkv_gate, nkv_gate_routed
 
 from .slot import SlotInfo
+
+# The gated modules of this process by module path, for the opaque op (a compiled graph can
+# hold a string, not a module). One engine per process holds one gated module.
+_ROUTED: dict[str, "NKVGatedProjection"] = {}
+
+
+@torch.library.custom_op("nkv::routed_delta", mutates_args=())
+def routed_delta(x: torch.Tensor, route: torch.Tensor, module_path: str) -> torch.Tensor:
+    """(num_tokens, d_key / tp) -> (num_tokens, d_model): each token's residual from its own adapter."""
+    return _ROUTED[module_path].routed_delta(x, route)
+
+
+@routed_delta.register_fake
+def _(x: torch.Tensor, route: torch.Tensor, module_path: str) -> torch.Tensor:
+    residuals = _ROUTED[module_path].nkv_residuals
+    return x.new_empty((x.shape[0], residuals.shape[1]), dtype=residuals.dtype)
 
 
 class NKVGatedProjection(nn.Module):
     """(num_tokens, d_key / tp) -> what `base_layer` returns, plus the gated residual."""
 
     def __init__(self, base_layer: nn.Module, slot: SlotInfo, *, dtype: torch.dtype, device: torch.device,
-                 fact_chunk: int, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+                 fact_chunk: int, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None,
+                 max_tokens: int = 0) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.slot = slot
@@ -60,17 +87,63 @@ class NKVGatedProjection(nn.Module):
         # gamma is a buffer, not a Python float: a float would be baked into the graph.
         self.register_buffer("nkv_gamma", torch.tensor(1.0, dtype=torch.float32, device=device),
                              persistent=False)
+        # Named adapters: each token's index into self.ranges (-1 none), written before every step.
+        self.routed = slot.max_adapters > 0
+        self.register_buffer("nkv_route", torch.full((max_tokens if self.routed else 0,), -1, dtype=torch.int64,
+                                                     device=device), persistent=False)
+        self.ranges: dict[str | None, RowRange] = {}  # adapter name (None: engine-wide) -> its rows
+        self._slots: dict[str | None, int] = {None: 0}  # adapter name -> routing slot (route_of)
+        self._by_slot: list[RowRange] = []  # routing slot -> rows (empty ranges for free slots)
+        if self.routed:
+            _ROUTED[slot.module] = self
         self.begin()
 
     def forward(self, x: torch.Tensor) -> Any:
         out = self.base_layer(x)
         y, bias = out if self._return_bias else (out, None)
         # Every rank runs the gate: its all-reduces are collective even where nothing is added.
-        delta = nkv_gate(x, self.nkv_keys, self.nkv_key_inv_norms, self.nkv_residuals, self.nkv_gamma,
-                         fact_chunk=self.fact_chunk, all_reduce=self._all_reduce).delta
+        if self.routed:
+            delta = torch.ops.nkv.routed_delta(x, self.nkv_route, self.slot.module)
+        else:
+            delta = nkv_gate(x, self.nkv_keys, self.nkv_key_inv_norms, self.nkv_residuals, self.nkv_gamma,
+                             fact_chunk=self.fact_chunk, all_reduce=self._all_reduce).delta
         if self._add_delta:
             y = y + delta.to(y.dtype)
         return (y, bias) if self._return_bias else y
+
+    def routed_delta(self, x: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+        """The body of `nkv::routed_delta`: eager, inside the compiled graph's opaque op."""
+        if x.shape[0] > route.shape[0]:
+            raise NKVError(f"NKV: {x.shape[0]} tokens in one step but routing room for {route.shape[0]}")
+        return nkv_gate_routed(x, route, self._by_slot, self.nkv_keys, self.nkv_key_inv_norms, self.nkv_residuals,
+                               fact_chunk=self.fact_chunk, all_reduce=self._all_reduce).delta
+
+    def route_of(self, name: str | None) -> int:
+        """The routing slot of a request naming `name` (None: the engine-wide adapter; -1: none).
+
+        Slot 0 is the engine-wide adapter's, slots 1..max_adapters the named ones'; a name keeps
+        its slot until it is unloaded, so a route written before a change still means the same adapter.
+        """
+        if name in self.ranges:
+            return self._slots[name]
+        if name is None:
+            return -1
+        # The engine core refuses requests for names it does not hold and aborts a name's requests
+        # before unloading it, so this is a broken invariant: fail the step rather than serve unedited.
+        raise NKVError(f"a request names NKV adapter {name!r}, which this engine does not hold "
+                       f"(resident: {sorted(n for n in self.ranges if n is not None)})")
+
+    @torch.no_grad()
+    def set_route(self, names: Sequence[str | None], tokens_per_request: np.ndarray) -> None:
+        """Write each token's adapter index for the next step: request i's tokens are the next
+        `tokens_per_request[i]` positions; positions after the last request get -1."""
+        per_request = np.array([self.route_of(n) for n in names], dtype=np.int64)
+        route = np.repeat(per_request, tokens_per_request[: len(names)])
+        if route.shape[0] > self.nkv_route.shape[0]:
+            raise NKVError(f"NKV: {route.shape[0]} tokens in one step but routing room for "
+                           f"{self.nkv_route.shape[0]} (max_num_batched_tokens)")
+        self.nkv_route[: route.shape[0]].copy_(torch.from_numpy(route))
+        self.nkv_route[route.shape[0]:].fill_(-1)
 
     # ------------------------------------------------------------ changes
     # A change is staged, then committed: `apply_swap` stages on every rank first and
@@ -80,20 +153,28 @@ class NKVGatedProjection(nn.Module):
     def begin(self, change: str | None = None) -> None:
         """Start change `change` (an id): forget the previous change's staged and saved rows."""
         self._change = change
-        self._staged: tuple[dict[str, torch.Tensor], SlotInfo] | None = None
-        self._previous: tuple[dict[str, torch.Tensor], SlotInfo] | None = None
+        self._staged: tuple[dict[str, torch.Tensor], SlotInfo, dict[str | None, RowRange], dict[str | None, int]] \
+            | None = None
+        self._previous: tuple[dict[str, torch.Tensor], SlotInfo, dict[str | None, RowRange], dict[str | None, int]] \
+            | None = None
 
     @torch.no_grad()
     def stage(self, adapter: NKVAdapter | None, gamma: float | None = None, source: str | None = None,
-              revision: str | None = None, digest: str | None = None) -> None:
+              revision: str | None = None, digest: str | None = None, name: str | None = None) -> None:
         """Prepare `adapter`'s rows (this rank's key slice, padded to capacity) without touching
-        the live buffers; None stages an empty table. The caller checks compatibility
-        (`slot.check_adapter`) and calls `begin`; only invariants that would corrupt memory are asserted."""
+        the live buffers; None stages an empty table (or unloads `name`). The caller checks
+        compatibility (`slot.check_adapter`) and calls `begin`; only invariants that would
+        corrupt memory are asserted."""
         self._staged = None
+        if self.routed:
+            self._stage_routed(adapter, gamma, source, revision, digest, name)
+            return
+        assert name is None, "named adapters need an engine started with max_adapters > 0"
         rows = {name: torch.zeros_like(getattr(self, name), device="cpu") for name in self._BUFFERS}
         if adapter is None:
             rows["nkv_gamma"].fill_(1.0)
-            self._staged = rows, _replace(self.slot, n_facts=0, gamma=None, source=None, revision=None, digest=None)
+            self._staged = rows, _replace(self.slot, n_facts=0, gamma=None, source=None, revision=None,
+                                          digest=None), {}, {None: 0}
             return
         n = adapter.n_facts
         assert n <= self.slot.capacity and adapter.keys.shape[1] == self.slot.d_key
@@ -104,7 +185,46 @@ class NKVGatedProjection(nn.Module):
         value = check_gamma(adapter.gamma if gamma is None else gamma)
         rows["nkv_gamma"].fill_(value)
         self._staged = rows, _replace(self.slot, n_facts=n, gamma=value, source=source, revision=revision,
-                                      digest=digest)
+                                      digest=digest), {None: RowRange(0, n, value)}, {None: 0}
+
+    def _stage_routed(self, adapter: NKVAdapter | None, gamma: float | None, source: str | None,
+                      revision: str | None, digest: str | None, name: str | None) -> None:
+        """Named adapters: pack the adapters that stay, in order, from row 0, then `adapter`'s
+        rows under `name` (replacing any it had). Rows after the last range are never scored."""
+        rows = {b: torch.zeros_like(getattr(self, b), device="cpu") for b in self._BUFFERS}
+        ranges: dict[str | None, RowRange] = {}
+        at = 0
+        for kept, r in self.ranges.items():
+            if kept == name:
+                continue
+            live = slice(r.start, r.start + r.n_facts)
+            for b in ("nkv_keys", "nkv_key_inv_norms", "nkv_residuals"):
+                rows[b][at:at + r.n_facts] = getattr(self, b)[live].to("cpu")
+            ranges[kept] = r._replace(start=at)
+            at += r.n_facts
+        entries = [e for e in self.slot.named if e["name"] != name]
+        default = {k: getattr(self.slot, k) for k in ("n_facts", "gamma", "source", "revision", "digest")}
+        if adapter is not None:
+            n = adapter.n_facts
+            assert at + n <= self.slot.capacity and adapter.keys.shape[1] == self.slot.d_key
+            rows["nkv_keys"][at:at + n] = adapter.keys[:, self.col_start:self.col_start + self.d_key_local]
+            rows["nkv_key_inv_norms"][at:at + n] = key_inverse_norms(adapter.keys)
+            rows["nkv_residuals"][at:at + n] = adapter.residuals
+            value = check_gamma(adapter.gamma if gamma is None else gamma)
+            ranges[name] = RowRange(at, n, value)
+            info = {"n_facts": n, "gamma": value, "source": source, "revision": revision, "digest": digest}
+        else:
+            info = {"n_facts": 0, "gamma": None, "source": None, "revision": None, "digest": None}
+        slots = {n: i for n, i in self._slots.items() if n is None or n in ranges}
+        if name is None:
+            default = info
+        elif adapter is not None:
+            entries.append({"name": name, **info})
+            if name not in slots:  # a new name takes the lowest free slot; a replaced one keeps its own
+                taken = set(slots.values())
+                slots[name] = next(i for i in range(1, self.slot.max_adapters + 1) if i not in taken)
+        self._staged = rows, _replace(self.slot, **default, named=sorted(entries, key=lambda e: e["name"])), \
+            ranges, slots
 
     @torch.no_grad()
     def commit(self) -> None:
@@ -112,7 +232,7 @@ class NKVGatedProjection(nn.Module):
         keeping the old rows until `rollback` or the next change."""
         assert self._staged is not None, "commit() without stage()"
         self._previous = {name: getattr(self, name).detach().to("cpu", copy=True) for name in self._BUFFERS}, \
-            self.slot
+            self.slot, dict(self.ranges), dict(self._slots)
         self._write(*self._staged)
         self._staged = None
 
@@ -127,30 +247,35 @@ class NKVGatedProjection(nn.Module):
         if previous is not None:
             self._write(*previous)
 
-    def _write(self, rows: dict[str, torch.Tensor], slot: SlotInfo) -> None:
+    def _write(self, rows: dict[str, torch.Tensor], slot: SlotInfo, ranges: dict[str | None, RowRange],
+               slots: dict[str | None, int]) -> None:
         for name in self._BUFFERS:
             getattr(self, name).copy_(rows[name])
-        self.slot = slot
+        self.slot, self.ranges, self._slots = slot, ranges, slots
+        self._by_slot = [RowRange(0, 0, 1.0)] * (slot.max_adapters + 1)
+        for name, r in ranges.items():
+            self._by_slot[slots[name]] = r
 
     def load(self, adapter: NKVAdapter, gamma: float | None = None, source: str | None = None,
-             revision: str | None = None, digest: str | None = None) -> None:
-        """Stage and commit `adapter` on this rank alone (start-up, tests)."""
+             revision: str | None = None, digest: str | None = None, name: str | None = None) -> None:
+        """Stage and commit `adapter` (under `name`, if given) on this rank alone (start-up, tests)."""
         self.begin()
-        self.stage(adapter, gamma=gamma, source=source, revision=revision, digest=digest)
+        self.stage(adapter, gamma=gamma, source=source, revision=revision, digest=digest, name=name)
         self.commit()
         self.begin()
 
-    def clear(self) -> None:
-        """All rows padding: the gate never fires and outputs equal the base model's."""
+    def clear(self, name: str | None = None) -> None:
+        """Drop the engine-wide adapter (or the named one): its requests then get the base model."""
         self.begin()
-        self.stage(None)
+        self.stage(None, name=name)
         self.commit()
         self.begin()
 
     def extra_repr(self) -> str:
         s = self.slot
+        named = f", named={[e['name'] for e in s.named]}" if self.routed else ""
         return (f"layer={s.layer}, capacity={s.capacity}, n_facts={s.n_facts}, d_key={s.d_key}, "
-                f"tp_rank={s.tp_rank}/{s.tp_size}")
+                f"tp_rank={s.tp_rank}/{s.tp_size}{named}")
 
 
 def gated_module(model: nn.Module) -> NKVGatedProjection | None:

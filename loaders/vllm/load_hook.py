@@ -6,13 +6,16 @@ every loader shares, in every worker, before that first forward, is
 `BaseModelLoader.load_model`; `install()` wraps it (once per process, idempotently):
 
 1. read `additional_config["nkv"]` (engines without it are left untouched);
-2. around `load_weights`, fingerprint the target projection's weight: on CPU vLLM
-   repacks it afterwards and leaves an empty tensor, so this is the last moment it can
-   be read. Under tensor parallelism each rank sums `fingerprint_partial` over its
-   column slice and the sums are all-reduced;
+2. around `load_weights`, fingerprint the model (nkvfp2, spec §6): the output projections
+   of the target layer and its neighbours, and the input embedding. On CPU vLLM repacks
+   the projections afterwards and leaves empty tensors, so this is the last moment they
+   can be read. Under tensor parallelism each rank sums `fingerprint_partial` over its
+   column slice of each projection and `embedding_partial` over its rows of the
+   vocabulary (without vLLM's padding rows), and the sums are all-reduced;
 3. after loading, replace the target projection by `NKVGatedProjection` with
-   `capacity` preallocated rows, load the start adapter if any, and make the
-   `nkv_*` collective_rpc methods available on the worker.
+   `capacity` preallocated rows, load the start adapters if any, and make the
+   `nkv_*` collective_rpc methods available on the worker (and, with named adapters,
+   the per-request routing of router.py).
 """
 
 from __future__ import annotations
@@ -26,13 +29,14 @@ import torch
 from torch import nn
 
 from nkv.errors import NKVCompatibilityError, NKVUnsupportedModelError
-from nkv.fingerprint import fingerprint_finalize, fingerprint_partial
+from nkv.fingerprint import covered_layers, embedding_partial, fingerprint_partial, model_fingerprint_finalize
 
 from ..architectures import arch_spec
 from .config import NKVServeConfig, section_of
+from . import router
 from .layer import NKVGatedProjection
 from .slot import SlotInfo, check_adapter
-from .swap import pin, read_pinned
+from .swap import SwapRequest, pin, read_pinned
 from .worker import NKVWorkerExtension
 
 # Under "vllm." so messages go through vLLM's own handlers and format, in every process.
@@ -92,15 +96,21 @@ def _load_with_nkv(original: Any, loader: Any, vllm_config: Any, model_config: A
                                        f"(pipeline_parallel_size={pp}); use tensor_parallel_size instead")
     # Each rank pins the start adapter to a commit and a digest; the engine's start-up check
     # (guard.py) refuses to start unless every rank loaded the same bytes.
-    start = pin(config.adapter, config.revision, strict=config.strict, gamma=config.gamma)[0] if config.adapter \
-        else None
-    adapter = read_pinned(start) if start is not None else None
-    if adapter is not None and config.layer is not None and config.layer != adapter.layer:
-        raise NKVCompatibilityError(f"additional_config['nkv'] says layer {config.layer}, but the adapter "
-                                    f"{config.adapter} edits layer {adapter.layer}; drop 'layer' or make them "
-                                    "agree")
-    layer = adapter.layer if config.layer is None else config.layer
-    capacity = adapter.n_facts if config.capacity is None else config.capacity
+    starts: list[SwapRequest] = []  # the engine-wide adapter (name None) first, then the named ones
+    if config.adapter:
+        starts.append(pin(config.adapter, config.revision, strict=config.strict, gamma=config.gamma)[0])
+    for named in config.adapters:
+        starts.append(pin(named.adapter, named.revision, strict=config.strict, gamma=named.gamma, name=named.name)[0])
+    adapters = [read_pinned(start) for start in starts]
+    layers = {a.layer for a in adapters} | ({config.layer} if config.layer is not None else set())
+    if len(layers) > 1:
+        raise NKVCompatibilityError(
+            "additional_config['nkv'] gates one layer, but its adapters and 'layer' name layers "
+            + ", ".join(f"{a.layer} ({s.source})" for a, s in zip(adapters, starts))
+            + (f" and {config.layer} ('layer')" if config.layer is not None else "")
+            + "; build them at one layer, or drop 'layer'")
+    layer = layers.pop()
+    capacity = sum(a.n_facts for a in adapters) if config.capacity is None else config.capacity
     model_type = model_config.hf_config.model_type
     path = arch_spec(model_type).module_path(layer)
 
@@ -109,7 +119,7 @@ def _load_with_nkv(original: Any, loader: Any, vllm_config: Any, model_config: A
 
     def load_weights_then_fingerprint(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
         result = load_weights(model, *args, **kwargs)
-        fingerprint["value"] = _fingerprint(_target(model, path, model_type))
+        fingerprint["value"] = _fingerprint(model, layer, model_type)
         return result
 
     loader.load_weights = load_weights_then_fingerprint  # instance attribute: this load only
@@ -125,20 +135,31 @@ def _load_with_nkv(original: Any, loader: Any, vllm_config: Any, model_config: A
         module=path, layer=layer, capacity=capacity, model_type=model_type,
         n_layers=len(model.get_submodule(arch_spec(model_type).layers)),
         d_model=base.output_size, d_key=base.input_size, fingerprint=fingerprint.get("value"),
-        tp_rank=base.tp_rank, tp_size=base.tp_size,
+        tp_rank=base.tp_rank, tp_size=base.tp_size, max_adapters=config.max_adapters,
     )
     module = NKVGatedProjection(base, slot, dtype=model_config.dtype, device=_device_of(base),
-                                fact_chunk=config.fact_chunk, all_reduce=tensor_model_parallel_all_reduce)
+                                fact_chunk=config.fact_chunk, all_reduce=tensor_model_parallel_all_reduce,
+                                max_tokens=_max_tokens_per_step(vllm_config))
     parent_path, _, name = path.rpartition(".")
     setattr(model.get_submodule(parent_path), name, module)
-    if adapter is not None:
-        assert start is not None
-        check_adapter(adapter, module.slot, strict=config.strict)
-        module.load(adapter, gamma=config.gamma, source=start.source, revision=start.revision, digest=start.digest)
+    for adapter, start in zip(adapters, starts):
+        check_adapter(adapter, module.slot, strict=config.strict, name=start.name)
+        module.load(adapter, gamma=start.gamma, source=start.source, revision=start.revision, digest=start.digest,
+                    name=start.name)
     _enable_worker_methods(vllm_config)
+    if config.routed:
+        router.install()
     logger.info("NKV: gated %s (capacity %d, tp %d/%d) with %s", path, capacity, slot.tp_rank, slot.tp_size,
-                f"{adapter.n_facts} facts from {config.adapter}" if adapter is not None else "no facts yet")
+                ", ".join(f"{a.n_facts} facts from {s.source}" + (f" as {s.name!r}" if s.name else "")
+                          for a, s in zip(adapters, starts)) or "no facts yet")
     return model
+
+
+def _max_tokens_per_step(vllm_config: Any) -> int:
+    """Room for the per-token routing: the most tokens one forward can hold (padding included)."""
+    scheduled = vllm_config.scheduler_config.max_num_batched_tokens
+    captured = getattr(vllm_config.compilation_config, "max_cudagraph_capture_size", None) or 0
+    return max(scheduled, captured)
 
 
 def _target(model: nn.Module, path: str, model_type: str) -> nn.Module:
@@ -161,19 +182,65 @@ def _target(model: nn.Module, path: str, model_type: str) -> nn.Module:
 
 
 @torch.no_grad()
-def _fingerprint(projection: nn.Module) -> str | None:
-    """Fingerprint of the full (d_model, d_key) weight from this rank's column slice."""
-    weight = getattr(projection, "weight", None)
-    if weight is None or not weight.is_floating_point() or weight.dim() != 2 or weight.numel() == 0:
-        return None  # quantized or already repacked: cannot be compared, check_adapter says so
-    sums = fingerprint_partial(weight.detach(), col_start=projection.tp_rank * projection.input_size_per_partition)
-    if projection.tp_size > 1:
+def _fingerprint(model: nn.Module, layer: int, model_type: str) -> str | None:
+    """nkvfp2 fingerprint of the whole model from this rank's slices (spec §6), or None when the
+    target projection's weight cannot be read (quantized or repacked: check_adapter says so).
+
+    A neighbour projection or an embedding that cannot be read is left out of the string, so
+    an adapter whose fingerprint covers it is refused with that part named, while an nkvfp1
+    adapter (the target projection only) is still checked."""
+    spec = arch_spec(model_type)
+    n_layers = len(model.get_submodule(spec.layers))
+    projections = {other: _target(model, spec.module_path(other), model_type)
+                   for other in covered_layers(layer, n_layers)}
+    sums, dims = {}, {}
+    for other, projection in projections.items():
+        weight = _readable(projection)
+        if weight is not None:
+            sums[other] = fingerprint_partial(weight, col_start=projection.tp_rank * projection.input_size_per_partition)
+            dims[other] = (projection.output_size, projection.input_size)
+    if layer not in sums:
+        return None
+    tp_rank, tp_size = projections[layer].tp_rank, projections[layer].tp_size
+    embedding = _input_embedding(model)
+    table = _readable(embedding) if embedding is not None else None
+    if table is not None and embedding.tp_size not in (1, tp_size):
+        table = None  # sharded over another group: the sums would not add up over this one
+    if table is not None:
+        # Rank-local rows 0..num_org_elements-1 are token ids org_vocab_start_index...; the rest are
+        # padding (and LoRA's added vocabulary), which the checkpoint does not have. A replicated
+        # embedding (disable_tp) is counted on rank 0 only.
+        shard = embedding.shard_indices
+        rows = table[: shard.num_org_elements] if embedding.tp_size == tp_size or tp_rank == 0 else table[:0]
+        sums["emb"] = embedding_partial(rows, vocab=embedding.org_vocab_size, row_start=shard.org_vocab_start_index)
+    names = list(sums)
+    stacked = torch.stack([sums[name] for name in names])  # (parts, N_PROBES + 1), float64 on CPU
+    if tp_size > 1:
         import torch.distributed as dist
         from vllm.distributed.parallel_state import get_tp_group
 
-        # gloo on the CPU group: float64 sums, tiny, once per start-up.
-        dist.all_reduce(sums, group=get_tp_group().cpu_group)
-    return fingerprint_finalize(sums, d_model=projection.output_size, d_key=projection.input_size)
+        # gloo on the CPU group: float64 sums, tiny, once per start-up. Every rank holds the same parts.
+        dist.all_reduce(stacked, group=get_tp_group().cpu_group)
+    total = dict(zip(names, stacked))
+    emb = (total["emb"], table.shape[1], embedding.org_vocab_size) if table is not None else None
+    return model_fingerprint_finalize(layer, {other: (total[other], *dims[other]) for other in dims}, emb)
+
+
+def _readable(module: nn.Module) -> torch.Tensor | None:
+    weight = getattr(module, "weight", None)
+    if weight is None or not weight.is_floating_point() or weight.dim() != 2 or weight.numel() == 0:
+        return None
+    return weight.detach()
+
+
+def _input_embedding(model: nn.Module) -> nn.Module | None:
+    """The model's token embedding: its first VocabParallelEmbedding that is not the LM head."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+
+    for module in model.modules():
+        if isinstance(module, VocabParallelEmbedding) and not isinstance(module, ParallelLMHead):
+            return module
+    return None
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -8,7 +8,7 @@ worker is asked to load, so errors keep their NKV class across process boundarie
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from nkv.adapter import NKVAdapter
@@ -36,6 +36,17 @@ class SlotInfo:
     source: str | None = None  # what was loaded last (path or repo id)
     revision: str | None = None  # its Hub revision (the commit it was pinned to), if a repo id
     digest: str | None = None  # sha256 of the loaded file's bytes: equal on every rank
+    # Named adapters (requests choose one; the fields above describe the engine-wide one):
+    max_adapters: int = 0  # how many may be resident; 0 = the engine-wide adapter only
+    named: list[dict[str, Any]] = field(default_factory=list)  # {name, n_facts, gamma, source, revision, digest}
+    routing: bool = False  # the worker's model runner routes each request's tokens to its adapter
+
+    @property
+    def rows_in_use(self) -> int:
+        return self.n_facts + sum(entry["n_facts"] for entry in self.named)
+
+    def named_entry(self, name: str) -> dict[str, Any] | None:
+        return next((entry for entry in self.named if entry["name"] == name), None)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -45,8 +56,10 @@ class SlotInfo:
         return cls(**data)
 
 
-def check_adapter(adapter: NKVAdapter | NKVHeader, slot: SlotInfo, strict: bool = True, stacklevel: int = 3) -> None:
-    """Raise unless `adapter` can be loaded into `slot`; warn on a fingerprint mismatch if not strict.
+def check_adapter(adapter: NKVAdapter | NKVHeader, slot: SlotInfo, strict: bool = True, stacklevel: int = 3,
+                  name: str | None = None) -> None:
+    """Raise unless `adapter` can be loaded into `slot` (under `name`, or as the engine-wide
+    adapter when None); warn on a fingerprint mismatch if not strict.
 
     Reads only `.base`, `.layer` and `.n_facts`, so a file's header (no tensors) will do.
 
@@ -63,10 +76,30 @@ def check_adapter(adapter: NKVAdapter | NKVHeader, slot: SlotInfo, strict: bool 
             f"({slot.module}); the layer is fixed when the engine starts: restart it with "
             f"additional_config={{'nkv': {{'layer': {adapter.layer}, ...}}}}, or rebuild the adapter at layer "
             f"{slot.layer}")
-    if adapter.n_facts > slot.capacity:
-        raise NKVCompatibilityError(
-            f"adapter holds {adapter.n_facts} facts, but the engine preallocated room for {slot.capacity}; "
-            f"restart it with additional_config={{'nkv': {{'capacity': {adapter.n_facts}, ...}}}} or more")
+    check_room(adapter.n_facts, slot, name)
     check_fingerprint(adapter.base, adapter.layer, slot.fingerprint, strict=strict, stacklevel=stacklevel)
 
-__all__ = ["SlotInfo", "check_adapter"]
+def check_room(n_facts: int, slot: SlotInfo, name: str | None = None) -> None:
+    """Raise unless `n_facts` rows fit, next to the other resident adapters' rows, and a new
+    name fits under `max_adapters`. Replacing an adapter frees its own rows first."""
+    if name is not None:
+        if slot.max_adapters == 0:
+            raise NKVCompatibilityError(
+                f"this engine holds one engine-wide adapter, not named ones (adapter {name!r}); restart it with "
+                "additional_config={'nkv': {'max_adapters': N, 'capacity': ROWS, 'layer': L}} to serve several")
+        names = [entry["name"] for entry in slot.named]
+        if name not in names and len(names) >= slot.max_adapters:
+            raise NKVCompatibilityError(
+                f"the engine already holds {len(names)} named adapters ({', '.join(names)}), its max_adapters; "
+                f"unload one first, or restart it with a larger 'max_adapters'")
+    replaced = slot.named_entry(name) if name is not None else {"n_facts": slot.n_facts}
+    others = slot.rows_in_use - (replaced["n_facts"] if replaced else 0)
+    if n_facts + others > slot.capacity:
+        held = f" ({others} rows are held by the other resident adapters)" if others else ""
+        raise NKVCompatibilityError(
+            f"adapter holds {n_facts} facts, but the engine preallocated room for {slot.capacity}{held}; "
+            f"restart it with additional_config={{'nkv': {{'capacity': {n_facts + others}, ...}}}} or more"
+            + (", or unload an adapter first" if others else ""))
+
+
+__all__ = ["SlotInfo", "check_adapter", "check_room"]

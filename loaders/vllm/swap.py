@@ -12,7 +12,8 @@ utility calls between engine steps, never during a forward, so in one call
 2. every rank commits (copies the staged rows into its buffers, keeping the old ones);
    if any rank fails, every rank puts its old rows back (`nkv_rollback`);
 3. the prefix cache is reset and running requests are preempted, so no request goes on
-   decoding from KV blocks computed with the old rows.
+   decoding from KV blocks computed with the old rows; unloading a named adapter first
+   aborts the requests that name it (they finish with reason "abort").
 
 The next step therefore sees the new rows on every rank, and every request's tokens come
 from one adapter: the one live when it was (re)scheduled.
@@ -32,6 +33,8 @@ from nkv.errors import NKVError
 from nkv.hub import fetch
 from nkv.resolve import locate_adapter
 
+from .config import requested_adapter
+
 UTILITY = "nkv_apply"  # the EngineCore method name clients call
 
 
@@ -39,11 +42,12 @@ UTILITY = "nkv_apply"  # the EngineCore method name clients call
 class SwapRequest:
     """What every rank loads: plain data, since it crosses process boundaries (msgpack)."""
 
-    source: str | None  # absolute path or Hub repo id; None clears every row
+    source: str | None  # absolute path or Hub repo id; None clears (unloads) the adapter
     revision: str | None = None  # the commit a repo id was pinned to
     digest: str | None = None  # sha256 of the file's bytes
     strict: bool = True
     gamma: float | None = None
+    name: str | None = None  # a named adapter (engines with max_adapters); None: the engine-wide one
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,6 +60,11 @@ class SwapRequest:
 CLEAR = SwapRequest(source=None)
 
 
+def unload(name: str) -> SwapRequest:
+    """The change that unloads named adapter `name`."""
+    return SwapRequest(source=None, name=name)
+
+
 def file_digest(path: str | os.PathLike) -> str:
     """sha256 hex digest of a file's bytes."""
     digest = hashlib.sha256()
@@ -66,7 +75,7 @@ def file_digest(path: str | os.PathLike) -> str:
 
 
 def pin(source: str | os.PathLike, revision: str | None = None, *, strict: bool = True,
-        gamma: float | None = None) -> tuple[SwapRequest, Path]:
+        gamma: float | None = None, name: str | None = None) -> tuple[SwapRequest, Path]:
     """Resolve `source` once, in the caller: (the request every rank loads, the local file).
 
     A Hub repo id is fetched here and pinned to the commit that was downloaded, so a branch
@@ -75,10 +84,10 @@ def pin(source: str | os.PathLike, revision: str | None = None, *, strict: bool 
     where = locate_adapter(source)
     if where.path is not None:
         path = where.path.resolve()
-        return SwapRequest(str(path), None, file_digest(path), strict, gamma), path
+        return SwapRequest(str(path), None, file_digest(path), strict, gamma, name), path
     assert where.repo_id is not None  # a str/PathLike source is never an in-memory adapter
     fetched = fetch(where.repo_id, revision)
-    return SwapRequest(where.repo_id, fetched.commit or revision, file_digest(fetched.path), strict, gamma), \
+    return SwapRequest(where.repo_id, fetched.commit or revision, file_digest(fetched.path), strict, gamma, name), \
         fetched.path
 
 
@@ -104,6 +113,9 @@ def apply_swap(core: Any, request: dict[str, Any]) -> list[dict[str, Any]]:
     except Exception as exc:
         core.collective_rpc("nkv_rollback", args=(change,))
         raise NKVError(f"the change was refused and no rank changed: {_first_line(exc)}") from None
+    swap = SwapRequest.from_dict(request)
+    if swap.source is None and swap.name is not None:
+        abort_requests_for(core, swap.name)
     try:
         ranks = core.collective_rpc("nkv_commit")
     except Exception as exc:
@@ -111,7 +123,30 @@ def apply_swap(core: Any, request: dict[str, Any]) -> list[dict[str, Any]]:
         raise NKVError(f"a rank failed to copy the new rows, so every rank was rolled back to the previous "
                        f"adapter: {_first_line(exc)}") from None
     core.reset_prefix_cache(reset_running_requests=True)
+    remember_resident(core, ranks[0])
     return ranks
+
+
+def resident_names(rank: dict[str, Any]) -> frozenset[str]:
+    """The named adapters a rank's SlotInfo dict holds."""
+    return frozenset(entry["name"] for entry in rank.get("named", []))
+
+
+def remember_resident(core: Any, rank: dict[str, Any]) -> None:
+    """Record, on the engine core, which names requests may choose (read by its request checks)."""
+    core._nkv_resident = resident_names(rank)
+
+
+def abort_requests_for(core: Any, name: str) -> list[str]:
+    """Abort the scheduler's requests that name adapter `name` (before it is unloaded)."""
+    requests = getattr(getattr(core, "scheduler", None), "requests", {}) or {}
+    doomed = [r for r in requests.values() if requested_adapter(r.sampling_params) == name]
+    if doomed:
+        core.abort_requests([r.request_id for r in doomed])
+        notify = getattr(core, "_send_abort_outputs_to_client", None)  # EngineCoreProc: tell the clients
+        for client in {r.client_index for r in doomed} if notify else ():
+            notify([r.request_id for r in doomed if r.client_index == client], client)
+    return [r.request_id for r in doomed]
 
 
 def call_engine(llm: Any, request: SwapRequest) -> list[dict[str, Any]]:
@@ -142,5 +177,5 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-__all__ = ["SwapRequest", "CLEAR", "pin", "read_pinned", "file_digest", "apply_swap", "call_engine",
+__all__ = ["SwapRequest", "CLEAR", "unload", "resident_names", "remember_resident", "abort_requests_for", "pin", "read_pinned", "file_digest", "apply_swap", "call_engine",
            "call_engine_async", "UTILITY"]

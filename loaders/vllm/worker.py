@@ -16,6 +16,7 @@ from typing import Any
 from nkv.errors import NKVError
 
 from .layer import gated_module
+from .router import routes
 from .slot import check_adapter
 from .swap import SwapRequest, read_pinned
 
@@ -35,8 +36,8 @@ class NKVWorkerExtension:
         return module
 
     def nkv_info(self) -> dict[str, Any]:
-        """This rank's SlotInfo as a dict."""
-        return self._nkv_module().slot.to_dict()
+        """This rank's SlotInfo as a dict (with `routing`: whether its runner routes requests)."""
+        return {**self._nkv_module().slot.to_dict(), "routing": routes(self.model_runner)}  # type: ignore[attr-defined]
 
     def nkv_prepare(self, request: dict[str, Any], change: str) -> dict[str, Any]:
         """Read and check the requested adapter, stage this rank's rows; the live rows stay as they are."""
@@ -44,11 +45,12 @@ class NKVWorkerExtension:
         module.begin(change)
         swap = SwapRequest.from_dict(request)
         if swap.source is None:
-            module.stage(None)
+            module.stage(None, name=swap.name)
         else:
             adapter = read_pinned(swap)
-            check_adapter(adapter, module.slot, strict=swap.strict)
-            module.stage(adapter, gamma=swap.gamma, source=swap.source, revision=swap.revision, digest=swap.digest)
+            check_adapter(adapter, module.slot, strict=swap.strict, name=swap.name)
+            module.stage(adapter, gamma=swap.gamma, source=swap.source, revision=swap.revision, digest=swap.digest,
+                         name=swap.name)
         return module.slot.to_dict()
 
     def nkv_commit(self) -> dict[str, Any]:
