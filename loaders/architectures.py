@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from nkv.errors import NKVUnsupportedModelError
-from nkv.fingerprint import compute_fingerprint
+from nkv.fingerprint import compute_model_fingerprint, covered_layers
 from nkv.header import BaseModelInfo
 
 
@@ -120,9 +120,35 @@ def projection_weight(model: nn.Module, layer: int) -> torch.Tensor:
     return module.weight.T if spec.conv1d else module.weight
 
 
+def input_embedding_weight(model: nn.Module) -> torch.Tensor:
+    """The (vocab, d_model) input embedding matrix (`get_input_embeddings()`), with its real rows only."""
+    module = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        raise NKVUnsupportedModelError(
+            f"{type(model).__name__}'s input embedding ({type(module).__name__}) has no float (vocab, d_model) "
+            "weight; NKV fingerprints it to check the base model (quantized embeddings are not supported)")
+    return weight
+
+
+def model_fingerprint(model: nn.Module, layer: int) -> str:
+    """nkvfp2 fingerprint of `model` for an adapter at `layer` (spec §6): the output projections
+    of `layer` and its neighbours, and a sample of the input embedding's rows."""
+    n_layers = len(blocks(model))
+    projections = {}
+    for other in covered_layers(layer, n_layers):
+        weight = projection_weight(model, other).detach()
+        if not weight.is_floating_point():
+            raise NKVUnsupportedModelError(
+                f"layer {other}'s output projection has no float weight (quantized?); NKV fingerprints the "
+                f"projections of layers {covered_layers(layer, n_layers)} to check the base model")
+        projections[other] = weight
+    return compute_model_fingerprint(layer, projections, input_embedding_weight(model).detach())
+
+
 def base_model_info(model: nn.Module, layer: int, name: str | None = None,
                     revision: str | None = None) -> BaseModelInfo:
-    """Identity of `model` as an adapter at `layer` records it (nkv.base.*)."""
+    """Identity of `model` as an adapter at `layer` records it (nkv.base.*), with an nkvfp2 fingerprint."""
     spec = arch_spec(model_type_of(model))
     weight = projection_weight(model, layer).detach()
     d_model, d_key = weight.shape
@@ -135,10 +161,10 @@ def base_model_info(model: nn.Module, layer: int, name: str | None = None,
         n_layers=len(model.get_submodule(spec.layers)),
         d_model=d_model,
         d_key=d_key,
-        fingerprint=compute_fingerprint(weight),
+        fingerprint=model_fingerprint(model, layer),
         revision=revision,
     )
 
 
 __all__ = ["ArchSpec", "ARCHITECTURES", "MOE_MODEL_TYPES", "arch_spec", "model_type_of", "blocks", "output_projection",
-           "projection_weight", "base_model_info"]
+           "projection_weight", "input_embedding_weight", "model_fingerprint", "base_model_info"]

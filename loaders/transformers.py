@@ -25,13 +25,13 @@ from nkv.adapter import NKVAdapter
 from nkv.compat import check_fingerprint, check_gamma, check_shape
 from nkv.errors import NKVCompatibilityError, NKVError, NKVUnsupportedModelError
 from nkv.facts import Fact
-from nkv.fingerprint import compute_fingerprint
+from nkv.fingerprint import FINGERPRINT2_PREFIX, compute_fingerprint
 from nkv.constants import DEFAULT_SHORTLIST, DEFAULT_SKETCH_DIM, SKETCH_MIN_FACTS
 from nkv.gate import (DEFAULT_FACT_CHUNK, GateResult, RowRange, Sketch, fit_sketch, key_inverse_norms, nkv_gate,
                       nkv_gate_routed, sketch_keys)
 from nkv.resolve import AdapterSource, resolve_adapter
 
-from .architectures import arch_spec, blocks, model_type_of, output_projection, projection_weight
+from .architectures import arch_spec, blocks, model_fingerprint, model_type_of, output_projection, projection_weight
 
 # Upper bound on the (tokens x facts) score matrix held at once: 2^25 float32 = 128 MiB.
 SCORE_BUDGET = 2**25
@@ -542,7 +542,11 @@ def check_base(model: nn.Module, adapter: NKVAdapter, strict: bool = True) -> No
     weight = projection_weight(model, layer).detach() if same_layout else None
     d_model, d_key = weight.shape if weight is not None else (0, 0)
     check_shape(expected, layer, model_type=model_type, n_layers=n_layers, d_model=d_model, d_key=d_key)
-    check_fingerprint(expected, layer, compute_fingerprint(weight), strict=strict, stacklevel=3)
+    if expected.fingerprint.startswith(FINGERPRINT2_PREFIX):
+        got = model_fingerprint(model, layer)
+    else:  # an nkvfp1 adapter is checked exactly as before nkvfp2: the one projection
+        got = compute_fingerprint(weight)
+    check_fingerprint(expected, layer, got, strict=strict, stacklevel=3)
 
 
 def quantization_method(model_or_config: Any) -> str | None:

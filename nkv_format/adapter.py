@@ -23,7 +23,7 @@ from .atomic import atomic_file
 from .dtypes import ROW_DTYPE_NAMES as _DTYPE_NAMES, ROW_DTYPES as _TORCH_DTYPES
 from .errors import NKVCompatibilityError, NKVConflictError, NKVFormatError
 from .facts import Fact, decode_facts, encode_facts, fact_record_problems
-from .fingerprint import fingerprints_match
+from .fingerprint import FINGERPRINT2_PREFIX, fingerprints_match
 from .gate import fit_sketch
 from .header import BaseModelInfo, NKVHeader, parse_header, read_header
 
@@ -133,7 +133,7 @@ class NKVAdapter:
         b = self.base
         meta = {
             C.K_FORMAT: C.FORMAT_MARKER,
-            C.K_VERSION: C.FORMAT_VERSION if self.sketch_proj is not None else C.BASE_VERSION,
+            C.K_VERSION: _version_for(self),
             C.K_N_FACTS: str(self.n_facts),
             C.K_LAYER: str(self.layer),
             C.K_GAMMA: repr(float(self.gamma)),
@@ -438,6 +438,14 @@ def _same_rows(keys_a: torch.Tensor, res_a: torch.Tensor, rows_a: list[int],
 
 def _sketch_dim(adapter: NKVAdapter) -> int:
     return 0 if adapter.sketch_proj is None else int(adapter.sketch_proj.shape[1])
+
+
+def _version_for(adapter: NKVAdapter) -> str:
+    """The lowest format version holding every part the file uses (spec §8), so older readers
+    read what they can: nkvfp2 is 1.2, the sketch projection 1.1."""
+    if adapter.base.fingerprint.startswith(FINGERPRINT2_PREFIX):
+        return C.FORMAT_VERSION
+    return C.SKETCH_VERSION if adapter.sketch_proj is not None else C.BASE_VERSION
 
 
 def _known_tensors(header: NKVHeader) -> list[str]:

@@ -7,7 +7,7 @@ import math
 import warnings
 
 from .errors import NKVCompatibilityError, NKVError, NKVFingerprintError
-from .fingerprint import fingerprints_match
+from .fingerprint import FINGERPRINT2_PREFIX, fingerprint_differences
 from .header import BaseModelInfo
 
 
@@ -32,12 +32,15 @@ def check_fingerprint(expected: BaseModelInfo, layer: int, fingerprint: str | No
     """Raise NKVFingerprintError (or warn when strict=False) unless `fingerprint` matches the
     adapter's base checkpoint. None means the runtime could not read the projection's weights
     (vLLM: quantized, or repacked before the load hook saw them); the transformers loader always
-    passes a fingerprint."""
-    if fingerprint is not None and fingerprints_match(expected.fingerprint, fingerprint):
+    passes a fingerprint. An nkvfp2 mismatch names each part that differs (spec §6)."""
+    differences = fingerprint_differences(expected.fingerprint, fingerprint) if fingerprint is not None else None
+    if differences == []:
         return
     detail = (f"got {fingerprint[:40]}..." if fingerprint is not None
               else "the runtime could not read the projection's weights (quantized or repacked), so it cannot "
                    "be checked; a GGUF model is served from its dequantized folder (`nkv convert MODEL.gguf`)")
+    if differences and expected.fingerprint.startswith(FINGERPRINT2_PREFIX):
+        detail += ": " + ", ".join(differences)
     message = (f"the model is not the checkpoint this adapter was built on ({expected.name}"
                f"{'@' + expected.revision if expected.revision else ''}): fingerprint at layer "
                f"{layer} expected {expected.fingerprint[:40]}..., {detail}; "

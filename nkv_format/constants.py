@@ -6,8 +6,10 @@ Change a value here only together with the spec and a version bump.
 from __future__ import annotations
 
 FORMAT_MARKER = "nkv"
-FORMAT_VERSION = "1.1"  # "major.minor" of this spec; readers refuse a newer major
+FORMAT_VERSION = "1.2"  # "major.minor" of this spec; readers refuse a newer major
+SKETCH_VERSION = "1.1"  # what writers write when the file's newest part is the sketch projection (1.1)
 BASE_VERSION = "1.0"  # what writers write when a file uses no part added after 1.0
+# Writers write FORMAT_VERSION when the base fingerprint is nkvfp2 (added in 1.2, spec §6).
 SUPPORTED_MAJOR = 1
 
 # Tensors ---------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any
 
 from . import constants as C
 from .errors import NKVFormatError, NKVVersionError
-from .fingerprint import parse_fingerprint
+from .fingerprint import EMBED_PART, covered_layers, read_fingerprint
 
 DTYPE_SIZES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
@@ -210,9 +210,14 @@ def _interpret(source: str, meta: dict[str, str], tensors: dict[str, TensorInfo]
         problems.append(f"V6: metadata {C.K_GAMMA!r} must be a number in [0, 1], got {meta[C.K_GAMMA]!r:.40}")
         gamma = C.DEFAULT_GAMMA
     try:
-        parse_fingerprint(meta[C.K_BASE_FINGERPRINT])
+        fingerprint = read_fingerprint(meta[C.K_BASE_FINGERPRINT])
     except NKVFormatError as exc:
         problems.extend(f"V6: {p}" for p in exc.problems)
+    else:
+        want = [f"L{other}" for other in covered_layers(layer, n_layers)] + [EMBED_PART]
+        if fingerprint.version == 2 and not problems and list(fingerprint.parts) != want:
+            problems.append(f"V6: metadata {C.K_BASE_FINGERPRINT!r} covers {','.join(fingerprint.parts)}; an nkvfp2 "
+                            f"fingerprint at layer {layer} of {n_layers} covers {','.join(want)}, in that order")
     json_fields = _json_fields(meta, problems)
     problems.extend(_tensor_problems(tensors, n_facts, d_key, d_model))
     if problems:

@@ -4,7 +4,8 @@
 - the writer reproduces golden.nkv byte for byte (from the file, and from the constants);
 - the key, tensor and fact-field tables of spec/nkv-format.md equal nkv.constants;
 - every rule number V1..V10 the code reports is defined in the spec;
-- the fingerprint of spec §6, implemented here from the text alone, gives the golden value.
+- the fingerprint of spec §6, implemented here from the text alone, gives the golden value
+  (nkvfp1) and agrees with the code (nkvfp2).
 """
 
 from __future__ import annotations
@@ -153,8 +154,8 @@ def test_every_rule_number_in_the_code_is_in_the_spec() -> None:
     assert defined == {str(i) for i in range(1, 12)}
 
 
-def _spec_fingerprint(weight: list[list[float]]) -> str:
-    """spec §6, transcribed literally in plain Python (no torch)."""
+def _spec_part(weight: list[list[float]]) -> str:
+    """part(M) of spec §6, transcribed literally in plain Python (no torch)."""
 
     def h(x: int) -> int:
         for _ in range(3):
@@ -164,17 +165,31 @@ def _spec_fingerprint(weight: list[list[float]]) -> str:
     def u(i: int, k: int, side: int) -> float:
         return h((i * 32 + 2 * k + side) % 2**32) / 2**32 * 2 - 1
 
-    d_model, d_key = len(weight), len(weight[0])
+    rows, cols = len(weight), len(weight[0])
     fro = math.sqrt(sum(w * w for row in weight for w in row))
     z = []
     for k in range(16):
-        a = [u(i, k, 0) for i in range(d_model)]
-        b = [u(j, k, 1) for j in range(d_key)]
-        p = sum(a[i] * weight[i][j] * b[j] for i in range(d_model) for j in range(d_key))
-        rms_a = math.sqrt(sum(x * x for x in a) / d_model)
-        rms_b = math.sqrt(sum(x * x for x in b) / d_key)
+        a = [u(i, k, 0) for i in range(rows)]
+        b = [u(j, k, 1) for j in range(cols)]
+        p = sum(a[i] * weight[i][j] * b[j] for i in range(rows) for j in range(cols))
+        rms_a = math.sqrt(sum(x * x for x in a) / rows)
+        rms_b = math.sqrt(sum(x * x for x in b) / cols)
         z.append(p / (max(fro, 1e-30) * rms_a * rms_b))
-    return "nkvfp1:fro=" + format(fro, ".6e") + ";z=" + ",".join(format(v, ".4f") for v in z)
+    return "fro=" + format(fro, ".6e") + ";z=" + ",".join(format(v, ".4f") for v in z)
+
+
+def _spec_fingerprint(weight: list[list[float]]) -> str:
+    return "nkvfp1:" + _spec_part(weight)
+
+
+def _spec_fingerprint2(layers: dict[int, list[list[float]]], embedding: list[list[float]], layer: int,
+                       n_layers: int) -> str:
+    """nkvfp2 of spec §6, transcribed literally."""
+    vocab = len(embedding)
+    s = math.ceil(vocab / 8192)
+    m_emb = [list(col) for col in zip(*embedding[0:vocab:s])]  # transpose: [d_model, ceil(vocab / s)]
+    return "nkvfp2:" + "|".join(["L%d:" % l + _spec_part(layers[l]) for l in (layer, layer - 1, layer + 1)
+                                 if 0 <= l < n_layers] + ["emb:vocab=%d;" % vocab + _spec_part(m_emb)])
 
 
 def test_fingerprint_from_the_spec_text(dump: dict) -> None:
@@ -190,6 +205,26 @@ def test_fingerprint_from_the_spec_text(dump: dict) -> None:
     assert not nkv.fingerprints_match(nkv.compute_fingerprint(w), nkv.compute_fingerprint(other))
 
 
+def test_nkvfp2_from_the_spec_text() -> None:
+    from nkv.fingerprint import compute_model_fingerprint, read_fingerprint
+
+    gen = torch.Generator().manual_seed(0)
+    layers = {l: torch.randn(3, 5, generator=gen, dtype=torch.float64) for l in range(3)}
+    embedding = torch.randn(8200, 3, generator=gen, dtype=torch.float64)  # > 8192 rows: every 2nd is probed
+    for layer in range(3):
+        spec = _spec_fingerprint2({l: w.tolist() for l, w in layers.items()}, embedding.tolist(), layer, 3)
+        code = compute_model_fingerprint(layer, {l: layers[l] for l in (layer - 1, layer, layer + 1) if 0 <= l < 3},
+                                         embedding)
+        mine, theirs = read_fingerprint(spec), read_fingerprint(code)
+        assert list(mine.parts) == list(theirs.parts) and mine.parts["emb"].vocab == 8200
+        for name, part in mine.parts.items():
+            assert abs(part.fro - theirs.parts[name].fro) <= 1e-6 * part.fro
+            assert max(abs(x - y) for x, y in zip(part.z, theirs.parts[name].z)) <= 1e-4
+        assert nkv.fingerprints_match(spec, code)
+        # the first part is the nkvfp1 body of the edited projection
+        assert "nkvfp1:" + spec.split("|")[0].split(":", 2)[2] == _spec_fingerprint(layers[layer].tolist())
+
+
 def test_spec_numbers_match_the_code() -> None:
     from nkv import fingerprint as fp
     from nkv.header import DTYPE_SIZES
@@ -200,6 +235,7 @@ def test_spec_numbers_match_the_code() -> None:
     listed = re.search(r"known dtype \(`([^`]*)`", v2.replace("\n  ", " "))[1].split()
     assert sorted(listed) == sorted(DTYPE_SIZES)
     assert fp.FINGERPRINT_PREFIX == "nkvfp1:" and fp.N_PROBES == 16
+    assert fp.FINGERPRINT2_PREFIX == "nkvfp2:" and f"s = ceil(vocab / {fp.EMBED_SAMPLE_ROWS})" in text
     assert f"≤ {fp.FRO_RTOL} ·" in text and f"≤ {fp.Z_TOLERANCE}`" in text
     assert f"writers of this spec write `{C.FORMAT_VERSION}`" in text
 
@@ -210,7 +246,7 @@ GOLDEN_SKETCH = ROOT / "spec" / "examples" / "golden-sketch.nkv"
 def test_golden_sketch_reads_its_dump_and_rewrites_byte_for_byte(tmp_path: Path) -> None:
     data = GOLDEN_SKETCH.read_bytes()
     dump = _parse_dump((ROOT / "spec" / "examples" / "golden-sketch.txt").read_text(encoding="utf-8"))
-    assert len(data) == dump["size"] and dump["metadata"][C.K_VERSION] == C.FORMAT_VERSION
+    assert len(data) == dump["size"] and dump["metadata"][C.K_VERSION] == C.SKETCH_VERSION
     assert read_header(GOLDEN_SKETCH).metadata == dump["metadata"]
     adapter = NKVAdapter.load(GOLDEN_SKETCH)
     module = _make_golden_module()

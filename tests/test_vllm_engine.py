@@ -368,10 +368,11 @@ class TestLlamaEager:
         other_layer = NKVAdapter(**{**a.__dict__, "layer": 1})
         with pytest.raises(NKVCompatibilityError, match=f"gated module is at layer {EDIT_LAYER}"):
             load_nkv_adapter(engine.llm, other_layer)
-        z = a.base.fingerprint.split("z=")[1].split(",")
-        fake = a.base.fingerprint.split("z=")[0] + "z=" + ",".join(f"{float(v) + 1:.4f}" for v in z)
+        head, emb = a.base.fingerprint.split("|emb:")  # nkvfp2: move the embedding part only
+        vocab, fro, z = emb.split(";")
+        fake = f"{head}|emb:{vocab};{fro};z=" + ",".join(f"{float(v) + 1:.4f}" for v in z[2:].split(","))
         foreign = NKVAdapter(**{**a.__dict__, "base": type(a.base)(**{**a.base.__dict__, "fingerprint": fake})})
-        with pytest.raises(NKVFingerprintError, match="not the checkpoint"):
+        with pytest.raises(NKVFingerprintError, match="not the checkpoint.*the input embedding differs"):
             load_nkv_adapter(engine.llm, foreign)
         assert_same(generate(engine.llm), before, "failed loads leave the engine as it was")
 
