@@ -96,11 +96,12 @@ class Server:
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read() or b"{}")
 
-    def complete(self, prompt: str) -> str:
-        status, reply = self.call("/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": N_TOKENS,
+    def complete(self, prompt: str, model: str = "tiny") -> str:
+        status, reply = self.call("/v1/completions", {"model": model, "prompt": prompt, "max_tokens": N_TOKENS,
                                                       "temperature": 0.0, "ignore_eos": True})
         if status != 200:
             raise RuntimeError(f"completion failed: HTTP {status} {reply}")
+        assert reply["model"] == model, reply
         return reply["choices"][0]["text"]
 
     def set_state(self, state: str) -> None:
@@ -114,7 +115,10 @@ class Server:
 
 def start_server(files: dict[str, Path], work: Path, startup_s: float = 900) -> Server:
     port = free_port()
-    config = {"nkv": {"capacity": len(PROMPTS), "layer": 1, "adapter_dirs": [str(files["A"].parent)]}}
+    # Named adapters on (issue 15): the engine-wide swaps of the load test then run through the
+    # routed gate too, and per_model_requests() checks requests that choose A, B or none by `model`.
+    config = {"nkv": {"capacity": 3 * len(PROMPTS), "layer": 1, "max_adapters": 2,
+                      "adapter_dirs": [str(files["A"].parent)]}}
     env = {**os.environ, "VLLM_PLUGINS": "nkv", "VLLM_CPU_KVCACHE_SPACE": "1",
            "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CACHE_ROOT": str(work / "vllm-cache"),
            "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor"), "VLLM_LOGGING_LEVEL": "WARNING"}
@@ -276,6 +280,30 @@ def load(server: Server, n_requests: int, in_flight: int, swap_every: int) -> Ru
     return run
 
 
+def per_model_requests(server: Server, refs: dict[str, list[str]], rounds: int = 3) -> dict[str, Any]:
+    """Named adapters A and B resident, the engine-wide one cleared; every prompt is sent for
+    "tiny" (the base model), "A" and "B" at once, so batches mix the three. Returns the figures."""
+    for name in ("A", "B"):
+        status, reply = server.call("/v1/nkv/load", {"adapter": str(server.adapter_dir / f"{name}.nkv"), "name": name})
+        assert status == 200, reply
+    server.set_state("base")
+    status, listed = server.call("/v1/models")
+    parents = {m["id"]: m.get("parent") for m in listed["data"]}
+    assert parents.get("A") == parents.get("B") == "tiny", listed
+    jobs = [(i, model) for _ in range(rounds) for i in range(len(PROMPTS)) for model in ("tiny", "A", "B")]
+    want = {"tiny": refs["base"], "A": refs["A"], "B": refs["B"]}
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        answers = list(pool.map(lambda job: server.complete(PROMPTS[job[0]], job[1]), jobs))
+    wrong = [(PROMPTS[i], model) for (i, model), got in zip(jobs, answers) if got != want[model][i]]
+    unknown = server.call("/v1/completions", {"model": "C", "prompt": "x", "max_tokens": 2})[0]
+    unknown_xargs = server.call("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 2,
+                                                    "vllm_xargs": {"nkv": "C"}})[0]
+    assert server.call("/v1/nkv/unload", {"name": "B"})[0] == 200
+    unloaded = server.call("/v1/completions", {"model": "B", "prompt": "x", "max_tokens": 2})[0]
+    return {"requests": len(jobs), "wrong": len(wrong), "wrong_examples": wrong[:5], "unknown_model": unknown,
+            "unknown_vllm_xargs": unknown_xargs, "after_unload": unloaded}
+
+
 # ------------------------------------------------------------------ the test
 @pytest.mark.vllm
 def test_hot_swaps_under_concurrent_load_give_consistent_answers(tmp_path):
@@ -291,10 +319,13 @@ def test_hot_swaps_under_concurrent_load_give_consistent_answers(tmp_path):
         assert server.call("/v1/nkv/load", {"adapter": str(files["A"]), "gamma": -1})[0] == 400
 
         run = load(server, n_requests=200, in_flight=12, swap_every=6)
+        named = per_model_requests(server, run.references)
     finally:
         stop(server)
     figures = run.check()
-    print(json.dumps(figures))
+    print(json.dumps(figures), json.dumps(named))
+    assert named["wrong"] == 0 and named["requests"] == 108, named
+    assert named["unknown_model"] == named["after_unload"] == 404 and named["unknown_vllm_xargs"] == 400, named
     refs = run.references
     distinct = sum(len({refs[s][i] for s in STATES}) == 3 for i in range(len(PROMPTS)))
     assert distinct >= len(PROMPTS) - 2, f"only {distinct} prompts tell base, A and B apart: the check is too weak"

@@ -218,13 +218,13 @@ def test_requests_naming_an_adapter_are_refused_unless_the_engine_holds_it():
     config = types.SimpleNamespace(additional_config={"nkv": {"capacity": 8, "layer": 1, "max_adapters": 2,
                                                               "adapters": {"A": "a.nkv"}}})
     check_client_request(config, "A")  # known from the start-up config
-    with pytest.raises(ValueError, match="unknown NKV adapter 'B'"):
+    with pytest.raises(Exception, match="unknown NKV adapter .B."):  # VLLMValidationError: HTTP 400
         check_client_request(config, "B")
     remember_client_resident(config, frozenset({"B"}))
     check_client_request(config, "B")
     assert client_resident(config) == {"B"}
     plain = types.SimpleNamespace(additional_config={"nkv": {"capacity": 8, "layer": 1}})
-    with pytest.raises(ValueError, match="not started with named adapters"):
+    with pytest.raises(Exception, match="not started with named adapters"):
         check_client_request(plain, "A")
     with pytest.raises(NKVError, match="not started with named adapters"):
         check_requested(types.SimpleNamespace(), "A")

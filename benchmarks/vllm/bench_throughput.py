@@ -12,6 +12,13 @@ the gate scores every preallocated row on every token whether it fires or not.
 
     python benchmarks/vllm/bench_throughput.py --out benchmarks/vllm/results-cpu.json
 
+Named adapters chosen per request (issue 15): an engine spec `NxF` holds N named adapters of
+F facts each (`max_adapters` N), and request i of every batch names adapter i mod N, so a
+batch mixes all of them; `F` alone is one engine-wide adapter, `0` no nkv config at all:
+
+    python benchmarks/vllm/bench_throughput.py --facts 0,10000,1x10000,4x10000,16x10000 \
+        --out benchmarks/vllm/results-cpu-134m-named.json
+
 Prints a Markdown table at the end (and writes all timings to --out; `--summarize FILE`
 prints the table of a saved file again).
 """
@@ -39,7 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--edit-layer", type=int, default=None, help="default: layers // 2")
-    p.add_argument("--facts", default="0,1000,10000,100000", help="adapter sizes; 0 = no nkv config at all")
+    p.add_argument("--facts", default="0,1000,10000,100000",
+                   help="engines: F = one engine-wide adapter of F facts, NxF = N named adapters of F facts each "
+                        "(requests spread evenly), 0 = no nkv config at all")
     p.add_argument("--batch", type=int, default=16, help="prompts per generate call")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--gen-len", type=int, default=32)
@@ -47,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eager", action="store_true", help="enforce_eager (default: vLLM's compiled mode)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--summarize", type=Path, default=None, help="print the table of a saved --out file and exit")
-    p.add_argument("--serve", type=int, default=None, help=argparse.SUPPRESS)  # internal: child engine
+    p.add_argument("--serve", default=None, help=argparse.SUPPRESS)  # internal: child engine
     return p.parse_args(argv)
 
 
@@ -61,14 +70,14 @@ def make_model_dir(args: argparse.Namespace, folder: Path) -> Path:
     return folder
 
 
-def make_adapter(args: argparse.Namespace, n_facts: int, path: Path) -> Path:
+def make_adapter(args: argparse.Namespace, n_facts: int, path: Path, seed: int = 0) -> Path:
     """Random rows of the right shape, built directly (row-op checks are O(n^2) in ids at 100k)."""
     import torch
 
     from nkv import Fact, NKVAdapter
     from nkv.header import BaseModelInfo
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     dtype = getattr(torch, args.dtype)
     layer = args.layers // 2 if args.edit_layer is None else args.edit_layer
     base = BaseModelInfo(name="random-llama", architecture="LlamaForCausalLM", model_type="llama",
@@ -86,7 +95,13 @@ def rss_bytes() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def serve(args: argparse.Namespace, n_facts: int) -> None:
+def parse_spec(spec: str) -> tuple[int, int]:
+    """(named adapters, facts each): "4x10000" -> (4, 10000); "10000" -> (0, 10000), one engine-wide."""
+    named, _, facts = spec.rpartition("x")
+    return (int(named) if named else 0), int(facts)
+
+
+def serve(args: argparse.Namespace, spec: str) -> None:
     """Start one engine, report READY with memory figures, then time one batch per 'run' on stdin."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process: its RSS is ours
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -102,11 +117,20 @@ def serve(args: argparse.Namespace, n_facts: int) -> None:
                                   max_model_len=args.prompt_len + args.gen_len, max_num_seqs=args.batch,
                                   gpu_memory_utilization=0.3, enforce_eager=args.eager, seed=0)
     adapter_bytes = 0
-    if n_facts:
+    named, n_facts = parse_spec(spec)
+    names: list[str | None] = [None]
+    if n_facts and not named:
         path = make_adapter(args, n_facts, work / "adapter.nkv")
         kwargs["additional_config"] = {"nkv": {"adapter": str(path), "strict": False}}
+    elif n_facts:
+        names = [f"a{i}" for i in range(named)]
+        kwargs["additional_config"] = {"nkv": {
+            "strict": False, "max_adapters": named,
+            "adapters": {name: str(make_adapter(args, n_facts, work / f"{name}.nkv", seed=i))
+                         for i, name in enumerate(names)}}}
+    if n_facts:
         itemsize = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
-        adapter_bytes = n_facts * ((args.intermediate + args.hidden) * itemsize + 4)  # keys, residuals, 1/||k||
+        adapter_bytes = max(named, 1) * n_facts * ((args.intermediate + args.hidden) * itemsize + 4)
     rss_before = rss_bytes()
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
@@ -116,9 +140,12 @@ def serve(args: argparse.Namespace, n_facts: int) -> None:
     gen = torch.Generator().manual_seed(1)
     prompts = [TokensPrompt(prompt_token_ids=torch.randint(10, args.vocab, (args.prompt_len,), generator=gen).tolist())
                for _ in range(args.batch)]
-    params = SamplingParams(temperature=0.0, max_tokens=args.gen_len, ignore_eos=True, detokenize=False)
+    # request i names adapter i mod N: every batch mixes all resident adapters
+    params = [SamplingParams(temperature=0.0, max_tokens=args.gen_len, ignore_eos=True, detokenize=False,
+                             extra_args=None if names[i % len(names)] is None else {"nkv": names[i % len(names)]})
+              for i in range(args.batch)]
     llm.generate(prompts, params, use_tqdm=False)  # warm-up
-    ready = {"n_facts": n_facts, "engine_start_s": round(start_s, 1),
+    ready = {"spec": spec, "named": named, "n_facts": n_facts, "engine_start_s": round(start_s, 1),
              "adapter_buffer_mib": round(adapter_bytes / 2**20, 1),
              "rss_engine_mib": round((rss_started - rss_before) / 2**20, 1),
              "rss_after_start_mib": round(rss_started / 2**20, 1)}
@@ -163,7 +190,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.serve is not None:
         serve(args, args.serve)
         return
-    sizes = [int(s) for s in args.facts.split(",") if s != ""]
+    sizes = [s.strip() for s in args.facts.split(",") if s.strip()]
+    for spec in sizes:
+        parse_spec(spec)  # a bad spec fails here, before any engine starts
     child_args = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                   if k not in ("out", "serve", "summarize", "eager", "edit_layer", "facts")]
     child_args += ["--eager"] * args.eager
@@ -178,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
             ready[n] = json.loads(_read(children[n], "READY "))
             print(f"ready: {json.dumps(ready[n])}", file=sys.stderr, flush=True)
-        times: dict[int, list[float]] = {n: [] for n in sizes}
+        times: dict[str, list[float]] = {n: [] for n in sizes}
         for r in range(args.rounds):
             order = sizes[r % len(sizes):] + sizes[:r % len(sizes)]  # rotate who goes first
             for n in order:
@@ -215,13 +244,15 @@ def summarize(report: dict[str, Any]) -> str:
     h, f, n_layers, v = a["hidden"], a["intermediate"], a["layers"], a["vocab"]
     weights_read = n_layers * (4 * h * h + 3 * h * f) + v * h  # per decode step: blocks + lm_head
     rows = ["| facts | tok/s best | vs none | tok/s median | paired vs none (median) | predicted (bytes) | "
-            "adapter buffers MiB | engine RSS MiB |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "adapter buffers MiB | engine RSS MiB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         best, median = generated / min(r["times_s"]), generated / statistics.median(r["times_s"])
         base_best = generated / min(base["times_s"])
         paired = statistics.median(tb / tn for tn, tb in zip(r["times_s"], base["times_s"]))
-        predicted = 1.0 / (1.0 + r["n_facts"] * f / weights_read)
-        rows.append(f"| {r['n_facts']:,} | {best:.0f} | {100 * (best / base_best - 1):+.1f}% | {median:.0f} | "
+        predicted = 1.0 / (1.0 + r["n_facts"] * f / weights_read)  # each token scores its own adapter's rows
+        named = r.get("named", 0)
+        label = f"{named} named x {r['n_facts']:,}" if named else f"{r['n_facts']:,}"
+        rows.append(f"| {label} | {best:.0f} | {100 * (best / base_best - 1):+.1f}% | {median:.0f} | "
                     f"{100 * (paired - 1):+.1f}% | {100 * (predicted - 1):+.1f}% | {r['adapter_buffer_mib']} | "
                     f"{r['rss_engine_mib']} |")
     return "\n".join(rows)

@@ -79,12 +79,21 @@ def check_client_request(vllm_config: Any, name: Any) -> None:
     """ValueError unless the engine of `vllm_config` serves named adapters and holds `name`."""
     section = section_of(vllm_config.additional_config)
     if not isinstance(section, dict) or not section.get("max_adapters"):
-        raise ValueError(f"the request names NKV adapter {name!r} (extra_args {{'{REQUEST_KEY}': ...}}), but this "
+        raise _client_error(f"the request names NKV adapter {name!r} (extra_args {{'{REQUEST_KEY}': ...}}), but this "
                          "engine was not started with named adapters (additional_config={'nkv': {'max_adapters': "
                          "N, ...}})")
     resident = client_resident(vllm_config)
     if name not in resident:
-        raise ValueError(f"unknown NKV adapter {name!r}: this engine holds {sorted(resident) or 'none'}")
+        raise _client_error(f"unknown NKV adapter {name!r}: this engine holds {sorted(resident) or 'none'}")
+
+
+def _client_error(message: str) -> Exception:
+    """vLLM's validation error (the server answers 400 with `message`); ValueError without vLLM."""
+    try:
+        from vllm.exceptions import VLLMValidationError
+    except ImportError:
+        return ValueError(message)
+    return VLLMValidationError(message, parameter="vllm_xargs")
 
 
 def _install_request_checks(engine_core: type) -> None:
