@@ -7,7 +7,7 @@ import math
 import warnings
 
 from .errors import NKVCompatibilityError, NKVError, NKVFingerprintError
-from .fingerprint import FINGERPRINT2_PREFIX, fingerprint_differences
+from .fingerprint import FINGERPRINT2_PREFIX, fingerprint_differences, read_fingerprint
 from .header import BaseModelInfo
 
 
@@ -34,6 +34,10 @@ def check_fingerprint(expected: BaseModelInfo, layer: int, fingerprint: str | No
     (vLLM: quantized, or repacked before the load hook saw them); the transformers loader always
     passes a fingerprint. An nkvfp2 mismatch names each part that differs (spec §6)."""
     differences = fingerprint_differences(expected.fingerprint, fingerprint) if fingerprint is not None else None
+    taken_at = next(iter(read_fingerprint(expected.fingerprint).parts))
+    if differences is not None and expected.fingerprint.startswith(FINGERPRINT2_PREFIX) and taken_at != f"L{layer}":
+        # Parts are named by absolute layer, so a layer-1 model holds a layer-0 fingerprint's parts too.
+        differences.insert(0, f"the adapter's fingerprint was taken at layer {taken_at[1:]}, not at its layer {layer}")
     if differences == []:
         return
     detail = (f"got {fingerprint[:40]}..." if fingerprint is not None

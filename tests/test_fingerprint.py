@@ -142,6 +142,13 @@ def test_padded_row_slices_of_the_embedding_add_up(vocab):
     assert not fingerprints_match(whole, compute_model_fingerprint(1, projections, padded))  # padding is not vocab
 
 
+def test_an_adapter_moved_to_another_layer_is_refused():
+    adapter = adapter_at(tiny_model("llama"), 0)  # parts L0, L1, emb: all present at layer 1 too
+    moved = replace(adapter, layer=1, target_module="model.layers.1.mlp.down_proj")  # in memory: V6 not run
+    with pytest.raises(NKVFingerprintError, match="fingerprint was taken at layer 0, not at its layer 1"):
+        check_base(tiny_model("llama"), moved)
+
+
 def test_a_model_side_fingerprint_without_the_embedding_does_not_match():
     gen = torch.Generator().manual_seed(0)
     projections = {0: torch.randn(8, 32, generator=gen), 1: torch.randn(8, 32, generator=gen)}

@@ -44,7 +44,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaC
 from nkv import (Fact, NKVAdapter, NKVCompatibilityError, NKVError, NKVFingerprintError,  # noqa: E402
                  empty_adapter, load_nkv_adapter)
 from nkv.facts_io import read_facts  # noqa: E402
-from nkv.fingerprint import fingerprints_match  # noqa: E402
+from nkv.fingerprint import compute_fingerprint, fingerprints_match  # noqa: E402
 from nkv.loaders.architectures import arch_spec, base_model_info  # noqa: E402
 from nkv.editing.solve.api import build_adapter  # noqa: E402
 from nkv.loaders.vllm.attach import NKVEngineHandle  # noqa: E402
@@ -365,7 +365,9 @@ class TestLlamaEager:
                          torch.ones(9, a.base.d_key), torch.zeros(9, a.base.d_model))
         with pytest.raises(NKVCompatibilityError, match="room for 16"):
             load_nkv_adapter(engine.llm, too_many)
-        other_layer = NKVAdapter(**{**a.__dict__, "layer": 1})
+        # an nkvfp2 fingerprint names its layers (V6), so the moved adapter gets one without layers
+        other_base = type(a.base)(**{**a.base.__dict__, "fingerprint": compute_fingerprint(torch.ones(3, 4))})
+        other_layer = NKVAdapter(**{**a.__dict__, "layer": 1, "base": other_base})
         with pytest.raises(NKVCompatibilityError, match=f"gated module is at layer {EDIT_LAYER}"):
             load_nkv_adapter(engine.llm, other_layer)
         head, emb = a.base.fingerprint.split("|emb:")  # nkvfp2: move the embedding part only
