@@ -255,7 +255,9 @@ def engine(request, checkpoints, plain) -> Iterator[Engine]:
     """The class's engine: KIND checkpoint, OPTIONS for LLM, START "A" (adapter in config) or None."""
     cls = request.cls
     ckpt = checkpoints[cls.KIND]
-    if cls.START:
+    if getattr(cls, "NKV", None) is not None:
+        nkv = cls.NKV(ckpt)
+    elif cls.START:
         nkv = {"adapter": str(ckpt.files[cls.START]), "capacity": 16}
     else:
         nkv = {"capacity": 16, "layer": ckpt.adapters["A"].layer}
@@ -504,6 +506,114 @@ class TestGPT2Eager:
     def test_cleared_equals_transformers_base(self, engine, checkpoints):
         load_nkv_adapter(engine.llm, checkpoints["gpt2"].files["A"]).clear()
         assert_same(generate(engine.llm), checkpoints["gpt2"].ref["base"], "cleared vs transformers base")
+
+
+# ------------------------------------------------------------------ named adapters, chosen per request (issue 15)
+def generate_for(llm, names: list[str | None], prompts: list[str] = PROMPTS) -> Outputs:
+    """One batch: prompt i is a request for adapter names[i] (None: no adapter)."""
+    params = [vllm.SamplingParams(temperature=0.0, max_tokens=N_TOKENS, ignore_eos=True, logprobs=0,
+                                  extra_args=None if n is None else {"nkv": n}) for n in names]
+    tokens, logprobs = [], []
+    for out in llm.generate(prompts, params, use_tqdm=False):
+        ids = list(out.outputs[0].token_ids)
+        tokens.append(ids)
+        logprobs.append([step[t].logprob for step, t in zip(out.outputs[0].logprobs, ids)])
+    return Outputs(tokens, logprobs)
+
+
+def expected_for(refs: dict[str, Outputs], names: list[str | None], indices: list[int]) -> Outputs:
+    """Transformers' outputs with each request's adapter alone (or none), prompt by prompt."""
+    picked = [(refs[n or "base"], i) for n, i in zip(names, indices)]
+    return Outputs([r.tokens[i] for r, i in picked], [r.logprobs[i] for r, i in picked])
+
+
+def check_mixed_batch(engine: Engine, checkpoints) -> None:
+    """A, B and no adapter in one batch: every request gets exactly what it gets alone with its adapter."""
+    ckpt = checkpoints[engine.kind]
+    names = [("A", "B", None)[i % 3] for i in range(len(PROMPTS))]
+    assert_same(generate_for(engine.llm, names), expected_for(ckpt.ref, names, list(range(len(PROMPTS)))),
+                f"{engine.name}, mixed batch of A, B and none")
+    # the same prompts, each asked of all three at once: only the routing tells them apart
+    prompts = EDITS_A[:4] + EDITS_B[:4]
+    index = [PROMPTS.index(p) for p in prompts]
+    triple = [n for n in ("A", "B", None) for _ in prompts]
+    got = generate_for(engine.llm, triple, prompts * 3)
+    assert_same(got, expected_for(ckpt.ref, triple, index * 3), f"{engine.name}, each prompt for A, B and none",
+                prompts * 3)
+    assert got.tokens[:8] != got.tokens[16:], "adapter A changed none of these prompts: the check is vacuous"
+
+
+def named_config(ckpt: Checkpoint) -> dict[str, Any]:
+    """A from the config, room for B and Z loaded by name; no engine-wide adapter."""
+    return {"max_adapters": 3, "capacity": 32, "layer": EDIT_LAYER, "adapters": {"A": str(ckpt.files["A"])}}
+
+
+class TestLlamaNamedCompiled:
+    """max_adapters, default (compiled) mode: requests choose A, B, Z or none in one batch."""
+
+    KIND, OPTIONS, START, NKV = "llama", dict(eager=False), None, staticmethod(named_config)
+
+    def test_requests_choose_their_adapter_in_one_batch(self, engine, checkpoints):
+        ckpt = checkpoints["llama"]
+        assert_same(engine.start_outputs, ckpt.ref["base"], "requests naming no adapter get the base model")
+        handle = load_nkv_adapter(engine.llm, ckpt.files["B"], name="B")
+        assert sorted(handle.adapters) == ["A", "B"] and handle.adapters["B"]["n_facts"] == len(EDITS_B)
+        check_mixed_batch(engine, checkpoints)
+
+    def test_unknown_and_unloaded_names_are_refused_and_the_others_keep_working(self, engine, checkpoints):
+        ckpt = checkpoints["llama"]
+        handle = NKVEngineHandle(engine.llm)
+        handle.load("B", ckpt.files["B"])
+        with pytest.raises(Exception, match="unknown NKV adapter 'C'"):
+            generate_for(engine.llm, ["C"], PROMPTS[:1])
+        handle.unload("B")
+        with pytest.raises(Exception, match="unknown NKV adapter 'B'"):
+            generate_for(engine.llm, ["B"], PROMPTS[:1])
+        names = ["A"] * len(PROMPTS)
+        assert_same(generate_for(engine.llm, names), ckpt.ref["A"], "A after B was unloaded")
+        handle.load("B", ckpt.adapters["B-1"])  # in-memory, replaces nothing: B is new again
+        handle.load("B", ckpt.files["B"])  # replaced in place of itself
+        check_mixed_batch(engine, checkpoints)
+        with pytest.raises(NKVCompatibilityError, match="room for 32"):  # A 8 + B 8 + 17 rows > 32
+            too_big = ckpt.adapters["A"].add([Fact(id=f"x{i}", subject="x", prompt="x", target_new="y")
+                                              for i in range(9)], torch.ones(9, ckpt.adapters["A"].base.d_key),
+                                             torch.zeros(9, ckpt.adapters["A"].base.d_model))
+            handle.load("Z", too_big)
+        assert sorted(handle.adapters) == ["A", "B"]  # the refused load changed nothing
+
+    def test_prefix_cache_is_not_shared_between_adapters(self, engine, checkpoints):
+        """Z fires on nearly every token: a block cached for Z must not serve a request for none, and back."""
+        llama = checkpoints["llama"]
+        handle = NKVEngineHandle(engine.llm)
+        handle.load("Z", llama.files["Z"])
+        prompts = llama.long_prompts
+        for first, second in (("Z", None), (None, "Z")):
+            generate_for(engine.llm, [first] * len(prompts), prompts)  # fills the prefix cache
+            got = generate_for(engine.llm, [second] * len(prompts), prompts)
+            assert_same(got, llama.long_ref[second or "base"], f"{second} after {first}", prompts)
+        handle.unload("Z")
+
+
+class TestLlamaNamedEager:
+    KIND, OPTIONS, START, NKV = "llama", dict(eager=True), None, staticmethod(named_config)
+
+    def test_requests_choose_their_adapter_in_one_batch(self, engine, checkpoints):
+        load_nkv_adapter(engine.llm, checkpoints["llama"].files["B"], name="B")
+        check_mixed_batch(engine, checkpoints)
+
+
+class TestLlamaNamedTensorParallel:
+    """TP=2, compiled: both ranks route every request alike and agree with one device."""
+
+    KIND, OPTIONS, START, NKV = "llama", dict(eager=False, tp=2), None, staticmethod(named_config)
+
+    def test_requests_choose_their_adapter_in_one_batch(self, engine, checkpoints):
+        handle = load_nkv_adapter(engine.llm, checkpoints["llama"].files["B"], name="B")
+        infos = engine.llm.collective_rpc("nkv_info")
+        assert [[e["name"] for e in i["named"]] for i in infos] == [["A", "B"], ["A", "B"]]
+        assert all(i["routing"] for i in infos)
+        check_mixed_batch(engine, checkpoints)
+        handle.unload("B")
 
 
 def test_engine_without_nkv_config_explains_how_to_start_it(plain):
