@@ -19,7 +19,7 @@ from nkv.gate import DEFAULT_FACT_CHUNK
 CONFIG_KEY = "nkv"
 
 _KNOWN = {"adapter", "revision", "capacity", "layer", "gamma", "strict", "fact_chunk", "adapter_dirs", "hub_repos",
-          "max_adapters", "adapters"}
+          "max_adapters", "adapters", "sketch"}
 
 # A named adapter is chosen by requests (SamplingParams extra_args, the OpenAI `model` field), so its
 # name must survive URLs, JSON and vLLM's model-name checks unchanged.
@@ -97,6 +97,9 @@ class NKVServeConfig:
             engine-wide adapter; a request scores only its own adapter's rows.
         adapters: named adapters to load at start-up, {name: source} or
             {name: {"adapter": source, "revision": ..., "gamma": ...}}.
+        sketch: the gate's sketch path (spec §5.1): None (default) from SKETCH_MIN_FACTS
+            rows of capacity up (named adapters: from that many facts each), True always,
+            False never (exact scoring of every row).
     """
 
     adapter: str | None = None
@@ -110,6 +113,7 @@ class NKVServeConfig:
     hub_repos: tuple[str, ...] = ()
     max_adapters: int = 0
     adapters: tuple[NamedAdapter, ...] = ()
+    sketch: bool | None = None
 
     @property
     def routed(self) -> bool:
@@ -140,6 +144,9 @@ class NKVServeConfig:
         strict = section.get("strict", True)
         if not isinstance(strict, bool):
             problems.append(f"'strict' must be true or false, got {strict!r}")
+        sketch = section.get("sketch")
+        if sketch is not None and not isinstance(sketch, bool):
+            problems.append(f"'sketch' must be true, false or null (auto), got {sketch!r}")
         max_adapters = _int(section, "max_adapters", 0, problems) or 0
         adapters = _named_adapters(section.get("adapters", {}), problems)
         if len(adapters) > max_adapters:
@@ -155,7 +162,8 @@ class NKVServeConfig:
         return cls(adapter=adapter, revision=revision, capacity=capacity, layer=layer,
                    gamma=gamma, strict=strict,
                    fact_chunk=DEFAULT_FACT_CHUNK if fact_chunk is None else fact_chunk,
-                   adapter_dirs=adapter_dirs, hub_repos=hub_repos, max_adapters=max_adapters, adapters=adapters)
+                   adapter_dirs=adapter_dirs, hub_repos=hub_repos, max_adapters=max_adapters, adapters=adapters,
+                   sketch=sketch)
 
 
 def section_of(additional_config: Any) -> Any | None:

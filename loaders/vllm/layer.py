@@ -19,6 +19,12 @@ That grouping reads the routing on the host, so it runs inside one opaque custom
 (`nkv::routed_delta`), as vLLM runs attention: compiled graphs call it, never trace it.
 The engine-wide adapter, when loaded, is one more range, used by requests that name none.
 
+Sketch path (spec §5.1): with `sketch` on (by default from SKETCH_MIN_FACTS rows of
+capacity up), the module also holds the keys' sketches and each adapter's projection
+(the file's `nkv.sketch.proj`, else fitted at load), copied in place like the rows; the
+gate then shortlists by sketch and rescores exactly. Named adapters take it from
+SKETCH_MIN_FACTS facts each (or always, with `sketch: true`).
+
 Tensor parallel: rank r sees the key slice `x[:, r*d/tp:(r+1)*d/tp]` and a replicated,
 already reduced output. Its keys buffer holds the same column slice of K1, the inverse
 norms are those of the *full* rows, and `nkv_gate` all-reduces the partial dot products
@@ -37,7 +43,8 @@ from torch import nn
 from nkv.adapter import NKVAdapter
 from nkv.compat import check_gamma
 from nkv.errors import NKVError
-from nkv.gate import RowRange, key_inverse_norms, nkv_gate, nkv_gate_routed
+from nkv.constants import DEFAULT_SHORTLIST, DEFAULT_SKETCH_DIM, SKETCH_MIN_FACTS
+from nkv.gate import RowRange, Sketch, fit_sketch, key_inverse_norms, nkv_gate, nkv_gate_routed, sketch_keys
 
 from .slot import SlotInfo
 
@@ -63,7 +70,7 @@ class NKVGatedProjection(nn.Module):
 
     def __init__(self, base_layer: nn.Module, slot: SlotInfo, *, dtype: torch.dtype, device: torch.device,
                  fact_chunk: int, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None,
-                 max_tokens: int = 0) -> None:
+                 max_tokens: int = 0, sketch: bool | None = None) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.slot = slot
@@ -87,6 +94,15 @@ class NKVGatedProjection(nn.Module):
         # gamma is a buffer, not a Python float: a float would be baked into the graph.
         self.register_buffer("nkv_gamma", torch.tensor(1.0, dtype=torch.float32, device=device),
                              persistent=False)
+        # Sketch path: static (decided here), so the compiled graph has one shape.
+        self.sketch_mode = sketch  # True: always; None: from SKETCH_MIN_FACTS rows; False: exact only
+        self.sketched = sketch is True or (sketch is None and cap >= SKETCH_MIN_FACTS)
+        d_sketch = min(DEFAULT_SKETCH_DIM, slot.d_key) if self.sketched else 0
+        self.register_buffer("nkv_sketch_proj", torch.zeros(slot.max_adapters + 1, self.d_key_local, d_sketch,
+                                                            dtype=torch.float32, device=device), persistent=False)
+        self.register_buffer("nkv_sketch_keys", torch.zeros(cap if self.sketched else 0, d_sketch, dtype=dtype,
+                                                            device=device), persistent=False)
+        self.shortlist = min(DEFAULT_SHORTLIST, cap) if self.sketched else 0
         # Named adapters: each token's index into self.ranges (-1 none), written before every step.
         self.routed = slot.max_adapters > 0
         self.register_buffer("nkv_route", torch.full((max_tokens if self.routed else 0,), -1, dtype=torch.int64,
@@ -105,8 +121,9 @@ class NKVGatedProjection(nn.Module):
         if self.routed:
             delta = torch.ops.nkv.routed_delta(x, self.nkv_route, self.slot.module)
         else:
+            sketch = Sketch(self.nkv_sketch_proj[0], self.nkv_sketch_keys, self.shortlist) if self.sketched else None
             delta = nkv_gate(x, self.nkv_keys, self.nkv_key_inv_norms, self.nkv_residuals, self.nkv_gamma,
-                             fact_chunk=self.fact_chunk, all_reduce=self._all_reduce).delta
+                             fact_chunk=self.fact_chunk, all_reduce=self._all_reduce, sketch=sketch).delta
         if self._add_delta:
             y = y + delta.to(y.dtype)
         return (y, bias) if self._return_bias else y
@@ -148,7 +165,8 @@ class NKVGatedProjection(nn.Module):
     # ------------------------------------------------------------ changes
     # A change is staged, then committed: `apply_swap` stages on every rank first and
     # commits only when all succeeded, and can roll every rank back (see swap.py).
-    _BUFFERS = ("nkv_keys", "nkv_key_inv_norms", "nkv_residuals", "nkv_gamma")
+    _BUFFERS = ("nkv_keys", "nkv_key_inv_norms", "nkv_residuals", "nkv_gamma", "nkv_sketch_proj", "nkv_sketch_keys")
+    _ROWS = ("nkv_keys", "nkv_key_inv_norms", "nkv_residuals", "nkv_sketch_keys")  # one entry per fact row
 
     def begin(self, change: str | None = None) -> None:
         """Start change `change` (an id): forget the previous change's staged and saved rows."""
@@ -177,11 +195,7 @@ class NKVGatedProjection(nn.Module):
                                           digest=None), {}, {None: 0}
             return
         n = adapter.n_facts
-        assert n <= self.slot.capacity and adapter.keys.shape[1] == self.slot.d_key
-        rows["nkv_keys"][:n] = adapter.keys[:, self.col_start:self.col_start + self.d_key_local]
-        # Norms of the full stored rows, before any rounding to the serving dtype.
-        rows["nkv_key_inv_norms"][:n] = key_inverse_norms(adapter.keys)
-        rows["nkv_residuals"][:n] = adapter.residuals
+        self._fill(rows, 0, adapter, 0)
         value = check_gamma(adapter.gamma if gamma is None else gamma)
         rows["nkv_gamma"].fill_(value)
         self._staged = rows, _replace(self.slot, n_facts=n, gamma=value, source=source, revision=revision,
@@ -192,39 +206,51 @@ class NKVGatedProjection(nn.Module):
         """Named adapters: pack the adapters that stay, in order, from row 0, then `adapter`'s
         rows under `name` (replacing any it had). Rows after the last range are never scored."""
         rows = {b: torch.zeros_like(getattr(self, b), device="cpu") for b in self._BUFFERS}
+        rows["nkv_sketch_proj"] = self.nkv_sketch_proj.to("cpu", copy=True)  # kept adapters keep their slot's
         ranges: dict[str | None, RowRange] = {}
         at = 0
         for kept, r in self.ranges.items():
             if kept == name:
                 continue
             live = slice(r.start, r.start + r.n_facts)
-            for b in ("nkv_keys", "nkv_key_inv_norms", "nkv_residuals"):
+            for b in self._ROWS:
                 rows[b][at:at + r.n_facts] = getattr(self, b)[live].to("cpu")
             ranges[kept] = r._replace(start=at)
             at += r.n_facts
         entries = [e for e in self.slot.named if e["name"] != name]
         default = {k: getattr(self.slot, k) for k in ("n_facts", "gamma", "source", "revision", "digest")}
+        slots = {n: i for n, i in self._slots.items() if n is None or n in ranges}
+        info = {"n_facts": 0, "gamma": None, "source": None, "revision": None, "digest": None}
         if adapter is not None:
+            if name not in slots:  # a new name takes the lowest free slot; a replaced one keeps its own
+                taken = set(slots.values())
+                slots[name] = next(i for i in range(1, self.slot.max_adapters + 1) if i not in taken)
             n = adapter.n_facts
-            assert at + n <= self.slot.capacity and adapter.keys.shape[1] == self.slot.d_key
-            rows["nkv_keys"][at:at + n] = adapter.keys[:, self.col_start:self.col_start + self.d_key_local]
-            rows["nkv_key_inv_norms"][at:at + n] = key_inverse_norms(adapter.keys)
-            rows["nkv_residuals"][at:at + n] = adapter.residuals
+            self._fill(rows, at, adapter, slots[name])
             value = check_gamma(adapter.gamma if gamma is None else gamma)
             ranges[name] = RowRange(at, n, value)
             info = {"n_facts": n, "gamma": value, "source": source, "revision": revision, "digest": digest}
-        else:
-            info = {"n_facts": 0, "gamma": None, "source": None, "revision": None, "digest": None}
-        slots = {n: i for n, i in self._slots.items() if n is None or n in ranges}
         if name is None:
             default = info
         elif adapter is not None:
             entries.append({"name": name, **info})
-            if name not in slots:  # a new name takes the lowest free slot; a replaced one keeps its own
-                taken = set(slots.values())
-                slots[name] = next(i for i in range(1, self.slot.max_adapters + 1) if i not in taken)
         self._staged = rows, _replace(self.slot, **default, named=sorted(entries, key=lambda e: e["name"])), \
             ranges, slots
+
+    def _fill(self, rows: dict[str, torch.Tensor], at: int, adapter: NKVAdapter, slot: int) -> None:
+        """Write `adapter`'s rows from row `at` (this rank's key slice), and its sketch (projection at `slot`)."""
+        n = adapter.n_facts
+        assert at + n <= self.slot.capacity and adapter.keys.shape[1] == self.slot.d_key
+        rows["nkv_keys"][at:at + n] = adapter.keys[:, self.col_start:self.col_start + self.d_key_local]
+        # Norms of the full stored rows, before any rounding to the serving dtype.
+        rows["nkv_key_inv_norms"][at:at + n] = key_inverse_norms(adapter.keys)
+        rows["nkv_residuals"][at:at + n] = adapter.residuals
+        if self.sketched and n:
+            d_sketch = self.nkv_sketch_keys.shape[1]
+            proj = adapter.sketch_proj if adapter.sketch_proj is not None and adapter.sketch_proj.shape[1] == d_sketch \
+                else fit_sketch(adapter.keys, d_sketch)  # (d_key, d_sketch); the same on every rank
+            rows["nkv_sketch_keys"][at:at + n] = sketch_keys(adapter.keys, proj)
+            rows["nkv_sketch_proj"][slot] = proj[self.col_start:self.col_start + self.d_key_local]
 
     @torch.no_grad()
     def commit(self) -> None:
@@ -254,6 +280,10 @@ class NKVGatedProjection(nn.Module):
         self.slot, self.ranges, self._slots = slot, ranges, slots
         self._by_slot = [RowRange(0, 0, 1.0)] * (slot.max_adapters + 1)
         for name, r in ranges.items():
+            if self.sketched and (self.sketch_mode is True or r.n_facts >= SKETCH_MIN_FACTS):
+                rows_of = slice(r.start, r.start + r.n_facts)
+                r = r._replace(sketch=Sketch(self.nkv_sketch_proj[slots[name]], self.nkv_sketch_keys[rows_of],
+                                             min(self.shortlist, r.n_facts)))
             self._by_slot[slots[name]] = r
 
     def load(self, adapter: NKVAdapter, gamma: float | None = None, source: str | None = None,

@@ -139,7 +139,7 @@ def _load_with_nkv(original: Any, loader: Any, vllm_config: Any, model_config: A
     )
     module = NKVGatedProjection(base, slot, dtype=model_config.dtype, device=_device_of(base),
                                 fact_chunk=config.fact_chunk, all_reduce=tensor_model_parallel_all_reduce,
-                                max_tokens=_max_tokens_per_step(vllm_config))
+                                max_tokens=_max_tokens_per_step(vllm_config), sketch=config.sketch)
     parent_path, _, name = path.rpartition(".")
     setattr(model.get_submodule(parent_path), name, module)
     for adapter, start in zip(adapters, starts):
