@@ -14,21 +14,23 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field, replace as dc_replace
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Literal, cast
 
 import torch
 
 from . import constants as C
 from .atomic import atomic_file
-from .dtypes import ROW_DTYPE_NAMES as _DTYPE_NAMES, ROW_DTYPES as _TORCH_DTYPES
+from .dtypes import ROW_DTYPE_NAMES as _DTYPE_NAMES, TENSOR_DTYPES as _TORCH_DTYPES
 from .errors import NKVCompatibilityError, NKVConflictError, NKVFormatError
 from .facts import Fact, decode_facts, encode_facts, fact_record_problems
 from .fingerprint import FINGERPRINT2_PREFIX, fingerprints_match
 from .gate import fit_sketch
 from .header import BaseModelInfo, NKVHeader, parse_header, read_header
+from .quant import dequantize_rows, int8_problems, quantize_rows
 
 
 ConflictPolicy = Literal["error", "ours", "theirs"]
+Storage = Literal["exact", "int8"]
 
 
 @dataclass
@@ -47,6 +49,11 @@ class NKVAdapter:
         eval: evaluation results, if any; informative only.
         sketch_proj: optional (d_key, d_sketch) float32 projection fitted to the keys, for
             the gate's sketch path (spec §5.1); None when the file has none.
+        storage: how `save` writes K1/R1: "exact" (in their dtype) or "int8" (I8 with one
+            float32 scale per row, format 1.3, spec §4.3; about half the bytes of F16).
+            In memory the rows are always floats: an int8 file loads dequantized to
+            float32 with storage "int8", and row operations keep the storage, so editing
+            an int8 adapter writes int8 again (its untouched rows to the same bytes).
     """
 
     keys: torch.Tensor
@@ -59,6 +66,7 @@ class NKVAdapter:
     build: dict[str, Any] = field(default_factory=dict)
     eval: dict[str, Any] = field(default_factory=dict)
     sketch_proj: torch.Tensor | None = None
+    storage: Storage = "exact"
 
     # ---------------------------------------------------------------- basic views
     @property
@@ -77,7 +85,8 @@ class NKVAdapter:
 
     def __repr__(self) -> str:
         return (f"NKVAdapter(n_facts={self.n_facts}, layer={self.layer}, gamma={self.gamma}, "
-                f"base={self.base.name!r}, dtype={_DTYPE_NAMES.get(self.keys.dtype, self.keys.dtype)})")
+                f"base={self.base.name!r}, dtype={_DTYPE_NAMES.get(self.keys.dtype, self.keys.dtype)}"
+                + (f", storage={self.storage!r})" if self.storage != "exact" else ")"))
 
     # ---------------------------------------------------------------- validation
     def problems(self) -> list[str]:
@@ -104,6 +113,8 @@ class NKVAdapter:
                                   and 1 <= p.shape[1] <= b.d_key and bool(torch.isfinite(p).all())):
             out.append(f"V11: {C.T_SKETCH_PROJ} must be finite float32 [{b.d_key}, d_sketch] with 1 <= d_sketch "
                        f"<= {b.d_key}, got {p.dtype} {list(p.shape)}; refit it with with_sketch()")
+        if self.storage not in C.STORAGES:
+            out.append(f"storage must be one of {list(C.STORAGES)}, got {self.storage!r}")
         if not 0 <= self.layer < b.n_layers:
             out.append(f"V6: layer {self.layer} outside the base model's {b.n_layers} layers")
         if not 0.0 <= self.gamma <= 1.0:
@@ -154,22 +165,34 @@ class NKVAdapter:
             meta[C.K_EVAL] = json.dumps(self.eval, sort_keys=True)
         return meta
 
-    def _encode(self, source: str) -> tuple[bytes, list[tuple[str, memoryview]]]:
+    def _encode(self, source: str, storage: Storage | None = None) -> tuple[bytes, list[tuple[str, memoryview]]]:
         """Validate, then return (length field + header, [(tensor, data bytes)]) in file order.
 
         The bytes are canonical (spec §2): the safetensors library writes metadata in
         hash order, so it cannot give byte-identical files for identical adapters.
         """
+        if storage is not None and storage != self.storage:
+            return dc_replace(self, storage=storage)._encode(source)
         self.validate(source)
         records = encode_facts(self.facts)
-        parts = [
-            (C.T_KEYS, _DTYPE_NAMES[self.keys.dtype], list(self.keys.shape), _raw_bytes(self.keys)),
-            (C.T_RESIDUALS, _DTYPE_NAMES[self.residuals.dtype], list(self.residuals.shape),
-             _raw_bytes(self.residuals)),
-            (C.T_FACTS, "U8", [len(records)], memoryview(records)),
-        ]
+        scales: list[tuple[str, str, list[int], memoryview]] = []
+        if self.storage == "int8":
+            kq, ks, problems = quantize_rows(self.keys, C.T_KEYS)
+            rq, rs, more = quantize_rows(self.residuals, C.T_RESIDUALS)
+            if problems or more:
+                raise NKVFormatError(source, problems + more)
+            rows = [(C.T_KEYS, C.QUANT_DTYPE, list(kq.shape), _raw_bytes(kq)),
+                    (C.T_RESIDUALS, C.QUANT_DTYPE, list(rq.shape), _raw_bytes(rq))]
+            scales = [(C.T_KEYS_SCALE, "F32", [self.n_facts], _raw_bytes(ks)),
+                      (C.T_RESIDUALS_SCALE, "F32", [self.n_facts], _raw_bytes(rs))]
+        else:
+            rows = [(C.T_KEYS, _DTYPE_NAMES[self.keys.dtype], list(self.keys.shape), _raw_bytes(self.keys)),
+                    (C.T_RESIDUALS, _DTYPE_NAMES[self.residuals.dtype], list(self.residuals.shape),
+                     _raw_bytes(self.residuals))]
+        parts = [*rows, (C.T_FACTS, "U8", [len(records)], memoryview(records))]
         if self.sketch_proj is not None:
             parts.append((C.T_SKETCH_PROJ, "F32", list(self.sketch_proj.shape), _raw_bytes(self.sketch_proj)))
+        parts += scales  # the optional tensors in the order of spec §4.2, §4.3
         doc: dict[str, Any] = {"__metadata__": dict(sorted(self.metadata().items()))}
         offset = 0
         for name, dtype, shape, data in parts:
@@ -181,19 +204,26 @@ class NKVAdapter:
         parse_header(head, len(head) + offset, source)  # never write what the reader refuses
         return head, [(name, data) for name, _, _, data in parts]
 
-    def to_bytes(self) -> bytes:
+    def to_bytes(self, storage: Storage | None = None) -> bytes:
         """The canonical .nkv file as bytes (what `save` writes; `from_bytes` reads it)."""
-        head, parts = self._encode("<bytes>")
+        head, parts = self._encode("<bytes>", storage)
         return head + b"".join(data for _, data in parts)
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike, storage: Storage | None = None) -> Path:
         """Validate, then write atomically: a temp file in the same folder, fsync, rename.
 
         An interrupted save (crash, Ctrl-C, full disk) leaves any existing file at
         `path` untouched and no partial file behind.
+
+        Args:
+            storage: "exact" writes K1/R1 in their dtype; "int8" writes I8 rows with one
+                float32 scale per row (format 1.3, spec §4.3), which readers before 1.3
+                refuse (V7). Default: this adapter's `storage`.
+
+        >>> NKVAdapter.load("edits.nkv").save("edits-int8.nkv", storage="int8")
         """
         path = Path(path)
-        head, parts = self._encode(str(path))
+        head, parts = self._encode(str(path), storage)
         with atomic_file(path) as fh:
             _write_parts(fh, head, parts)
         return path
@@ -227,7 +257,7 @@ class NKVAdapter:
         for name in _known_tensors(header):
             info = header.tensors[name]
             begin, end = (header.data_start + o for o in info.data_offsets)
-            dtype = torch.uint8 if info.dtype == "U8" else _TORCH_DTYPES[info.dtype]
+            dtype = _TORCH_DTYPES[info.dtype]
             buf = bytearray(data[begin:end])
             flat = torch.frombuffer(buf, dtype=dtype) if buf else torch.zeros(0, dtype=dtype)
             tensors[name] = flat.reshape(info.shape)
@@ -236,11 +266,19 @@ class NKVAdapter:
     @classmethod
     def _from_parts(cls, header: NKVHeader, tensors: dict[str, torch.Tensor]) -> "NKVAdapter":
         facts, problems = decode_facts(tensors[C.T_FACTS].numpy().tobytes(), header.n_facts, header.source)
+        keys, residuals = tensors[C.T_KEYS], tensors[C.T_RESIDUALS]
+        if header.storage == "int8":  # V12 on the data, then the float rows every loader uses
+            problems += int8_problems(C.T_KEYS, keys, tensors[C.T_KEYS_SCALE])
+            problems += int8_problems(C.T_RESIDUALS, residuals, tensors[C.T_RESIDUALS_SCALE])
+            if problems:
+                raise NKVFormatError(header.source, problems)
+            keys = dequantize_rows(keys, tensors[C.T_KEYS_SCALE])
+            residuals = dequantize_rows(residuals, tensors[C.T_RESIDUALS_SCALE])
         adapter = cls(
-            keys=tensors[C.T_KEYS], residuals=tensors[C.T_RESIDUALS], facts=facts if not problems else [],
+            keys=keys, residuals=residuals, facts=facts if not problems else [],
             layer=header.layer, gamma=header.gamma, base=header.base,
             target_module=header.target_module, build=header.build, eval=header.eval,
-            sketch_proj=tensors.get(C.T_SKETCH_PROJ),
+            sketch_proj=tensors.get(C.T_SKETCH_PROJ), storage=cast(Storage, header.storage),
         )
         if not problems:
             problems = adapter.problems()
@@ -399,6 +437,7 @@ class NKVAdapter:
                 ("base.revision", self.base.revision, other.base.revision),
                 ("target_module", self.target_module, other.target_module),
                 ("dtype", _DTYPE_NAMES.get(self.keys.dtype), _DTYPE_NAMES.get(other.keys.dtype)),
+                ("storage", self.storage, other.storage),
                 ("sketch", _sketch_dim(self), _sketch_dim(other)),
             ) if v1 != v2} | ({} if fingerprints_match(self.base.fingerprint, other.base.fingerprint)
                                else {"base.fingerprint": (self.base.fingerprint, other.base.fingerprint)}),
@@ -417,8 +456,11 @@ class NKVAdapter:
         return dc_replace(self, sketch_proj=fit_sketch(self.keys, dim))
 
     def to(self, dtype: torch.dtype) -> "NKVAdapter":
-        """Same adapter with keys and residuals stored in `dtype` (F32, F16 or BF16)."""
-        return dc_replace(self, keys=self.keys.to(dtype), residuals=self.residuals.to(dtype))
+        """Same adapter with keys and residuals stored in `dtype` (F32, F16 or BF16), exact.
+
+        From an int8 adapter this writes the dequantized rows in `dtype` (storage "exact").
+        """
+        return dc_replace(self, keys=self.keys.to(dtype), residuals=self.residuals.to(dtype), storage="exact")
 
 
 def _same_rows(keys_a: torch.Tensor, res_a: torch.Tensor, rows_a: list[int],
@@ -442,15 +484,18 @@ def _sketch_dim(adapter: NKVAdapter) -> int:
 
 def _version_for(adapter: NKVAdapter) -> str:
     """The lowest format version holding every part the file uses (spec §8), so older readers
-    read what they can: nkvfp2 is 1.2, the sketch projection 1.1."""
+    read what they can: int8 rows are 1.3, nkvfp2 1.2, the sketch projection 1.1."""
+    if adapter.storage == "int8":
+        return C.INT8_VERSION
     if adapter.base.fingerprint.startswith(FINGERPRINT2_PREFIX):
-        return C.FORMAT_VERSION
+        return C.FINGERPRINT2_VERSION
     return C.SKETCH_VERSION if adapter.sketch_proj is not None else C.BASE_VERSION
 
 
 def _known_tensors(header: NKVHeader) -> list[str]:
     """The tensors this reader uses that the file holds (unknown ones are ignored, §8)."""
-    return [C.T_KEYS, C.T_RESIDUALS, C.T_FACTS] + [t for t in C.OPTIONAL_TENSORS if t in header.tensors]
+    return [C.T_KEYS, C.T_RESIDUALS, C.T_FACTS] + [t for t in C.OPTIONAL_TENSORS + C.SCALE_TENSORS
+                                                   if t in header.tensors]
 
 
 def _raw_bytes(t: torch.Tensor) -> memoryview:

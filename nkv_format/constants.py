@@ -6,10 +6,12 @@ Change a value here only together with the spec and a version bump.
 from __future__ import annotations
 
 FORMAT_MARKER = "nkv"
-FORMAT_VERSION = "1.2"  # "major.minor" of this spec; readers refuse a newer major
-SKETCH_VERSION = "1.1"  # what writers write when the file's newest part is the sketch projection (1.1)
-BASE_VERSION = "1.0"  # what writers write when a file uses no part added after 1.0
-# Writers write FORMAT_VERSION when the base fingerprint is nkvfp2 (added in 1.2, spec §6).
+FORMAT_VERSION = "1.3"  # "major.minor" of this spec; readers refuse a newer major
+# Writers write the lowest version whose parts the file uses (spec §8):
+INT8_VERSION = "1.3"  # K1/R1 stored as I8 with per-row scales (spec §4.3)
+FINGERPRINT2_VERSION = "1.2"  # the base fingerprint is nkvfp2 (spec §6)
+SKETCH_VERSION = "1.1"  # the file holds the sketch projection (spec §4.2)
+BASE_VERSION = "1.0"  # no part added after 1.0
 SUPPORTED_MAJOR = 1
 
 # Tensors ---------------------------------------------------------------------------
@@ -20,6 +22,14 @@ ROW_DTYPES = ("F32", "F16", "BF16")
 # Optional (1.1): a projection fitted to the keys for the sketch path of the gate (spec §5.1)
 T_SKETCH_PROJ = "nkv.sketch.proj"  # F32, [d_key, d_sketch]
 OPTIONAL_TENSORS = (T_SKETCH_PROJ,)
+# Int8 storage (1.3): K1 and R1 both I8, each row dequantized as float32(q) * scale (spec §4.3)
+QUANT_DTYPE = "I8"
+T_KEYS_SCALE = "nkv.keys.scale"  # F32, [n_facts]
+T_RESIDUALS_SCALE = "nkv.residuals.scale"  # F32, [n_facts]
+SCALE_TENSORS = (T_KEYS_SCALE, T_RESIDUALS_SCALE)
+QUANT_MAX = 127  # |q| <= 127 (symmetric: -128 is not used); a row with a scale > 0 reaches it
+STORAGES = ("exact", "int8")  # how a writer stores K1/R1: in their float dtype, or I8 + scales
+MIN_SCALE = 2.0**-126  # the smallest normal float32: a nonzero scale is normal, so q * scale is exact enough
 
 # Metadata keys (all values are strings) --------------------------------------------
 K_FORMAT = "nkv.format"

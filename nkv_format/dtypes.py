@@ -12,6 +12,8 @@ from .constants import ROW_DTYPES as _ROW_NAMES
 
 # spec name -> torch, in the spec's order
 ROW_DTYPES: dict[str, torch.dtype] = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# every dtype the reader turns into a tensor: the row dtypes, the int8 rows (1.3), the fact bytes
+TENSOR_DTYPES: dict[str, torch.dtype] = {**ROW_DTYPES, "I8": torch.int8, "U8": torch.uint8}
 # torch -> spec name
 ROW_DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in ROW_DTYPES.items()}
 # what a user types -> torch
@@ -27,4 +29,4 @@ def row_dtype_name(dtype: torch.dtype) -> str:
     return ROW_DTYPE_NAMES.get(dtype, str(dtype))
 
 
-__all__ = ["ROW_DTYPES", "ROW_DTYPE_NAMES", "TORCH_DTYPES", "row_dtype_name"]
+__all__ = ["ROW_DTYPES", "TENSOR_DTYPES", "ROW_DTYPE_NAMES", "TORCH_DTYPES", "row_dtype_name"]

@@ -68,7 +68,13 @@ class NKVHeader:
 
     @property
     def dtype(self) -> str:
+        """How K1/R1 are stored: "F32", "F16", "BF16", or "I8" (with per-row scales, 1.3)."""
         return self.tensors[C.T_KEYS].dtype
+
+    @property
+    def storage(self) -> str:
+        """"int8" when K1/R1 are I8 with per-row scales (spec §4.3), else "exact"."""
+        return "int8" if self.dtype == C.QUANT_DTYPE else "exact"
 
 
 def read_header(path: str | os.PathLike) -> NKVHeader:
@@ -258,15 +264,17 @@ def _json_fields(meta: dict[str, str], problems: list[str]) -> dict[str, dict]:
 
 
 def _tensor_problems(tensors: dict[str, TensorInfo], n_facts: int, d_key: int, d_model: int) -> list[str]:
-    """V7: the three tensors, their dtypes and shapes; V11: the optional sketch projection."""
+    """V7: the three tensors, their dtypes and shapes; V11: the optional sketch projection;
+    V12: the per-row scales that int8 rows (1.3) need, and only they."""
     problems: list[str] = []
     expected = {C.T_KEYS: (n_facts, d_key), C.T_RESIDUALS: (n_facts, d_model)}
     for name, shape in expected.items():
         info = tensors.get(name)
         if info is None:
             problems.append(f"V7: tensor {name!r} is missing")
-        elif info.dtype not in C.ROW_DTYPES:
-            problems.append(f"V7: tensor {name!r} has dtype {info.dtype}, expected one of {list(C.ROW_DTYPES)}")
+        elif info.dtype not in C.ROW_DTYPES and info.dtype != C.QUANT_DTYPE:
+            problems.append(f"V7: tensor {name!r} has dtype {info.dtype}, expected one of {list(C.ROW_DTYPES)} "
+                            f"or {C.QUANT_DTYPE} with per-row scales")
         elif info.shape != shape:
             problems.append(f"V7: tensor {name!r} has shape {list(info.shape)}, expected {list(shape)} "
                             "(nkv.n_facts x nkv.base.d_key / d_model)")
@@ -284,6 +292,19 @@ def _tensor_problems(tensors: dict[str, TensorInfo], n_facts: int, d_key: int, d
         problems.append(f"V11: tensor {C.T_SKETCH_PROJ!r} must be F32 [d_key = {d_key}, d_sketch] with "
                         f"1 <= d_sketch <= d_key, got {proj.dtype} {list(proj.shape)}; drop it or refit it "
                         "(NKVAdapter.with_sketch)")
+    for rows_name, scale_name in ((C.T_KEYS, C.T_KEYS_SCALE), (C.T_RESIDUALS, C.T_RESIDUALS_SCALE)):
+        rows, scale = tensors.get(rows_name), tensors.get(scale_name)
+        if rows is None:
+            continue
+        if rows.dtype == C.QUANT_DTYPE and scale is None:
+            problems.append(f"V12: tensor {rows_name!r} is {C.QUANT_DTYPE} but {scale_name!r} is missing; "
+                            "int8 rows are read only with their per-row F32 scales")
+        elif rows.dtype == C.QUANT_DTYPE and (scale.dtype != "F32" or scale.shape != (n_facts,)):
+            problems.append(f"V12: tensor {scale_name!r} must be F32 [n_facts = {n_facts}], got "
+                            f"{scale.dtype} {list(scale.shape)}")
+        elif rows.dtype != C.QUANT_DTYPE and scale is not None:
+            problems.append(f"V12: tensor {scale_name!r} goes with {C.QUANT_DTYPE} rows only, but {rows_name!r} "
+                            f"is {rows.dtype}; drop it (an older reader would ignore it and read other values)")
     return problems
 
 

@@ -3,7 +3,9 @@
 - the reader turns spec/examples/golden.nkv into exactly what golden.txt says;
 - the writer reproduces golden.nkv byte for byte (from the file, and from the constants);
 - the key, tensor and fact-field tables of spec/nkv-format.md equal nkv.constants;
-- every rule number V1..V10 the code reports is defined in the spec;
+- every rule number V1..V12 the code reports is defined in the spec;
+- golden-sketch.nkv (1.1) and golden-int8.nkv (1.3) read as their dumps say and rewrite
+  byte for byte; the int8 file's rows are those of golden.nkv within one rounding step;
 - the fingerprint of spec §6, implemented here from the text alone, gives the golden value
   (nkvfp1) and agrees with the code (nkvfp2).
 """
@@ -137,6 +139,10 @@ def test_spec_tensor_table_matches_constants() -> None:
     optional = {r[0]: r for r in _table("4.2 Optional tensors")}
     assert tuple(optional) == C.OPTIONAL_TENSORS
     assert optional[C.T_SKETCH_PROJ][1:3] == ["F32", "[d_key, d_sketch]"]
+    scales = {r[0]: r for r in _table("4.3 Int8 rows")}
+    assert tuple(scales) == C.SCALE_TENSORS
+    assert all(r[1:3] == ["F32", "[n_facts]"] for r in scales.values())
+    assert "(or `I8`, §4.3)" in rows[C.T_KEYS][1] or "(or I8, §4.3)" in rows[C.T_KEYS][1]
 
 
 def test_spec_fact_fields_match_constants() -> None:
@@ -151,7 +157,7 @@ def test_every_rule_number_in_the_code_is_in_the_spec() -> None:
     defined = set(re.findall(r"^- \*\*V(\d+)\*\*", SPEC.read_text(encoding="utf-8"), re.M))
     assert used, "no rule numbers found in nkv_format/"
     assert used <= defined, f"rules used in code but not in the spec: {sorted(used - defined, key=int)}"
-    assert defined == {str(i) for i in range(1, 12)}
+    assert defined == {str(i) for i in range(1, 13)}
 
 
 def _spec_part(weight: list[list[float]]) -> str:
@@ -259,3 +265,37 @@ def test_golden_sketch_reads_its_dump_and_rewrites_byte_for_byte(tmp_path: Path)
     assert NKVAdapter.from_bytes(data).save(tmp_path / "again.nkv").read_bytes() == data
     assert module.dump(data, "golden-sketch.nkv") == (ROOT / "spec" / "examples" / "golden-sketch.txt").read_text(
         encoding="utf-8")
+
+
+GOLDEN_INT8 = ROOT / "spec" / "examples" / "golden-int8.nkv"
+
+
+def test_golden_int8_reads_its_dump_and_rewrites_byte_for_byte(tmp_path: Path) -> None:
+    data = GOLDEN_INT8.read_bytes()
+    text = (ROOT / "spec" / "examples" / "golden-int8.txt").read_text(encoding="utf-8")
+    dump = _parse_dump(text)
+    assert len(data) == dump["size"] and dump["metadata"][C.K_VERSION] == C.INT8_VERSION
+    header = read_header(GOLDEN_INT8)
+    assert header.metadata == dump["metadata"] and (header.dtype, header.storage) == ("I8", "int8")
+    for name, (dtype, shape, offsets, _) in dump["tensors"].items():
+        info = header.tensors[name]
+        assert (info.dtype, list(info.shape), list(info.data_offsets)) == (dtype, shape, offsets)
+    # the reader returns float32(q) * scale, as the dump computes it from the bytes alone
+    dequantized: dict[str, list] = {}
+    for block in re.findall(r"^dequantized (\S+) = .*:\n((?:  .*\n)+)", text, re.M):
+        dequantized[block[0]] = [json.loads(line) for line in block[1].splitlines()]
+    adapter = NKVAdapter.load(GOLDEN_INT8)
+    assert (adapter.storage, adapter.keys.dtype) == ("int8", torch.float32)
+    assert adapter.keys.tolist() == dequantized[C.T_KEYS]
+    assert adapter.residuals.tolist() == dequantized[C.T_RESIDUALS]
+    # the same facts and settings as golden.nkv, rows within half a step (scale / 2) of its exact rows
+    plain = NKVAdapter.load(GOLDEN)
+    assert adapter.facts == plain.facts and adapter.base == plain.base
+    for mine, exact in ((adapter.keys, plain.keys), (adapter.residuals, plain.residuals)):
+        step = exact.abs().amax(-1, keepdim=True) / 127
+        assert bool(((mine - exact).abs() <= step / 2 + 1e-7).all())
+    module = _make_golden_module()
+    assert module.golden_int8_adapter().to_bytes() == data
+    assert plain.to_bytes(storage="int8") == data
+    assert NKVAdapter.from_bytes(data).save(tmp_path / "again.nkv").read_bytes() == data
+    assert module.dump(data, "golden-int8.nkv") == text

@@ -1,12 +1,14 @@
-"""Write the golden examples `golden.nkv` (format 1.0) and `golden-sketch.nkv` (1.1, with
-the optional sketch projection) and their human-readable dumps `golden.txt`, `golden-sketch.txt`.
+"""Write the golden examples `golden.nkv` (format 1.0), `golden-sketch.nkv` (1.1, with
+the optional sketch projection) and `golden-int8.nkv` (1.3, the same rows stored as I8 with
+per-row scales) and their human-readable dumps `golden.txt`, `golden-sketch.txt`,
+`golden-int8.txt`.
 
 Every value is fixed here (no randomness, no model), and all numbers are exact binary
 fractions, so the file is the same on every machine. tests/test_spec_golden.py checks that
 the reader turns golden.nkv into exactly what golden.txt says and that the writer
 reproduces golden.nkv byte for byte.
 
-    python spec/examples/make_golden.py        # rewrites both files next to this script
+    python spec/examples/make_golden.py        # rewrites the files next to this script
 
 The dump is made from the bytes of the file with `struct` and `json` only, not with the
 nkv reader, so it shows what the spec says is in the file rather than what the reader
@@ -75,6 +77,13 @@ def golden_sketch_adapter():  # -> nkv.NKVAdapter
     return replace(golden_adapter(), sketch_proj=torch.tensor(SKETCH_PROJ, dtype=torch.float32))
 
 
+def golden_int8_adapter():  # -> nkv.NKVAdapter
+    """The golden adapter with its rows stored as int8 (spec §4.3): the 1.3 example."""
+    from dataclasses import replace
+
+    return replace(golden_adapter(), storage="int8")
+
+
 def dump(data: bytes, name: str = "golden.nkv") -> str:
     """A human-readable description of an .nkv file's bytes (struct + json only)."""
     (n,) = struct.unpack("<Q", data[:8])
@@ -103,22 +112,42 @@ def dump(data: bytes, name: str = "golden.nkv") -> str:
     for tname, info in header.items():
         b, e = (start + o for o in info["data_offsets"])
         raw = data[b:e]
-        if info["dtype"] == "F32":
-            values = struct.unpack(f"<{len(raw) // 4}f", raw)
-            cols = info["shape"][1]
-            lines.append(f"{tname} values (row-major):")
+        if info["dtype"] in ("F32", "I8"):
+            values = _values(data, start, info)
+            cols = info["shape"][1] if len(info["shape"]) == 2 else 1
+            lines.append(f"{tname} values (row-major{', one per row' if cols == 1 else ''}):")
             lines += [f"  {json.dumps(list(values[r * cols:(r + 1) * cols]))}" for r in range(info["shape"][0])]
         else:  # nkv.facts
             lines.append(f"{tname} (UTF-8 JSON Lines, one record per row):")
             lines += [f"  {line}" for line in raw.decode("utf-8").splitlines()]
         lines.append("")
+    for tname, info in header.items():  # int8 rows (1.3): what a reader returns (spec §4.3)
+        if info["dtype"] == "I8" and f"{tname}.scale" in header:
+            q, scale = _values(data, start, info), _values(data, start, header[f"{tname}.scale"])
+            cols = info["shape"][1]
+            lines.append(f"dequantized {tname} = float32(q) * scale, what a reader returns (spec §4.3):")
+            for r in range(info["shape"][0]):
+                row = [_f32(v * scale[r]) for v in q[r * cols:(r + 1) * cols]]  # exact in float64, then rounded
+                lines.append(f"  {json.dumps(row)}")
+            lines.append("")
     lines.append("fingerprint weight W at layer 1, (d_model, d_key), not stored in the file:")
     lines += [f"  {json.dumps(row)}" for row in WEIGHT]
     return "\n".join(lines) + "\n"
 
 
+def _values(data: bytes, start: int, info: dict) -> tuple:
+    b, e = (start + o for o in info["data_offsets"])
+    size, code = (4, "f") if info["dtype"] == "F32" else (1, "b")
+    return struct.unpack(f"<{(e - b) // size}{code}", data[b:e])
+
+
+def _f32(x: float) -> float:
+    return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
 def main() -> None:
-    for stem, adapter in (("golden", golden_adapter()), ("golden-sketch", golden_sketch_adapter())):
+    for stem, adapter in (("golden", golden_adapter()), ("golden-sketch", golden_sketch_adapter()),
+                          ("golden-int8", golden_int8_adapter())):
         data = adapter.to_bytes()
         (HERE / f"{stem}.nkv").write_bytes(data)
         (HERE / f"{stem}.txt").write_text(dump(data, f"{stem}.nkv"), encoding="utf-8")
