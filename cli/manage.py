@@ -1,4 +1,4 @@
-"""`nkv inspect | validate | rm | merge | diff`: look at and manage .nkv files.
+"""`nkv inspect | validate | rm | merge | diff | quantize`: look at and manage .nkv files.
 
 These commands touch only the format package (no model, no transformers import).
 Results go to stdout; a user error is one line `Error: ...` on stderr with exit code 1.
@@ -7,7 +7,7 @@ Results go to stdout; a user error is one line `Error: ...` on stderr with exit 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +110,7 @@ def inspect(file: Path, as_json: bool, with_facts: bool, limit: int | None) -> N
         ("facts", str(header.n_facts)),
         ("layer", f"{header.layer} ({header.target_module})"),
         ("gamma", f"{header.gamma:g}"),
-        ("dtype", header.dtype),
+        ("dtype", header.dtype + (" (int8 rows, one F32 scale per row)" if header.storage == "int8" else "")),
         ("base model", b.name + (f" @ {b.revision}" if b.revision else "")),
         ("architecture", f"{b.architecture} ({b.model_type}, {b.n_layers} layers, "
                          f"d_model {b.d_model}, d_key {b.d_key})"),
@@ -251,4 +251,40 @@ def diff(a: Path, b: Path, as_json: bool) -> None:
                    f"{len(d.settings)} setting(s) differ", err=True)
 
 
-__all__ = ["inspect", "validate", "rm", "merge", "diff"]
+@click.command()
+@click.argument("file", type=_FILE)
+@click.option("-o", "--output", type=_OUT, default=None, help="Write here instead of replacing FILE.")
+@click.option("--exact", "dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="Write float rows in this dtype instead (undo int8 storage).")
+def quantize(file: Path, output: Path | None, dtype: str | None) -> None:
+    """Store FILE's keys and residuals as int8 with one scale per row (format 1.3, about half
+    the bytes of float16), in place, atomically, unless -o. Readers before 1.3 refuse the result.
+
+    \b
+    Example:
+      nkv quantize edits.nkv -o edits-int8.nkv
+      nkv quantize edits-int8.nkv -o edits-f16.nkv --exact float16
+    """
+    from nkv.dtypes import TORCH_DTYPES
+    from nkv.quant import max_relative_error
+
+    errors: dict[str, float] = {}
+
+    def store(adapter: NKVAdapter) -> NKVAdapter:
+        if dtype is not None:
+            return adapter.to(TORCH_DTYPES[dtype])
+        errors.update(keys=max_relative_error(adapter.keys), residuals=max_relative_error(adapter.residuals))
+        return replace(adapter, storage="int8")
+
+    target = output or file
+    before = file.stat().st_size
+    stored = rewrite_adapter(file, store, output=target)
+    size = f"{_size(before)} -> {_size(target.stat().st_size)}"
+    if dtype is not None:
+        click.echo(f"wrote {target}: {stored.n_facts} facts, exact {dtype} rows, {size}")
+    else:
+        click.echo(f"wrote {target}: {stored.n_facts} facts, int8 rows, {size}; largest relative row error "
+                   f"K1 {errors['keys']:.2%}, R1 {errors['residuals']:.2%}")
+
+
+__all__ = ["inspect", "validate", "rm", "merge", "diff", "quantize"]

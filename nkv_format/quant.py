@@ -68,6 +68,21 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.to(torch.float32) * scale.to(torch.float32)[:, None]
 
 
+def max_relative_error(rows: torch.Tensor) -> float:
+    """The largest ||dequantize(quantize(x)) - x|| / ||x|| over the nonzero rows x (0.0 if none),
+    in blocks: what storing `rows` as int8 costs, before writing them."""
+    worst = 0.0
+    block = max(1, _BLOCK_VALUES // max(1, rows.shape[1]))
+    for start in range(0, rows.shape[0], block):
+        x = rows[start : start + block].to("cpu", torch.float32)  # (b, d)
+        q, scale, _ = quantize_rows(x, "rows")
+        norms = x.norm(dim=-1)
+        rel = (dequantize_rows(q, scale) - x).norm(dim=-1) / norms.clamp_min(1e-30)
+        if bool((norms > 0).any()):
+            worst = max(worst, float(rel[norms > 0].max()))
+    return worst
+
+
 def int8_problems(name: str, q: torch.Tensor, scale: torch.Tensor) -> list[str]:
     """V12 on the data of one int8 row tensor and its scales (shapes were checked by the header).
 
@@ -103,4 +118,4 @@ def int8_problems(name: str, q: torch.Tensor, scale: torch.Tensor) -> list[str]:
     return problems
 
 
-__all__ = ["quantize_rows", "dequantize_rows", "int8_problems"]
+__all__ = ["quantize_rows", "dequantize_rows", "max_relative_error", "int8_problems"]
