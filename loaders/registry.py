@@ -67,6 +67,9 @@ def load_nkv_adapter(target: Any, adapter: AdapterSource, *, revision: str | Non
         adapter: path to an .nkv file, a Hub repo id ("user/name"), or an NKVAdapter.
         revision: Hub revision (branch, tag or commit) when `adapter` is a repo id.
         strict: a base-model fingerprint mismatch raises (True) or only warns (False).
+        options: loader options, e.g. `gamma=`, and `name=` to load the adapter under a name
+            next to others (transformers: chosen per batch row with `handle.using(...)`;
+            vLLM engines started with `max_adapters`: chosen per request).
     Returns:
         The loader's handle (transformers: `NKVHandle` with detach(), disabled(), info).
 
