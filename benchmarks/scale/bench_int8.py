@@ -1,0 +1,155 @@
+"""Int8 rows (format 1.3, spec §4.3): bytes per fact, and how often the gate's decision changes.
+
+    python benchmarks/scale/bench_int8.py bytes
+    python benchmarks/scale/bench_int8.py agreement --keys keys.pt --facts 20000 --max-tokens 2000
+    python benchmarks/scale/bench_int8.py adapter --keys keys.pt --nkv rows-counterfact-edit-L6-n100.nkv
+
+`bytes` writes adapters at Llama-3-8B and SmolLM2-135M shapes (random fp16 rows, CounterFact-
+sized fact records) exact and int8, and reports the file bytes each extra fact costs.
+`agreement` compares the exact gate over the real SmolLM2 keys of read_keys.py (stored fp16)
+with the same gate over those keys stored int8 (and, for comparison only, a per-row int4
+code the format does not define), on real-text, edit-prompt and paraphrase-prompt tokens.
+`adapter` does the same for a built adapter (its rows quantized by the format's writer) and
+also reports the residuals' error. A decision is the same when fired / not fired agree and,
+where fired, the row agrees. Each command prints JSON lines; README.md holds the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_scale import GAMMA, decisions  # noqa: E402
+
+from nkv import BaseModelInfo, Fact, NKVAdapter  # noqa: E402
+from nkv.quant import dequantize_rows, quantize_rows  # noqa: E402
+
+SHAPES = {"llama-3-8b": (14336, 4096), "smollm2-135m": (1536, 576)}
+
+
+def _emit(**row) -> None:
+    print(json.dumps(row), flush=True)
+
+
+def stored(rows: torch.Tensor, bits: int) -> torch.Tensor:
+    """The float32 rows a reader gets back: int8 through the format's writer and reader;
+    other widths simulated with the same per-row symmetric code (not in the format)."""
+    if bits == 8:
+        q, scale, problems = quantize_rows(rows, "rows")
+        assert not problems, problems
+        return dequantize_rows(q, scale)
+    top = 2 ** (bits - 1) - 1
+    x = rows.float()
+    s = x.abs().amax(-1, keepdim=True) / top
+    return torch.round(x / s.clamp_min(1e-30)).clamp(-top, top) * s
+
+
+def relative_errors(rows: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
+    x = rows.float()
+    norms = x.norm(dim=-1)
+    return ((back - x).norm(dim=-1) / norms.clamp_min(1e-30))[norms > 0]
+
+
+def cmd_bytes() -> None:
+    g = torch.Generator().manual_seed(0)
+    record = dict(subject="Danielle Darrieux", prompt="The mother tongue of Danielle Darrieux is",
+                  target_new="English", target_true="French", provenance={"source": "counterfact", "case_id": 0})
+    with tempfile.TemporaryDirectory() as tmp:
+        for model, (d_key, d_model) in SHAPES.items():
+            sizes = {}
+            for n in (32, 64):
+                base = BaseModelInfo(name=model, architecture="LlamaForCausalLM", model_type="llama", n_layers=2,
+                                     d_model=d_model, d_key=d_key, fingerprint="nkvfp1:fro=1.0e+00;z=" + ",".join(["0.0000"] * 16))
+                adapter = NKVAdapter(keys=torch.randn(n, d_key, generator=g).half(),
+                                     residuals=torch.randn(n, d_model, generator=g).half(),
+                                     facts=[Fact(id=f"cf-{i}", **record) for i in range(n)], layer=1, gamma=GAMMA,
+                                     base=base, target_module="model.layers.1.mlp.down_proj")
+                for storage in ("exact", "int8"):
+                    sizes[storage, n] = adapter.save(Path(tmp) / f"{storage}.nkv", storage=storage).stat().st_size
+            for storage in ("exact", "int8"):
+                per_fact = (sizes[storage, 64] - sizes[storage, 32]) / 32
+                _emit(cmd="bytes", model=model, storage="fp16" if storage == "exact" else storage,
+                      bytes_per_fact=per_fact, row_bytes=(2 if storage == "exact" else 1) * (d_key + d_model)
+                      + (0 if storage == "exact" else 8))
+            _emit(cmd="bytes", model=model, storage="int4 (not in the format)", row_bytes=(d_key + d_model) / 2 + 8)
+
+
+def _agreement(name: str, q: torch.Tensor, exact_keys: torch.Tensor, keys: torch.Tensor, **extra) -> None:
+    e_fired, e_idx, e_score = decisions(q, exact_keys, None)
+    fired, idx, score = decisions(q, keys, None)
+    same = (fired == e_fired) & (~e_fired | (idx == e_idx))
+    row_changed = fired & e_fired & (idx != e_idx)
+    _emit(queries=name, tokens=q.shape[0], exact_fired=int(e_fired.sum()), agreement=round(float(same.float().mean()), 6),
+          lost_fires=int((e_fired & ~fired).sum()), new_fires=int((fired & ~e_fired).sum()),
+          row_changed=int(row_changed.sum()), max_score_change=round(float((score - e_score).abs().max()), 5),
+          closest_exact_margin_of_a_change=(round(float((e_score[~same] - GAMMA).abs().min()), 5)
+                                            if bool((~same).any()) else None), **extra)
+
+
+def _queries(data: dict, max_tokens: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for name in ("text", "edit", "paraphrase"):
+        q = data[name]
+        out[name] = q[torch.randperm(q.shape[0], generator=g)[:max_tokens]] if q.shape[0] > max_tokens else q
+    return out
+
+
+def cmd_agreement(data: dict, facts: int, max_tokens: int, bits: list[int]) -> None:
+    exact = data["keys"][:facts]  # fp16, as read_keys.py stored them
+    queries = _queries(data, max_tokens)
+    for b in bits:
+        keys = stored(exact, b)
+        err = relative_errors(exact, keys)
+        _emit(cmd="agreement", bits=b, facts=facts, key_rel_error_max=round(float(err.max()), 5),
+              key_rel_error_median=round(float(err.median()), 5))
+        for name, q in queries.items():
+            _agreement(name, q, exact, keys, bits=b, facts=facts)
+
+
+def cmd_adapter(data: dict | None, path: Path, max_tokens: int, bits: list[int]) -> None:
+    adapter = NKVAdapter.load(path)
+    queries = {"own keys": adapter.keys} | (_queries(data, max_tokens) if data is not None else {})
+    for b in bits:
+        keys, residuals = stored(adapter.keys, b), stored(adapter.residuals, b)
+        k_err, r_err = relative_errors(adapter.keys, keys), relative_errors(adapter.residuals, residuals)
+        _emit(cmd="adapter", file=path.name, bits=b, facts=adapter.n_facts, dtype=str(adapter.keys.dtype),
+              key_rel_error_max=round(float(k_err.max()), 5), residual_rel_error_max=round(float(r_err.max()), 5),
+              residual_rel_error_median=round(float(r_err.median()), 5))
+        for name, q in queries.items():
+            _agreement(name, q, adapter.keys, keys, bits=b, file=path.name)
+    if 8 in bits:  # the format's own round trip: save int8, load, compare with stored()
+        back = NKVAdapter.from_bytes(replace(adapter, storage="int8").to_bytes())
+        assert torch.equal(back.keys, stored(adapter.keys, 8)) and torch.equal(back.residuals, stored(adapter.residuals, 8))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("cmd", choices=["bytes", "agreement", "adapter"])
+    p.add_argument("--keys", type=Path, help="keys.pt of read_keys.py")
+    p.add_argument("--nkv", type=Path, help="an adapter built on the same model and layer as the keys")
+    p.add_argument("--facts", type=int, default=20000)
+    p.add_argument("--max-tokens", type=int, default=2000, help="query tokens per kind (sampled)")
+    p.add_argument("--bits", default="8,4", help="8 is the format; others are simulated for comparison")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    bits = [int(b) for b in args.bits.split(",")]
+    if args.cmd == "bytes":
+        return cmd_bytes()
+    data = torch.load(args.keys) if args.keys else None
+    if args.cmd == "agreement":
+        cmd_agreement(data, args.facts, args.max_tokens, bits)
+    else:
+        cmd_adapter(data, args.nkv, args.max_tokens, bits)
+
+
+if __name__ == "__main__":
+    main()
