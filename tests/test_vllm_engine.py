@@ -261,6 +261,7 @@ def engine(request, checkpoints, plain) -> Iterator[Engine]:
         nkv = {"adapter": str(ckpt.files[cls.START]), "capacity": 16}
     else:
         nkv = {"capacity": 16, "layer": ckpt.adapters["A"].layer}
+    nkv.update(getattr(cls, "EXTRA", {}))  # e.g. the sketch path forced on
     with running(ckpt.path, nkv=nkv, **cls.OPTIONS) as llm:
         start_outputs = generate(llm)
         yield Engine(cls.__name__, cls.KIND, llm, start_outputs, NKVEngineHandle(llm))
@@ -466,12 +467,14 @@ class TestLlamaTensorParallel:
     """TP=2 (two worker processes), compiled: the gate's all-reduce is traced into the graph."""
 
     KIND, OPTIONS, START = "llama", dict(eager=False, tp=2), "A"
+    EXTRA = {"sketch": True}  # the sketch path (spec 5.1): compiled, with its all-reduces across ranks
 
     def test_tensor_parallel_equals_single_device(self, engine, checkpoints):
         """TP=2 gives the transformers outputs, which the TP=1 engines are also checked against."""
         infos = engine.llm.collective_rpc("nkv_info")
         assert [i["tp_rank"] for i in infos] == [0, 1]
         assert len({i["fingerprint"] for i in infos}) == 1  # sums all-reduced: same on every rank
+        assert all(i["sketch"] for i in infos)  # EXTRA: the sketch path, compiled, across ranks
         ckpt = checkpoints["llama"]
         assert fingerprints_match(infos[0]["fingerprint"], ckpt.adapters["A"].base.fingerprint)
         check_start_adapter(engine, checkpoints)
@@ -595,10 +598,14 @@ class TestLlamaNamedCompiled:
 
 
 class TestLlamaNamedEager:
+    """Eager, every named adapter on the sketch path."""
+
     KIND, OPTIONS, START, NKV = "llama", dict(eager=True), None, staticmethod(named_config)
+    EXTRA = {"sketch": True}
 
     def test_requests_choose_their_adapter_in_one_batch(self, engine, checkpoints):
-        load_nkv_adapter(engine.llm, checkpoints["llama"].files["B"], name="B")
+        handle = load_nkv_adapter(engine.llm, checkpoints["llama"].files["B"], name="B")
+        assert handle.slot.sketch
         check_mixed_batch(engine, checkpoints)
 
 

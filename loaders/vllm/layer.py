@@ -103,6 +103,7 @@ class NKVGatedProjection(nn.Module):
         self.register_buffer("nkv_sketch_keys", torch.zeros(cap if self.sketched else 0, d_sketch, dtype=dtype,
                                                             device=device), persistent=False)
         self.shortlist = min(DEFAULT_SHORTLIST, cap) if self.sketched else 0
+        self.slot = _replace(slot, sketch=self.sketched)
         # Named adapters: each token's index into self.ranges (-1 none), written before every step.
         self.routed = slot.max_adapters > 0
         self.register_buffer("nkv_route", torch.full((max_tokens if self.routed else 0,), -1, dtype=torch.int64,

@@ -40,6 +40,7 @@ class SlotInfo:
     max_adapters: int = 0  # how many may be resident; 0 = the engine-wide adapter only
     named: list[dict[str, Any]] = field(default_factory=list)  # {name, n_facts, gamma, source, revision, digest}
     routing: bool = False  # the worker's model runner routes each request's tokens to its adapter
+    sketch: bool = False  # the gate can take the sketch path (spec §5.1): sketch buffers allocated
 
     @property
     def rows_in_use(self) -> int:
