@@ -1,8 +1,9 @@
 """Fuzz the reader: every input ends as a valid adapter or an NKVError, never anything else.
 
-Inputs are mutations of spec/examples/golden.nkv and golden-sketch.nkv (format 1.1, with
-the optional sketch projection): bit flips, truncations, splices, structured edits of the
-header JSON, of the fact records and of the sketch tensor, and random bytes. Each goes
+Inputs are mutations of spec/examples/golden.nkv, golden-sketch.nkv (format 1.1, with
+the optional sketch projection) and golden-int8.nkv (1.3, I8 rows with per-row scales):
+bit flips, truncations, splices, structured edits of the header JSON, of the fact records,
+of the sketch tensor and of the int8 rows and scales, and random bytes. Each goes
 to `NKVAdapter.from_bytes`, to `NKVAdapter.load` (through a file) and to `read_header`.
 An input that loads must also be valid in the other readers, write back to the same
 adapter, and say the same in both readers (a differential check of our JSON parser
@@ -42,10 +43,14 @@ from nkv import NKVAdapter, NKVError, read_header
 EXAMPLES = Path(__file__).resolve().parent.parent / "spec" / "examples"
 GOLDEN = (EXAMPLES / "golden.nkv").read_bytes()
 GOLDEN_SKETCH = (EXAMPLES / "golden-sketch.nkv").read_bytes()  # format 1.1
+GOLDEN_INT8 = (EXAMPLES / "golden-int8.nkv").read_bytes()  # format 1.3
+_NQ = struct.unpack("<Q", GOLDEN_INT8[:8])[0]
+HEADER_INT8 = json.loads(GOLDEN_INT8[8 : 8 + _NQ])
+BODY_INT8 = GOLDEN_INT8[8 + _NQ :]
 _NS = struct.unpack("<Q", GOLDEN_SKETCH[:8])[0]
 HEADER_SKETCH = json.loads(GOLDEN_SKETCH[8 : 8 + _NS])
 BODY_SKETCH = GOLDEN_SKETCH[8 + _NS :]
-goldens = st.sampled_from([GOLDEN, GOLDEN_SKETCH])
+goldens = st.sampled_from([GOLDEN, GOLDEN_SKETCH, GOLDEN_INT8])
 _N = struct.unpack("<Q", GOLDEN[:8])[0]
 HEADER = json.loads(GOLDEN[8 : 8 + _N])
 BODY = GOLDEN[8 + _N :]
@@ -53,8 +58,8 @@ _FACTS_AT = HEADER["nkv.facts"]["data_offsets"][0]  # the fact records are the l
 
 SCALE = int(os.environ.get("NKV_FUZZ_SCALE", "1"))
 # examples per strategy; the sum is the number of cases per CI run
-FUZZ_CASES = {"bitflips": 2000, "truncation": 1000, "splices": 1600, "header_json": 2800,
-              "fact_records": 1000, "random_bytes": 1000, "sketch": 1000}
+FUZZ_CASES = {"bitflips": 2000, "truncation": 1000, "splices": 1400, "header_json": 2400,
+              "fact_records": 1000, "random_bytes": 800, "sketch": 800, "int8": 1000}
 TOTAL_CASES = sum(FUZZ_CASES.values())  # 10,400
 
 _TMP = Path(tempfile.mkdtemp(prefix="nkv-fuzz-"))
@@ -304,10 +309,50 @@ def sketch_mutation(draw: st.DrawFn) -> bytes:
     return _frame(_dump(doc), bytes(body))
 
 
+INT8_TENSORS = ["nkv.keys", "nkv.residuals", "nkv.keys.scale", "nkv.residuals.scale"]
+INT8_BYTES = st.sampled_from([b"\x80", b"\x7f", b"\x81", b"\x00", b"\x01", b"\xff"]) | st.binary(min_size=1, max_size=1)
+SCALE_BYTES = st.sampled_from([b"\x00\x00\xc0\x7f", b"\x00\x00\x80\x7f", b"\x00\x00\x80\xbf", b"\x00\x00\x00\x00",
+                               b"\x01\x00\x00\x00", b"\x00\x00\x80\x00", b"\xff\xff\x7f\x7f", b"\x00\x00\x00\x80"]) \
+    | st.binary(min_size=4, max_size=4)
+
+
+@st.composite
+def int8_mutation(draw: st.DrawFn) -> bytes:
+    """golden-int8.nkv with its I8 rows, scales (values, entries, dtypes, shapes) or version edited."""
+    doc = json.loads(json.dumps(HEADER_INT8))
+    body = bytearray(BODY_INT8)
+    for _ in range(draw(st.integers(1, 3))):
+        action = draw(st.sampled_from(["q", "scale", "dtype", "shape", "drop", "entry", "version", "rows_dtype"]))
+        name = draw(st.sampled_from(INT8_TENSORS))
+        entry = doc.get(name)
+        if action in ("q", "scale") and isinstance(entry, dict) and isinstance(entry.get("data_offsets"), list):
+            tensor = draw(st.sampled_from(INT8_TENSORS[:2] if action == "q" else INT8_TENSORS[2:]))
+            begin, end = HEADER_INT8[tensor]["data_offsets"]
+            size = 1 if action == "q" else 4
+            cell = draw(st.integers(0, (end - begin) // size - 1))
+            body[begin + size * cell : begin + size * (cell + 1)] = draw(INT8_BYTES if action == "q" else SCALE_BYTES)
+        elif action == "dtype" and isinstance(entry, dict):
+            entry["dtype"] = draw(st.sampled_from(["I8", "U8", "F32", "F16", "BF16", "F8_E4M3", "I16"]) | dtypes)
+        elif action == "shape" and isinstance(entry, dict):
+            entry["shape"] = draw(st.one_of(shapes, st.sampled_from([[2], [1], [3], [2, 1], [1, 2], [2, 4], [8]])))
+        elif action == "drop":
+            doc.pop(name, None)
+        elif action == "entry":
+            doc[name] = draw(json_value)
+        elif action == "version":
+            doc["__metadata__"]["nkv.version"] = draw(st.sampled_from(["1.0", "1.2", "1.3", "1.9", "2.0"]) | versions)
+        else:  # both row tensors to one float dtype, scales kept: data no longer matches the sizes
+            for rows in INT8_TENSORS[:2]:
+                if isinstance(doc.get(rows), dict):
+                    doc[rows]["dtype"] = draw(st.sampled_from(["F32", "F16", "BF16"]))
+    return _frame(_dump(doc), bytes(body))
+
+
 # ------------------------------------------------------------------ tests
 def test_golden_is_valid() -> None:
     check(GOLDEN, "golden")
     check(GOLDEN_SKETCH, "golden")
+    check(GOLDEN_INT8, "golden")
 
 
 def test_fuzz_bitflips(capsys: pytest.CaptureFixture, record_property: Any) -> None:
@@ -317,7 +362,7 @@ def test_fuzz_bitflips(capsys: pytest.CaptureFixture, record_property: Any) -> N
 
 def test_fuzz_truncation(capsys: pytest.CaptureFixture, record_property: Any) -> None:
     # every cut point of both golden files: a finite space, hypothesis may stop early when exhausted
-    cuts = st.tuples(goldens, st.integers(0, len(GOLDEN_SKETCH)))
+    cuts = st.tuples(goldens, st.integers(0, max(len(GOLDEN_SKETCH), len(GOLDEN_INT8))))
     given(cuts)(_settings("truncation")(lambda gn: check(gn[0][: gn[1]], "truncation")))()
     _report("truncation", capsys, record_property)
 
@@ -347,3 +392,8 @@ def test_fuzz_random_bytes(capsys: pytest.CaptureFixture, record_property: Any) 
 def test_fuzz_sketch(capsys: pytest.CaptureFixture, record_property: Any) -> None:
     given(sketch_mutation())(_settings("sketch")(lambda data: check(data, "sketch")))()
     _report("sketch", capsys, record_property)
+
+
+def test_fuzz_int8(capsys: pytest.CaptureFixture, record_property: Any) -> None:
+    given(int8_mutation())(_settings("int8")(lambda data: check(data, "int8")))()
+    _report("int8", capsys, record_property)
