@@ -95,10 +95,14 @@ def rss_bytes() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def parse_spec(spec: str) -> tuple[int, int]:
-    """(named adapters, facts each): "4x10000" -> (4, 10000); "10000" -> (0, 10000), one engine-wide."""
+def parse_spec(spec: str) -> tuple[int, int, bool | None]:
+    """(named adapters, facts each, sketch): "4x10000" -> (4, 10000, None); "10000" -> (0, 10000, None),
+    one engine-wide; a suffix ":sketch" / ":exact" forces the gate's sketch path on / off (None: auto)."""
+    spec, _, mode = spec.partition(":")
+    if mode not in ("", "sketch", "exact"):
+        raise SystemExit(f"engine spec {spec}:{mode}: the suffix must be :sketch or :exact")
     named, _, facts = spec.rpartition("x")
-    return (int(named) if named else 0), int(facts)
+    return (int(named) if named else 0), int(facts), {"": None, "sketch": True, "exact": False}[mode]
 
 
 def serve(args: argparse.Namespace, spec: str) -> None:
@@ -117,15 +121,15 @@ def serve(args: argparse.Namespace, spec: str) -> None:
                                   max_model_len=args.prompt_len + args.gen_len, max_num_seqs=args.batch,
                                   gpu_memory_utilization=0.3, enforce_eager=args.eager, seed=0)
     adapter_bytes = 0
-    named, n_facts = parse_spec(spec)
+    named, n_facts, sketch = parse_spec(spec)
     names: list[str | None] = [None]
     if n_facts and not named:
         path = make_adapter(args, n_facts, work / "adapter.nkv")
-        kwargs["additional_config"] = {"nkv": {"adapter": str(path), "strict": False}}
+        kwargs["additional_config"] = {"nkv": {"adapter": str(path), "strict": False, "sketch": sketch}}
     elif n_facts:
         names = [f"a{i}" for i in range(named)]
         kwargs["additional_config"] = {"nkv": {
-            "strict": False, "max_adapters": named,
+            "strict": False, "max_adapters": named, "sketch": sketch,
             "adapters": {name: str(make_adapter(args, n_facts, work / f"{name}.nkv", seed=i))
                          for i, name in enumerate(names)}}}
     if n_facts:
@@ -145,7 +149,7 @@ def serve(args: argparse.Namespace, spec: str) -> None:
                              extra_args=None if names[i % len(names)] is None else {"nkv": names[i % len(names)]})
               for i in range(args.batch)]
     llm.generate(prompts, params, use_tqdm=False)  # warm-up
-    ready = {"spec": spec, "named": named, "n_facts": n_facts, "engine_start_s": round(start_s, 1),
+    ready = {"spec": spec, "named": named, "n_facts": n_facts, "sketch": sketch, "engine_start_s": round(start_s, 1),
              "adapter_buffer_mib": round(adapter_bytes / 2**20, 1),
              "rss_engine_mib": round((rss_started - rss_before) / 2**20, 1),
              "rss_after_start_mib": round(rss_started / 2**20, 1)}
@@ -249,9 +253,13 @@ def summarize(report: dict[str, Any]) -> str:
         best, median = generated / min(r["times_s"]), generated / statistics.median(r["times_s"])
         base_best = generated / min(base["times_s"])
         paired = statistics.median(tb / tn for tn, tb in zip(r["times_s"], base["times_s"]))
-        predicted = 1.0 / (1.0 + r["n_facts"] * f / weights_read)  # each token scores its own adapter's rows
+        # each token scores its own adapter's rows (the sketch path: d_sketch values per row, not d_key)
+        mode = r.get("sketch", False)  # runs from before the sketch path in vLLM: exact
+        per_row = min(128, f) if mode is True or (mode is None and r["n_facts"] >= 16384) else f
+        predicted = 1.0 / (1.0 + r["n_facts"] * per_row / weights_read)
         named = r.get("named", 0)
         label = f"{named} named x {r['n_facts']:,}" if named else f"{r['n_facts']:,}"
+        label += {True: " sketch", False: " exact"}.get(r.get("sketch", "absent"), "")
         rows.append(f"| {label} | {best:.0f} | {100 * (best / base_best - 1):+.1f}% | {median:.0f} | "
                     f"{100 * (paired - 1):+.1f}% | {100 * (predicted - 1):+.1f}% | {r['adapter_buffer_mib']} | "
                     f"{r['rss_engine_mib']} |")
