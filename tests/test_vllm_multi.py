@@ -303,3 +303,55 @@ def test_server_routes_the_model_field_to_named_adapters_and_lists_them(files):
     assert client.post("/v1/nkv/unload", json={"name": "A"}).json()["ranks"][0]["named"][0]["name"] == "B"
     assert client.post("/v1/nkv/unload", json={"name": "A"}).status_code == 400
     assert "A" not in {m["id"] for m in client.get("/v1/models").json()["data"]}
+
+
+# ------------------------------------------------------------------ changes copy only the rows that change
+def written_rows(module: NKVGatedProjection) -> tuple[int, int] | None:
+    """(first row, rows) the staged change writes into the keys buffer, or None."""
+    spans = [(at, len(values)) for buffer, at, values in module._staged.writes if buffer == "nkv_keys"]
+    return (min(a for a, _ in spans), sum(n for _, n in spans)) if spans else None
+
+
+def staged(module: NKVGatedProjection, adapter, name: str | None = None) -> tuple[int, int] | None:
+    module.begin()
+    module.stage(adapter, name=name)
+    return written_rows(module)
+
+
+def test_a_swap_copies_only_the_rows_that_changed():
+    a = make_adapter(10, seed=1)
+    module = routed(max_adapters=0, capacity=16)  # the engine-wide table
+    module.load(a)
+    extra = make_adapter(2, seed=9)
+    grown = a.add([dataclasses.replace(f, id=f"x{i}") for i, f in enumerate(extra.facts)], extra.keys,
+                  extra.residuals)
+    assert staged(module, grown) == (10, 2)  # rows 0-9 unchanged: not copied
+    module.commit()
+    assert staged(module, grown.remove(ids=["f9"])) == (9, 3)  # row 9 onwards shifts, row 11 becomes padding
+    module.commit()
+    x = torch.randn(5, D_KEY)
+    x[0] = extra.keys[1]
+    want = nkv_gate(x, grown.remove(ids=["f9"]).keys, key_inverse_norms(grown.remove(ids=["f9"]).keys),
+                    grown.remove(ids=["f9"]).residuals, torch.tensor(0.5)).delta
+    torch.testing.assert_close(module(x)[0], want)
+    assert module.nkv_keys[11:].abs().sum() == 0  # padding stays inert
+    assert staged(module, None) == (0, 11)  # clear: every used row back to padding
+
+
+def test_named_adapters_go_into_free_rows_and_move_only_when_packing():
+    a, b, c = make_adapter(5, seed=1), make_adapter(4, seed=2), make_adapter(6, seed=3)
+    module = routed(capacity=16, max_adapters=3)
+    module.load(a, name="A")
+    module.load(b, name="B")  # rows 5-8
+    assert staged(module, None, name="A") is None  # unloading writes nothing: A's rows are just unused
+    module.commit()
+    assert staged(module, make_adapter(3, seed=4), name="C") == (0, 3)  # into A's old rows, B stays
+    module.commit()
+    assert staged(module, c, name="C") == (9, 6)  # replaced by a larger C: the free tail, B stays
+    module.commit()
+    assert module.ranges["B"].start == 5
+    assert staged(module, make_adapter(6, seed=5), name="A") == (0, 16)  # no gap of 6: B and C move down, A appended
+    module.commit()
+    x, names, counts = mixed_batch(a, b)
+    module.set_route([None, None, "B"], counts)
+    torch.testing.assert_close(module(x)[0][7:], alone(b, x[7:]))

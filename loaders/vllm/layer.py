@@ -34,7 +34,8 @@ adds that residual to its (identical) reduced output.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import hashlib
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -103,6 +104,7 @@ class NKVGatedProjection(nn.Module):
         self.register_buffer("nkv_sketch_keys", torch.zeros(cap if self.sketched else 0, d_sketch, dtype=dtype,
                                                             device=device), persistent=False)
         self.shortlist = min(DEFAULT_SHORTLIST, cap) if self.sketched else 0
+        self._row_buffers = self._ROWS if self.sketched else self._ROWS[:3]  # what one fact row spans here
         self.slot = _replace(slot, sketch=self.sketched)
         # Named adapters: each token's index into self.ranges (-1 none), written before every step.
         self.routed = slot.max_adapters > 0
@@ -111,6 +113,7 @@ class NKVGatedProjection(nn.Module):
         self.ranges: dict[str | None, RowRange] = {}  # adapter name (None: engine-wide) -> its rows
         self._slots: dict[str | None, int] = {None: 0}  # adapter name -> routing slot (route_of)
         self._by_slot: list[RowRange] = []  # routing slot -> rows (empty ranges for free slots)
+        self._digests: list[bytes] = []  # the engine-wide adapter's live rows, one digest per row
         if self.routed:
             _ROUTED[slot.module] = self
         self.begin()
@@ -166,101 +169,123 @@ class NKVGatedProjection(nn.Module):
     # ------------------------------------------------------------ changes
     # A change is staged, then committed: `apply_swap` stages on every rank first and
     # commits only when all succeeded, and can roll every rank back (see swap.py).
-    _BUFFERS = ("nkv_keys", "nkv_key_inv_norms", "nkv_residuals", "nkv_gamma", "nkv_sketch_proj", "nkv_sketch_keys")
+    # A change writes only what differs: `Writes` lists (buffer, first index along dim 0, values).
+    # The engine-wide adapter's rows are compared by a digest per row, so `add`/`remove` on a
+    # large adapter copy the rows from the first changed one on, not the whole table; a named
+    # adapter goes into a free range (the others stay where they are) and the table is packed
+    # only when no free range is large enough. The rows a commit overwrites are kept, so
+    # `rollback` restores exactly those.
     _ROWS = ("nkv_keys", "nkv_key_inv_norms", "nkv_residuals", "nkv_sketch_keys")  # one entry per fact row
 
     def begin(self, change: str | None = None) -> None:
         """Start change `change` (an id): forget the previous change's staged and saved rows."""
         self._change = change
-        self._staged: tuple[dict[str, torch.Tensor], SlotInfo, dict[str | None, RowRange], dict[str | None, int]] \
-            | None = None
-        self._previous: tuple[dict[str, torch.Tensor], SlotInfo, dict[str | None, RowRange], dict[str | None, int]] \
-            | None = None
+        self._staged: _Change | None = None
+        self._previous: _Change | None = None
 
     @torch.no_grad()
     def stage(self, adapter: NKVAdapter | None, gamma: float | None = None, source: str | None = None,
               revision: str | None = None, digest: str | None = None, name: str | None = None) -> None:
-        """Prepare `adapter`'s rows (this rank's key slice, padded to capacity) without touching
-        the live buffers; None stages an empty table (or unloads `name`). The caller checks
-        compatibility (`slot.check_adapter`) and calls `begin`; only invariants that would
-        corrupt memory are asserted."""
+        """Prepare `adapter`'s rows (this rank's key slice) without touching the live buffers;
+        None stages an empty table (or unloads `name`). The caller checks compatibility
+        (`slot.check_adapter`) and calls `begin`; only invariants that would corrupt memory
+        are asserted."""
         self._staged = None
         if self.routed:
             self._stage_routed(adapter, gamma, source, revision, digest, name)
             return
         assert name is None, "named adapters need an engine started with max_adapters > 0"
-        rows = {name: torch.zeros_like(getattr(self, name), device="cpu") for name in self._BUFFERS}
-        if adapter is None:
-            rows["nkv_gamma"].fill_(1.0)
-            self._staged = rows, _replace(self.slot, n_facts=0, gamma=None, source=None, revision=None,
-                                          digest=None), {}, {None: 0}
-            return
-        n = adapter.n_facts
-        self._fill(rows, 0, adapter, 0)
-        value = check_gamma(adapter.gamma if gamma is None else gamma)
-        rows["nkv_gamma"].fill_(value)
-        self._staged = rows, _replace(self.slot, n_facts=n, gamma=value, source=source, revision=revision,
-                                      digest=digest), {None: RowRange(0, n, value)}, {None: 0}
+        n = 0 if adapter is None else adapter.n_facts
+        rows = self._rows_of(adapter, 0) if adapter is not None else {}
+        digests = _row_digests([rows[b] for b in self._row_buffers], n) if n else []
+        live = self._digests
+        first = next((i for i in range(min(n, len(live))) if digests[i] != live[i]), min(n, len(live)))
+        writes: Writes = [(b, first, rows[b][first:]) for b in self._row_buffers if n > first]
+        if len(live) > n:  # rows no longer used become padding again: zero key, residual and norm
+            writes += [(b, n, torch.zeros_like(getattr(self, b)[n:len(live)], device="cpu"))
+                       for b in self._row_buffers]
+        value = 1.0 if adapter is None else check_gamma(adapter.gamma if gamma is None else gamma)
+        writes.append(("nkv_gamma", -1, torch.tensor(value)))
+        if "proj" in rows:
+            writes.append(("nkv_sketch_proj", 0, rows["proj"].unsqueeze(0)))
+        info = {"n_facts": n, "gamma": None if adapter is None else value, "source": source if adapter else None,
+                "revision": revision if adapter else None, "digest": digest if adapter else None}
+        self._staged = _Change(writes, _replace(self.slot, **info),
+                               {} if adapter is None else {None: RowRange(0, n, value)}, {None: 0}, digests)
 
     def _stage_routed(self, adapter: NKVAdapter | None, gamma: float | None, source: str | None,
                       revision: str | None, digest: str | None, name: str | None) -> None:
-        """Named adapters: pack the adapters that stay, in order, from row 0, then `adapter`'s
-        rows under `name` (replacing any it had). Rows after the last range are never scored."""
-        rows = {b: torch.zeros_like(getattr(self, b), device="cpu") for b in self._BUFFERS}
-        rows["nkv_sketch_proj"] = self.nkv_sketch_proj.to("cpu", copy=True)  # kept adapters keep their slot's
-        ranges: dict[str | None, RowRange] = {}
-        at = 0
-        for kept, r in self.ranges.items():
-            if kept == name:
-                continue
-            live = slice(r.start, r.start + r.n_facts)
-            for b in self._ROWS:
-                rows[b][at:at + r.n_facts] = getattr(self, b)[live].to("cpu")
-            ranges[kept] = r._replace(start=at)
-            at += r.n_facts
+        """Named adapters: `adapter`'s rows under `name` (replacing any it had) go into the first
+        free range; the others stay where they are, unless no free range is large enough: then
+        the others are packed from row 0 (moved) first. Rows outside every range are never scored."""
+        ranges = {kept: r for kept, r in self.ranges.items() if kept != name}
+        writes: Writes = []
+        n = 0 if adapter is None else adapter.n_facts
+        at = _first_fit(ranges.values(), n, self.slot.capacity) if adapter is not None else None
+        if adapter is not None and at is None:  # fragmented: pack the others, then append
+            packed, at = {}, 0
+            for kept, r in ranges.items():
+                if r.start != at:
+                    rows_of = slice(r.start, r.start + r.n_facts)
+                    writes += [(b, at, getattr(self, b)[rows_of].to("cpu", copy=True)) for b in self._row_buffers]
+                packed[kept] = r._replace(start=at)
+                at += r.n_facts
+            ranges = packed
         entries = [e for e in self.slot.named if e["name"] != name]
         default = {k: getattr(self.slot, k) for k in ("n_facts", "gamma", "source", "revision", "digest")}
-        slots = {n: i for n, i in self._slots.items() if n is None or n in ranges}
+        slots = {k: i for k, i in self._slots.items() if k is None or k in ranges or k == name}
         info = {"n_facts": 0, "gamma": None, "source": None, "revision": None, "digest": None}
         if adapter is not None:
             if name not in slots:  # a new name takes the lowest free slot; a replaced one keeps its own
                 taken = set(slots.values())
                 slots[name] = next(i for i in range(1, self.slot.max_adapters + 1) if i not in taken)
-            n = adapter.n_facts
-            self._fill(rows, at, adapter, slots[name])
+            assert at is not None
+            rows = self._rows_of(adapter, slots[name])
+            writes += [(b, at, rows[b]) for b in self._row_buffers]
+            if "proj" in rows:
+                writes.append(("nkv_sketch_proj", slots[name], rows["proj"].unsqueeze(0)))
             value = check_gamma(adapter.gamma if gamma is None else gamma)
             ranges[name] = RowRange(at, n, value)
             info = {"n_facts": n, "gamma": value, "source": source, "revision": revision, "digest": digest}
+        else:
+            slots.pop(name, None)
         if name is None:
             default = info
         elif adapter is not None:
             entries.append({"name": name, **info})
-        self._staged = rows, _replace(self.slot, **default, named=sorted(entries, key=lambda e: e["name"])), \
-            ranges, slots
+        self._staged = _Change(writes, _replace(self.slot, **default, named=sorted(entries, key=lambda e: e["name"])),
+                               ranges, slots, [])
 
-    def _fill(self, rows: dict[str, torch.Tensor], at: int, adapter: NKVAdapter, slot: int) -> None:
-        """Write `adapter`'s rows from row `at` (this rank's key slice), and its sketch (projection at `slot`)."""
-        n = adapter.n_facts
-        assert at + n <= self.slot.capacity and adapter.keys.shape[1] == self.slot.d_key
-        rows["nkv_keys"][at:at + n] = adapter.keys[:, self.col_start:self.col_start + self.d_key_local]
-        # Norms of the full stored rows, before any rounding to the serving dtype.
-        rows["nkv_key_inv_norms"][at:at + n] = key_inverse_norms(adapter.keys)
-        rows["nkv_residuals"][at:at + n] = adapter.residuals
-        if self.sketched and n:
+    def _rows_of(self, adapter: NKVAdapter, slot: int) -> dict[str, torch.Tensor]:
+        """`adapter`'s rows as this rank holds them (its key slice), on the CPU; with the sketch
+        path also their sketches and "proj", this rank's rows of the projection (for `slot`)."""
+        assert adapter.n_facts <= self.slot.capacity and adapter.keys.shape[1] == self.slot.d_key
+        keys = self.nkv_keys
+        rows = {
+            "nkv_keys": adapter.keys[:, self.col_start:self.col_start + self.d_key_local].to(keys.dtype),
+            # norms of the full stored rows, before any rounding to the serving dtype
+            "nkv_key_inv_norms": key_inverse_norms(adapter.keys),
+            "nkv_residuals": adapter.residuals.to(self.nkv_residuals.dtype),
+            "nkv_sketch_keys": torch.zeros(adapter.n_facts, self.nkv_sketch_keys.shape[1], dtype=keys.dtype),
+        }
+        if self.sketched and adapter.n_facts:
             d_sketch = self.nkv_sketch_keys.shape[1]
             proj = adapter.sketch_proj if adapter.sketch_proj is not None and adapter.sketch_proj.shape[1] == d_sketch \
                 else fit_sketch(adapter.keys, d_sketch)  # (d_key, d_sketch); the same on every rank
-            rows["nkv_sketch_keys"][at:at + n] = sketch_keys(adapter.keys, proj)
-            rows["nkv_sketch_proj"][slot] = proj[self.col_start:self.col_start + self.d_key_local]
+            rows["nkv_sketch_keys"] = sketch_keys(adapter.keys, proj).to(keys.dtype)
+            rows["proj"] = proj[self.col_start:self.col_start + self.d_key_local].contiguous()
+        return rows
 
     @torch.no_grad()
     def commit(self) -> None:
         """Copy the staged rows into the live buffers (in place: compiled graphs keep seeing them),
-        keeping the old rows until `rollback` or the next change."""
+        keeping the rows they overwrite until `rollback` or the next change."""
         assert self._staged is not None, "commit() without stage()"
-        self._previous = {name: getattr(self, name).detach().to("cpu", copy=True) for name in self._BUFFERS}, \
-            self.slot, dict(self.ranges), dict(self._slots)
-        self._write(*self._staged)
+        staged = self._staged
+        saved = [(b, at, self._at(b, at, len(values) if at >= 0 else 0).to("cpu", copy=True))
+                 for b, at, values in staged.writes]
+        self._previous = _Change(saved[::-1], self.slot, dict(self.ranges), dict(self._slots), self._digests)
+        self._write(*staged)
         self._staged = None
 
     @torch.no_grad()
@@ -274,11 +299,16 @@ class NKVGatedProjection(nn.Module):
         if previous is not None:
             self._write(*previous)
 
-    def _write(self, rows: dict[str, torch.Tensor], slot: SlotInfo, ranges: dict[str | None, RowRange],
-               slots: dict[str | None, int]) -> None:
-        for name in self._BUFFERS:
-            getattr(self, name).copy_(rows[name])
-        self.slot, self.ranges, self._slots = slot, ranges, slots
+    def _at(self, buffer: str, at: int, count: int) -> torch.Tensor:
+        """The view a write goes to: rows [at, at + count) of `buffer`, or all of it when at is -1."""
+        target = getattr(self, buffer)
+        return target if at < 0 else target[at:at + count]
+
+    def _write(self, writes: "Writes", slot: SlotInfo, ranges: dict[str | None, RowRange],
+               slots: dict[str | None, int], digests: list[bytes]) -> None:
+        for buffer, at, values in writes:
+            self._at(buffer, at, len(values) if at >= 0 else 0).copy_(values)
+        self.slot, self.ranges, self._slots, self._digests = slot, ranges, slots, digests
         self._by_slot = [RowRange(0, 0, 1.0)] * (slot.max_adapters + 1)
         for name, r in ranges.items():
             if self.sketched and (self.sketch_mode is True or r.n_facts >= SKETCH_MIN_FACTS):
@@ -307,6 +337,38 @@ class NKVGatedProjection(nn.Module):
         named = f", named={[e['name'] for e in s.named]}" if self.routed else ""
         return (f"layer={s.layer}, capacity={s.capacity}, n_facts={s.n_facts}, d_key={s.d_key}, "
                 f"tp_rank={s.tp_rank}/{s.tp_size}{named}")
+
+
+Writes = list  # [(buffer name, first index along dim 0 or -1 for the whole buffer, values)]
+
+
+class _Change(NamedTuple):
+    """One change of a rank's gated module, staged (or saved, to roll it back)."""
+
+    writes: Writes
+    slot: SlotInfo
+    ranges: dict[str | None, RowRange]
+    slots: dict[str | None, int]
+    digests: list[bytes]  # the engine-wide adapter's rows after the change
+
+
+def _row_digests(tables: list[torch.Tensor], n: int) -> list[bytes]:
+    """A digest of each of the first n rows across `tables` (key slice, norm, residual, sketch),
+    to find the rows a change leaves as they are."""
+    if not n:
+        return []
+    parts = [t[:n].reshape(n, -1).contiguous().view(torch.uint8).numpy() for t in tables]
+    return [hashlib.blake2b(b"".join(p[i].tobytes() for p in parts), digest_size=16).digest() for i in range(n)]
+
+
+def _first_fit(ranges: Any, n: int, capacity: int) -> int | None:
+    """The first row from which n rows are free of every range, or None."""
+    at = 0
+    for r in sorted(ranges, key=lambda r: r.start):
+        if r.start - at >= n:
+            return at
+        at = max(at, r.start + r.n_facts)
+    return at if capacity - at >= n else None
 
 
 def gated_module(model: nn.Module) -> NKVGatedProjection | None:
