@@ -208,8 +208,9 @@ class NKVGatedProjection(nn.Module):
         writes.append(("nkv_gamma", -1, torch.tensor(value)))
         if "proj" in rows:
             writes.append(("nkv_sketch_proj", 0, rows["proj"].unsqueeze(0)))
-        info = {"n_facts": n, "gamma": None if adapter is None else value, "source": source if adapter else None,
-                "revision": revision if adapter else None, "digest": digest if adapter else None}
+        loaded = adapter is not None
+        info = {"n_facts": n, "gamma": value if loaded else None, "source": source if loaded else None,
+                "revision": revision if loaded else None, "digest": digest if loaded else None}
         self._staged = _Change(writes, _replace(self.slot, **info),
                                {} if adapter is None else {None: RowRange(0, n, value)}, {None: 0}, digests)
 
