@@ -40,6 +40,7 @@ def main() -> None:
     p.add_argument("--data", required=True, help="the facts file it was built from (for the paraphrases)")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--shortlists", default="128,32")
+    p.add_argument("--kinds", default="edit,paraphrase", help="which prompts: edit, paraphrase")
     args = p.parse_args()
     torch.set_num_threads(1)
 
@@ -50,6 +51,7 @@ def main() -> None:
     prompts = {"edit": [f.prompt for f in adapter.facts],
                "paraphrase": [inputs[f.id].paraphrases[0] for f in adapter.facts
                               if f.id in inputs and inputs[f.id].paraphrases]}
+    prompts = {kind: texts for kind, texts in prompts.items() if kind in args.kinds.split(",")}
     handle = load_nkv_adapter(model, adapter)
     handle.module.use_sketch(adapter, 0)  # the exact gate: the reference
     exact = {kind: decisions(model, tok, handle, texts) for kind, texts in prompts.items()}
