@@ -9,7 +9,6 @@ request checks (unknown names refused, prefix cache salted by adapter), and the 
 from __future__ import annotations
 
 import dataclasses
-import threading
 import types
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from nkv.loaders.vllm.slot import check_adapter
 from nkv.loaders.vllm.swap import apply_swap, pin, unload
 
 from test_vllm_failsafe import Core, Rank
-from test_vllm_units import D_KEY, ZeroProjection, make_adapter, make_slot
+from test_vllm_units import D_KEY, ZeroProjection, key_slice, make_adapter, make_slot, on_two_ranks
 
 MAX_TOKENS = 64
 
@@ -122,29 +121,15 @@ def test_room_and_count_are_checked_before_anything_changes():
 def test_tensor_parallel_ranks_route_alike_and_agree_with_one_device():
     a, b = make_adapter(5, seed=1), make_adapter(4, seed=2)
     x, names, counts = mixed_batch(a, b)
-    barrier, parts, outs = threading.Barrier(2), [None, None], [None, None]
 
-    def all_reduce_for(rank):
-        def all_reduce(t):
-            parts[rank] = t.clone()
-            barrier.wait()
-            total = parts[0] + parts[1]
-            barrier.wait()
-            return total
-        return all_reduce
-
-    def rank(r):
-        module = routed(tp_rank=r, tp_size=2, all_reduce=all_reduce_for(r))
+    def rank(r, all_reduce):
+        module = routed(tp_rank=r, tp_size=2, all_reduce=all_reduce)
         module.load(a, name="A")
         module.load(b, name="B")
         module.set_route(names, counts)
-        outs[r] = module(x[:, r * D_KEY // 2:(r + 1) * D_KEY // 2])[0]
+        return module(key_slice(x, r))[0]
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    outs = on_two_ranks(rank)
     single = routed()
     single.load(a, name="A")
     single.load(b, name="B")

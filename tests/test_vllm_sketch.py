@@ -6,7 +6,6 @@ tensor parallelism, compiled, and across in-place swaps.
 from __future__ import annotations
 
 import dataclasses
-import threading
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from nkv import nkv_gate
 from nkv.gate import Sketch, fit_sketch, key_inverse_norms, sketch_keys
 from nkv.loaders.vllm.layer import NKVGatedProjection
 
-from test_vllm_units import D_KEY, ZeroProjection, make_adapter, make_slot
+from test_vllm_units import D_KEY, ZeroProjection, key_slice, make_adapter, make_slot, on_two_ranks
 
 SHORTLIST = 4  # fewer candidates than facts, so the shortlist really decides something
 
@@ -91,27 +90,13 @@ def test_named_adapters_each_use_their_own_projection(shortlists):
 def test_tensor_parallel_sketch_path_agrees_with_one_device():
     adapter = make_adapter(20, seed=1)
     x = tokens(adapter)
-    barrier, parts, outs = threading.Barrier(2), [None, None], [None, None]
 
-    def all_reduce_for(rank):
-        def all_reduce(t):
-            parts[rank] = t.clone()
-            barrier.wait()
-            total = parts[0] + parts[1]
-            barrier.wait()
-            return total
-        return all_reduce
-
-    def rank(r):
-        module = sketched(tp_rank=r, tp_size=2, all_reduce=all_reduce_for(r))
+    def rank(r, all_reduce):
+        module = sketched(tp_rank=r, tp_size=2, all_reduce=all_reduce)
         module.load(adapter)
-        outs[r] = module(x[:, r * D_KEY // 2:(r + 1) * D_KEY // 2])[0]
+        return module(key_slice(x, r))[0]
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    outs = on_two_ranks(rank)
     want = reference(adapter, x)
     torch.testing.assert_close(outs[0], want)
     torch.testing.assert_close(outs[1], want)

@@ -94,34 +94,49 @@ def test_single_device_equals_reference_gate_and_padding_is_inert():
     assert module.slot.n_facts == 0 and module(x)[0].abs().sum() == 0
 
 
-def _two_ranks(reduce_results: bool = True):
-    """Run the gated module on two ranks (threads) with a summing all-reduce; return both outputs."""
-    barrier, slots = threading.Barrier(2), [None, None]
+def on_two_ranks(run_rank) -> list:
+    """`run_rank(r, all_reduce)` on ranks 0 and 1 at once (threads), with an all-reduce that
+    sums both ranks' tensors, as tensor parallelism does; returns both results."""
+    barrier, parts, outs = threading.Barrier(2, timeout=60), [None, None], [None, None]
 
     def all_reduce_for(rank):
         def all_reduce(t):
-            slots[rank] = t.clone()
+            parts[rank] = t.clone()
             barrier.wait()
-            total = slots[0] + slots[1]
+            total = parts[0] + parts[1]
             barrier.wait()
             return total
         return all_reduce
 
-    adapter = make_adapter(7, seed=1)
-    torch.manual_seed(2)
-    x = torch.cat([adapter.keys[:4] + 0.3 * torch.randn(4, D_KEY), torch.randn(5, D_KEY)])
-    outs = [None, None]
-
     def rank(r):
-        module = gated(make_slot(capacity=8, tp_rank=r, tp_size=2), all_reduce_for(r), reduce_results)
-        module.load(adapter)
-        outs[r] = module(x[:, r * D_KEY // 2:(r + 1) * D_KEY // 2])[0]
+        outs[r] = run_rank(r, all_reduce_for(r))
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(timeout=120)
+    assert all(o is not None for o in outs), "a rank failed (its error is printed above)"
+    return outs
+
+
+def key_slice(x: torch.Tensor, r: int) -> torch.Tensor:
+    """Rank r's half of the keys' width (tensor parallel size 2)."""
+    return x[:, r * D_KEY // 2:(r + 1) * D_KEY // 2]
+
+
+def _two_ranks(reduce_results: bool = True):
+    """Run the gated module on two ranks (threads) with a summing all-reduce; return both outputs."""
+    adapter = make_adapter(7, seed=1)
+    torch.manual_seed(2)
+    x = torch.cat([adapter.keys[:4] + 0.3 * torch.randn(4, D_KEY), torch.randn(5, D_KEY)])
+
+    def rank(r, all_reduce):
+        module = gated(make_slot(capacity=8, tp_rank=r, tp_size=2), all_reduce, reduce_results)
+        module.load(adapter)
+        return module(key_slice(x, r))[0]
+
+    outs = on_two_ranks(rank)
     want = nkv_gate(x, adapter.keys, key_inverse_norms(adapter.keys), adapter.residuals, torch.tensor(0.5))
     return outs, want, adapter, x
 
