@@ -87,10 +87,7 @@ def build_router() -> APIRouter:
 
     @router.post(PREFIX + "/load")
     async def load(request: Request) -> Any:
-        try:
-            body = await request.json()
-        except ValueError:
-            body = None
+        body = await _json_body(request)
         if not isinstance(body, dict) or not isinstance(body.get("adapter"), str):
             return failure(NKVError('request body must be a JSON object like {"adapter": "path or user/repo", '
                                     '"name": null, "revision": null, "strict": true, "gamma": null}'))
@@ -126,10 +123,7 @@ def build_router() -> APIRouter:
 
     @router.post(PREFIX + "/unload")
     async def unload_named(request: Request) -> Any:
-        try:
-            body = await request.json()
-        except ValueError:
-            body = None
+        body = await _json_body(request)
         try:
             name = check_name(body.get("name") if isinstance(body, dict) else None, '"name"')
             engine = client(request)
@@ -157,6 +151,14 @@ def build_router() -> APIRouter:
         return JSONResponse(content=listed)
 
     return router
+
+
+async def _json_body(request: Request) -> Any:
+    """The request's JSON body, or None when it is not JSON."""
+    try:
+        return await request.json()
+    except ValueError:
+        return None
 
 
 async def changed(engine: Any, swap: SwapRequest) -> list[dict[str, Any]]:
