@@ -215,13 +215,8 @@ def running(model: Path, *, nkv: dict[str, Any] | None = None, eager: bool = Fal
 
 
 def generate(llm, prompts: list[str] = PROMPTS) -> Outputs:
-    params = vllm.SamplingParams(temperature=0.0, max_tokens=N_TOKENS, ignore_eos=True, logprobs=0)
-    tokens, logprobs = [], []
-    for out in llm.generate(prompts, params, use_tqdm=False):
-        ids = list(out.outputs[0].token_ids)
-        tokens.append(ids)
-        logprobs.append([step[t].logprob for step, t in zip(out.outputs[0].logprobs, ids)])
-    return Outputs(tokens, logprobs)
+    """Greedy continuations of `prompts`, none naming an adapter."""
+    return generate_for(llm, [None] * len(prompts), prompts)
 
 
 @dataclass
