@@ -26,8 +26,8 @@ from nkv.compat import check_fingerprint, check_gamma, check_shape
 from nkv.errors import NKVCompatibilityError, NKVError, NKVUnsupportedModelError
 from nkv.facts import Fact
 from nkv.fingerprint import FINGERPRINT2_PREFIX, compute_fingerprint
-from nkv.constants import DEFAULT_SHORTLIST, DEFAULT_SKETCH_DIM, SKETCH_MIN_FACTS
-from nkv.gate import (DEFAULT_FACT_CHUNK, GateResult, RowRange, Sketch, fit_sketch, key_inverse_norms, nkv_gate,
+from nkv.constants import DEFAULT_SHORTLIST, SKETCH_MIN_FACTS
+from nkv.gate import (DEFAULT_FACT_CHUNK, GateResult, RowRange, Sketch, key_inverse_norms, nkv_gate,
                       nkv_gate_routed, sketch_keys)
 from nkv.resolve import AdapterSource, resolve_adapter
 
@@ -237,7 +237,7 @@ class NKVLinear(nn.Module):
             r.register_buffer("sketch_proj", None, persistent=False)
             r.register_buffer("sketch_keys", None, persistent=False)
             return
-        proj = adapter.sketch_proj if adapter.sketch_proj is not None else fit_sketch(adapter.keys, DEFAULT_SKETCH_DIM)
+        proj = adapter.sketch_projection()
         device = self.nkv_keys.device
         r.register_buffer("sketch_proj", proj.to(device), persistent=False)  # (d_key, d_sketch) float32
         r.register_buffer("sketch_keys", sketch_keys(adapter.keys, proj).to(device, self.nkv_keys.dtype),

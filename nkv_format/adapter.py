@@ -443,6 +443,15 @@ class NKVAdapter:
                                else {"base.fingerprint": (self.base.fingerprint, other.base.fingerprint)}),
         )
 
+    def sketch_projection(self, dim: int | None = None) -> torch.Tensor:
+        """The (d_key, d_sketch) float32 projection the gate's sketch path uses (spec §5.1): the
+        file's `nkv.sketch.proj` when it has `dim` columns (any number when dim is None), else
+        one fitted to the keys with `dim` (default DEFAULT_SKETCH_DIM) columns."""
+        stored = self.sketch_proj
+        if stored is not None and (dim is None or stored.shape[1] == dim):
+            return stored
+        return fit_sketch(self.keys, C.DEFAULT_SKETCH_DIM if dim is None else dim)
+
     def with_sketch(self, dim: int = C.DEFAULT_SKETCH_DIM) -> "NKVAdapter":
         """Same adapter with a sketch projection fitted to its keys (spec §5.1); dim 0 drops it.
 

@@ -179,3 +179,13 @@ def test_bad_sketch_is_refused_by_writer_and_reader(proj: torch.Tensor, needle: 
     assert bad != good
     with pytest.raises(NKVFormatError, match=r"V11: tensor 'nkv.sketch.proj' must be F32"):
         NKVAdapter.from_bytes(bad)
+
+
+def test_sketch_projection_is_the_files_when_its_width_fits_else_fitted():
+    adapter = make([f"f{i}" for i in range(40)]).with_sketch(2)
+    assert adapter.sketch_projection() is adapter.sketch_proj  # any width will do
+    assert adapter.sketch_projection(2) is adapter.sketch_proj
+    narrow = adapter.sketch_projection(3)  # a loader with 3-wide buffers: fitted again
+    assert narrow.shape == (adapter.keys.shape[1], 3)
+    torch.testing.assert_close(narrow, fit_sketch(adapter.keys, 3))
+    assert replace(adapter, sketch_proj=None).sketch_projection(3).shape[1] == 3

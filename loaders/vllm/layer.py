@@ -45,7 +45,7 @@ from nkv.adapter import NKVAdapter
 from nkv.compat import check_gamma
 from nkv.errors import NKVError
 from nkv.constants import DEFAULT_SHORTLIST, DEFAULT_SKETCH_DIM, SKETCH_MIN_FACTS
-from nkv.gate import RowRange, Sketch, fit_sketch, key_inverse_norms, nkv_gate, nkv_gate_routed, sketch_keys
+from nkv.gate import RowRange, Sketch, key_inverse_norms, nkv_gate, nkv_gate_routed, sketch_keys
 
 from .slot import SlotInfo
 
@@ -270,9 +270,7 @@ class NKVGatedProjection(nn.Module):
             "nkv_sketch_keys": torch.zeros(adapter.n_facts, self.nkv_sketch_keys.shape[1], dtype=keys.dtype),
         }
         if self.sketched and adapter.n_facts:
-            d_sketch = self.nkv_sketch_keys.shape[1]
-            proj = adapter.sketch_proj if adapter.sketch_proj is not None and adapter.sketch_proj.shape[1] == d_sketch \
-                else fit_sketch(adapter.keys, d_sketch)  # (d_key, d_sketch); the same on every rank
+            proj = adapter.sketch_projection(self.nkv_sketch_keys.shape[1])  # the buffers' width; same on every rank
             rows["nkv_sketch_keys"] = sketch_keys(adapter.keys, proj).to(keys.dtype)
             rows["proj"] = proj[self.col_start:self.col_start + self.d_key_local].contiguous()
         return rows
