@@ -49,20 +49,22 @@ from nkv.gate import RowRange, Sketch, key_inverse_norms, nkv_gate, nkv_gate_rou
 
 from .slot import SlotInfo
 
-# The gated modules of this process by module path, for the opaque op (a compiled graph can
-# hold a string, not a module). One engine per process holds one gated module.
+# The gated modules of this process by "<module path>@rank<r>", for the opaque op (a compiled
+# graph can hold a string, not a module). The key is the same in every run of the same
+# engine, so a compiled graph loaded from vLLM's cache finds the module of the engine now
+# running; the rank keeps ranks that share a process (tests) apart.
 _ROUTED: dict[str, "NKVGatedProjection"] = {}
 
 
 @torch.library.custom_op("nkv::routed_delta", mutates_args=())
-def routed_delta(x: torch.Tensor, route: torch.Tensor, module_path: str) -> torch.Tensor:
+def routed_delta(x: torch.Tensor, route: torch.Tensor, key: str) -> torch.Tensor:
     """(num_tokens, d_key / tp) -> (num_tokens, d_model): each token's residual from its own adapter."""
-    return _ROUTED[module_path].routed_delta(x, route)
+    return _ROUTED[key].routed_delta(x, route)
 
 
 @routed_delta.register_fake
-def _(x: torch.Tensor, route: torch.Tensor, module_path: str) -> torch.Tensor:
-    residuals = _ROUTED[module_path].nkv_residuals
+def _(x: torch.Tensor, route: torch.Tensor, key: str) -> torch.Tensor:
+    residuals = _ROUTED[key].nkv_residuals
     return x.new_empty((x.shape[0], residuals.shape[1]), dtype=residuals.dtype)
 
 
@@ -114,8 +116,9 @@ class NKVGatedProjection(nn.Module):
         self._slots: dict[str | None, int] = {None: 0}  # adapter name -> routing slot (route_of)
         self._by_slot: list[RowRange] = []  # routing slot -> rows (empty ranges for free slots)
         self._digests: list[bytes] = []  # the engine-wide adapter's live rows, one digest per row
+        self._op_key = f"{slot.module}@rank{slot.tp_rank}"
         if self.routed:
-            _ROUTED[slot.module] = self
+            _ROUTED[self._op_key] = self
         self.begin()
 
     def forward(self, x: torch.Tensor) -> Any:
@@ -123,7 +126,7 @@ class NKVGatedProjection(nn.Module):
         y, bias = out if self._return_bias else (out, None)
         # Every rank runs the gate: its all-reduces are collective even where nothing is added.
         if self.routed:
-            delta = torch.ops.nkv.routed_delta(x, self.nkv_route, self.slot.module)
+            delta = torch.ops.nkv.routed_delta(x, self.nkv_route, self._op_key)
         else:
             sketch = Sketch(self.nkv_sketch_proj[0], self.nkv_sketch_keys, self.shortlist) if self.sketched else None
             delta = nkv_gate(x, self.nkv_keys, self.nkv_key_inv_norms, self.nkv_residuals, self.nkv_gamma,
