@@ -59,7 +59,8 @@ def install(hook_error: Callable[[], str | None]) -> None:
 
 def _install_client_check() -> None:
     """Refuse, in the caller's process, a request naming an adapter the engine does not hold:
-    `llm.generate` raises ValueError and the server answers 400, before the engine sees it."""
+    `llm.generate` raises vLLM's VLLMValidationError and the server answers 400, before the
+    engine sees it."""
     from vllm.v1.engine.input_processor import InputProcessor
 
     validate = InputProcessor._validate_params
@@ -76,15 +77,13 @@ def _install_client_check() -> None:
 
 
 def check_client_request(vllm_config: Any, name: Any) -> None:
-    """ValueError unless the engine of `vllm_config` serves named adapters and holds `name`."""
+    """VLLMValidationError (HTTP 400) unless the engine of `vllm_config` holds named adapter `name`,
+    as far as this process knows."""
     section = section_of(vllm_config.additional_config)
-    if not isinstance(section, dict) or not section.get("max_adapters"):
-        raise _client_error(f"the request names NKV adapter {name!r} (extra_args {{'{REQUEST_KEY}': ...}}), but this "
-                         "engine was not started with named adapters (additional_config={'nkv': {'max_adapters': "
-                         "N, ...}})")
-    resident = client_resident(vllm_config)
-    if name not in resident:
-        raise _client_error(f"unknown NKV adapter {name!r}: this engine holds {sorted(resident) or 'none'}")
+    named = isinstance(section, dict) and bool(section.get("max_adapters"))
+    problem = adapter_problem(name, client_resident(vllm_config) if named else None)
+    if problem is not None:
+        raise _client_error(problem)
 
 
 def _client_error(message: str) -> Exception:
@@ -112,7 +111,7 @@ def _install_request_checks(engine_core: type) -> None:
     @functools.wraps(add)
     def add_request(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
         name = requested_adapter(request.sampling_params)
-        if name is not None and name not in getattr(self, "_nkv_resident", frozenset()):
+        if name is not None and adapter_problem(name, getattr(self, "_nkv_resident", None)) is not None:
             # Checked when it arrived, unloaded since (a change ran in between): finish it, never serve it unedited.
             refuse = getattr(self, "_send_error_outputs_to_client", None)
             if refuse is None:
@@ -128,14 +127,22 @@ def _install_request_checks(engine_core: type) -> None:
 
 
 def check_requested(core: Any, name: Any) -> None:
-    """NKVError unless the engine holds named adapter `name`."""
-    resident = getattr(core, "_nkv_resident", None)
+    """NKVError unless the engine core holds named adapter `name`."""
+    problem = adapter_problem(name, getattr(core, "_nkv_resident", None))
+    if problem is not None:
+        raise NKVError(problem)
+
+
+def adapter_problem(name: Any, resident: frozenset[str] | None) -> str | None:
+    """Why a request naming adapter `name` cannot be served (None: it can). `resident` is the
+    engine's named adapters, None when it was started without them."""
     if resident is None:
-        raise NKVError(f"this request names NKV adapter {name!r}, but the engine was not started with named adapters "
-                       "(additional_config={'nkv': {'max_adapters': N, ...}})")
+        return (f"the request names NKV adapter {name!r} (extra_args {{'{REQUEST_KEY}': ...}}), but this engine was "
+                "not started with named adapters (additional_config={'nkv': {'max_adapters': N, ...}})")
     if name not in resident:
-        raise NKVError(f"unknown NKV adapter {name!r}: this engine holds {sorted(resident) or 'none'}; load it "
-                       "first (handle.load / POST /v1/nkv/load with a name)")
+        return (f"unknown NKV adapter {name!r}: this engine holds {sorted(resident) or 'none'}; load it first "
+                "(handle.load / POST /v1/nkv/load with a name)")
+    return None
 
 
 def check_ranks(core: Any, hook_error: str | None = None) -> list[dict[str, Any]]:
@@ -166,4 +173,4 @@ def check_ranks(core: Any, hook_error: str | None = None) -> list[dict[str, Any]
     return ranks
 
 
-__all__ = ["install", "check_ranks", "check_requested"]
+__all__ = ["install", "check_ranks", "check_requested", "check_client_request", "adapter_problem"]
