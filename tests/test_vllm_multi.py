@@ -340,3 +340,10 @@ def test_named_adapters_go_into_free_rows_and_move_only_when_packing():
     x, names, counts = mixed_batch(a, b)
     module.set_route([None, None, "B"], counts)
     torch.testing.assert_close(module(x)[0][7:], alone(b, x[7:]))
+
+
+def test_an_engine_without_named_adapters_says_so_after_a_swap_too(files):
+    core = Core(Rank())  # max_adapters 0: the engine-wide adapter only
+    apply_swap(core, pin(files["A"])[0].to_dict())
+    with pytest.raises(NKVError, match="not started with named adapters"):
+        check_requested(core, "A")

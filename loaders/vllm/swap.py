@@ -133,8 +133,9 @@ def resident_names(rank: dict[str, Any]) -> frozenset[str]:
 
 
 def remember_resident(core: Any, rank: dict[str, Any]) -> None:
-    """Record, on the engine core, which names requests may choose (read by its request checks)."""
-    core._nkv_resident = resident_names(rank)
+    """Record, on the engine core, which names requests may choose (read by its request checks);
+    None on an engine without named adapters, so its refusals say that, not "unknown name"."""
+    core._nkv_resident = resident_names(rank) if rank.get("max_adapters") else None
 
 
 def abort_requests_for(core: Any, name: str) -> list[str]:
