@@ -168,7 +168,7 @@ def check_ranks(core: Any, hook_error: str | None = None) -> list[dict[str, Any]
         raise NKVError(refuse.format(why="it asks for named adapters (max_adapters), and this vLLM's model runner "
                                          "cannot route requests to them (only the V1 runner is supported: set "
                                          "VLLM_USE_V2_MODEL_RUNNER=0)"))
-    if ranks and ranks[0].get("max_adapters"):
+    if ranks:
         remember_resident(core, ranks[0])
     return ranks
 
