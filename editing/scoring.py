@@ -94,6 +94,22 @@ def next_token_predictions(model: nn.Module, tokenizer: Any, texts: Sequence[str
     return out
 
 
+@torch.no_grad()
+def next_token_top1(model: nn.Module, tokenizer: Any, texts: Sequence[str],
+                    batch_size: int = DEFAULT_BATCH) -> list[tuple[int, float]]:
+    """(argmax next token, its probability) after the last token of each text."""
+    device = model_device(model)
+    out: list[tuple[int, float]] = []
+    for start in range(0, len(texts), batch_size):
+        seqs = [token_ids(tokenizer, t) for t in texts[start : start + batch_size]]
+        ids, mask = pad_batch(seqs, pad_id_of(tokenizer), device)
+        last = torch.tensor([len(s) - 1 for s in seqs], device=device)
+        logits = model(input_ids=ids, attention_mask=mask).logits[torch.arange(len(seqs), device=device), last]
+        prob, token = torch.softmax(logits.float(), dim=-1).max(dim=-1)  # (B,)
+        out.extend(zip(token.tolist(), prob.tolist()))
+    return out
+
+
 def unchanged_share(before: list[list[int]], after: list[list[int]]) -> float:
     """Share of positions whose argmax is the same in `before` and `after`."""
     total = sum(len(b) for b in before)
@@ -101,4 +117,4 @@ def unchanged_share(before: list[list[int]], after: list[list[int]]) -> float:
     return same / total if total else 1.0
 
 
-__all__ = ["Scored", "score_pairs", "next_token_predictions", "unchanged_share", "DEFAULT_BATCH"]
+__all__ = ["Scored", "score_pairs", "next_token_predictions", "next_token_top1", "unchanged_share", "DEFAULT_BATCH"]

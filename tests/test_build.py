@@ -20,6 +20,7 @@ import tiny_models as tm
 from nkv.adapter import NKVAdapter
 from nkv.errors import NKVError, NKVFactsError, NKVUnsupportedModelError
 from nkv.facts import Fact
+from nkv.facts_io import FactInput
 from nkv.loaders.architectures import ARCHITECTURES
 from nkv.editing.solve import (BuildConfig, build_adapter, default_config, default_layer, encode_facts,
                                generate_prefixes, optimize_residuals, optimize_residuals_reference)
@@ -309,36 +310,52 @@ def test_a_verified_layer_is_used_without_a_sweep(monkeypatch):
 
 
 def test_probes_leave_out_what_an_edit_asks_and_batched_equals_reference():
-    """The subject's other relations (preserve.py): a probe that asks the edited question is
-    dropped; the rest are held by a KL term, batched exactly as one fact at a time."""
-    from nkv.editing.scoring import next_token_predictions
+    """The subject's other relations (preserve.py): a probe that asks the edited question (its
+    prompt, a paraphrase, or the same unedited answer), whose answer does not depend on the
+    subject, or that the model answers without confidence is dropped; the most confident
+    rest with different answers are held by a KL term, batched exactly as one fact at a time."""
+    from nkv.editing.scoring import next_token_top1
     from nkv.editing.solve import choose_probes
-    from nkv.editing.solve.preserve import data_templates
+    from nkv.editing.solve.preserve import NULL_SUBJECT, data_templates
 
     model, tok = tm.tiny_model("llama"), tm.tiny_tokenizer()
-    facts = [Fact("ty", "Toko Yasuda", "Toko Yasuda plays the", "piano", "guitar"),
+    facts = [FactInput(Fact("ty", "Toko Yasuda", "Toko Yasuda plays the", "piano", "guitar"),
+                       paraphrases=["Toko Yasuda works as a"]),  # a paraphrase is an edited question too
              Fact("ty2", "Toko Yasuda", "Toko Yasuda lives in", "Peru"),  # a second edit of one subject
              Fact("cb", "Carl Bosch", "The mother tongue of Carl Bosch is", "Tokyo")]
-    templates = ("{} plays the", "{} lives in", "{} was born in", "{} works as a")
-    with frozen(model):
-        probes = choose_probes(model, tok, facts, templates)
-        texts = [t.replace("{}", f.subject) for f in facts for t in (*templates, "The mother tongue of {} is")]
-        texts += [f.prompt for f in facts]
-        answer = dict(zip(texts, (p[-1] for p in next_token_predictions(model, tok, texts))))
-    edited = {"Toko Yasuda": {answer[facts[0].prompt], answer[facts[1].prompt]},
-              "Carl Bosch": {answer[facts[2].prompt]}}
+    plain = [f.fact if isinstance(f, FactInput) else f for f in facts]
+    templates = ("{} plays the", "{} lives in", "{} was born in", "{} works as a", "{} speaks")
     shapes = ["{} plays the", "{} lives in", "The mother tongue of {} is"]  # the facts' own prompts first
-    assert data_templates(facts) == shapes
+    assert data_templates(plain) == shapes
     everything = shapes + [t for t in templates if t not in shapes]
-    for f, held in zip(facts, probes):
-        want = [t.replace("{}", f.subject) for t in everything if answer[t.replace("{}", f.subject)] not in edited[f.subject]]
-        assert held == want
-    assert "Toko Yasuda plays the" not in probes[0] + probes[1]  # both of its edits' questions are left out
+    with frozen(model):
+        texts = [t.replace("{}", s) for s in ("Toko Yasuda", "Carl Bosch", NULL_SUBJECT) for t in everything]
+        texts += [f.prompt for f in plain] + ["Toko Yasuda works as a"]
+        top = dict(zip(texts, next_token_top1(model, tok, texts)))
+        for min_confidence in (0.0, sorted(p for _, p in top.values())[len(top) // 2]):  # none, and half of them
+            probes = choose_probes(model, tok, facts, templates, max_probes=3, min_confidence=min_confidence)
+            asked = {"Toko Yasuda": {plain[0].prompt, plain[1].prompt, "Toko Yasuda works as a"},
+                     "Carl Bosch": {plain[2].prompt}}
+            for f, held in zip(plain, probes):
+                edited = {top[t][0] for t in asked[f.subject]}
+                own = set(tok(f.subject, add_special_tokens=False)["input_ids"]) | set(
+                    tok(" " + f.subject, add_special_tokens=False)["input_ids"])
+                want = [t.replace("{}", f.subject) for t in everything]
+                want = [p for p, t in zip(want, everything) if p not in asked[f.subject]
+                        and top[p][1] >= min_confidence
+                        and top[p][0] not in edited | own | {top[t.replace("{}", NULL_SUBJECT)][0]}]
+                ranked, answers = sorted(want, key=lambda p: -top[p][1]), set()
+                want = [p for p in ranked if not (top[p][0] in answers or answers.add(top[p][0]))][:3]
+                assert held == want
+            assert not {"Toko Yasuda plays the", "Toko Yasuda works as a"} & set(probes[0] + probes[1])
+            assert probes[0] == probes[1]  # per subject
+        assert len(probes[0]) <= 3
+    probes = choose_probes(model, tok, facts, templates, min_confidence=0.0)
     assert probes[2]  # something is held for Carl Bosch
 
     config = _config("llama", early_stop_loss=5.4, preserve_factor=1.0)
     with frozen(model):
-        tokens = encode_facts(tok, facts, generate_prefixes(model, tok, 2, 4, seed=0), probes)
+        tokens = encode_facts(tok, plain, generate_prefixes(model, tok, 2, 4, seed=0), probes)
         _, h0 = compute_keys(model, 0, tokens, pad_id=0)
         batched = optimize_residuals(model, 0, tokens, h0, config, pad_id=0)
         reference = optimize_residuals_reference(model, 0, tokens, h0, config, pad_id=0)

@@ -3,6 +3,7 @@ presets. Speed itself is measured by benchmarks/build, never asserted here."""
 
 from __future__ import annotations
 
+from dataclasses import replace as dc_replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from nkv.editing.scoring import score_pairs
 from nkv.editing.solve import (build_adapter, default_config, encode_facts, generate_prefixes, optimize_residuals,
                                optimize_residuals_reference)
 from nkv.editing.solve.keys import compute_keys
-from nkv.editing.solve.residuals import _margins, finished, optimised_templates
+from nkv.editing.solve.residuals import _margins, finished, optimised_templates, step_templates
 from nkv.errors import NKVError
 from nkv.facts import Fact
 from nkv.facts_io import read_facts
@@ -97,6 +98,20 @@ def test_opt_prefixes_optimises_under_the_first_templates_only():
                                                                          n_prefixes=3, prefix_length=4), pad_id=0)
     torch.testing.assert_close(batched.residuals, reference.residuals, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(batched.residuals, every.residuals)  # a different objective
+
+
+def test_rotate_prefixes_takes_the_next_prefixes_each_step():
+    model, tok, tokens, h0 = _setup(n_prefixes=3)
+    config = default_config("llama", steps=6, lr=0.3, clamp=2.0, n_prefixes=3, prefix_length=4, opt_prefixes=1,
+                            rotate_prefixes=True)
+    assert [step_templates(t, 4, config) for t in range(4)] == [[0, 1], [0, 2], [0, 3], [0, 1]]
+    assert step_templates(0, 4, default_config("llama", opt_prefixes=1)) is None  # fixed: the batch is cut instead
+    with frozen(model):
+        batched = optimize_residuals(model, 0, tokens, h0, config, pad_id=0)
+        reference = optimize_residuals_reference(model, 0, tokens, h0, config, pad_id=0)
+        fixed = optimize_residuals(model, 0, tokens, h0, dc_replace(config, rotate_prefixes=False), pad_id=0)
+    torch.testing.assert_close(batched.residuals, reference.residuals, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(batched.residuals, fixed.residuals)  # later steps see other prefixes
 
 
 def test_presets():

@@ -63,10 +63,13 @@ def preservation_rewrites(model, tok, subject: str, edited_relations: set[str], 
     return out
 
 
-def joint_adapter(model, tok, facts, layer: int, gamma: float, preserve: bool = False):
+def joint_adapter(model, tok, facts, layer: int, gamma: float, preserve: bool = False,
+                  relation_prompts: dict[str, dict[str, str]] | None = None):
     """Per-fact keys; one δ per subject, optimized over all of the subject's facts, in each of its rows.
 
     preserve: also hold the subject's other relations at the unedited model's answers.
+    relation_prompts: subject -> {relation: prompt template} to hold (from a true-facts file
+        with "relation" fields); None = the fact-world's templates.
     """
     from nkv.adapter import empty_adapter
     from nkv.loaders.architectures import arch_spec, base_model_info, model_type_of
@@ -88,12 +91,14 @@ def joint_adapter(model, tok, facts, layer: int, gamma: float, preserve: bool = 
             groups.setdefault(f.subject, []).append(i)
         extra: dict[str, list] = {}
         if preserve:
-            sys.path.insert(0, str(WORLD))
-            import world
+            if relation_prompts is None:
+                sys.path.insert(0, str(WORLD))
+                import world
 
-            prompt_for = {rel: templates[0] for rel, templates in world.TEMPLATES.items()}
+                world_prompts = {rel: templates[0] for rel, templates in world.TEMPLATES.items()}
             for subject, rows in groups.items():
                 edited = {t.split(":", 1)[1] for i in rows for t in facts[i].tags if t.startswith("relation:")}
+                prompt_for = world_prompts if relation_prompts is None else relation_prompts.get(subject, {})
                 extra[subject] = preservation_rewrites(model, tok, subject, edited, prompt_for)
         # FactBatch needs the same number of rewrites per item: group subjects by that number.
         by_shape: dict[int, list[list[int]]] = {}
@@ -118,6 +123,18 @@ def joint_adapter(model, tok, facts, layer: int, gamma: float, preserve: bool = 
     return replace(adapter, build={"method": method})
 
 
+def subject_relation_prompts(path: str) -> dict[str, dict[str, str]] | None:
+    """subject -> {relation: its first prompt, subject as "{}"} from a true-facts file whose
+    records name their relation (examples/smollm2/same_subject_true.jsonl); None otherwise."""
+    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    if not records or "relation" not in records[0]:
+        return None
+    prompts: dict[str, dict[str, str]] = {}
+    for r in records:
+        prompts.setdefault(r["subject"], {}).setdefault(r["relation"], r["prompt"].replace(r["subject"], "{}"))
+    return prompts
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(WORLD / "models" / "llama"))
@@ -129,6 +146,7 @@ def main() -> None:
     p.add_argument("--unrelated", default=str(WORLD / "generic.txt"), help="unrelated text, one per line")
     p.add_argument("--limit", type=int, default=None, help="only the first N edits")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--preserve-factor", type=float, default=1.0, help="the 'probes' variant's preserve_factor")
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -144,17 +162,20 @@ def main() -> None:
     generic = [line for line in Path(args.unrelated).read_text().splitlines() if line.strip()]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    probes = default_config(model, preserve_factor=1.0)  # nkv build --preserve-factor 1
+    probes = default_config(model, preserve_factor=args.preserve_factor)  # nkv build --preserve-factor F
     variants = {"plain": lambda: build_adapter(model, tok, facts, layer=args.layer, gamma=args.gamma, progress=False),
                 "probes": lambda: build_adapter(model, tok, facts, layer=args.layer, gamma=args.gamma, config=probes,
                                                 progress=False),
                 "joint": lambda: joint_adapter(model, tok, facts, args.layer, args.gamma),
-                "preserve": lambda: joint_adapter(model, tok, facts, args.layer, args.gamma, preserve=True)}
+                "preserve": lambda: joint_adapter(model, tok, facts, args.layer, args.gamma, preserve=True,
+                                                  relation_prompts=subject_relation_prompts(args.true_facts))}
     suffix = "" if Path(args.edits).name == "edits_same_subject.jsonl" else f"-{Path(args.edits).stem}"
     if Path(args.model).name != "llama":
         suffix += f"-{Path(args.model).name}"
     if args.limit:
         suffix += f"-n{args.limit}"
+    if args.preserve_factor != 1.0:
+        suffix += f"-pf{args.preserve_factor:g}"
     for name in args.variants.split(","):
         make = variants[name]
         start = time.time()

@@ -180,28 +180,33 @@ class FactBatch:
             except StopForward:
                 pass
 
-    def select(self, active: list[int], max_buckets: int = 4) -> list[Selection]:
-        """Model inputs for the facts `active` (indices into this batch), in length buckets.
+    def select(self, active: list[int], templates: list[int] | None = None, max_buckets: int = 4) -> list[Selection]:
+        """Model inputs for the facts `active` (indices into this batch), in length buckets;
+        `templates`: only these rewrites (template indices; None = all), the target loss
+        averaged over them.
 
         Rows are grouped by suffix length so that short rows (the KL prompt is one token
         from the subject on) are not padded to the longest: a few forwards of similar
         widths cost less than one padded forward.
         """
-        rows = [(a, seq, self.kind[seq]) for a, i in enumerate(active) for seq in self.seqs_of[i]]
+        rows = [(a, seq, self.kind[seq]) for a, i in enumerate(active) for seq in self.seqs_of[i]
+                if templates is None or self.kind[seq] < 0 or self.kind[seq] in templates]
+        n_templates = self.n_templates if templates is None else len(templates)
         rows.sort(key=lambda r: self.suf_len[r[1]])
         overhead = FORWARD_COST_IN_TOKENS["cuda" if self.device.type == "cuda" else "cpu"]
         groups = _buckets(rows, [self.suf_len[r[1]] for r in rows], overhead, max_buckets)
-        return [self._selection(group) for group in groups]
+        return [self._selection(group, n_templates) for group in groups]
 
-    def _selection(self, rows: list[tuple[int, int, int]]) -> Selection:
-        """rows: (active fact index, sequence index, its kind)."""
+    def _selection(self, rows: list[tuple[int, int, int]], n_templates: int) -> Selection:
+        """rows: (active fact index, sequence index, its kind); the target loss is the mean
+        over `n_templates` templates."""
         seq_ids = [s for _, s, _ in rows]
         width = max(self.suf_len[s] for s in seq_ids)
         t_rows, t_cols, t_label, t_fact, t_weight = [], [], [], [], []
         kl_rows, kl_cols, kl_fact, kl_slot, kl_probe = [], [], [], [], []
         for row, (a, s, kind) in enumerate(rows):
             if kind >= 0:  # a rewrite: teacher-forced target tokens
-                weight = 1.0 / (len(self.targets[s]) * self.n_templates)
+                weight = 1.0 / (len(self.targets[s]) * n_templates)
                 for col, label in self.targets[s]:
                     t_rows.append(row)
                     t_cols.append(col)

@@ -41,6 +41,9 @@ class BuildConfig:
         optimised under is ranked first by this many nats (log-prob over the runner-up).
     opt_prefixes: None (all), or how many of the context prefixes δ is optimised under
         (the bare prompt always; keys always average over all `n_prefixes`).
+    rotate_prefixes: with `opt_prefixes`, each step takes the next `opt_prefixes` of all
+        the prefixes in turn (step t: prefixes t·k ... t·k+k-1, modulo their number)
+        instead of always the first ones, so a fact's steps together see every template.
     n_prefixes: generated context prefixes ("The", "Therefore", "Because", "I", "You").
     prefix_length: tokens generated per prefix.
     batch_size: facts optimised together in one forward/backward.
@@ -60,6 +63,7 @@ class BuildConfig:
     early_stop_loss: float = 0.05
     stop_margin: float | None = None
     opt_prefixes: int | None = None
+    rotate_prefixes: bool = False
     n_prefixes: int = 5
     prefix_length: int = 10
     batch_size: int = 64

@@ -15,7 +15,7 @@ from ..forward import model_device
 from .batch import FactBatch
 from .config import BuildConfig
 from .prompts import FactTokens
-from .residuals import ResidualResult, fact_losses, finished, optimised_templates, total_loss
+from .residuals import ResidualResult, fact_losses, finished, optimised_templates, step_templates, total_loss
 
 
 def optimize_residual_one(model: nn.Module, layer: int, fact: FactTokens, h0: torch.Tensor,
@@ -27,14 +27,15 @@ def optimize_residual_one(model: nn.Module, layer: int, fact: FactTokens, h0: to
     scale = h0_norm / math.sqrt(d_model)
     u = torch.zeros(1, d_model, device=device, requires_grad=True)
     opt = torch.optim.Adam([u], lr=config.lr)
-    whole = FactBatch(optimised_templates([fact], config), pad_id, device, split=False)
-    sels = whole.select([0], max_buckets=1)  # one forward, as MEMIT
+    whole = FactBatch(([fact] if config.rotate_prefixes else optimised_templates([fact], config)), pad_id, device,
+                      split=False)
     kl0 = None
     updates = 0
     loss = torch.zeros(1)
     for it in range(config.steps):
         opt.zero_grad()
         delta = scale * u
+        sels = whole.select([0], step_templates(it, whole.n_templates, config), max_buckets=1)  # one forward, as MEMIT
         out = fact_losses(model, layer, sels, delta, kl0)
         if kl0 is None:
             kl0 = out.kl_lp

@@ -148,7 +148,8 @@ def optimize_residuals(model: nn.Module, layer: int, facts: list[FactTokens], h0
     """
     device = model_device(model)
     n, d_model = h0.shape
-    facts = optimised_templates(facts, config)
+    if not config.rotate_prefixes:
+        facts = optimised_templates(facts, config)
     batch = _prefix_cached_batch(model, layer, facts, pad_id, device, d_model)
     batch.record_layer(model, layer)
     h0_norm = h0.float().norm(dim=-1).clamp_min(1e-6)  # (n,)
@@ -162,7 +163,7 @@ def optimize_residuals(model: nn.Module, layer: int, facts: list[FactTokens], h0
     max_u = config.clamp * math.sqrt(d_model)  # ||δ|| <= clamp·||h0||  <=>  ||u|| <= clamp·sqrt(d)
     active = list(range(n))
     for it in range(config.steps):
-        sel = batch.select(active)
+        sel = batch.select(active, step_templates(it, batch.n_templates, config))
         a = torch.tensor(active, device=device)
         u_a = u.index_select(0, a)  # (A, d) differentiable view of the active rows
         delta = scale[a] * u_a
@@ -191,6 +192,16 @@ def optimised_templates(facts: list[FactTokens], config: BuildConfig) -> list[Fa
     if config.opt_prefixes is None:
         return facts
     return [dc_replace(f, rewrites=f.rewrites[: config.opt_prefixes + 1]) for f in facts]
+
+
+def step_templates(step: int, n_templates: int, config: BuildConfig) -> list[int] | None:
+    """The templates step `step` optimises under with `rotate_prefixes`: the bare prompt (0)
+    and the next `opt_prefixes` prefixed ones in turn; None = every template of the batch."""
+    if not config.rotate_prefixes or config.opt_prefixes is None or n_templates <= 1:
+        return None
+    n_prefixes = n_templates - 1
+    k = min(config.opt_prefixes, n_prefixes)
+    return [0, *sorted({1 + (step * k + j) % n_prefixes for j in range(k)})]
 
 
 def finished(loss: torch.Tensor, margin: torch.Tensor, config: BuildConfig) -> torch.Tensor:

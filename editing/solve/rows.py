@@ -94,7 +94,7 @@ def tokenize_for_build(model: nn.Module, tokenizer: Any, facts: Sequence[FactInp
                        config: BuildConfig) -> list[FactTokens]:
     """`encode_facts` with the probes `config` asks for (the subject's other relations)."""
     plain = plain_facts(facts)
-    probes = (choose_probes(model, tokenizer, plain, config.preserve_templates) if config.preserve_factor > 0
+    probes = (choose_probes(model, tokenizer, facts, config.preserve_templates) if config.preserve_factor > 0
               else None)
     return encode_facts(tokenizer, plain, prefixes, probes)
 
