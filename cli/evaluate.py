@@ -44,6 +44,9 @@ from nkv.errors import NKVError
 @click.option("--no-free-gen", is_flag=True, help="Skip greedy free-generation exact match.")
 @click.option("--fluency-prompts", type=click.IntRange(min=0), default=16, show_default=True,
               help="Edit prompts to sample text from for fluency (0: skip).")
+@click.option("--gate", "gate_path", type=click.Choice(["auto", "exact", "sketch"]), default="auto", show_default=True,
+              help="The gate's path: auto = the loader's choice (the sketch path from 16,384 facts up), exact, "
+                   "or sketch (shortlist 128 candidates rescored exactly, spec §5.1) at any size.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON instead of the table.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), metavar="PNG",
               help="Write the gate's cosine histogram (positives vs unrelated tokens, γ marked).")
@@ -52,8 +55,8 @@ from nkv.errors import NKVError
 def evaluate(model_name: str, adapter_src: str, data_path: str, skip_bad: bool, report_path: Path | None,
              unrelated_path: str | None,
              true_facts_path: str | None, limit: int | None, protocol: str | None, batch_size: int,
-             device: str | None, dtype: str, revision: str | None, no_free_gen: bool, fluency_prompts: int, as_json: bool, plot_path: Path | None,
-             write_back: bool) -> None:
+             device: str | None, dtype: str, revision: str | None, no_free_gen: bool, fluency_prompts: int,
+             gate_path: str, as_json: bool, plot_path: Path | None, write_back: bool) -> None:
     """Evaluate ADAPTER on the facts in DATA, with the adapter disabled (pre) and enabled (post).
 
     \b
@@ -92,8 +95,11 @@ def evaluate(model_name: str, adapter_src: str, data_path: str, skip_bad: bool, 
     options = EvalOptions(batch_size=batch_size, protocol=protocol, free_generation=not no_free_gen,
                           fluency_prompts=fluency_prompts)
     click.echo(f"evaluating {len(facts)} facts from {data_path} with {adapter.n_facts} edits live ...", err=True)
+    from nkv.constants import DEFAULT_SHORTLIST
+
+    shortlist = {"auto": None, "exact": 0, "sketch": DEFAULT_SHORTLIST}[gate_path]
     report = run_eval(model, tokenizer, adapter, facts, unrelated=unrelated, true_facts=true_facts, options=options,
-                      data_name=Path(data_path).name, unrelated_name=unrelated_path)
+                      data_name=Path(data_path).name, unrelated_name=unrelated_path, shortlist=shortlist)
     if report.adapter["matched"] == 0:
         click.echo(f"note: none of the {len(facts)} facts in {data_path} is in the adapter; the numbers measure "
                    "facts it was not built on", err=True)

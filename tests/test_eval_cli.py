@@ -99,6 +99,24 @@ def test_eval_table_limit_plot_and_write_back(model_dir, tmp_path):
     assert stored["n_facts"] == 2 and stored["protocol"] == "counterfact" and "efficacy" in stored["post"]
 
 
+def test_eval_gate_path_exact_or_sketch(model_dir, tmp_path):
+    """--gate picks the gate's path at any size and the report says which ran; with a
+    shortlist as long as the adapter, the sketch path decides exactly as the exact one."""
+    data = _slice("counterfact-edit.json", tmp_path)
+    adapter = _adapter_for(data, tmp_path)
+    reports = {}
+    for path in ("auto", "exact", "sketch"):
+        result = _run("--model", str(model_dir), "--adapter", str(adapter), "--data", str(data), "--json",
+                      "--no-free-gen", "--fluency-prompts", "0", "--gate", path)
+        assert result.exit_code == 0, result.output
+        reports[path] = json.loads(result.stdout)
+    assert reports["auto"]["settings"]["gate_path"] == "exact"  # 3 facts: below the sketch path's size
+    assert reports["exact"]["settings"]["gate_path"] == "exact"
+    assert reports["sketch"]["settings"]["gate_path"] == "sketch (shortlist 128)"
+    assert reports["sketch"]["metrics"] == reports["exact"]["metrics"]
+    assert reports["sketch"]["gate"] == reports["exact"]["gate"]
+
+
 @pytest.mark.parametrize("overrides, extra, message", [
     ({"--data": "missing.jsonl"}, [], "missing.jsonl: no such file"),
     ({"--adapter": "nope.nkv"}, [], "nope.nkv: no such file"),

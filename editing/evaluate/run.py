@@ -151,20 +151,31 @@ def _protocol(facts: list[FactInput], options: EvalOptions, data_name: str) -> s
 
 
 @contextlib.contextmanager
-def attached(model: nn.Module, adapter: NKVAdapter, strict: bool = True) -> Iterator[NKVHandle]:
-    """Attach `adapter` for the duration of the block (detached afterwards, whatever happens)."""
+def attached(model: nn.Module, adapter: NKVAdapter, strict: bool = True, shortlist: int | None = None
+             ) -> Iterator[NKVHandle]:
+    """Attach `adapter` for the duration of the block (detached afterwards, whatever happens).
+
+    shortlist: None = the loader's choice of gate path (the sketch path from SKETCH_MIN_FACTS
+    facts up); 0 = the exact path; k > 0 = the sketch path rescoring k candidates (spec §5.1).
+    """
     handle = attach(model, adapter, strict=strict)
+    if shortlist is not None:
+        handle.module.use_sketch(adapter, shortlist)
     try:
         yield handle
     finally:
         handle.detach()
 
 
-def evaluate(model: nn.Module, tokenizer: Any, adapter: NKVAdapter, facts: Sequence[FactInput], **kwargs: Any
-             ) -> EvalReport:
-    """Attach `adapter`, `evaluate_adapter`, detach. Keyword arguments as `evaluate_adapter`."""
-    with attached(model, adapter) as handle:
-        return evaluate_adapter(model, tokenizer, handle, facts, **kwargs)
+def evaluate(model: nn.Module, tokenizer: Any, adapter: NKVAdapter, facts: Sequence[FactInput], *,
+             shortlist: int | None = None, **kwargs: Any) -> EvalReport:
+    """Attach `adapter` (gate path by `shortlist`, as `attached`), `evaluate_adapter`, detach.
+    Other keyword arguments as `evaluate_adapter`."""
+    with attached(model, adapter, shortlist=shortlist) as handle:
+        report = evaluate_adapter(model, tokenizer, handle, facts, **kwargs)
+        chosen = handle.module.resident().shortlist
+        report.settings["gate_path"] = f"sketch (shortlist {chosen})" if chosen else "exact"
+        return report
 
 
 __all__ = ["EvalOptions", "evaluate", "evaluate_adapter", "detect_protocol", "adapter_rows", "attached", "PROTOCOLS"]
