@@ -114,6 +114,13 @@ def test_rotate_prefixes_takes_the_next_prefixes_each_step():
     assert not torch.allclose(batched.residuals, fixed.residuals)  # later steps see other prefixes
 
 
+def test_settings_added_later_leave_the_checkpoint_objective_alone_at_their_defaults():
+    base = default_config("llama")
+    assert "rotate_prefixes" not in base.objective and "preserve_loss" not in base.objective
+    assert default_config("llama", rotate_prefixes=True).objective["rotate_prefixes"] is True
+    assert default_config("llama", preserve_loss="answer").objective["preserve_loss"] == "answer"
+
+
 def test_presets():
     previous, default = default_config("llama", preset="previous"), default_config("llama")
     assert (previous.steps, previous.lr, previous.stop_margin, previous.opt_prefixes) == (25, 0.2, None, None)

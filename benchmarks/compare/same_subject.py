@@ -147,6 +147,7 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=None, help="only the first N edits")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--preserve-factor", type=float, default=1.0, help="the 'probes' variant's preserve_factor")
+    p.add_argument("--preserve-loss", default="kl", help="the 'probes' variant's preserve_loss: kl | answer")
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -162,7 +163,7 @@ def main() -> None:
     generic = [line for line in Path(args.unrelated).read_text().splitlines() if line.strip()]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    probes = default_config(model, preserve_factor=args.preserve_factor)  # nkv build --preserve-factor F
+    probes = default_config(model, preserve_factor=args.preserve_factor, preserve_loss=args.preserve_loss)
     variants = {"plain": lambda: build_adapter(model, tok, facts, layer=args.layer, gamma=args.gamma, progress=False),
                 "probes": lambda: build_adapter(model, tok, facts, layer=args.layer, gamma=args.gamma, config=probes,
                                                 progress=False),
@@ -176,6 +177,8 @@ def main() -> None:
         suffix += f"-n{args.limit}"
     if args.preserve_factor != 1.0:
         suffix += f"-pf{args.preserve_factor:g}"
+    if args.preserve_loss != "kl":
+        suffix += f"-{args.preserve_loss}"
     for name in args.variants.split(","):
         make = variants[name]
         start = time.time()

@@ -86,7 +86,7 @@ def build_adapter(
         layer, layer_choice = _resolve_layer(model, tokenizer, facts, layer, config, state, progress)
         prefixes = state.get("prefixes") or generate_prefixes(model, tokenizer, config.n_prefixes,
                                                               config.prefix_length, config.seed)
-        tokens = tokenize_for_build(model, tokenizer, plain, prefixes, config)  # all errors before any work
+        tokens = tokenize_for_build(model, tokenizer, facts, prefixes, config)  # all errors before any work
         if ckpt is not None:
             ckpt.write_state({"inputs": inputs, "layer": layer, "layer_choice": layer_choice,
                               "prefixes": prefixes, "n_facts": len(plain)})

@@ -24,6 +24,12 @@ from nkv.loaders.architectures import arch_spec, model_type_of, projection_weigh
 from .preserve import PRESERVE_TEMPLATES
 
 
+PRESERVE_LOSSES = ("kl", "answer")
+# Settings added after checkpoints were first written, with their defaults: left out of
+# `objective` at those defaults, so a checkpoint written before them still resumes.
+LATER_FIELDS: dict[str, Any] = {"rotate_prefixes": False, "preserve_loss": "kl"}
+
+
 @dataclass(frozen=True)
 class BuildConfig:
     """Hyperparameters of `build_adapter`. Recorded in `adapter.build`.
@@ -34,6 +40,8 @@ class BuildConfig:
     preserve_factor: weight of the mean KL(P_δ || P_0) after the subject's probes (its other
         relations, `preserve_templates` filled with the subject; preserve.py); 0 = none.
     preserve_templates: the probes' templates ("{}" is the subject).
+    preserve_loss: "kl" (the probe's whole next-token distribution, KL(P_δ || P_0)) or
+        "answer" (only its unedited top answer: the drop in its log-probability).
     weight_decay: weight of ||δ|| / ||h0|| (not MEMIT's ||δ|| / ||h0||²).
     clamp: ||δ|| is kept <= clamp · ||h0|| after each step.
     early_stop_loss: a fact stops (its row frozen) once its loss is below this.
@@ -58,6 +66,7 @@ class BuildConfig:
     kl_factor: float = 0.0625
     preserve_factor: float = 0.0
     preserve_templates: tuple[str, ...] = PRESERVE_TEMPLATES
+    preserve_loss: str = "kl"
     weight_decay: float = 0.01
     clamp: float = 0.75
     early_stop_loss: float = 0.05
@@ -89,6 +98,8 @@ class BuildConfig:
         for name in ("stop_margin", "opt_prefixes"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 problems.append(f"{name} must be None or >= 0, got {getattr(self, name)}")
+        if self.preserve_loss not in PRESERVE_LOSSES:
+            problems.append(f"preserve_loss must be one of {list(PRESERVE_LOSSES)}, got {self.preserve_loss!r}")
         bad = [t for t in self.preserve_templates if not isinstance(t, str) or t.count("{}") != 1]
         if bad:
             problems.append(f"preserve_templates must each hold '{{}}' (the subject) once, got {bad}")
@@ -102,7 +113,8 @@ class BuildConfig:
     def objective(self) -> dict[str, Any]:
         """The fields that change the result (what a checkpoint must agree on)."""
         skip = {"batch_size", "device", "checkpoint_every"}
-        return {k: v for k, v in asdict(self).items() if k not in skip}
+        return {k: v for k, v in asdict(self).items()
+                if k not in skip and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
 
 
 # Per-architecture overrides of the generic defaults. MEMIT used 20 steps for GPT-2 and

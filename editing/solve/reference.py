@@ -36,7 +36,7 @@ def optimize_residual_one(model: nn.Module, layer: int, fact: FactTokens, h0: to
         opt.zero_grad()
         delta = scale * u
         sels = whole.select([0], step_templates(it, whole.n_templates, config), max_buckets=1)  # one forward, as MEMIT
-        out = fact_losses(model, layer, sels, delta, kl0)
+        out = fact_losses(model, layer, sels, delta, kl0, preserve_loss=config.preserve_loss)
         if kl0 is None:
             kl0 = out.kl_lp
         loss = total_loss(out, delta.norm(dim=-1), h0_norm, config)

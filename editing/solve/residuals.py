@@ -6,7 +6,8 @@ s_i = ||h0_i|| / sqrt(d_model) (see config.py for why):
     loss_i = mean over templates of the per-token NLL of target_new (teacher forced)
            + kl_factor · KL(P_δ || P_0) at the subject of "{subject} is a"
            + preserve_factor · mean over the subject's probes of KL(P_δ || P_0) at the
-             probe's end ("{subject} was born in", ...: its other facts; preserve.py)
+             probe's end ("{subject} was born in", ...: its other facts; preserve.py), or of
+             the drop in log-probability of the probe's unedited answer (`preserve_loss`)
            + weight_decay · ||δ_i|| / ||h0_i||   (MEMIT divides by ||h0||²; see config.py)
 
 δ_i is added to the output projection's output at the subject's last token of each of
@@ -66,7 +67,7 @@ class Losses:
 
 
 def fact_losses(model: nn.Module, layer: int, sels: list[Selection], delta: torch.Tensor,
-                kl_reference: torch.Tensor | None, replay: bool = False) -> Losses:
+                kl_reference: torch.Tensor | None, replay: bool = False, preserve_loss: str = "kl") -> Losses:
     """Forwards with `delta` (A, d_model) added; the loss terms per fact (`Losses`).
 
     `kl_reference` holds the unedited log-probs of every KL row of the batch by slot (the
@@ -75,6 +76,8 @@ def fact_losses(model: nn.Module, layer: int, sels: list[Selection], delta: torc
     Only the gathered positions go through the LM head (a pre-hook on it selects them),
     so a 128k vocabulary costs (targets x vocab), not (batch x length x vocab).
     `replay` skips blocks 0..layer using their recorded outputs (replay.py).
+    `preserve_loss`: a probe's term, "kl" = KL(P_δ || P_0) after it, "answer" = how much
+    less likely its unedited top answer became, max(0, log P_0(a) - log P_δ(a)), a = argmax P_0.
     """
     n_active = delta.shape[0]
     nll = torch.zeros(n_active, device=delta.device)
@@ -100,7 +103,11 @@ def fact_losses(model: nn.Module, layer: int, sels: list[Selection], delta: torc
     kl_row = (kl_lp.exp() * (kl_lp - ref)).sum(-1)  # KL(P_δ || P_0), (K,)
     on_prompt = probe_weight == 0
     kl = torch.zeros(n_active, device=delta.device).index_add(0, owner[on_prompt], kl_row[on_prompt])
-    preserve = torch.zeros(n_active, device=delta.device).index_add(0, owner, kl_row * probe_weight)
+    held = kl_row
+    if preserve_loss == "answer":
+        answer = ref.argmax(-1, keepdim=True)  # (K, 1) the unedited top answer
+        held = (ref.gather(1, answer) - kl_lp.gather(1, answer)).squeeze(1).clamp_min(0.0)  # (K,)
+    preserve = torch.zeros(n_active, device=delta.device).index_add(0, owner, held * probe_weight)
     return Losses(nll, kl, preserve, kl_lp.detach(), margin)
 
 
@@ -167,7 +174,7 @@ def optimize_residuals(model: nn.Module, layer: int, facts: list[FactTokens], h0
         a = torch.tensor(active, device=device)
         u_a = u.index_select(0, a)  # (A, d) differentiable view of the active rows
         delta = scale[a] * u_a
-        out = fact_losses(model, layer, sel, delta, kl0 if it else None, replay)
+        out = fact_losses(model, layer, sel, delta, kl0 if it else None, replay, config.preserve_loss)
         if it == 0:  # δ = 0: the unedited distributions of every KL row, by slot
             kl0 = out.kl_lp
         loss = total_loss(out, delta.norm(dim=-1), h0_norm[a], config)  # (A,)
