@@ -364,11 +364,12 @@ def test_probes_leave_out_what_an_edit_asks_and_batched_equals_reference():
     torch.testing.assert_close(batched.residuals, reference.residuals, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(batched.loss, reference.loss.to(batched.loss.dtype), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(batched.residuals, unheld.residuals)  # the probes are in the objective
-    answer = replace(config, preserve_loss="answer")  # only the probes' unedited top answers are held
+    assert config.preserve_loss == "answer"  # the default: only the probes' unedited top answers are held
+    whole = replace(config, preserve_loss="kl")  # the whole next-token distribution
     with frozen(model):
-        batched_a = optimize_residuals(model, 0, tokens, h0, answer, pad_id=0)
-        reference_a = optimize_residuals_reference(model, 0, tokens, h0, answer, pad_id=0)
-    torch.testing.assert_close(batched_a.residuals, reference_a.residuals, atol=1e-5, rtol=1e-4)
-    assert not torch.allclose(batched_a.residuals, batched.residuals)  # a different objective
+        batched_k = optimize_residuals(model, 0, tokens, h0, whole, pad_id=0)
+        reference_k = optimize_residuals_reference(model, 0, tokens, h0, whole, pad_id=0)
+    torch.testing.assert_close(batched_k.residuals, reference_k.residuals, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(batched_k.residuals, batched.residuals)  # a different objective
     with pytest.raises(NKVError, match="preserve_loss must be one of"):
         replace(config, preserve_loss="l2")

@@ -115,10 +115,10 @@ def test_rotate_prefixes_takes_the_next_prefixes_each_step():
 
 
 def test_settings_added_later_leave_the_checkpoint_objective_alone_at_their_defaults():
-    base = default_config("llama")
+    base = default_config("llama")  # preserve_loss has no effect without probes
     assert "rotate_prefixes" not in base.objective and "preserve_loss" not in base.objective
     assert default_config("llama", rotate_prefixes=True).objective["rotate_prefixes"] is True
-    assert default_config("llama", preserve_loss="answer").objective["preserve_loss"] == "answer"
+    assert default_config("llama", preserve_factor=1.0).objective["preserve_loss"] == "answer"
 
 
 def test_presets():
