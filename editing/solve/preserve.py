@@ -4,12 +4,14 @@ A fact's key is read at the subject's last token, before the relation, so its re
 reaches every prompt about the subject ("X was born in", "X speaks", ...). Optimised for
 the edit alone (plus MEMIT's "{subject} is a"), it rewrites the subject's other facts
 too: on the fact-world model they fall from 100% to 36% correct. So the objective also
-holds the next-token distribution after a few generic relation prompts about the
-subject at the unedited model's (KL, weighted by `preserve_factor`), with no facts to
-supply: the model's own answers are the targets. The prompts are the build's own most
-frequent prompt shapes with this subject ("The capital of {} is", when the facts ask
-about capitals), then generic ones (`PRESERVE_TEMPLATES`, or the user's own): generic
-person-centred prompts alone held nothing of a country's capital or currency on SmolLM2.
+holds the unedited model's answer after a few relation prompts about the subject (its
+top next token, or with `preserve_loss="kl"` its whole next-token distribution, weighted
+by `preserve_factor`), with no facts to supply: the model's own answers are the targets.
+The prompts are the build's own most frequent prompt shapes with this subject ("The
+capital of {} is", when the facts ask about capitals), then generic ones
+(`PRESERVE_TEMPLATES`, or the user's own), kept where the answer is a confident fact
+about this subject (below): generic person-centred prompts alone held nothing of a
+country's capital or currency on SmolLM2.
 
 A probe that asks what an edit changes must not be held. Which relation a prompt asks
 for is not written anywhere, so the model decides: a probe whose unedited greedy answer
