@@ -43,7 +43,7 @@ def _layer(value: str | None) -> int | str | None:
 @click.option("--gamma", default=DEFAULT_GAMMA, show_default=True, type=click.FloatRange(0, 1),
               help="Gate threshold stored in the adapter (cosine).")
 @click.option("--steps", type=click.IntRange(1),
-              help="Optimisation steps per fact at most [default: 12, stopping each fact once its target "
+              help="Optimisation steps per fact at most [default: 25, stopping each fact once its target "
                    "is top-1 by a margin; 40 for models with d_model <= 256; --preset previous: 25, GPT-2 20].")
 @click.option("--lr", type=click.FloatRange(0, min_open=True),
               help="Adam step relative to ||h0|| [default: 0.5; 0.3 for d_model <= 256; --preset previous: 0.2].")

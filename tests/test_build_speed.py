@@ -124,7 +124,7 @@ def test_settings_added_later_leave_the_checkpoint_objective_alone_at_their_defa
 def test_presets():
     previous, default = default_config("llama", preset="previous"), default_config("llama")
     assert (previous.steps, previous.lr, previous.stop_margin, previous.opt_prefixes) == (25, 0.2, None, None)
-    assert (default.steps, default.lr, default.stop_margin, default.opt_prefixes) == (12, 0.5, 3.0, None)
+    assert (default.steps, default.lr, default.stop_margin, default.opt_prefixes) == (25, 0.5, 3.0, None)
     fast = default_config("llama", preset="fast")  # the default under the bare prompt and one prefix
     assert fast == default_config("llama", opt_prefixes=1)
     assert (previous.preserve_factor, default.preserve_factor, fast.preserve_factor) == (0.0, 0.0, 0.0)  # opt-in
