@@ -27,8 +27,7 @@ def optimize_residual_one(model: nn.Module, layer: int, fact: FactTokens, h0: to
     scale = h0_norm / math.sqrt(d_model)
     u = torch.zeros(1, d_model, device=device, requires_grad=True)
     opt = torch.optim.Adam([u], lr=config.lr)
-    whole = FactBatch(([fact] if config.rotate_prefixes else optimised_templates([fact], config)), pad_id, device,
-                      split=False)
+    whole = FactBatch(optimised_templates([fact], config), pad_id, device, split=False)
     kl0 = None
     updates = 0
     loss = torch.zeros(1)

@@ -67,7 +67,7 @@ class Losses:
 
 
 def fact_losses(model: nn.Module, layer: int, sels: list[Selection], delta: torch.Tensor,
-                kl_reference: torch.Tensor | None, replay: bool = False, preserve_loss: str = "kl") -> Losses:
+                kl_reference: torch.Tensor | None, replay: bool = False, preserve_loss: str = "answer") -> Losses:
     """Forwards with `delta` (A, d_model) added; the loss terms per fact (`Losses`).
 
     `kl_reference` holds the unedited log-probs of every KL row of the batch by slot (the
@@ -155,8 +155,7 @@ def optimize_residuals(model: nn.Module, layer: int, facts: list[FactTokens], h0
     """
     device = model_device(model)
     n, d_model = h0.shape
-    if not config.rotate_prefixes:
-        facts = optimised_templates(facts, config)
+    facts = optimised_templates(facts, config)
     batch = _prefix_cached_batch(model, layer, facts, pad_id, device, d_model)
     batch.record_layer(model, layer)
     h0_norm = h0.float().norm(dim=-1).clamp_min(1e-6)  # (n,)
@@ -195,8 +194,9 @@ def optimize_residuals(model: nn.Module, layer: int, facts: list[FactTokens], h0
 
 def optimised_templates(facts: list[FactTokens], config: BuildConfig) -> list[FactTokens]:
     """The facts with only the templates δ is optimised under: the bare prompt and the first
-    `config.opt_prefixes` prefixed ones (keys always average over all of them)."""
-    if config.opt_prefixes is None:
+    `config.opt_prefixes` prefixed ones (keys always average over all of them); all of them
+    with `rotate_prefixes`, whose steps each take their own (`step_templates`)."""
+    if config.opt_prefixes is None or config.rotate_prefixes:
         return facts
     return [dc_replace(f, rewrites=f.rewrites[: config.opt_prefixes + 1]) for f in facts]
 
