@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from nkv.atomic import check_writable_target, rewrite_adapter
+from nkv.constants import DEFAULT_SHORTLIST, SKETCH_MIN_FACTS
 from nkv.errors import NKVError
 
 
@@ -45,8 +46,9 @@ from nkv.errors import NKVError
 @click.option("--fluency-prompts", type=click.IntRange(min=0), default=16, show_default=True,
               help="Edit prompts to sample text from for fluency (0: skip).")
 @click.option("--gate", "gate_path", type=click.Choice(["auto", "exact", "sketch"]), default="auto", show_default=True,
-              help="The gate's path: auto = the loader's choice (the sketch path from 16,384 facts up), exact, "
-                   "or sketch (shortlist 128 candidates rescored exactly, spec §5.1) at any size.")
+              help=f"The gate's path: auto = the loader's choice (the sketch path from {SKETCH_MIN_FACTS:,} facts "
+                   f"up), exact, or sketch ({DEFAULT_SHORTLIST} shortlisted candidates rescored exactly, spec §5.1) "
+                   "at any size.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON instead of the table.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), metavar="PNG",
               help="Write the gate's cosine histogram (positives vs unrelated tokens, γ marked).")
@@ -95,8 +97,6 @@ def evaluate(model_name: str, adapter_src: str, data_path: str, skip_bad: bool, 
     options = EvalOptions(batch_size=batch_size, protocol=protocol, free_generation=not no_free_gen,
                           fluency_prompts=fluency_prompts)
     click.echo(f"evaluating {len(facts)} facts from {data_path} with {adapter.n_facts} edits live ...", err=True)
-    from nkv.constants import DEFAULT_SHORTLIST
-
     shortlist = {"auto": None, "exact": 0, "sketch": DEFAULT_SHORTLIST}[gate_path]
     report = run_eval(model, tokenizer, adapter, facts, unrelated=unrelated, true_facts=true_facts, options=options,
                       data_name=Path(data_path).name, unrelated_name=unrelated_path, shortlist=shortlist)
