@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from nkv.adapter import NKVAdapter, empty_adapter
 from nkv.errors import NKVUnsupportedModelError
 from nkv.fingerprint import compute_model_fingerprint, covered_layers
 from nkv.header import BaseModelInfo
@@ -23,12 +24,21 @@ class ArchSpec:
     layers: str  # attribute path of the ModuleList of blocks
     out_proj: str  # path of the output projection inside one block
     conv1d: bool = False  # GPT-2 style Conv1D: weight is (d_key, d_model), transposed
+    # A norm the block applies to the FFN's output before adding it to the residual stream
+    # (Gemma 2/3, OLMo 2/3: post_feedforward_layernorm). It fixes the size of whatever it
+    # is given, so a row added before it is rescaled away; adapters for these families
+    # add their rows to this norm's output instead (spec §5, "residual site").
+    out_norm: str | None = None
 
     def module_path(self, layer: int) -> str:
         return f"{self.layers}.{layer}.{self.out_proj}"
 
+    def out_norm_path(self, layer: int) -> str | None:
+        return f"{self.layers}.{layer}.{self.out_norm}" if self.out_norm else None
+
 
 _LLAMA_LIKE = ArchSpec("model.layers", "mlp.down_proj")
+_POST_NORMED = ArchSpec("model.layers", "mlp.down_proj", out_norm="post_feedforward_layernorm")
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "gpt2": ArchSpec("transformer.h", "mlp.c_proj", conv1d=True),
@@ -38,14 +48,14 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
-    "gemma2": _LLAMA_LIKE,
+    "gemma2": _POST_NORMED,
     "phi3": _LLAMA_LIKE,
-    "gemma3_text": _LLAMA_LIKE,
+    "gemma3_text": _POST_NORMED,
     # Gemma 3 4B/12B/27B load as Gemma3ForConditionalGeneration: the language model's
     # blocks sit under model.language_model; the vision tower is left alone.
-    "gemma3": ArchSpec("model.language_model.layers", "mlp.down_proj"),
-    "olmo2": _LLAMA_LIKE,
-    "olmo3": _LLAMA_LIKE,
+    "gemma3": ArchSpec("model.language_model.layers", "mlp.down_proj", out_norm="post_feedforward_layernorm"),
+    "olmo2": _POST_NORMED,
+    "olmo3": _POST_NORMED,
     "smollm3": _LLAMA_LIKE,
     "granite": _LLAMA_LIKE,
     "cohere": _LLAMA_LIKE,
@@ -112,6 +122,22 @@ def output_projection(model: nn.Module, layer: int) -> nn.Module:
     return model.get_submodule(spec.module_path(layer))
 
 
+def residual_site(model_type: str) -> str:
+    """Where a row is added in this family's blocks (spec §5): "out_norm" (to the output of
+    the norm applied to the FFN's output) where the table names one, else "output" (to the
+    output projection's output)."""
+    return "out_norm" if arch_spec(model_type).out_norm else "output"
+
+
+def residual_module(model: nn.Module, layer: int) -> nn.Module:
+    """The module at `layer` whose output a row is added to: the FFN-output norm where the
+    family has one (`ArchSpec.out_norm`), else the output projection."""
+    spec = arch_spec(model_type_of(model))
+    output_projection(model, layer)  # the layer range check
+    path = spec.out_norm_path(layer)
+    return model.get_submodule(path) if path else output_projection(model, layer)
+
+
 def projection_weight(model: nn.Module, layer: int) -> torch.Tensor:
     """Layer `layer`'s output projection weight as a (d_model, d_key) matrix."""
     spec = arch_spec(model_type_of(model))
@@ -166,5 +192,15 @@ def base_model_info(model: nn.Module, layer: int, name: str | None = None,
     )
 
 
+def empty_adapter_for(model: nn.Module, layer: int, gamma: float, dtype: torch.dtype = torch.float32,
+                      name: str | None = None, revision: str | None = None) -> NKVAdapter:
+    """An adapter with no rows yet for `model` at `layer`: its base model, gated module and
+    residual site, as a build records them."""
+    spec = arch_spec(model_type_of(model))
+    return empty_adapter(base_model_info(model, layer, name=name, revision=revision), layer, spec.module_path(layer),
+                         gamma=gamma, dtype=dtype, residual_site=residual_site(model_type_of(model)))
+
+
 __all__ = ["ArchSpec", "ARCHITECTURES", "MOE_MODEL_TYPES", "arch_spec", "model_type_of", "blocks", "output_projection",
+           "residual_site", "residual_module", "empty_adapter_for",
            "projection_weight", "input_embedding_weight", "model_fingerprint", "base_model_info"]

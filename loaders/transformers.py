@@ -5,6 +5,10 @@ by `NKVLinear`, which keeps the original as `base_layer` and returns
 `base_layer(x) + gate(x).delta`. Detaching puts the original module back, so outputs are
 bit-identical to before. No global state is touched.
 
+Families that normalise the FFN's output before the residual stream (Gemma 2/3, OLMo 2/3;
+residual site "out_norm", spec §5) get their rows after that norm: the norm is wrapped too
+(`NKVOutNorm`), and `NKVLinear` hands it the gated rows instead of adding them itself.
+
 Several named adapters at one layer share one `NKVLinear`: their rows are concatenated in
 one table and each keeps its own gamma and sketch (a `RowRange`). `NKVHandle.using` picks
 an adapter (or none) per batch row, like PEFT's `adapter_names=`; the routed gate
@@ -142,11 +146,32 @@ class _Resident(nn.Module):
         return RowRange(self.start, self.n_facts, float(self.gamma), self.sketch())
 
 
+class _Pending:
+    """The rows an NKVLinear gated in this forward, on their way to its block's NKVOutNorm."""
+
+    delta: torch.Tensor | None = None
+
+
+class NKVOutNorm(nn.Module):
+    """The block's FFN-output norm plus the rows its layer's NKVLinear gated (site "out_norm")."""
+
+    def __init__(self, base_layer: nn.Module, pending: _Pending):
+        super().__init__()
+        self.base_layer = base_layer
+        self.pending = pending
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        delta, self.pending.delta = self.pending.delta, None
+        return out if delta is None else out + delta.to(out.dtype)
+
+
 class NKVLinear(nn.Module):
     """The output projection plus the NKV gate; shapes (..., d_key) -> (..., d_model).
 
     Holds one adapter, or several named ones in one table (`add`); with several, a choice
-    made by `NKVHandle.using` says which adapter each batch row is gated against.
+    made by `NKVHandle.using` says which adapter each batch row is gated against. With a
+    `pending` (site "out_norm") the rows go to the block's NKVOutNorm, not into the output.
     """
 
     def __init__(self, base_layer: nn.Module, adapter: NKVAdapter, dtype: torch.dtype, device: torch.device,
@@ -160,6 +185,9 @@ class NKVLinear(nn.Module):
         self.nkv_residents = nn.ModuleList([_Resident(name, adapter, 0, device)])
         self.routing = routing if routing is not None else _Routing()
         self.path = ""  # where attach put it in the model
+        self.site = adapter.residual_site
+        self.pending: _Pending | None = None  # set by attach for site "out_norm"
+        self.norm_path = ""  # where attach put the NKVOutNorm
         self.use_sketch(adapter, DEFAULT_SHORTLIST if adapter.n_facts >= SKETCH_MIN_FACTS else 0, name=name)
         self.enabled = True
         self.recorders: list[GateActivity] = []
@@ -252,6 +280,9 @@ class NKVLinear(nn.Module):
         result = self.gate(x) if route is None else self.gate_routed(x, route)
         for recorder in self.recorders:  # empty on the normal path: no host sync
             self._record(recorder, result, route)
+        if self.pending is not None:  # added after the block's FFN-output norm
+            self.pending.delta = result.delta
+            return out
         return out + result.delta.to(out.dtype)
 
     def route(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -496,6 +527,10 @@ def attach(model: nn.Module, adapter: AdapterSource, *, revision: str | None = N
         adapter = replace(adapter, gamma=gamma)
     spec = arch_spec(model_type_of(model))
     check_base(model, adapter, strict=strict)
+    if adapter.residual_site == "out_norm" and not spec.out_norm:
+        raise NKVUnsupportedModelError(
+            f"the adapter adds its rows after the FFN-output norm (residual site 'out_norm', spec §5), which "
+            f"{model_type_of(model)!r} blocks do not have in this version's architecture table")
     path = spec.module_path(adapter.layer)
     target = output_projection(model, adapter.layer)
     routing = _routing_of(model) or _Routing()
@@ -513,6 +548,10 @@ def attach(model: nn.Module, adapter: AdapterSource, *, revision: str | None = N
             f"an NKV adapter named {name!r} is already attached (layer {held}); unload it first "
             f"(handle.unload({name!r})) or attach this one under another name")
     if isinstance(target, NKVLinear):
+        if target.site != adapter.residual_site:
+            raise NKVCompatibilityError(
+                f"{name!r} adds its rows at residual site {adapter.residual_site!r} but the adapters already at "
+                f"{path} add theirs at {target.site!r} (spec §5); rebuild it with this version of nkv")
         module = target
         module.add(adapter, name)
     else:
@@ -520,6 +559,10 @@ def attach(model: nn.Module, adapter: AdapterSource, *, revision: str | None = N
         dtype = weight.dtype if weight.is_floating_point() else getattr(model, "dtype", torch.float32)
         module = NKVLinear(target, adapter, dtype=dtype, device=weight.device, name=name, routing=routing)
         module.path = path
+        if adapter.residual_site == "out_norm":
+            module.pending = _Pending()
+            module.norm_path = spec.out_norm_path(adapter.layer)
+            _set_submodule(model, module.norm_path, NKVOutNorm(model.get_submodule(module.norm_path), module.pending))
         _set_submodule(model, path, module)
     routing.modules[name] = module
     return NKVHandle(model, adapter, module, path, name)
@@ -528,8 +571,10 @@ def attach(model: nn.Module, adapter: AdapterSource, *, revision: str | None = N
 def _unload(model: nn.Module, routing: _Routing, name: str) -> None:
     module = routing.modules.pop(name)
     module.remove(name)
-    if not module.names:  # the last one: the original projection goes back
+    if not module.names:  # the last one: the original projection (and norm) go back
         _set_submodule(model, module.path, module.base_layer)
+        if module.norm_path:
+            _set_submodule(model, module.norm_path, model.get_submodule(module.norm_path).base_layer)
 
 
 def check_base(model: nn.Module, adapter: NKVAdapter, strict: bool = True) -> None:
@@ -586,5 +631,5 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, name, module)
 
 
-__all__ = ["attach", "check_base", "refuse_quantized", "quantization_method", "NKVHandle", "NKVLinear",
+__all__ = ["attach", "check_base", "refuse_quantized", "quantization_method", "NKVHandle", "NKVLinear", "NKVOutNorm",
            "GateActivity", "AdapterChoice", "DEFAULT_NAME"]

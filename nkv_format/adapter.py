@@ -45,6 +45,9 @@ class NKVAdapter:
         gamma: cosine threshold; the gate fires when cos > gamma.
         base: identity and fingerprint of the checkpoint the rows were computed on.
         target_module: the module path at `layer`, e.g. "model.layers.7.mlp.down_proj".
+        residual_site: where a firing row is added (spec §5): "output" (the output
+            projection's output) or "out_norm" (the output of the norm the block applies to
+            the FFN's output, in Gemma 2/3 and OLMo 2/3; format 2.0).
         build: build provenance (tool version, hyperparameters, seed); informative only.
         eval: evaluation results, if any; informative only.
         sketch_proj: optional (d_key, d_sketch) float32 projection fitted to the keys, for
@@ -63,6 +66,7 @@ class NKVAdapter:
     gamma: float
     base: BaseModelInfo
     target_module: str
+    residual_site: str = C.DEFAULT_RESIDUAL_SITE
     build: dict[str, Any] = field(default_factory=dict)
     eval: dict[str, Any] = field(default_factory=dict)
     sketch_proj: torch.Tensor | None = None
@@ -113,6 +117,8 @@ class NKVAdapter:
                                   and 1 <= p.shape[1] <= b.d_key and bool(torch.isfinite(p).all())):
             out.append(f"V11: {C.T_SKETCH_PROJ} must be finite float32 [{b.d_key}, d_sketch] with 1 <= d_sketch "
                        f"<= {b.d_key}, got {p.dtype} {list(p.shape)}; refit it with with_sketch()")
+        if self.residual_site not in C.RESIDUAL_SITES:
+            out.append(f"V13: residual_site must be one of {list(C.RESIDUAL_SITES)}, got {self.residual_site!r}")
         if self.storage not in C.STORAGES:
             out.append(f"storage must be one of {list(C.STORAGES)}, got {self.storage!r}")
         if not 0 <= self.layer < b.n_layers:
@@ -159,6 +165,8 @@ class NKVAdapter:
         }
         if b.revision:
             meta[C.K_BASE_REVISION] = b.revision
+        if self.residual_site != C.DEFAULT_RESIDUAL_SITE:  # 1.x files stay byte for byte as before
+            meta[C.K_RESIDUAL_SITE] = self.residual_site
         if self.build:
             meta[C.K_BUILD] = json.dumps(self.build, sort_keys=True)
         if self.eval:
@@ -277,7 +285,8 @@ class NKVAdapter:
         adapter = cls(
             keys=keys, residuals=residuals, facts=facts if not problems else [],
             layer=header.layer, gamma=header.gamma, base=header.base,
-            target_module=header.target_module, build=header.build, eval=header.eval,
+            target_module=header.target_module, residual_site=header.residual_site,
+            build=header.build, eval=header.eval,
             sketch_proj=tensors.get(C.T_SKETCH_PROJ), storage=cast(Storage, header.storage),
         )
         if not problems:
@@ -390,6 +399,8 @@ class NKVAdapter:
             problems.append("base fingerprint differs (built on different checkpoints)")
         if self.layer != other.layer:
             problems.append(f"layer: {self.layer} vs {other.layer}")
+        if self.residual_site != other.residual_site:  # rows meant for different places in the block
+            problems.append(f"residual site: {self.residual_site!r} vs {other.residual_site!r}")
         if problems:
             raise NKVCompatibilityError(f"{what}: adapters do not belong to the same model and layer: "
                                         + "; ".join(problems) + ". Rebuild one of them on the other's base/layer.")
@@ -436,6 +447,7 @@ class NKVAdapter:
                 ("base.name", self.base.name, other.base.name),
                 ("base.revision", self.base.revision, other.base.revision),
                 ("target_module", self.target_module, other.target_module),
+                ("residual_site", self.residual_site, other.residual_site),
                 ("dtype", _DTYPE_NAMES.get(self.keys.dtype), _DTYPE_NAMES.get(other.keys.dtype)),
                 ("storage", self.storage, other.storage),
                 ("sketch", _sketch_dim(self), _sketch_dim(other)),
@@ -493,7 +505,10 @@ def _sketch_dim(adapter: NKVAdapter) -> int:
 
 def _version_for(adapter: NKVAdapter) -> str:
     """The lowest format version holding every part the file uses (spec §8), so older readers
-    read what they can: int8 rows are 1.3, nkvfp2 1.2, the sketch projection 1.1."""
+    read what they can: rows after the FFN-output norm are 2.0, int8 rows 1.3, nkvfp2 1.2,
+    the sketch projection 1.1."""
+    if adapter.residual_site != C.DEFAULT_RESIDUAL_SITE:
+        return C.RESIDUAL_SITE_VERSION
     if adapter.storage == "int8":
         return C.INT8_VERSION
     if adapter.base.fingerprint.startswith(FINGERPRINT2_PREFIX):
@@ -534,11 +549,12 @@ class AdapterDiff:
 
 
 def empty_adapter(base: BaseModelInfo, layer: int, target_module: str,
-                  gamma: float = C.DEFAULT_GAMMA, dtype: torch.dtype = torch.float32) -> NKVAdapter:
+                  gamma: float = C.DEFAULT_GAMMA, dtype: torch.dtype = torch.float32,
+                  residual_site: str = C.DEFAULT_RESIDUAL_SITE) -> NKVAdapter:
     """An adapter with no facts yet, to `add` rows to."""
     return NKVAdapter(
         keys=torch.zeros(0, base.d_key, dtype=dtype), residuals=torch.zeros(0, base.d_model, dtype=dtype),
-        facts=[], layer=layer, gamma=gamma, base=base, target_module=target_module,
+        facts=[], layer=layer, gamma=gamma, base=base, target_module=target_module, residual_site=residual_site,
     )
 
 

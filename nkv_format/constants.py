@@ -6,13 +6,14 @@ Change a value here only together with the spec and a version bump.
 from __future__ import annotations
 
 FORMAT_MARKER = "nkv"
-FORMAT_VERSION = "1.3"  # "major.minor" of this spec; readers refuse a newer major
+FORMAT_VERSION = "2.0"  # "major.minor" of this spec; readers refuse a newer major
 # Writers write the lowest version whose parts the file uses (spec §8):
+RESIDUAL_SITE_VERSION = "2.0"  # rows added after the FFN-output norm (§5): a 1.x reader would add them before it
 INT8_VERSION = "1.3"  # K1/R1 stored as I8 with per-row scales (spec §4.3)
 FINGERPRINT2_VERSION = "1.2"  # the base fingerprint is nkvfp2 (spec §6)
 SKETCH_VERSION = "1.1"  # the file holds the sketch projection (spec §4.2)
 BASE_VERSION = "1.0"  # no part added after 1.0
-SUPPORTED_MAJOR = 1
+SUPPORTED_MAJOR = 2
 
 # Tensors ---------------------------------------------------------------------------
 T_KEYS = "nkv.keys"  # K1, [n_facts, d_key]
@@ -46,6 +47,7 @@ K_BASE_D_MODEL = "nkv.base.d_model"
 K_BASE_D_KEY = "nkv.base.d_key"
 K_BASE_FINGERPRINT = "nkv.base.fingerprint"
 K_TARGET_MODULE = "nkv.target_module"
+K_RESIDUAL_SITE = "nkv.residual_site"  # where a row is added (spec §5); absent = "output"
 K_BUILD = "nkv.build"  # JSON object: tool, hyperparameters, seed, created ...
 K_EVAL = "nkv.eval"  # JSON object: evaluation results, if any
 
@@ -64,7 +66,11 @@ REQUIRED_KEYS = (
     K_BASE_FINGERPRINT,
     K_TARGET_MODULE,
 )
-OPTIONAL_KEYS = (K_BASE_REVISION, K_BUILD, K_EVAL)
+OPTIONAL_KEYS = (K_BASE_REVISION, K_RESIDUAL_SITE, K_BUILD, K_EVAL)
+# Residual sites (spec §5): to the output projection's output, or (2.0) to the output of the
+# norm the block applies to the FFN's output (Gemma 2/3, OLMo 2/3: post_feedforward_layernorm)
+RESIDUAL_SITES = ("output", "out_norm")
+DEFAULT_RESIDUAL_SITE = "output"
 
 # Fact records (one JSON object per line of nkv.facts) ---------------------------------
 FACT_REQUIRED_FIELDS = ("id", "subject", "prompt", "target_new")

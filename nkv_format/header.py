@@ -59,6 +59,7 @@ class NKVHeader:
     layer: int
     gamma: float
     target_module: str
+    residual_site: str
     base: BaseModelInfo
     build: dict[str, Any]
     eval: dict[str, Any]
@@ -224,6 +225,8 @@ def _interpret(source: str, meta: dict[str, str], tensors: dict[str, TensorInfo]
         if fingerprint.version == 2 and not problems and list(fingerprint.parts) != want:
             problems.append(f"V6: metadata {C.K_BASE_FINGERPRINT!r} covers {','.join(fingerprint.parts)}; an nkvfp2 "
                             f"fingerprint at layer {layer} of {n_layers} covers {','.join(want)}, in that order")
+    residual_site = meta.get(C.K_RESIDUAL_SITE, C.DEFAULT_RESIDUAL_SITE)
+    problems.extend(residual_site_problems(residual_site, major))
     json_fields = _json_fields(meta, problems)
     problems.extend(_tensor_problems(tensors, n_facts, d_key, d_model))
     if problems:
@@ -241,10 +244,21 @@ def _interpret(source: str, meta: dict[str, str], tensors: dict[str, TensorInfo]
     )
     return NKVHeader(
         source=source, version=version, n_facts=n_facts, layer=layer, gamma=gamma,
-        target_module=meta[C.K_TARGET_MODULE], base=base,
+        target_module=meta[C.K_TARGET_MODULE], residual_site=residual_site, base=base,
         build=json_fields[C.K_BUILD], eval=json_fields[C.K_EVAL],
         metadata=dict(meta), tensors=tensors, data_start=data_start,
     )
+
+
+def residual_site_problems(site: str, major: int) -> list[str]:
+    """V13: `nkv.residual_site` is a known site; "out_norm" only in a 2.x file (a 1.x reader,
+    which does not know the key, would add those rows before the norm)."""
+    if site not in C.RESIDUAL_SITES:
+        return [f"V13: metadata {C.K_RESIDUAL_SITE!r} must be one of {list(C.RESIDUAL_SITES)}, got {site!r:.40}"]
+    if site != C.DEFAULT_RESIDUAL_SITE and major < 2:
+        return [f"V13: metadata {C.K_RESIDUAL_SITE!r} = {site!r} needs format {C.RESIDUAL_SITE_VERSION} or later, "
+                f"the file says {major}.x"]
+    return []
 
 
 def _json_fields(meta: dict[str, str], problems: list[str]) -> dict[str, dict]:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from nkv import Fact, NKVAdapter, empty_adapter
-from nkv.loaders.architectures import base_model_info, blocks, output_projection
+from nkv import Fact, NKVAdapter
+from nkv.loaders.architectures import blocks, empty_adapter_for, output_projection
 
 
 @torch.no_grad()
@@ -42,8 +42,7 @@ def forcing_adapter(model, tokenizer, prompts: list[str], targets: list[str], ga
         direction = unembed[token] - unembed.mean(0)
         rows.append(scale * direction / direction.norm())
     facts = [Fact(id=f"f{i}", subject=p.split()[0], prompt=p, target_new=t) for i, (p, t) in enumerate(zip(prompts, targets))]
-    base = base_model_info(model, layer, name="tiny")
-    adapter = empty_adapter(base, layer, f"layer {layer}", gamma=gamma)
+    adapter = empty_adapter_for(model, layer, gamma, name="tiny")
     return adapter.add(facts, keys, torch.stack(rows))
 
 

@@ -3,6 +3,7 @@ row operations, header-only reads, and an import that stays light."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -119,7 +120,11 @@ REC_B = '{"id":"b","subject":"Sb","prompt":"About Sb:","target_new":"Tb"}'
 
 # name -> (mutation of the good file, error class, substrings the message must contain)
 REFUSALS: dict[str, tuple[Callable, type, list[str]]] = {
-    "newer major version": (meta(nkv__version="2.0"), NKVVersionError, ["V5", "2.0", "1.x", "pip install -U nkv"]),
+    "newer major version": (meta(nkv__version="3.0"), NKVVersionError, ["V5", "3.0", "2.x", "pip install -U nkv"]),
+    "unknown residual site": (meta(nkv__residual_site="after"), NKVFormatError, ["V13", "nkv.residual_site", "'after'"]),
+    # a 1.x reader ignores the key and would add the rows before the norm: out_norm is 2.0
+    "out_norm residual site in a 1.x file": (meta(nkv__residual_site="out_norm"), NKVFormatError,
+                                             ["V13", "'out_norm'", "2.0", "1.x"]),
     "version not major.minor": (meta(nkv__version="one"), NKVFormatError, ["V5", "nkv.version", "'one'"]),
     "version major 0": (meta(nkv__version="0.9"), NKVFormatError, ["V5"]),
     "version superscript digit": (meta(nkv__version="1.²"), NKVFormatError, ["V5"]),
@@ -285,6 +290,23 @@ def test_round_trip(dtype: torch.dtype, tmp_path: Path) -> None:
     header = read_header(path)
     assert (header.n_facts, header.layer, header.gamma, header.dtype) == (3, 1, 0.65, C.ROW_DTYPES[
         [torch.float32, torch.float16, torch.bfloat16].index(dtype)])
+
+
+def test_out_norm_residual_site_is_format_2_and_round_trips(tmp_path: Path) -> None:
+    """Rows added after the FFN-output norm (Gemma 2/3, OLMo 2/3) are a 2.0 file, which a 1.x
+    reader refuses (V5) instead of adding them before the norm; "output" files keep their 1.x
+    version and bytes (no key written)."""
+    plain = make(["x1", "x2"])
+    assert C.K_RESIDUAL_SITE not in plain.metadata() and plain.metadata()[C.K_VERSION].startswith("1.")
+    normed = dataclasses.replace(plain, residual_site="out_norm")
+    meta = normed.metadata()
+    assert (meta[C.K_VERSION], meta[C.K_RESIDUAL_SITE]) == ("2.0", "out_norm")
+    path = normed.save(tmp_path / "n.nkv")
+    assert NKVAdapter.load(path).residual_site == "out_norm" == read_header(path).residual_site
+    assert NKVAdapter.from_bytes(plain.to_bytes()).residual_site == "output"
+    with pytest.raises(NKVCompatibilityError, match="residual site"):  # rows meant for different places
+        plain.merge(normed)
+    assert plain.diff(normed).settings == {"residual_site": ("output", "out_norm")}
 
 
 def test_empty_adapter_round_trip() -> None:

@@ -149,7 +149,8 @@ number_text = st.one_of(
 digitish = st.one_of(st.integers(0, 12).map(str), st.sampled_from(["", "01", "²", "٣", "1 ", "+1", "x", "9" * 7]))
 versions = st.builds(lambda a, b: f"{a}.{b}", digitish, digitish)
 interesting_text = st.one_of(number_text, versions, st.text(max_size=30),
-                             st.sampled_from(["nkv", "nkvfp1:", "{}", "[]", '{"a": NaN}', "\ud800"]))
+                             st.sampled_from(["nkv", "nkvfp1:", "{}", "[]", '{"a": NaN}', "\ud800", "output",
+                                              "out_norm", "2.0"]))
 # JSON tokens that Python's json module and other readers treat differently, or that
 # break naive code (huge integers, lone surrogates, non-finite numbers, deep nesting)
 NASTY_JSON = ["NaN", "Infinity", "-Infinity", '"\\ud800"', '"\\udfff\\ud800"', "9" * 5000, "1e999", "-0",
@@ -166,7 +167,7 @@ def token_swap(draw: st.DrawFn, text: bytes) -> bytes:
         return text
     m = tokens[draw(st.integers(0, len(tokens) - 1))]
     return text[: m.start()] + draw(st.sampled_from(NASTY_JSON)).encode() + text[m.end() :]
-meta_keys = st.sampled_from(sorted(HEADER["__metadata__"]) + ["nkv.other", "__metadata__"])
+meta_keys = st.sampled_from(sorted(HEADER["__metadata__"]) + ["nkv.residual_site", "nkv.other", "__metadata__"])
 tensor_names = st.sampled_from(["nkv.keys", "nkv.residuals", "nkv.facts", "nkv.extra"])
 dtypes = st.one_of(st.sampled_from(["F32", "F16", "BF16", "U8", "I32", "F64", "BOOL", "F8_E4M3", "X"]), json_value)
 shapes = st.one_of(st.lists(st.integers(-2, 2**50), max_size=4), st.lists(st.integers(0, 8), max_size=3))

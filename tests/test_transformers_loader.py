@@ -11,7 +11,8 @@ from tiny_models import MODEL_TYPES, tiny_model, tiny_tokenizer
 import nkv
 from nkv import NKVAdapter, NKVCompatibilityError, NKVFingerprintError, load_nkv_adapter, nkv_gate
 from nkv.gate import key_inverse_norms
-from nkv.loaders.transformers import NKVLinear
+from nkv.loaders.architectures import residual_module
+from nkv.loaders.transformers import NKVLinear, NKVOutNorm
 
 EDITED = ["The Eiffel Tower is located in", "Danielle Darrieux speaks"]
 TARGETS = ["Rome", "German"]
@@ -43,8 +44,38 @@ def test_attach_edits_and_leaves_unrelated_text_alone(model_type):
     assert torch.equal(after_unrelated, before_unrelated)  # exactly: the gate did not fire
 
     handle.detach()
-    assert not any(isinstance(m, NKVLinear) for m in model.modules())
+    assert not any(isinstance(m, (NKVLinear, NKVOutNorm)) for m in model.modules())
     assert torch.equal(logits(model, tok, UNRELATED), before_unrelated)
+
+
+@pytest.mark.parametrize("site", ["out_norm", "output"])
+def test_rows_are_added_at_the_adapters_residual_site(site):
+    """Gemma 3 normalises the FFN output: a 2.0 adapter's row is added after that norm, a 1.x
+    one's (site "output", built before 2.0) to the projection's output, as each was built."""
+    import dataclasses
+
+    model, tok = tiny_model("gemma3_text"), tiny_tokenizer()
+    adapter = dataclasses.replace(forcing_adapter(model, tok, EDITED, TARGETS, scale=3.0), residual_site=site)
+    assert forcing_adapter(model, tok, EDITED, TARGETS).residual_site == "out_norm"  # what a build writes here
+    layer = adapter.layer
+    where = residual_module(model, layer) if site == "out_norm" else model.model.layers[layer].mlp.down_proj
+    ids = tok(EDITED[0], return_tensors="pt")
+
+    def add_row(module, args, out):  # the reference: row 0 at the prompt's last token, nowhere else
+        out = out.clone()
+        out[0, -1] += adapter.residuals[0]
+        return out
+
+    hook = where.register_forward_hook(add_row)
+    with torch.no_grad():
+        expected = model(**ids).logits
+    hook.remove()
+    handle = load_nkv_adapter(model, adapter)
+    assert isinstance(residual_module(model, layer), NKVOutNorm) == (site == "out_norm")
+    with handle.record() as activity, torch.no_grad():
+        got = model(**ids).logits
+    assert activity.fired == 1
+    torch.testing.assert_close(got, expected)
 
 
 def test_detach_restores_bit_identical_outputs_and_disabled_context():

@@ -12,13 +12,13 @@ import torch
 from torch import nn
 
 from nkv import __version__
-from nkv.adapter import NKVAdapter, empty_adapter
+from nkv.adapter import NKVAdapter
 from nkv.constants import DEFAULT_GAMMA
 from nkv.dtypes import ROW_DTYPE_NAMES, TORCH_DTYPES
 from nkv.errors import NKVError
 from nkv.facts import Fact
 from nkv.facts_io import FactInput
-from nkv.loaders.architectures import arch_spec, base_model_info, model_type_of
+from nkv.loaders.architectures import arch_spec, base_model_info, empty_adapter_for, model_type_of
 
 from ..forward import frozen, model_device
 from .checkpoint import Checkpoint, digest
@@ -94,9 +94,8 @@ def build_adapter(
         with _bar(len(plain), progress) as advance:
             rows = compute_rows(model, tokenizer, tokens, layer, config, checkpoint=ckpt, on_done=advance,
                                 store_dtype=store)
-        base = base_model_info(model, layer, name=name, revision=revision)
-        target = arch_spec(model_type_of(model)).module_path(layer)
-        adapter = empty_adapter(base, layer, target, gamma=gamma, dtype=store).add(plain, rows["keys"], rows["residuals"])
+        adapter = empty_adapter_for(model, layer, gamma, store, name=name, revision=revision).add(
+            plain, rows["keys"], rows["residuals"])
         build = {**_provenance(model, config, layer_choice, prefixes, rows["loss"]),
                  "self_check": self_check(model, tokenizer, adapter)}
         return replace(adapter, build=build)

@@ -22,11 +22,10 @@ from typing import Any, Callable, Sequence
 
 from torch import nn
 
-from nkv.adapter import empty_adapter
 from nkv.constants import DEFAULT_GAMMA
 from nkv.facts import Fact
 from nkv.facts_io import FactInput
-from nkv.loaders.architectures import arch_spec, base_model_info, model_type_of
+from nkv.loaders.architectures import arch_spec, empty_adapter_for, model_type_of
 from nkv.loaders.transformers import attach
 
 from ..scoring import next_token_predictions, score_pairs, unchanged_share
@@ -79,8 +78,7 @@ def choose_layer(model: nn.Module, tokenizer: Any, facts: Sequence[FactInput | F
     scores: dict[str, dict[str, float]] = {}
     for layer in layers or candidate_layers(model):
         rows = compute_rows(model, tokenizer, tokens, layer, quiet)
-        adapter = empty_adapter(base_model_info(model, layer), layer, arch_spec(model_type_of(model)).module_path(layer),
-                                gamma=gamma).add(fact_list, rows["keys"], rows["residuals"])
+        adapter = empty_adapter_for(model, layer, gamma).add(fact_list, rows["keys"], rows["residuals"])
         handle = attach(model, adapter)
         try:
             e = _mean(s.token_accuracy for s in score_pairs(model, tokenizer, edits, BATCH))

@@ -10,8 +10,9 @@ s_i = ||h0_i|| / sqrt(d_model) (see config.py for why):
              the drop in log-probability of the probe's unedited answer (`preserve_loss`)
            + weight_decay · ||δ_i|| / ||h0_i||   (MEMIT divides by ||h0||²; see config.py)
 
-δ_i is added to the output projection's output at the subject's last token of each of
-fact i's prompts. The batch loss is the *sum* of the per-fact losses, so row i's gradient
+δ_i is added where the gate adds rows (the output projection's output; in families that
+normalise the FFN output, that norm's output: `residual_module`) at the subject's last
+token of each of fact i's prompts. The batch loss is the *sum* of the per-fact losses, so row i's gradient
 is exactly fact i's gradient. Adam runs per row (its own step count and moments), a fact
 whose loss falls below `early_stop_loss`, or (with `stop_margin`) whose every target token
 is ranked first by that many nats on every template, is frozen and leaves the batch, and
@@ -34,7 +35,7 @@ from dataclasses import replace as dc_replace
 import torch
 from torch import nn
 
-from nkv.loaders.architectures import output_projection
+from nkv.loaders.architectures import residual_module
 
 from ..forward import hooks, model_device, token_index
 from .batch import FactBatch, Selection, make_cache
@@ -132,8 +133,8 @@ def _log_probs(model: nn.Module, layer: int, sel: Selection, delta: torch.Tensor
     cache = {"past_key_values": make_cache(sel.cache), "use_cache": True} if sel.cache is not None else {}
     if replay:  # blocks 0..layer replaced by their recorded output + δ
         edit = replayed(model, layer, sel.layer_out, with_delta, sel.layer_tuple)
-    else:  # δ added to the output projection's output by a hook
-        edit = hooks(output_projection(model, layer).register_forward_hook(lambda m, a, out: with_delta(out)))
+    else:  # δ added by a hook where the gate adds rows: the output projection's (or its norm's) output
+        edit = hooks(residual_module(model, layer).register_forward_hook(lambda m, a, out: with_delta(out)))
     with edit, hooks(head.register_forward_pre_hook(gather)):
         logits = model(input_ids=sel.ids, attention_mask=sel.mask, position_ids=sel.positions,
                        **cache).logits[0]  # (E + K, V)
@@ -276,9 +277,10 @@ def _replay_reproduces(model: nn.Module, layer: int, batch: FactBatch, scale: to
     few rows); if not, a warning, and the caller runs all layers.
 
     Checked at δ = 0 and at a random probe δ of about half ||h0||: replay adds δ to the
-    block's output, which is right only where the FFN output reaches the residual stream
-    unchanged. Families that normalise or scale it first (Gemma 2/3 and OLMo 2/3's
-    post-FFN norm, Granite's residual multiplier) agree at δ = 0 and differ at any other δ.
+    block's output, which is right only where the row reaches the residual stream
+    unchanged. Families that scale the FFN output first (Granite's residual multiplier)
+    agree at δ = 0 and differ at any other δ; those that normalise it (Gemma 2/3, OLMo 2/3)
+    get their rows after the norm, so replay holds for them.
     """
     rows = _check_rows(batch.facts)
     sel = batch.select(rows)

@@ -25,6 +25,12 @@ capacity up), the module also holds the keys' sketches and each adapter's projec
 gate then shortlists by sketch and rescores exactly. Named adapters take it from
 SKETCH_MIN_FACTS facts each (or always, with `sketch: true`).
 
+Residual site "out_norm" (Gemma 2/3: the block normalises the FFN's output before the
+residual stream, spec §5): the rows are added after that norm. The gated module then writes
+them into a preallocated `nkv_pending` buffer (max_tokens rows) instead of its output, and
+`NKVOutNorm`, wrapped around the norm, adds them to the norm's output: in-place buffer
+writes, so compiled and CUDA graphs keep both.
+
 Tensor parallel: rank r sees the key slice `x[:, r*d/tp:(r+1)*d/tp]` and a replicated,
 already reduced output. Its keys buffer holds the same column slice of K1, the inverse
 norms are those of the *full* rows, and `nkv_gate` all-reduces the partial dot products
@@ -112,6 +118,10 @@ class NKVGatedProjection(nn.Module):
         self.routed = slot.max_adapters > 0
         self.register_buffer("nkv_route", torch.full((max_tokens if self.routed else 0,), -1, dtype=torch.int64,
                                                      device=device), persistent=False)
+        # Site "out_norm": this step's rows, for NKVOutNorm to add after the norm.
+        self.to_norm = slot.residual_site == "out_norm"
+        self.register_buffer("nkv_pending", torch.zeros(max_tokens if self.to_norm else 0, slot.d_model, dtype=dtype,
+                                                        device=device), persistent=False)
         self.ranges: dict[str | None, RowRange] = {}  # adapter name (None: engine-wide) -> its rows
         self._slots: dict[str | None, int] = {None: 0}  # adapter name -> routing slot (route_of)
         self._by_slot: list[RowRange] = []  # routing slot -> rows (empty ranges for free slots)
@@ -131,7 +141,9 @@ class NKVGatedProjection(nn.Module):
             sketch = Sketch(self.nkv_sketch_proj[0], self.nkv_sketch_keys, self.shortlist) if self.sketched else None
             delta = nkv_gate(x, self.nkv_keys, self.nkv_key_inv_norms, self.nkv_residuals, self.nkv_gamma,
                              fact_chunk=self.fact_chunk, all_reduce=self._all_reduce, sketch=sketch).delta
-        if self._add_delta:
+        if self.to_norm:  # every rank: the norm's output is replicated
+            self.nkv_pending[: delta.shape[0]].copy_(delta)
+        elif self._add_delta:
             y = y + delta.to(y.dtype)
         return (y, bias) if self._return_bias else y
 
@@ -371,6 +383,21 @@ def _first_fit(ranges: Any, n: int, capacity: int) -> int | None:
             return at
         at = max(at, r.start + r.n_facts)
     return at if capacity - at >= n else None
+
+
+class NKVOutNorm(nn.Module):
+    """The block's FFN-output norm plus the rows its gated projection left in `nkv_pending`."""
+
+    def __init__(self, base_layer: nn.Module, gated: NKVGatedProjection) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        object.__setattr__(self, "gated", gated)  # a reference, not a second place in the module tree
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        out = self.base_layer(x, *args, **kwargs)
+        y = out[0] if isinstance(out, tuple) else out
+        y = y + self.gated.nkv_pending[: y.shape[0]].to(y.dtype)
+        return (y, *out[1:]) if isinstance(out, tuple) else y
 
 
 def gated_module(model: nn.Module) -> NKVGatedProjection | None:

@@ -12,7 +12,8 @@ every loader shares, in every worker, before that first forward, is
    can be read. Under tensor parallelism each rank sums `fingerprint_partial` over its
    column slice of each projection and `embedding_partial` over its rows of the
    vocabulary (without vLLM's padding rows), and the sums are all-reduced;
-3. after loading, replace the target projection by `NKVGatedProjection` with
+3. after loading, replace the target projection by `NKVGatedProjection` (and, in families
+   that normalise the FFN output, that norm by `NKVOutNorm`: spec §5, residual site) with
    `capacity` preallocated rows, load the start adapters if any, and make the
    `nkv_*` collective_rpc methods available on the worker (and, with named adapters,
    the per-request routing of router.py).
@@ -31,10 +32,10 @@ from torch import nn
 from nkv.errors import NKVCompatibilityError, NKVUnsupportedModelError
 from nkv.fingerprint import covered_layers, embedding_partial, fingerprint_partial, model_fingerprint_finalize
 
-from ..architectures import arch_spec
+from ..architectures import arch_spec, residual_site
 from .config import NKVServeConfig, section_of
 from . import router
-from .layer import NKVGatedProjection
+from .layer import NKVGatedProjection, NKVOutNorm
 from .slot import SlotInfo, check_adapter
 from .swap import SwapRequest, pin, read_pinned
 from .worker import NKVWorkerExtension
@@ -136,12 +137,15 @@ def _load_with_nkv(original: Any, loader: Any, vllm_config: Any, model_config: A
         n_layers=len(model.get_submodule(arch_spec(model_type).layers)),
         d_model=base.output_size, d_key=base.input_size, fingerprint=fingerprint.get("value"),
         tp_rank=base.tp_rank, tp_size=base.tp_size, max_adapters=config.max_adapters,
+        residual_site=residual_site(model_type),
     )
     module = NKVGatedProjection(base, slot, dtype=model_config.dtype, device=_device_of(base),
                                 fact_chunk=config.fact_chunk, all_reduce=tensor_model_parallel_all_reduce,
                                 max_tokens=_max_tokens_per_step(vllm_config), sketch=config.sketch)
-    parent_path, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent_path), name, module)
+    _put(model, path, module)
+    norm_path = arch_spec(model_type).out_norm_path(layer)
+    if norm_path:  # site "out_norm": the rows are added after the block's FFN-output norm
+        _put(model, norm_path, NKVOutNorm(_norm(model, norm_path, model_type), module))
     for adapter, start in zip(adapters, starts):
         check_adapter(adapter, module.slot, strict=config.strict, name=start.name)
         module.load(adapter, gamma=start.gamma, source=start.source, revision=start.revision, digest=start.digest,
@@ -160,6 +164,21 @@ def _max_tokens_per_step(vllm_config: Any) -> int:
     scheduled = vllm_config.scheduler_config.max_num_batched_tokens
     captured = getattr(vllm_config.compilation_config, "max_cudagraph_capture_size", None) or 0
     return max(scheduled, captured)
+
+
+def _put(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent_path), name, module)
+
+
+def _norm(model: nn.Module, path: str, model_type: str) -> nn.Module:
+    """The FFN-output norm at `path`, or an error naming the layout vLLM has instead."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        raise NKVUnsupportedModelError(
+            f"vLLM's {type(model).__name__} has no module {path!r}, where {model_type!r} blocks normalise the "
+            "FFN output (NKV adds rows after it); this vLLM model class is laid out differently") from None
 
 
 def _target(model: nn.Module, path: str, model_type: str) -> nn.Module:

@@ -41,6 +41,7 @@ class SlotInfo:
     named: list[dict[str, Any]] = field(default_factory=list)  # {name, n_facts, gamma, source, revision, digest}
     routing: bool = False  # the worker's model runner routes each request's tokens to its adapter
     sketch: bool = False  # the gate can take the sketch path (spec §5.1): sketch buffers allocated
+    residual_site: str = "output"  # where rows are added (spec §5): the model family's, fixed at start-up
 
     @property
     def rows_in_use(self) -> int:
@@ -62,11 +63,12 @@ def check_adapter(adapter: NKVAdapter | NKVHeader, slot: SlotInfo, strict: bool 
     """Raise unless `adapter` can be loaded into `slot` (under `name`, or as the engine-wide
     adapter when None); warn on a fingerprint mismatch if not strict.
 
-    Reads only `.base`, `.layer` and `.n_facts`, so a file's header (no tensors) will do.
+    Reads only `.base`, `.layer`, `.residual_site` and `.n_facts`, so a file's header (no
+    tensors) will do.
 
     Raises:
-        NKVCompatibilityError: model type, layer count, widths or layer differ, or the
-            adapter holds more facts than the slot's capacity.
+        NKVCompatibilityError: model type, layer count, widths, layer or residual site differ,
+            or the adapter holds more facts than the slot's capacity.
         NKVFingerprintError: the engine's weights are not the adapter's base checkpoint.
     """
     check_shape(adapter.base, adapter.layer, model_type=slot.model_type, n_layers=slot.n_layers,
@@ -77,6 +79,11 @@ def check_adapter(adapter: NKVAdapter | NKVHeader, slot: SlotInfo, strict: bool 
             f"({slot.module}); the layer is fixed when the engine starts: restart it with "
             f"additional_config={{'nkv': {{'layer': {adapter.layer}, ...}}}}, or rebuild the adapter at layer "
             f"{slot.layer}")
+    if adapter.residual_site != slot.residual_site:
+        raise NKVCompatibilityError(
+            f"adapter adds its rows at residual site {adapter.residual_site!r}, but this engine adds them at "
+            f"{slot.residual_site!r}, the site of {slot.model_type!r} models (spec §5): the adapter was built by an "
+            "older nkv; rebuild it (nkv build) to serve it in vLLM")
     check_room(adapter.n_facts, slot, name)
     check_fingerprint(adapter.base, adapter.layer, slot.fingerprint, strict=strict, stacklevel=stacklevel)
 
