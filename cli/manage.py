@@ -69,6 +69,7 @@ def _header_json(header: NKVHeader, path: Path) -> dict[str, Any]:
         "gamma": header.gamma,
         "dtype": header.dtype,
         "target_module": header.target_module,
+        "residual_site": header.residual_site,
         "base": asdict(header.base),
         "build": header.build,
         "eval": header.eval,
@@ -108,7 +109,8 @@ def inspect(file: Path, as_json: bool, with_facts: bool, limit: int | None) -> N
         ("file", f"{file} ({_size(file.stat().st_size)})"),
         ("format", f"nkv {header.version}"),
         ("facts", str(header.n_facts)),
-        ("layer", f"{header.layer} ({header.target_module})"),
+        ("layer", f"{header.layer} ({header.target_module}"
+                  + (", rows added after the FFN-output norm)" if header.residual_site == "out_norm" else ")")),
         ("gamma", f"{header.gamma:g}"),
         ("dtype", header.dtype + (" (int8 rows, one F32 scale per row)" if header.storage == "int8" else "")),
         ("base model", b.name + (f" @ {b.revision}" if b.revision else "")),

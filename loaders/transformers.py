@@ -18,6 +18,7 @@ an adapter (or none) per batch row, like PEFT's `adapter_names=`; the routed gat
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Sequence, Union
@@ -531,6 +532,11 @@ def attach(model: nn.Module, adapter: AdapterSource, *, revision: str | None = N
         raise NKVUnsupportedModelError(
             f"the adapter adds its rows after the FFN-output norm (residual site 'out_norm', spec §5), which "
             f"{model_type_of(model)!r} blocks do not have in this version's architecture table")
+    if adapter.residual_site == "output" and spec.out_norm:
+        warnings.warn(
+            f"this adapter adds its rows to {spec.out_proj}'s output, before {model_type_of(model)!r}'s FFN-output "
+            f"norm, which rescales them (built before NKV format 2.0): it is applied as built, but such rows edit "
+            "poorly; rebuild it with `nkv build` to add them after the norm (spec §5)", stacklevel=2)
     path = spec.module_path(adapter.layer)
     target = output_projection(model, adapter.layer)
     routing = _routing_of(model) or _Routing()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -70,7 +72,10 @@ def test_rows_are_added_at_the_adapters_residual_site(site):
     with torch.no_grad():
         expected = model(**ids).logits
     hook.remove()
-    handle = load_nkv_adapter(model, adapter)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        handle = load_nkv_adapter(model, adapter)
+    assert any("rebuild it" in str(w.message) for w in caught) == (site == "output")
     assert isinstance(residual_module(model, layer), NKVOutNorm) == (site == "out_norm")
     with handle.record() as activity, torch.no_grad():
         got = model(**ids).logits

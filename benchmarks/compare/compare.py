@@ -68,7 +68,10 @@ def rows_for(model, tokenizer, facts, layer: int, gamma: float, out: Path, stem:
     from nkv.adapter import NKVAdapter
     from nkv.editing.solve import build_adapter, default_config
 
+    from nkv.loaders.architectures import residual_site
+
     out.mkdir(parents=True, exist_ok=True)
+    site = residual_site(model.config.model_type)
     overrides = json.loads(build)
     label = "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
     path = out / f"rows-{stem}-L{layer}-n{len(facts)}{label}.nkv"
@@ -78,11 +81,11 @@ def rows_for(model, tokenizer, facts, layer: int, gamma: float, out: Path, stem:
         n_cached = int(bigger.stem.removeprefix(f"rows-{stem}-L{layer}-n").split("-")[0])
         if n_cached > len(facts) and bigger.stem == f"rows-{stem}-L{layer}-n{n_cached}{label}":
             cached = NKVAdapter.load(bigger)
-            if cached.ids[: len(ids)] == ids:
+            if cached.ids[: len(ids)] == ids and cached.residual_site == site:
                 print(f"rows: the first {len(ids)} rows of {bigger.name}", file=sys.stderr)
                 build_s = json.loads(bigger.with_suffix(".json").read_text())["build_s"] * len(ids) / n_cached
                 return replace(cached.select(ids), gamma=gamma), build_s
-    if path.exists():
+    if path.exists() and NKVAdapter.load(path).residual_site == site:  # rows from before format 2.0 are rebuilt
         adapter = NKVAdapter.load(path)
         print(f"rows: reusing {path.name}", file=sys.stderr)
         return replace(adapter, gamma=gamma), json.loads(path.with_suffix(".json").read_text())["build_s"]

@@ -13,12 +13,12 @@ from torch import nn
 
 from nkv import __version__
 from nkv.adapter import NKVAdapter
-from nkv.constants import DEFAULT_GAMMA
+from nkv.constants import DEFAULT_GAMMA, DEFAULT_RESIDUAL_SITE
 from nkv.dtypes import ROW_DTYPE_NAMES, TORCH_DTYPES
 from nkv.errors import NKVError
 from nkv.facts import Fact
 from nkv.facts_io import FactInput
-from nkv.loaders.architectures import arch_spec, base_model_info, empty_adapter_for, model_type_of
+from nkv.loaders.architectures import arch_spec, base_model_info, empty_adapter_for, model_type_of, residual_site
 
 from ..forward import frozen, model_device
 from .checkpoint import Checkpoint, digest
@@ -80,8 +80,12 @@ def build_adapter(
         if ckpt is not None:
             ckpt.require_resume(resume)
         dtype = next(model.parameters()).dtype
-        inputs = digest({"facts": [f.to_record() for f in plain], "objective": config.objective, "layer": layer,
-                         "dtype": str(dtype), "model": base_model_info(model, 0).fingerprint})
+        inputs = {"facts": [f.to_record() for f in plain], "objective": config.objective, "layer": layer,
+                  "dtype": str(dtype), "model": base_model_info(model, 0).fingerprint}
+        site = residual_site(model_type_of(model))
+        if site != DEFAULT_RESIDUAL_SITE:  # rows of another site are other rows; llama-like checkpoints still resume
+            inputs["residual_site"] = site
+        inputs = digest(inputs)
         state = ckpt.resumed_state(inputs) if ckpt is not None else {}
         layer, layer_choice = _resolve_layer(model, tokenizer, facts, layer, config, state, progress)
         prefixes = state.get("prefixes") or generate_prefixes(model, tokenizer, config.n_prefixes,
