@@ -132,10 +132,16 @@ def residual_site(model_type: str) -> str:
 def residual_module(model: nn.Module, layer: int) -> nn.Module:
     """The module at `layer` whose output a row is added to: the FFN-output norm where the
     family has one (`ArchSpec.out_norm`), else the output projection."""
-    spec = arch_spec(model_type_of(model))
-    output_projection(model, layer)  # the layer range check
-    path = spec.out_norm_path(layer)
-    return model.get_submodule(path) if path else output_projection(model, layer)
+    projection = output_projection(model, layer)  # also the layer range check
+    path = arch_spec(model_type_of(model)).out_norm_path(layer)
+    if path is None:
+        return projection
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        raise NKVUnsupportedModelError(
+            f"{type(model).__name__} has no module {path!r}, where {model_type_of(model)!r} blocks normalise the FFN "
+            "output (NKV adds rows after it); this model class is laid out differently from the table's row") from None
 
 
 def projection_weight(model: nn.Module, layer: int) -> torch.Tensor:

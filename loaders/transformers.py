@@ -36,7 +36,8 @@ from nkv.gate import (DEFAULT_FACT_CHUNK, GateResult, RowRange, Sketch, key_inve
                       nkv_gate_routed, sketch_keys)
 from nkv.resolve import AdapterSource, resolve_adapter
 
-from .architectures import arch_spec, blocks, model_fingerprint, model_type_of, output_projection, projection_weight
+from .architectures import (arch_spec, blocks, model_fingerprint, model_type_of, output_projection, projection_weight,
+                            residual_module)
 
 # Upper bound on the (tokens x facts) score matrix held at once: 2^25 float32 = 128 MiB.
 SCORE_BUDGET = 2**25
@@ -164,6 +165,9 @@ class NKVOutNorm(nn.Module):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
         delta, self.pending.delta = self.pending.delta, None
+        if delta is not None and delta.shape != out.shape:
+            raise NKVError(f"NKVOutNorm got rows of shape {list(delta.shape)} for an output of shape "
+                           f"{list(out.shape)}: the norm was called on something other than this block's FFN output")
         return out if delta is None else out + delta.to(out.dtype)
 
 
@@ -275,6 +279,8 @@ class NKVLinear(nn.Module):
     # -- the forward pass
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
+        if self.pending is not None:  # nothing left over from a forward that stopped before the norm
+            self.pending.delta = None
         if not self.enabled:
             return out
         route = self.route(x)
@@ -568,7 +574,7 @@ def attach(model: nn.Module, adapter: AdapterSource, *, revision: str | None = N
         if adapter.residual_site == "out_norm":
             module.pending = _Pending()
             module.norm_path = spec.out_norm_path(adapter.layer)
-            _set_submodule(model, module.norm_path, NKVOutNorm(model.get_submodule(module.norm_path), module.pending))
+            _set_submodule(model, module.norm_path, NKVOutNorm(residual_module(model, adapter.layer), module.pending))
         _set_submodule(model, path, module)
     routing.modules[name] = module
     return NKVHandle(model, adapter, module, path, name)

@@ -123,7 +123,9 @@ def _details_section(adapter: NKVAdapter, filename: str, base_id: str | None) ->
         rows.append(("base revision", f"`{_cell(b.revision)}`"))
     rows += [
         ("base fingerprint", f"`{_cell(b.fingerprint, limit=None)}`"),
-        ("layer", f"{adapter.layer} of {b.n_layers} (`{_cell(adapter.target_module)}`)"),
+        ("layer", f"{adapter.layer} of {b.n_layers} (`{_cell(adapter.target_module)}`"
+                  + ("; rows added after the FFN-output norm: needs an nkv that reads format 2.0)"
+                     if adapter.residual_site == "out_norm" else ")")),
         ("γ (gate threshold)", f"{adapter.gamma:g}"),
         ("dtype", dtype),
         ("d_key × d_model", f"{b.d_key} × {b.d_model}"),

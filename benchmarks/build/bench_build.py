@@ -75,12 +75,11 @@ def worker(args: argparse.Namespace) -> None:
     """One mode: load, then build the chunks the parent names on stdin; `finish` evaluates."""
     import torch
 
-    from nkv.adapter import empty_adapter
     from nkv.editing.evaluate import EvalOptions, evaluate_adapter
     from nkv.editing.forward import frozen
     from nkv.editing.solve import compute_rows, default_config, default_layer, generate_prefixes, tokenize_for_build
     from nkv.facts_io import read_facts
-    from nkv.loaders.architectures import arch_spec, base_model_info, model_type_of
+    from nkv.loaders.architectures import empty_adapter_for
     from nkv.loaders.transformers import attach
 
     torch.set_num_threads(args.threads)
@@ -117,8 +116,7 @@ def worker(args: argparse.Namespace) -> None:
     rows = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
     n = rows["keys"].shape[0]
     facts = [i.fact for i in items[:n]]
-    adapter = empty_adapter(base_model_info(model, layer), layer, arch_spec(model_type_of(model)).module_path(layer),
-                            gamma=args.gamma).add(facts, rows["keys"], rows["residuals"])
+    adapter = empty_adapter_for(model, layer, args.gamma).add(facts, rows["keys"], rows["residuals"])
     result = {"mode": args.mode, "n_facts": n, "layer": layer, "config": config.to_dict(),
               "seconds": round(seconds, 2), "facts_per_s": round(n / seconds, 4),
               "mean_updates": round(float(rows["steps"].float().mean()), 2),

@@ -151,6 +151,13 @@ def main(argv: list[str] | None = None) -> None:
                 handle = attach(model, rows)
                 options = EvalOptions(true_facts_limit=args.true_facts_limit)
             else:
+                if rows.residual_site != "output":
+                    # A weight edit lands in down_proj's output, before the FFN-output norm; these
+                    # residuals are meant for after it (spec §5), so they are no target for W.
+                    print(f"{method}: skipped: its weight edit lands before {model.config.model_type}'s FFN-output "
+                          "norm, and NKV's residuals here are added after it (residual site out_norm)",
+                          file=sys.stderr)
+                    continue
                 if method == "memit":
                     delta = memit_delta(rows.keys, rows.residuals, c0, args.memit_lambda)
                 else:

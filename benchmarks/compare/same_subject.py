@@ -71,8 +71,7 @@ def joint_adapter(model, tok, facts, layer: int, gamma: float, preserve: bool = 
     relation_prompts: subject -> {relation: prompt template} to hold (from a true-facts file
         with "relation" fields); None = the fact-world's templates.
     """
-    from nkv.adapter import empty_adapter
-    from nkv.loaders.architectures import arch_spec, base_model_info, model_type_of
+    from nkv.loaders.architectures import empty_adapter_for
     from nkv.editing.solve import default_config, encode_facts, generate_prefixes
     from nkv.editing.forward import frozen, pad_id_of
     from nkv.editing.solve.keys import compute_keys
@@ -116,9 +115,7 @@ def joint_adapter(model, tok, facts, layer: int, gamma: float, preserve: bool = 
                 for rows, delta in zip(chunk, result.residuals):
                     for i in rows:
                         residuals[i] = delta.float().cpu()
-    base = base_model_info(model, layer)
-    target = arch_spec(model_type_of(model)).module_path(layer)
-    adapter = empty_adapter(base, layer, target, gamma=gamma).add(plain, keys.float().cpu(), residuals)
+    adapter = empty_adapter_for(model, layer, gamma).add(plain, keys.float().cpu(), residuals)
     method = "prototype: per-fact keys, one joint δ per subject" + (", other relations preserved" if preserve else "")
     return replace(adapter, build={"method": method})
 

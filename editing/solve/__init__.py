@@ -23,6 +23,7 @@ from .reference import optimize_residual_one, optimize_residuals_reference
 from .residuals import optimize_residuals
 from .preserve import PRESERVE_TEMPLATES, choose_probes
 from .rows import compute_rows, encode_facts, tokenize_for_build
+from nkv.loaders.architectures import empty_adapter_for  # the adapter compute_rows' rows belong in (its residual site)
 from .templates import generate_prefixes
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "candidate_layers",
     "LayerChoice",
     "compute_rows",
+    "empty_adapter_for",
     "encode_facts",
     "tokenize_for_build",
     "choose_probes",

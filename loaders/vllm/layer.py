@@ -142,6 +142,8 @@ class NKVGatedProjection(nn.Module):
             delta = nkv_gate(x, self.nkv_keys, self.nkv_key_inv_norms, self.nkv_residuals, self.nkv_gamma,
                              fact_chunk=self.fact_chunk, all_reduce=self._all_reduce, sketch=sketch).delta
         if self.to_norm:  # every rank: the norm's output is replicated
+            torch._check(delta.shape[0] <= self.nkv_pending.shape[0],
+                         lambda: f"NKV: {delta.shape[0]} tokens in one step, room for {self.nkv_pending.shape[0]}")
             self.nkv_pending[: delta.shape[0]].copy_(delta)
         elif self._add_delta:
             y = y + delta.to(y.dtype)
