@@ -88,7 +88,7 @@ def build(facts: Path, model_name: str, output: Path, layer: str | None, gamma: 
     from nkv.loaders.models import load_model
 
     layer_arg = _layer(layer)
-    scan = scan_facts(facts)
+    scan = scan_facts(facts, edited_together=True)
     check_bad_records(scan, report_path, skip_bad)
     partial = Checkpoint(output.with_name(output.name + ".partial"))
     partial.require_resume(resume)  # before the model load it would waste

@@ -324,6 +324,8 @@ class NKVAdapter:
         different rows is a conflict: "error" raises, "ours" keeps the existing row,
         "theirs" replaces it in place. An exact duplicate (same record, same rows) is
         skipped under every policy, so merging an adapter with a copy of itself is a no-op.
+        A new id that edits a question (subject and prompt) a row here already edits is a
+        conflict too: "ours" skips it, "theirs" puts it in that row's place.
 
         O(n + m) for n rows here and m new ones: ids are looked up in a dict and the rows
         of the ids present in both are compared in one vectorised pass.
@@ -336,6 +338,11 @@ class NKVAdapter:
         dup_in_new = [i for i, c in counts.items() if c > 1]
         if dup_in_new:
             raise NKVConflictError(f"add: fact ids repeated in the new rows: {sorted(dup_in_new)[:5]}")
+        questions = Counter(f.question for f in facts)
+        asked_twice = [f"{p!r} about {s!r}" for (s, p), c in questions.items() if c > 1]
+        if asked_twice:
+            raise NKVConflictError(f"add: the new rows edit {len(asked_twice)} question(s) twice (same subject and "
+                                   f"prompt), e.g. {asked_twice[:2]}; the model can give one answer: keep one")
         position = self.positions()
         keys = keys.to(self.keys.dtype)
         residuals = residuals.to(self.residuals.dtype)
@@ -358,6 +365,23 @@ class NKVAdapter:
             for p, r in zip(mine, shared):
                 out_facts[p] = facts[r]
         append = [r for r, f in enumerate(facts) if f.id not in position]
+        asked = {f.question: p for p, f in enumerate(out_facts)}
+        answered = [(r, asked[facts[r].question]) for r in append if facts[r].question in asked]  # (new, existing)
+        if answered and on_conflict == "error":
+            r, p = answered[0]
+            raise NKVConflictError(
+                f"add: {len(answered)} new fact(s) edit a question a fact here already edits, e.g. {facts[r].id!r} "
+                f"and {out_facts[p].id!r} ({facts[r].prompt!r} about {facts[r].subject!r}); the model can give "
+                "one answer: remove the old fact first, or on_conflict='ours'/'theirs' (CLI: --on-conflict)")
+        if answered:
+            taken = {r for r, _ in answered}
+            append = [r for r in append if r not in taken]
+            if on_conflict == "theirs":  # the new fact takes the old one's row
+                dst, src = torch.tensor([p for _, p in answered]), torch.tensor([r for r, _ in answered])
+                out_keys, out_res = out_keys.clone(), out_res.clone()
+                out_keys[dst], out_res[dst] = keys[src], residuals[src]
+                for r, p in answered:
+                    out_facts[p] = facts[r]
         idx = torch.tensor(append, dtype=torch.long)
         return self._with_rows(
             out_facts + [facts[r] for r in append],

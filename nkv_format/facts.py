@@ -29,6 +29,12 @@ class Fact:
     target_true: str | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def question(self) -> tuple[str, str]:
+        """(subject, prompt): what this fact edits. Two facts with one question are two
+        answers to it, of which the model can give one, so they conflict (spec §9)."""
+        return (self.subject, self.prompt)
+
     def to_record(self) -> dict[str, Any]:
         rec: dict[str, Any] = {
             "id": self.id,

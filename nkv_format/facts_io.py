@@ -142,8 +142,12 @@ def read_facts(path: str | os.PathLike, *, skip_bad: bool = False) -> list[FactI
     return scan.facts
 
 
-def scan_facts(path: str | os.PathLike) -> FactsScan:
-    """Parse every record of `path`; never raises for a bad record, only for an unreadable file."""
+def scan_facts(path: str | os.PathLike, *, edited_together: bool = False) -> FactsScan:
+    """Parse every record of `path`; never raises for a bad record, only for an unreadable file.
+
+    `edited_together` (the facts of one build): a record that edits a question (subject and
+    prompt) an earlier record edits is bad too, since the model can give one answer to it.
+    An evaluation set may ask a question twice (CounterFact does, for twin cities)."""
     path = Path(path)
     source = str(path)
     try:
@@ -160,6 +164,7 @@ def scan_facts(path: str | os.PathLike) -> FactsScan:
     facts: list[FactInput] = []
     bad: list[BadRecord] = []
     seen: dict[str, str] = {}
+    asked: dict[tuple[str, str], str] = {}  # question -> where it was first edited
     for where, position, record in _records(text, source, bad):
         try:
             item = _parse_record(record, position)
@@ -170,7 +175,12 @@ def scan_facts(path: str | os.PathLike) -> FactsScan:
         if fid in seen:
             bad.append(BadRecord(where, f"duplicate id {fid!r} (first at {seen[fid]}); give each fact its own id"))
             continue
+        if edited_together and item.fact.question in asked:
+            bad.append(BadRecord(where, f"edits the same question as {asked[item.fact.question]} (same subject and "
+                                        "prompt): the model can give one answer to it; keep one of the two"))
+            continue
         seen[fid] = where
+        asked[item.fact.question] = where
         facts.append(item)
     return FactsScan(source, facts, bad)
 

@@ -108,3 +108,58 @@ def test_add_compares_rows_in_the_adapters_dtype() -> None:
     assert same.ids == ["a", "b"]
     with pytest.raises(NKVConflictError, match="already in the adapter"):
         a.add(a.facts[:1], a.keys[:1].float() + 1, a.residuals[:1].float())
+
+
+def _asking(fact_id: str, like: Fact, target: str) -> Fact:
+    """A fact with its own id that edits `like`'s question (same subject and prompt)."""
+    return Fact(id=fact_id, subject=like.subject, prompt=like.prompt, target_new=target)
+
+
+@pytest.mark.parametrize("policy", ["error", "ours", "theirs"])
+def test_a_second_edit_of_one_question_is_a_conflict(policy: str) -> None:
+    """Spec §9: a new id that edits a question a row already edits conflicts under the policy;
+    `theirs` puts it in the old row's place, `ours` skips it."""
+    a = make(["a", "b", "c"])
+    other = make(["z", "y"], salt=1)  # rows of other ids, to tell whose rows land where
+    new = [_asking("z", a.facts[1], "T-new"), Fact(id="y", subject="Sy", prompt="About Sy:", target_new="Ty")]
+    if policy == "error":
+        with pytest.raises(NKVConflictError, match="same|already edits.*'z' and 'b'"):
+            a.add(new, other.keys, other.residuals)
+        return
+    got = a.add(new, other.keys, other.residuals, on_conflict=policy)
+    if policy == "ours":
+        assert got.ids == ["a", "b", "c", "y"]
+        assert torch.equal(got.keys[1], a.keys[1]) and torch.equal(got.keys[3], other.keys[1])
+    else:
+        assert got.ids == ["a", "z", "c", "y"] and got.facts[1].target_new == "T-new"
+        assert torch.equal(got.keys[1], other.keys[0]) and torch.equal(got.residuals[1], other.residuals[0])
+        assert torch.equal(got.keys[0], a.keys[0]) and torch.equal(got.keys[3], other.keys[1])
+
+
+def test_new_rows_that_edit_one_question_twice_are_refused() -> None:
+    a = make(["a"])
+    twice = make(["x", "w"], salt=2)
+    facts = [Fact(id="x", subject="Q", prompt="About Q:", target_new="1"), _asking("w", Fact("_", "Q", "About Q:", "?"), "2")]
+    for policy in ("error", "ours", "theirs"):
+        with pytest.raises(NKVConflictError, match="twice"):
+            a.add(facts, twice.keys, twice.residuals, on_conflict=policy)
+
+
+def test_facts_files_and_the_build_refuse_one_question_edited_twice(tmp_path) -> None:
+    from nkv.editing.solve.rows import plain_facts
+    from nkv.errors import NKVFactsError
+    from nkv.facts_io import scan_facts
+
+    lines = ['{"id": "a", "subject": "Lyon", "prompt": "Lyon is a twin city of", "target_new": "Rome"}',
+             '{"id": "b", "subject": "Lyon", "prompt": "Lyon is a twin city of", "target_new": "Oslo"}',
+             '{"id": "c", "subject": "Lyon", "prompt": "Lyon is located in", "target_new": "Peru"}']
+    path = tmp_path / "f.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    assert scan_facts(path).bad == []  # an evaluation set may ask a question twice
+    scan = scan_facts(path, edited_together=True)
+    assert [f.fact.id for f in scan.facts] == ["a", "c"]  # another relation of Lyon is fine
+    assert len(scan.bad) == 1 and "same question as" in scan.bad[0].reason and "line 1" in scan.bad[0].reason
+    a, b, _ = (Fact(id=i, subject="Lyon", prompt="Lyon is a twin city of", target_new=t)
+               for i, t in (("a", "Rome"), ("b", "Oslo"), ("c", "-")))
+    with pytest.raises(NKVFactsError, match="'a' and 'b' edit the same question"):
+        plain_facts([a, b])

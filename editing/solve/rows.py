@@ -109,17 +109,23 @@ def encode_facts(tokenizer: Any, facts: Sequence[FactInput | Fact], prefixes: li
 
 
 def plain_facts(facts: Sequence[FactInput | Fact]) -> list[Fact]:
-    """The `Fact`s of `facts`, checked: not empty, only Fact/FactInput items, unique ids."""
+    """The `Fact`s of `facts`, checked: not empty, only Fact/FactInput items, unique ids and
+    questions (subject and prompt)."""
     plain = [f.fact if isinstance(f, FactInput) else f for f in facts]
     if not plain:
         raise NKVFactsError("build_adapter: no facts given")
     seen: set[str] = set()
+    asked: dict[tuple[str, str], str] = {}
     for f in plain:
         if not isinstance(f, Fact):
             raise NKVFactsError(f"build_adapter: expected Fact or FactInput items, got {type(f).__name__}")
         if f.id in seen:
             raise NKVFactsError(f"build_adapter: duplicate fact id {f.id!r}; ids must be unique")
+        if f.question in asked:
+            raise NKVFactsError(f"build_adapter: facts {asked[f.question]!r} and {f.id!r} edit the same question "
+                                f"({f.prompt!r} about {f.subject!r}); the model can give one answer: keep one")
         seen.add(f.id)
+        asked[f.question] = f.id
     return plain
 
 
