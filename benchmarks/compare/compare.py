@@ -27,7 +27,7 @@ CACHE = Path(tempfile.gettempdir()) / "nkv-bench-compare"  # built rows: MBs, no
 sys.path.insert(0, str(HERE))
 
 from linear import (ALPHAEDIT_L2, ALPHAEDIT_TAU, MEMIT_LAMBDA, WeightEditHandle, alphaedit_delta,  # noqa: E402
-                    key_second_moment, memit_delta, null_space_projector)
+                    key_second_moment, memit_delta, null_space_projector, projection_targets)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -151,17 +151,11 @@ def main(argv: list[str] | None = None) -> None:
                 handle = attach(model, rows)
                 options = EvalOptions(true_facts_limit=args.true_facts_limit)
             else:
-                if rows.residual_site != "output":
-                    # A weight edit lands in down_proj's output, before the FFN-output norm; these
-                    # residuals are meant for after it (spec §5), so they are no target for W.
-                    print(f"{method}: skipped: its weight edit lands before {model.config.model_type}'s FFN-output "
-                          "norm, and NKV's residuals here are added after it (residual site out_norm)",
-                          file=sys.stderr)
-                    continue
+                targets = projection_targets(model, rows)  # the residuals, mapped before an FFN-output norm
                 if method == "memit":
-                    delta = memit_delta(rows.keys, rows.residuals, c0, args.memit_lambda)
+                    delta = memit_delta(rows.keys, targets, c0, args.memit_lambda)
                 else:
-                    delta = alphaedit_delta(rows.keys, rows.residuals, projector, args.alphaedit_l2)
+                    delta = alphaedit_delta(rows.keys, targets, projector, args.alphaedit_l2)
                 handle = WeightEditHandle(model, rows, delta.float())
                 # The unedited model is the same for every method: measured once, in the NKV run.
                 options = EvalOptions(true_facts_limit=args.true_facts_limit, gate_diagnostics=False,

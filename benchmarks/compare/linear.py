@@ -15,6 +15,12 @@ AlphaEdit: Δ = R Kᵀ P (K Kᵀ P + L·I)⁻¹, P = U Uᵀ over C0's eigenvecto
 
 The original MEMIT/AlphaEdit spread the update over 5 (GPT-J: 3-8) layers; here it is one
 layer, the adapter's, so that the keys and residuals are exactly the NKV ones.
+
+Families that normalise the FFN output (Gemma 2/3, OLMo 2/3: residual site "out_norm",
+spec §5) get NKV's rows after that norm N, but a weight edit changes N's input. There the
+target is the change of W k that makes N's output point along N(W k) + δ
+(`projection_targets`): N fixes the size of its output, so no edit of W can add more
+than that direction; NKV's row can.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import torch
 from torch import nn
 
 from nkv.adapter import NKVAdapter
-from nkv.loaders.architectures import output_projection, projection_weight
+from nkv.loaders.architectures import output_projection, projection_weight, residual_module
 from nkv.editing.forward import model_device, pad_batch, pad_id_of
 
 MEMIT_LAMBDA = 15_000.0  # MEMIT GPT-J / Llama mom2_update_weight
@@ -67,6 +73,31 @@ def key_second_moment(model: nn.Module, tokenizer: Any, layer: int, lines: Seque
         c0 += k.T @ k
         count += k.shape[0]
     return c0 / count, count
+
+
+@torch.no_grad()
+def projection_targets(model: nn.Module, adapter: NKVAdapter) -> torch.Tensor:
+    """(n, d_model): the change of the output projection's output each fact asks for.
+
+    The adapter's residuals where they are added to that output; for rows added after the
+    FFN-output norm N (x ↦ g·x/rms(x)), the change d' − d of d = W k with N(d') along
+    N(d) + δ and rms(d') = rms(d) (any positive multiple of d' gives the same N(d')).
+    """
+    residuals = adapter.residuals.float()
+    if adapter.residual_site == "output":
+        return residuals
+    norm = residual_module(model, adapter.layer)
+    weight = projection_weight(model, adapter.layer).float()
+    device = weight.device
+    d = adapter.keys.float().to(device) @ weight.T  # (n, d_model)
+    gain = norm(torch.ones(1, d.shape[1], dtype=norm_dtype(norm), device=device)).float()[0]  # g (eps aside)
+    wanted = (norm(d.to(norm_dtype(norm))).float() + residuals.to(device)) / gain  # ∝ d'
+    rms = lambda x: x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)  # noqa: E731
+    return (wanted * rms(d) / rms(wanted) - d).cpu()
+
+
+def norm_dtype(module: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in module.parameters()), torch.float32)
 
 
 def memit_delta(keys: torch.Tensor, residuals: torch.Tensor, c0: torch.Tensor, lam: float = MEMIT_LAMBDA
@@ -130,5 +161,5 @@ class WeightEditHandle:
         self._set(self.original)
 
 
-__all__ = ["key_second_moment", "memit_delta", "null_space_projector", "alphaedit_delta", "WeightEditHandle",
+__all__ = ["key_second_moment", "projection_targets", "memit_delta", "null_space_projector", "alphaedit_delta", "WeightEditHandle",
            "MEMIT_LAMBDA", "ALPHAEDIT_L2", "ALPHAEDIT_TAU"]
