@@ -273,7 +273,8 @@ class NKVLinear(nn.Module):
         proj = adapter.sketch_projection()
         device = self.nkv_keys.device
         r.register_buffer("sketch_proj", proj.to(device), persistent=False)  # (d_key, d_sketch) float32
-        r.register_buffer("sketch_keys", sketch_keys(adapter.keys, proj).to(device, self.nkv_keys.dtype),
+        inv = self.nkv_key_inv_norms[r.start : r.start + r.n_facts].cpu()
+        r.register_buffer("sketch_keys", sketch_keys(adapter.keys, proj, inv).to(device, self.nkv_keys.dtype),
                           persistent=False)  # (n_facts, d_sketch)
 
     # -- the forward pass

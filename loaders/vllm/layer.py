@@ -288,7 +288,7 @@ class NKVGatedProjection(nn.Module):
         }
         if self.sketched and adapter.n_facts:
             proj = adapter.sketch_projection(self.nkv_sketch_keys.shape[1])  # the buffers' width; same on every rank
-            rows["nkv_sketch_keys"] = sketch_keys(adapter.keys, proj).to(keys.dtype)
+            rows["nkv_sketch_keys"] = sketch_keys(adapter.keys, proj, rows["nkv_key_inv_norms"]).to(keys.dtype)
             rows["proj"] = proj[self.col_start:self.col_start + self.d_key_local].contiguous()
         return rows
 
