@@ -91,8 +91,12 @@ def projection_targets(model: nn.Module, adapter: NKVAdapter) -> torch.Tensor:
     device = weight.device
     d = adapter.keys.float().to(device) @ weight.T  # (n, d_model)
     gain = norm(torch.ones(1, d.shape[1], dtype=norm_dtype(norm), device=device)).float()[0]  # g (eps aside)
-    wanted = (norm(d.to(norm_dtype(norm))).float() + residuals.to(device)) / gain  # ∝ d'
     rms = lambda x: x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)  # noqa: E731
+    # A channel whose gain is ~0 (Gemma's (1 + w) with w = -1) passes nothing whatever W does:
+    # it keeps d's own value instead of an unbounded 1/g.
+    live = gain.abs() > 1e-2 * gain.abs().median()
+    wanted = torch.where(live, (norm(d.to(norm_dtype(norm))).float() + residuals.to(device)) / gain.where(live, 1.0),
+                         d / rms(d))  # ∝ d'
     return (wanted * rms(d) / rms(wanted) - d).cpu()
 
 
