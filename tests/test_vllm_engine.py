@@ -361,7 +361,7 @@ class TestLlamaEager:
 
         with pytest.raises(NKVCompatibilityError, match="model_type 'gpt2'"):
             load_nkv_adapter(engine.llm, gpt2.adapters["A"])
-        too_many = a.add([Fact(id=f"x{i}", subject="x", prompt="x", target_new="y") for i in range(9)],
+        too_many = a.add([Fact(id=f"x{i}", subject="x", prompt=f"x{i}", target_new="y") for i in range(9)],
                          torch.ones(9, a.base.d_key), torch.zeros(9, a.base.d_model))
         with pytest.raises(NKVCompatibilityError, match="room for 16"):
             load_nkv_adapter(engine.llm, too_many)
@@ -599,7 +599,7 @@ class TestLlamaNamedCompiled:
         handle.load("B", ckpt.files["B"])  # replaced in place of itself
         check_mixed_batch(engine, checkpoints)
         with pytest.raises(NKVCompatibilityError, match="room for 32"):  # A 8 + B 8 + 17 rows > 32
-            too_big = ckpt.adapters["A"].add([Fact(id=f"x{i}", subject="x", prompt="x", target_new="y")
+            too_big = ckpt.adapters["A"].add([Fact(id=f"x{i}", subject="x", prompt=f"x{i}", target_new="y")
                                               for i in range(9)], torch.ones(9, ckpt.adapters["A"].base.d_key),
                                              torch.zeros(9, ckpt.adapters["A"].base.d_model))
             handle.load("Z", too_big)

@@ -308,8 +308,8 @@ def test_a_swap_copies_only_the_rows_that_changed():
     module = routed(max_adapters=0, capacity=16)  # the engine-wide table
     module.load(a)
     extra = make_adapter(2, seed=9)
-    grown = a.add([dataclasses.replace(f, id=f"x{i}") for i, f in enumerate(extra.facts)], extra.keys,
-                  extra.residuals)
+    grown = a.add([dataclasses.replace(f, id=f"x{i}", prompt=f"{f.prompt} (x{i})") for i, f in enumerate(extra.facts)],
+                  extra.keys, extra.residuals)
     assert staged(module, grown) == (10, 2)  # rows 0-9 unchanged: not copied
     module.commit()
     assert staged(module, grown.remove(ids=["f9"])) == (9, 3)  # row 9 onwards shifts, row 11 becomes padding

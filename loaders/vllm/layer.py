@@ -143,7 +143,7 @@ class NKVGatedProjection(nn.Module):
                              fact_chunk=self.fact_chunk, all_reduce=self._all_reduce, sketch=sketch).delta
         if self.to_norm:  # every rank: the norm's output is replicated
             torch._check(delta.shape[0] <= self.nkv_pending.shape[0],
-                         lambda: f"NKV: {delta.shape[0]} tokens in one step, room for {self.nkv_pending.shape[0]}")
+                         lambda: "NKV: more tokens in one step than nkv_pending has rows (max_num_batched_tokens)")
             self.nkv_pending[: delta.shape[0]].copy_(delta)
         elif self._add_delta:
             y = y + delta.to(y.dtype)
