@@ -120,10 +120,12 @@ def test_ctrl_c_keeps_the_old_output_and_resume_finishes(tmp_path, model_dir, mo
     assert result.exit_code == 130 and "Interrupted: 1 of 2 facts are saved" in result.stderr
     assert out.read_bytes() == b"previous adapter"
 
-    result = _run("build", facts, "--model", model_dir, "-o", out, *FAST, "--batch-size", "1", "--layer", "0",
+    with_bar = [a for a in FAST if a != "--quiet"]
+    result = _run("build", facts, "--model", model_dir, "-o", out, *with_bar, "--batch-size", "1", "--layer", "0",
                   "--resume")
     assert result.exit_code == 0, result.output
     assert calls["n"] == 3 and NKVAdapter.load(out).ids == ["dd", "ty"]
+    assert "| 1/2 [" in result.stderr  # the bar starts at the resumed fact, before any new work
     assert not (tmp_path / "edits.nkv.partial").exists()
 
 

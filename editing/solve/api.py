@@ -95,9 +95,9 @@ def build_adapter(
             ckpt.write_state({"inputs": inputs, "layer": layer, "layer_choice": layer_choice,
                               "prefixes": prefixes, "n_facts": len(plain)})
         store = dtype if dtype in ROW_DTYPE_NAMES else torch.float32  # a dtype the format can hold
-        with _bar(len(plain), progress) as advance:
+        with _bar(len(plain), progress) as (advance, resumed):
             rows = compute_rows(model, tokenizer, tokens, layer, config, checkpoint=ckpt, on_done=advance,
-                                store_dtype=store)
+                                on_resumed=resumed, store_dtype=store)
         adapter = empty_adapter_for(model, layer, gamma, store, name=name, revision=revision).add(
             plain, rows["keys"], rows["residuals"])
         build = {**_provenance(model, config, layer_choice, prefixes, rows["loss"]),
@@ -165,14 +165,22 @@ def _placed(model: nn.Module, config: BuildConfig) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _bar(total: int, enabled: bool) -> Iterator[Progress]:
+def _bar(total: int, enabled: bool) -> Iterator[tuple[Progress, Progress]]:
+    """(advance, resumed): facts just finished, and facts loaded from a checkpoint."""
     if not enabled:
-        yield lambda n: None
+        yield (lambda n: None), (lambda n: None)
         return
     from tqdm import tqdm
 
     with tqdm(total=total, unit="fact", desc="nkv build", dynamic_ncols=True, smoothing=0.1) as bar:
-        yield bar.update
+
+        def resumed(n: int) -> None:
+            # shown at once, and counted as the bar's start (tqdm's `initial`) so that facts/s
+            # and the ETA measure this run's work only
+            bar.n = bar.last_print_n = bar.initial = n
+            bar.refresh()
+
+        yield bar.update, resumed
 
 
 __all__ = ["build_adapter"]

@@ -29,12 +29,12 @@ Progress = Callable[[int], None]  # called with the number of facts just finishe
 
 def compute_rows(model: nn.Module, tokenizer: Any, tokens: list[FactTokens], layer: int, config: BuildConfig,
                  *, checkpoint: Checkpoint | None = None, on_done: Progress | None = None,
-                 reference: bool = False, store_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+                 on_resumed: Progress | None = None, reference: bool = False, store_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Keys, residuals (in `store_dtype`, on the CPU), last losses and update counts, batch by batch.
 
     `reference=True` optimises one fact at a time (the benchmark's baseline) instead of
     `config.batch_size` facts per forward/backward. Facts already in `checkpoint` are
-    loaded, not recomputed.
+    loaded, not recomputed: `on_resumed` is told how many, `on_done` after every batch.
     """
     n = len(tokens)
     pad_id = pad_id_of(tokenizer)
@@ -56,8 +56,8 @@ def compute_rows(model: nn.Module, tokenizer: Any, tokens: list[FactTokens], lay
             put(idx, part)
     # Similar lengths in one batch waste less padding; rows are independent, so order is free.
     todo = sorted((i for i in range(n) if not filled[i]), key=lambda i: _length_key(tokens[i]))
-    if on_done is not None and n - len(todo):
-        on_done(n - len(todo))
+    if on_resumed is not None and n - len(todo):
+        on_resumed(n - len(todo))
     pending: list[tuple[list[int], dict[str, torch.Tensor]]] = []
     for start in range(0, len(todo), config.batch_size):
         idx = todo[start : start + config.batch_size]
