@@ -19,7 +19,7 @@ Inputs it makes (reproducible, no network):
   about subjects not in the edited file, written to the cache folder.
 
 Results: results/<model>-<data>/{nkv,memit,alphaedit}-<n>.json (compare.py's format),
-gate-nkv-<n>.png (γ histogram), run-<n>.json (machine, wall time, command, layer).
+gate-nkv-<n>.png (γ histogram), run-<n>-<methods>.json (machine, wall time, command, layer).
 """
 
 from __future__ import annotations
@@ -146,7 +146,9 @@ def main(argv: list[str] | None = None) -> None:
            "machine": f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
                       f"torch {torch.__version__}, Python {platform.python_version()}",
            "command": "python benchmarks/real/real.py " + " ".join(sys.argv[1:] if argv is None else argv)}
-    (out / f"run-{args.n.replace(',', '_')}{args.tag}.json").write_text(json.dumps(run, indent=1))
+    # one record per run: a later run of other methods on the same n must not replace it
+    methods = args.methods.replace(",", "_")
+    (out / f"run-{args.n.replace(',', '_')}-{methods}{args.tag}.json").write_text(json.dumps(run, indent=1))
     print(json.dumps(run), file=sys.stderr)
 
 
