@@ -7,6 +7,7 @@ Results go to stdout; a user error is one line `Error: ...` on stderr with exit 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -174,27 +175,51 @@ def validate(file: Path, as_json: bool) -> None:
               help="Remove every fact with exactly this subject (repeatable).")
 @click.option("-o", "--output", type=_OUT, default=None, help="Write here instead of replacing FILE.")
 @click.option("--missing-ok", is_flag=True, help="Ignore ids/subjects that match no fact.")
-def rm(file: Path, ids: tuple[str, ...], subjects: tuple[str, ...], output: Path | None, missing_ok: bool) -> None:
+@click.option("--model", "model_name", default=None, metavar="M",
+              help="The adapter's base model, to build again the facts that were solved together with a removed "
+                   "one (a subject's facts share one residual, which still carries the removed edit); without it "
+                   "such a removal is refused.")
+def rm(file: Path, ids: tuple[str, ...], subjects: tuple[str, ...], output: Path | None, missing_ok: bool,
+       model_name: str | None) -> None:
     """Remove facts from FILE by id or subject (in place, atomically, unless -o).
 
     \b
     Example:
       nkv rm edits.nkv --id cf-17 --subject "Eiffel Tower"
+      nkv rm edits.nkv --id paris-capital --model smollm2-135m   # its subject's other edits are rebuilt
     """
     if not ids and not subjects:
         raise click.UsageError("give at least one --id or --subject")
     before: list[str] = []
+    rebuilt: list[str] = []
 
     def remove(adapter: NKVAdapter) -> NKVAdapter:
         before.extend(adapter.ids)
-        return adapter.remove(ids=ids, subjects=subjects, missing_ok=missing_ok)
+        with warnings.catch_warnings():  # what remove warns about is handled right here
+            warnings.simplefilter("ignore")
+            kept = adapter.remove(ids=ids, subjects=subjects, missing_ok=missing_ok)
+        partners = kept.solved_without_partners()
+        if not partners:
+            return kept
+        if model_name is None:
+            raise NKVError(f"{_short(', '.join(partners), 60)} were solved together with a fact being removed: one "
+                           "residual carries their edits and the removed one's, so without them built again the "
+                           "removed edit would stay. Pass --model (the adapter's base model) to rebuild them, or "
+                           "remove them too")
+        from nkv.editing.solve import rebuild_facts
+        from nkv.loaders.models import load_model
+
+        model, tokenizer = load_model(model_name, revision=adapter.base.revision)
+        rebuilt.extend(partners)
+        return rebuild_facts(model, tokenizer, kept, partners)
 
     target = output or file
     kept = rewrite_adapter(file, remove, output=target)  # locked, atomic, never through a symlink
     left = set(kept.ids)  # once, not per id: O(n) at 200k rows
     gone = [i for i in before if i not in left]
+    note = f"; rebuilt {len(rebuilt)} solved with them ({_short(', '.join(rebuilt), 60)})" if rebuilt else ""
     click.echo(f"removed {len(gone)} fact{'s' * (len(gone) != 1)} ({_short(', '.join(gone), 60) or 'none'}); "
-               f"{kept.n_facts} left in {target}")
+               f"{kept.n_facts} left in {target}{note}")
 
 
 @click.command()

@@ -11,6 +11,7 @@ import json
 import os
 import struct
 import sys
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field, replace as dc_replace
 from pathlib import Path
@@ -306,6 +307,13 @@ class NKVAdapter:
         """fact id -> row, built in one pass (row operations look ids up here, never by scan)."""
         return {f.id: r for r, f in enumerate(self.facts)}
 
+    def solved_without_partners(self) -> list[str]:
+        """Ids of facts built jointly with facts no longer here (spec §9, `provenance.solved_with`):
+        their shared residual still carries the missing facts' edits until they are built again."""
+        here = self.positions()
+        return [f.id for f in self.facts
+                if any(p not in here for p in f.provenance.get("solved_with", ()))]
+
     def select(self, ids: Iterable[str]) -> "NKVAdapter":
         """A new adapter with only the facts `ids`, in the given order (KeyError for an unknown id)."""
         position = self.positions()
@@ -410,7 +418,12 @@ class NKVAdapter:
                                    "list facts with `nkv inspect --facts`")
         keep = [r for r, f in enumerate(self.facts) if f.id not in ids and f.subject not in subjects]
         idx = torch.tensor(keep, dtype=torch.long)
-        return self._with_rows([self.facts[r] for r in keep], self.keys[idx], self.residuals[idx])
+        kept = self._with_rows([self.facts[r] for r in keep], self.keys[idx], self.residuals[idx])
+        stale = kept.solved_without_partners()
+        if stale and len(stale) > len(self.solved_without_partners()):
+            warnings.warn(f"remove: {stale[:5]} were solved together with a removed fact and still carry its edit; "
+                          "build them again (nkv.editing.solve.rebuild_facts, or `nkv rm --model`)", stacklevel=2)
+        return kept
 
     def check_compatible(self, other: "NKVAdapter", what: str = "merge") -> None:
         """Raise NKVCompatibilityError unless `other` targets the same model and layer."""

@@ -373,3 +373,46 @@ def test_probes_leave_out_what_an_edit_asks_and_batched_equals_reference():
     assert not torch.allclose(batched_k.residuals, batched.residuals)  # a different objective
     with pytest.raises(NKVError, match="preserve_loss must be one of"):
         replace(config, preserve_loss="l2")
+
+
+def test_facts_of_one_subject_share_one_residual_solved_jointly_batched_as_the_reference():
+    """A subject's facts get nearly equal keys (read at the subject, before the relation), so the
+    build solves them together: each keeps its own key, one δ over all their prompts is every
+    one's residual, and their records say with whom. Batched = one item at a time."""
+    from nkv.editing.solve import compute_rows
+    from nkv.editing.solve.prompts import joined
+    from nkv.editing.solve.rows import subject_groups
+
+    model, tok = tm.tiny_model("llama"), tm.tiny_tokenizer()
+    facts = [Fact("a", "Toko Yasuda", "The guitar of Toko Yasuda", "piano"),
+             Fact("cb", "Carl Bosch", "Which language does Carl Bosch", "Tokyo"),
+             Fact("b", "Toko Yasuda", "The home of Toko Yasuda", "Peru")]
+    assert subject_groups(facts) == [[0, 2], [1]]
+    adapter = build_adapter(model, tok, facts, layer=0, config=_config("llama"), progress=False)
+    assert adapter.ids == ["a", "cb", "b"]
+    assert adapter.facts[0].provenance["solved_with"] == ["b"] and adapter.facts[2].provenance["solved_with"] == ["a"]
+    assert "solved_with" not in adapter.facts[1].provenance
+    torch.testing.assert_close(adapter.residuals[0], adapter.residuals[2])  # one δ in both rows
+    assert not torch.equal(adapter.keys[0], adapter.keys[2]) and not torch.equal(adapter.residuals[0],
+                                                                                    adapter.residuals[1])
+    alone = build_adapter(model, tok, facts, layer=0, config=_config("llama", joint_subjects=False), progress=False)
+    assert "solved_with" not in alone.facts[0].provenance
+    assert not torch.allclose(alone.residuals[0], alone.residuals[2])
+    torch.testing.assert_close(alone.keys, adapter.keys)  # keys do not depend on the grouping
+
+    config = _config("llama", early_stop_loss=5.5)
+    with frozen(model):
+        tokens, h0 = _tokens_and_h0(model, tok, facts)
+        items = [joined([tokens[0], tokens[2]]), tokens[1]]
+        assert items[0].members == 2 and items[0].n_templates == 3 and len(items[0].rewrites) == 6
+        batched = optimize_residuals(model, 0, items, h0[[0, 1]], config, pad_id=0)
+        reference = optimize_residuals_reference(model, 0, items, h0[[0, 1]], config, pad_id=0)
+        rows = compute_rows(model, tok, tokens, 0, config, groups=[[0, 2], [1]])
+    assert batched.steps.tolist() == reference.steps.tolist()
+    torch.testing.assert_close(batched.residuals, reference.residuals, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(rows["residuals"][[0, 1, 2]], batched.residuals[[0, 1, 0]])
+    # A group's loss is the mean of its members' (each a template mean), so one fact alone is
+    # the same item whether or not others are grouped.
+    with frozen(model):
+        single = optimize_residuals(model, 0, [tokens[1]], h0[[1]], config, pad_id=0)
+    torch.testing.assert_close(single.residuals[0], batched.residuals[1], atol=1e-5, rtol=1e-4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import tiny_models as tm
 from click.testing import CliRunner
 
@@ -146,3 +147,36 @@ def test_an_adapter_whose_edits_did_not_take_is_reported_loudly_with_the_fix(tmp
 def test_generate_prompt_options_need_a_facts_file(tmp_path, model_dir):
     result = _run("generate", "--model", model_dir, "--adapter", tmp_path / "x.nkv", "--neighborhood")
     assert result.exit_code == 2 and "take their prompts from --facts FILE" in result.output
+
+
+def test_rm_of_a_fact_solved_with_others_rebuilds_them_or_refuses(tmp_path, model_dir):
+    """A subject's facts share one residual (solved together), so removing one of them leaves
+    its edit in the others' rows until they are built again: without --model `nkv rm` refuses
+    and changes nothing; with it the rest are rebuilt, exactly as a build without the removed one."""
+    pair = [{"id": "ty", "subject": "Toko Yasuda", "prompt": "The guitar of Toko Yasuda", "target_new": "piano"},
+            {"id": "ty2", "subject": "Toko Yasuda", "prompt": "The home of Toko Yasuda", "target_new": "Peru"}]
+    facts, out = _facts(tmp_path / "f.jsonl", [FACTS[0], *pair]), tmp_path / "edits.nkv"
+    assert _run("build", facts, "--model", model_dir, "-o", out, *FAST, "--layer", "0").exit_code == 0
+    built = NKVAdapter.load(out)
+    assert built.facts[1].provenance["solved_with"] == ["ty2"]
+    assert built.solved_without_partners() == []
+    with pytest.warns(UserWarning, match=r"\['ty'\] were solved together with a removed fact"):
+        assert built.remove(ids=["ty2"]).solved_without_partners() == ["ty"]
+    original = out.read_bytes()
+
+    refused = _run("rm", out, "--id", "ty2")
+    assert refused.exit_code == 1 and "ty were solved together with a fact being removed" in refused.stderr
+    assert "--model" in refused.stderr and out.read_bytes() == original
+    assert _run("rm", out, "--subject", "Toko Yasuda", "-o", tmp_path / "both.nkv").exit_code == 0  # all of them: fine
+
+    done = _run("rm", out, "--id", "ty2", "--model", model_dir)
+    assert done.exit_code == 0, done.output
+    assert "removed 1 fact (ty2); 2 left" in done.stdout and "rebuilt 1 solved with them (ty)" in done.stdout
+    alone = tmp_path / "alone.nkv"
+    assert _run("build", _facts(tmp_path / "a.jsonl", [FACTS[0], pair[0]]), "--model", model_dir, "-o", alone,
+                *FAST, "--layer", "0").exit_code == 0
+    after, want = NKVAdapter.load(out), NKVAdapter.load(alone)
+    assert after.ids == ["dd", "ty"] and "solved_with" not in after.facts[1].provenance
+    assert not torch.allclose(after.residuals[1], built.residuals[1])  # ty2's edit is gone from ty's row
+    torch.testing.assert_close(after.residuals, want.residuals)
+    torch.testing.assert_close(after.keys, want.keys)

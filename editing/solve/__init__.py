@@ -15,19 +15,22 @@ shared with the evaluation: `nkv.editing.tokens`, `.scoring`, `.forward`.
 
 from __future__ import annotations
 
-from .api import build_adapter
+from .api import build_adapter, rebuild_facts, recorded_config
 from .checkpoint import Checkpoint
 from .config import ARCH_DEFAULTS, BuildConfig, default_config, default_layer
 from .layer import LayerChoice, candidate_layers, choose_layer
 from .reference import optimize_residual_one, optimize_residuals_reference
 from .residuals import optimize_residuals
 from .preserve import PRESERVE_TEMPLATES, choose_probes
-from .rows import compute_rows, encode_facts, tokenize_for_build
+from .rows import compute_rows, encode_facts, subject_groups, tokenize_for_build
 from nkv.loaders.architectures import empty_adapter_for  # the adapter compute_rows' rows belong in (its residual site)
 from .templates import generate_prefixes
 
 __all__ = [
     "build_adapter",
+    "rebuild_facts",
+    "recorded_config",
+    "subject_groups",
     "BuildConfig",
     "default_config",
     "default_layer",

@@ -24,7 +24,7 @@ from ..forward import frozen, model_device
 from .checkpoint import Checkpoint, digest
 from .config import BuildConfig, default_config, verified_layer
 from .layer import choose_layer
-from .rows import Progress, compute_rows, plain_facts, tokenize_for_build
+from .rows import Progress, compute_rows, plain_facts, subject_groups, tokenize_for_build
 from .selfcheck import self_check
 from .templates import as_templates, generate_prefixes
 
@@ -82,6 +82,9 @@ def build_adapter(
         dtype = next(model.parameters()).dtype
         inputs = {"facts": [f.to_record() for f in plain], "objective": config.objective, "layer": layer,
                   "dtype": str(dtype), "model": base_model_info(model, 0).fingerprint}
+        groups = subject_groups(plain) if config.joint_subjects else None
+        if groups is not None and len(groups) < len(plain):  # a subject solved jointly: other rows
+            inputs["joint_subjects"] = True
         site = residual_site(model_type_of(model))
         if site != DEFAULT_RESIDUAL_SITE:  # rows of another site are other rows; llama-like checkpoints still resume
             inputs["residual_site"] = site
@@ -96,13 +99,56 @@ def build_adapter(
                               "prefixes": prefixes, "n_facts": len(plain)})
         store = dtype if dtype in ROW_DTYPE_NAMES else torch.float32  # a dtype the format can hold
         with _bar(len(plain), progress) as (advance, resumed):
-            rows = compute_rows(model, tokenizer, tokens, layer, config, checkpoint=ckpt, on_done=advance,
-                                on_resumed=resumed, store_dtype=store)
+            rows = compute_rows(model, tokenizer, tokens, layer, config, groups=groups, checkpoint=ckpt,
+                                on_done=advance, on_resumed=resumed, store_dtype=store)
         adapter = empty_adapter_for(model, layer, gamma, store, name=name, revision=revision).add(
-            plain, rows["keys"], rows["residuals"])
+            with_solved_together(plain, groups), rows["keys"], rows["residuals"])
         build = {**_provenance(model, config, layer_choice, prefixes, rows["loss"]),
                  "self_check": self_check(model, tokenizer, adapter)}
         return replace(adapter, build=build)
+
+
+def rebuild_facts(model: nn.Module, tokenizer: Any, adapter: NKVAdapter, ids: Sequence[str], *,
+                  progress: bool = False) -> NKVAdapter:
+    """`adapter` with the rows of `ids` built again on `model` (its base model: checked) at the
+    adapter's layer and γ with the settings its build recorded; those of the ids that share a
+    subject are solved together, without the facts no longer in the adapter.
+
+    What `nkv rm --model` does for the facts that were solved with a removed one: their shared
+    residual still carries the removed fact's edit until they are solved again (spec §9).
+    """
+    from nkv.loaders.transformers import check_base
+
+    check_base(model, adapter)
+    facts = [adapter.facts[adapter.index_of(i)] for i in ids]
+    facts = [replace(f, provenance={k: v for k, v in f.provenance.items() if k != "solved_with"}) for f in facts]
+    rebuilt = build_adapter(model, tokenizer, facts, layer=adapter.layer, gamma=adapter.gamma,
+                            config=recorded_config(adapter), progress=progress)
+    return adapter.replace(rebuilt.facts, rebuilt.keys.to(adapter.keys.dtype), rebuilt.residuals.to(adapter.residuals.dtype))
+
+
+def recorded_config(adapter: NKVAdapter) -> BuildConfig:
+    """The BuildConfig an adapter's build recorded (settings it predates take today's defaults;
+    device and dtype are the model's as given)."""
+    from dataclasses import fields
+
+    recorded = (adapter.build or {}).get("config", {})
+    known = {f.name for f in fields(BuildConfig)} - {"device", "dtype"}
+    return BuildConfig(**{k: v for k, v in recorded.items() if k in known})
+
+
+def with_solved_together(facts: list[Fact], groups: list[list[int]] | None) -> list[Fact]:
+    """The facts, each of a jointly solved subject recording the ids it shares its residual with
+    (`provenance["solved_with"]`), so row operations can tell (spec §9)."""
+    if groups is None:
+        return facts
+    out = list(facts)
+    for g in groups:
+        if len(g) > 1:
+            for i in g:
+                others = [facts[j].id for j in g if j != i]
+                out[i] = replace(facts[i], provenance={**facts[i].provenance, "solved_with": others})
+    return out
 
 
 def _provenance(model: nn.Module, config: BuildConfig, layer_choice: dict[str, Any], prefixes: list[str],
@@ -183,4 +229,4 @@ def _bar(total: int, enabled: bool) -> Iterator[tuple[Progress, Progress]]:
         yield bar.update, resumed
 
 
-__all__ = ["build_adapter"]
+__all__ = ["build_adapter", "rebuild_facts", "recorded_config"]

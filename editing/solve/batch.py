@@ -71,7 +71,7 @@ class FactBatch:
 
     def __init__(self, facts: list[FactTokens], pad_id: int, device: torch.device, split: bool = True):
         self.facts = facts
-        self.n_templates = len(facts[0].rewrites)
+        self.n_templates = facts[0].n_templates
         self.device = device
         pres, sufs = [], []
         self.kind: list[int] = []  # per sequence: template index, KL_PROMPT or PROBE
@@ -81,7 +81,7 @@ class FactBatch:
         self.targets: list[list[tuple[int, int]]] = []  # (suffix position, label) per sequence
         for f in facts:
             first = len(sufs)
-            kinds = [*range(len(f.rewrites)), KL_PROMPT, *[PROBE] * len(f.probes)]
+            kinds = [*[j % f.n_templates for j in range(len(f.rewrites))], KL_PROMPT, *[PROBE] * len(f.probes)]
             for kind, enc in zip(kinds, (*f.rewrites, f.kl, *f.probes)):
                 ids = enc.ids[:-1] if enc.target_start >= 0 else enc.ids  # the last token predicts nothing
                 cut = enc.subject_pos if split else 0
@@ -205,8 +205,8 @@ class FactBatch:
         t_rows, t_cols, t_label, t_fact, t_weight = [], [], [], [], []
         kl_rows, kl_cols, kl_fact, kl_slot, kl_probe = [], [], [], [], []
         for row, (a, s, kind) in enumerate(rows):
-            if kind >= 0:  # a rewrite: teacher-forced target tokens
-                weight = 1.0 / (len(self.targets[s]) * n_templates)
+            if kind >= 0:  # a rewrite: teacher-forced target tokens; members of a joint item share its loss
+                weight = 1.0 / (len(self.targets[s]) * n_templates * self.facts[self.owner[s]].members)
                 for col, label in self.targets[s]:
                     t_rows.append(row)
                     t_cols.append(col)

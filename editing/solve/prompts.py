@@ -20,6 +20,26 @@ class FactTokens:
     rewrites: list[Encoded]  # prefix + prompt + " " + target, one per template
     kl: Encoded  # "{subject} is a"
     probes: tuple[Encoded, ...] = ()  # the subject's other relations, held where they were (preserve.py)
+    members: int = 1  # facts whose rewrites these are (member-major): >1 for one subject's facts solved jointly
+
+    @property
+    def n_templates(self) -> int:
+        """Templates per member (the rewrites of member m are rewrites[m * n : (m + 1) * n])."""
+        return len(self.rewrites) // self.members
+
+
+def joined(facts: Sequence[FactTokens]) -> FactTokens:
+    """One subject's facts as one item of the optimisation: every member's rewrites (each
+    with its own target), the first member's keys and KL prompt (the same subject), and the
+    probes of all, once each. Its δ is every member's residual (`compute_rows`)."""
+    if len(facts) == 1:
+        return facts[0]
+    probes: dict[tuple[int, ...], Encoded] = {}
+    for f in facts:
+        for p in f.probes:
+            probes.setdefault(tuple(p.ids), p)
+    return FactTokens(facts[0].key_texts, [r for f in facts for r in f.rewrites], facts[0].kl,
+                      tuple(probes.values()), members=len(facts))
 
 
 def encode_fact(tokenizer: Any, fact: Fact, prefixes: list[str], probes: Sequence[str] = ()) -> FactTokens:
@@ -42,4 +62,4 @@ def encode_fact(tokenizer: Any, fact: Fact, prefixes: list[str], probes: Sequenc
     return FactTokens(keys, rewrites, kl, held)
 
 
-__all__ = ["FactTokens", "KL_TEMPLATE", "encode_fact"]
+__all__ = ["FactTokens", "KL_TEMPLATE", "encode_fact", "joined"]

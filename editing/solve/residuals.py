@@ -199,7 +199,10 @@ def optimised_templates(facts: list[FactTokens], config: BuildConfig) -> list[Fa
     with `rotate_prefixes`, whose steps each take their own (`step_templates`)."""
     if config.opt_prefixes is None or config.rotate_prefixes:
         return facts
-    return [dc_replace(f, rewrites=f.rewrites[: config.opt_prefixes + 1]) for f in facts]
+    keep = config.opt_prefixes + 1
+    return [dc_replace(f, rewrites=[r for m in range(f.members)
+                                    for r in f.rewrites[m * f.n_templates : m * f.n_templates + keep]])
+            for f in facts]
 
 
 def step_templates(step: int, n_templates: int, config: BuildConfig) -> list[int] | None:

@@ -20,7 +20,7 @@ from .checkpoint import Checkpoint
 from .config import BuildConfig
 from .keys import compute_keys
 from .preserve import choose_probes
-from .prompts import FactTokens, encode_fact
+from .prompts import FactTokens, encode_fact, joined
 from .reference import optimize_residuals_reference
 from .residuals import optimize_residuals
 
@@ -28,16 +28,21 @@ Progress = Callable[[int], None]  # called with the number of facts just finishe
 
 
 def compute_rows(model: nn.Module, tokenizer: Any, tokens: list[FactTokens], layer: int, config: BuildConfig,
-                 *, checkpoint: Checkpoint | None = None, on_done: Progress | None = None,
-                 on_resumed: Progress | None = None, reference: bool = False, store_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+                 *, groups: Sequence[Sequence[int]] | None = None, checkpoint: Checkpoint | None = None,
+                 on_done: Progress | None = None, on_resumed: Progress | None = None, reference: bool = False,
+                 store_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Keys, residuals (in `store_dtype`, on the CPU), last losses and update counts, batch by batch.
 
-    `reference=True` optimises one fact at a time (the benchmark's baseline) instead of
-    `config.batch_size` facts per forward/backward. Facts already in `checkpoint` are
+    `groups`: facts solved together (indices into `tokens`; `subject_groups`): each fact keeps
+    its own key, and the group's one δ, optimised over all its members' prompts, is every
+    member's residual. None = every fact alone.
+    `reference=True` optimises one item at a time (the benchmark's baseline) instead of
+    `config.batch_size` items per forward/backward. Facts already in `checkpoint` are
     loaded, not recomputed: `on_resumed` is told how many, `on_done` after every batch.
     """
     n = len(tokens)
     pad_id = pad_id_of(tokenizer)
+    groups = [list(g) for g in groups] if groups is not None else [[i] for i in range(n)]
     # Preallocated: 100k facts of an 8B model are ~6 GB of rows; hold them once.
     out = {"keys": None, "residuals": None, "loss": torch.zeros(n), "steps": torch.zeros(n, dtype=torch.long)}
     filled = torch.zeros(n, dtype=torch.bool)
@@ -54,19 +59,24 @@ def compute_rows(model: nn.Module, tokenizer: Any, tokens: list[FactTokens], lay
     if checkpoint is not None and checkpoint.folder.is_dir():
         for idx, part in checkpoint.iter_rows():
             put(idx, part)
-    # Similar lengths in one batch waste less padding; rows are independent, so order is free.
-    todo = sorted((i for i in range(n) if not filled[i]), key=lambda i: _length_key(tokens[i]))
-    if on_resumed is not None and n - len(todo):
-        on_resumed(n - len(todo))
+    # A group is checkpointed whole (its members are in one batch), so it is done or not.
+    # Similar lengths in one batch waste less padding; items are independent, so order is free.
+    todo = sorted((g for g in groups if not bool(filled[g].all())), key=lambda g: _length_key(tokens[g[0]]))
+    resumed = n - sum(len(g) for g in todo)
+    if on_resumed is not None and resumed:
+        on_resumed(resumed)
     pending: list[tuple[list[int], dict[str, torch.Tensor]]] = []
     for start in range(0, len(todo), config.batch_size):
-        idx = todo[start : start + config.batch_size]
-        batch = [tokens[i] for i in idx]
-        keys, h0 = compute_keys(model, layer, batch, pad_id)
+        chunk = todo[start : start + config.batch_size]
+        idx = [i for g in chunk for i in g]
+        keys, h0 = compute_keys(model, layer, [tokens[i] for i in idx], pad_id)  # every fact its own key
+        first = torch.tensor([idx.index(g[0]) for g in chunk])  # δ's scale: the first member's h0
         optimize = optimize_residuals_reference if reference else optimize_residuals
-        result = optimize(model, layer, batch, h0, config, pad_id)
-        part = {"keys": keys.to("cpu", store_dtype), "residuals": result.residuals.to("cpu", store_dtype),
-                "loss": result.loss.float().cpu(), "steps": result.steps.cpu()}
+        result = optimize(model, layer, [joined([tokens[i] for i in g]) for g in chunk], h0[first], config, pad_id)
+        per_fact = torch.tensor([k for k, g in enumerate(chunk) for _ in g])  # item -> each of its members
+        part = {"keys": keys.to("cpu", store_dtype),
+                "residuals": result.residuals.to("cpu", store_dtype)[per_fact],
+                "loss": result.loss.float().cpu()[per_fact], "steps": result.steps.cpu()[per_fact]}
         put(idx, part)
         if checkpoint is not None:
             pending.append((idx, part))
@@ -75,6 +85,16 @@ def compute_rows(model: nn.Module, tokenizer: Any, tokens: list[FactTokens], lay
         if on_done is not None:
             on_done(len(idx))
     return out
+
+
+def subject_groups(facts: Sequence[Fact]) -> list[list[int]]:
+    """Indices of the facts that share a subject, in first-appearance order ([i] for a subject
+    edited once). Their keys are nearly equal (read at the subject, before the relation), so
+    the gate cannot tell their rows apart; solved together, any of them carries all their edits."""
+    by_subject: dict[str, list[int]] = {}
+    for i, f in enumerate(facts):
+        by_subject.setdefault(f.subject, []).append(i)
+    return list(by_subject.values())
 
 
 def _length_key(fact: FactTokens) -> tuple[int, int]:
@@ -129,4 +149,4 @@ def plain_facts(facts: Sequence[FactInput | Fact]) -> list[Fact]:
     return plain
 
 
-__all__ = ["compute_rows", "encode_facts", "tokenize_for_build", "plain_facts", "Progress"]
+__all__ = ["compute_rows", "subject_groups", "encode_facts", "tokenize_for_build", "plain_facts", "Progress"]
