@@ -132,6 +132,50 @@ def build(facts: Path, model_name: str, output: Path, layer: str | None, gamma: 
                "with the adapter attached (teacher-forced, every target token top-1)")
 
 
+@click.command()
+@click.argument("file", type=_FACTS)
+@click.argument("facts", type=_FACTS)
+@click.option("--model", "model_name", required=True, metavar="M",
+              help="The adapter's base model (local folder, Hub id, .gguf file or packaged name).")
+@click.option("-o", "--output", type=_OUT, default=None, help="Write here instead of replacing FILE.")
+@click.option("--skip-bad", is_flag=True, help="Skip bad fact records (summarised on stderr) instead of failing.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def add(file: Path, facts: Path, model_name: str, output: Path | None, skip_bad: bool, quiet: bool) -> None:
+    """Add the facts in FACTS to the adapter FILE (in place, atomically, unless -o).
+
+    The new facts are built at FILE's layer and gamma with the settings its build recorded.
+    A new fact about a subject FILE already edits is solved together with that subject's
+    facts (their rows are rebuilt); no other row changes.
+
+    \b
+    nkv add edits.nkv more.jsonl --model smollm2-135m
+    """
+    from nkv import NKVAdapter
+    from nkv.atomic import rewrite_adapter
+    from nkv.editing.solve import add_facts
+    from nkv.facts_io import scan_facts
+    from nkv.loaders.models import load_model
+
+    scan = scan_facts(facts, edited_together=True)
+    check_bad_records(scan, None, skip_bad)
+    before: list[str] = []
+
+    def extend(adapter: NKVAdapter) -> NKVAdapter:
+        before.extend(adapter.ids)
+        model, tokenizer = load_model(model_name, revision=adapter.base.revision)
+        return add_facts(model, tokenizer, adapter, scan.facts, progress=not quiet)
+
+    started = time.perf_counter()
+    target = output or file
+    result = rewrite_adapter(file, extend, output=target)
+    old = set(before)
+    rebuilt = [f.id for f in result.facts if f.id in old and f.provenance.get("solved_with")
+               and any(p not in old for p in f.provenance["solved_with"])]
+    note = f"; rebuilt {len(rebuilt)} about the same subjects" if rebuilt else ""
+    click.echo(f"added {result.n_facts - len(old)} facts to {target} ({result.n_facts} in all{note}), "
+               f"{time.perf_counter() - started:.1f} s")
+
+
 def check_bad_records(scan: Any, report_path: Path | None, skip_bad: bool) -> None:
     """Summarise a facts file's bad records on stderr (a few lines however many), write them all to
     `report_path`, and stop unless `skip_bad` (or when no good record is left)."""

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "convert": ("convert", "convert", "Convert a .gguf file or packaged model to a transformers folder."),
     "inspect": ("manage", "inspect", "Show an adapter's settings, base model and facts."),
     "validate": ("manage", "validate", "Check an .nkv file against the spec."),
+    "add": ("build", "add", "Add facts to an adapter (a subject's facts already in it are solved again with them)."),
     "rm": ("manage", "rm", "Remove facts by id or subject."),
     "merge": ("manage", "merge", "Merge two adapters built on the same model and layer."),
     "diff": ("manage", "diff", "Show facts added, removed and changed between two adapters."),

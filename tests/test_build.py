@@ -405,8 +405,10 @@ def test_facts_of_one_subject_share_one_residual_solved_jointly_batched_as_the_r
         tokens, h0 = _tokens_and_h0(model, tok, facts)
         items = [joined([tokens[0], tokens[2]]), tokens[1]]
         assert items[0].members == 2 and items[0].n_templates == 3 and len(items[0].rewrites) == 6
-        batched = optimize_residuals(model, 0, items, h0[[0, 1]], config, pad_id=0)
-        reference = optimize_residuals_reference(model, 0, items, h0[[0, 1]], config, pad_id=0)
+        norms = h0.norm(dim=-1)  # a group's δ is scaled by the mean of its members' ||h0||
+        item_h0 = torch.stack([h0[0] * (norms[0] + norms[2]) / 2 / norms[0], h0[1]])
+        batched = optimize_residuals(model, 0, items, item_h0, config, pad_id=0)
+        reference = optimize_residuals_reference(model, 0, items, item_h0, config, pad_id=0)
         rows = compute_rows(model, tok, tokens, 0, config, groups=[[0, 2], [1]])
     assert batched.steps.tolist() == reference.steps.tolist()
     torch.testing.assert_close(batched.residuals, reference.residuals, atol=1e-5, rtol=1e-4)

@@ -180,3 +180,36 @@ def test_rm_of_a_fact_solved_with_others_rebuilds_them_or_refuses(tmp_path, mode
     assert not torch.allclose(after.residuals[1], built.residuals[1])  # ty2's edit is gone from ty's row
     torch.testing.assert_close(after.residuals, want.residuals)
     torch.testing.assert_close(after.keys, want.keys)
+
+
+def test_add_builds_new_facts_and_solves_a_subject_already_edited_together(tmp_path, model_dir):
+    """`nkv add`: new facts at the adapter's own layer and settings; a new fact about a subject
+    the adapter edits is solved with that subject's fact (its row rebuilt); other rows keep
+    their bytes; the result equals one build of all the facts. Clashes change nothing."""
+    start = [FACTS[0], {"id": "ty", "subject": "Toko Yasuda", "prompt": "The guitar of Toko Yasuda",
+                        "target_new": "piano"}]
+    more = [{"id": "ty2", "subject": "Toko Yasuda", "prompt": "The home of Toko Yasuda", "target_new": "Peru"},
+            {"id": "cb", "subject": "Carl Bosch", "prompt": "Which language does Carl Bosch", "target_new": "Tokyo"}]
+    out = tmp_path / "edits.nkv"
+    assert _run("build", _facts(tmp_path / "f.jsonl", start), "--model", model_dir, "-o", out, *FAST,
+                "--layer", "0").exit_code == 0
+    before = NKVAdapter.load(out)
+    done = _run("add", out, _facts(tmp_path / "more.jsonl", more), "--model", model_dir, "--quiet")
+    assert done.exit_code == 0, done.output
+    assert "added 2 facts" in done.stdout and "(4 in all; rebuilt 1 about the same subjects)" in done.stdout
+    after = NKVAdapter.load(out)
+    assert after.ids == ["dd", "ty", "ty2", "cb"] and after.layer == 0
+    assert after.facts[1].provenance["solved_with"] == ["ty2"]
+    assert torch.equal(after.residuals[0], before.residuals[0])  # another subject's row: untouched
+    torch.testing.assert_close(after.residuals[1], after.residuals[2])  # ty and ty2 share one δ
+    whole = tmp_path / "whole.nkv"
+    assert _run("build", _facts(tmp_path / "all.jsonl", start + more), "--model", model_dir, "-o", whole, *FAST,
+                "--layer", "0").exit_code == 0
+    torch.testing.assert_close(after.residuals, NKVAdapter.load(whole).residuals)
+
+    again = out.read_bytes()
+    clash = _run("add", out, _facts(tmp_path / "dup.jsonl", [more[1]]), "--model", model_dir, "--quiet")
+    assert clash.exit_code == 1 and "already in the adapter: ['cb']" in clash.stderr and out.read_bytes() == again
+    same_question = {**more[0], "id": "ty3", "target_new": "Chile"}
+    clash = _run("add", out, _facts(tmp_path / "q.jsonl", [same_question]), "--model", model_dir, "--quiet")
+    assert clash.exit_code == 1 and "edit the same question" in clash.stderr and out.read_bytes() == again

@@ -15,7 +15,7 @@ shared with the evaluation: `nkv.editing.tokens`, `.scoring`, `.forward`.
 
 from __future__ import annotations
 
-from .api import build_adapter, rebuild_facts, recorded_config
+from .api import add_facts, build_adapter, rebuild_facts, recorded_config
 from .checkpoint import Checkpoint
 from .config import ARCH_DEFAULTS, BuildConfig, default_config, default_layer
 from .layer import LayerChoice, candidate_layers, choose_layer
@@ -28,6 +28,7 @@ from .templates import generate_prefixes
 
 __all__ = [
     "build_adapter",
+    "add_facts",
     "rebuild_facts",
     "recorded_config",
     "subject_groups",

@@ -15,7 +15,7 @@ from nkv import __version__
 from nkv.adapter import NKVAdapter
 from nkv.constants import DEFAULT_GAMMA, DEFAULT_RESIDUAL_SITE
 from nkv.dtypes import ROW_DTYPE_NAMES, TORCH_DTYPES
-from nkv.errors import NKVError
+from nkv.errors import NKVError, NKVFactsError
 from nkv.facts import Fact
 from nkv.facts_io import FactInput
 from nkv.loaders.architectures import arch_spec, base_model_info, empty_adapter_for, model_type_of, residual_site
@@ -127,6 +127,34 @@ def rebuild_facts(model: nn.Module, tokenizer: Any, adapter: NKVAdapter, ids: Se
     return adapter.replace(rebuilt.facts, rebuilt.keys.to(adapter.keys.dtype), rebuilt.residuals.to(adapter.residuals.dtype))
 
 
+def add_facts(model: nn.Module, tokenizer: Any, adapter: NKVAdapter, facts: Sequence[FactInput | Fact], *,
+              progress: bool = False) -> NKVAdapter:
+    """`adapter` with `facts` added, built on `model` (its base model: checked) at the adapter's
+    layer and γ with the settings its build recorded. A new fact about a subject the adapter
+    already edits is solved together with that subject's facts, whose rows are rebuilt in
+    place; every other row is left as it was. Ids and questions already in the adapter are
+    refused (`NKVFactsError`), before any work.
+    """
+    from nkv.loaders.transformers import check_base
+
+    check_base(model, adapter)
+    new = plain_facts(facts)
+    subjects = {f.subject for f in new}
+    partners = [replace(f, provenance={k: v for k, v in f.provenance.items() if k != "solved_with"})
+                for f in adapter.facts if f.subject in subjects]
+    taken = adapter.positions()
+    clash = [f.id for f in new if f.id in taken]
+    if clash:
+        raise NKVFactsError(f"add: fact id(s) already in the adapter: {clash[:5]}; remove them first or use new ids")
+    plain_facts([*new, *partners])  # a question the adapter already edits: refused here, before the build
+    built = build_adapter(model, tokenizer, [*facts, *partners], layer=adapter.layer, gamma=adapter.gamma,
+                          config=recorded_config(adapter), progress=progress)
+    keys, residuals = built.keys.to(adapter.keys.dtype), built.residuals.to(adapter.residuals.dtype)
+    n = len(new)
+    out = adapter.replace(built.facts[n:], keys[n:], residuals[n:]) if partners else adapter
+    return out.add(built.facts[:n], keys[:n], residuals[:n])
+
+
 def recorded_config(adapter: NKVAdapter) -> BuildConfig:
     """The BuildConfig an adapter's build recorded (settings it predates take today's defaults;
     device and dtype are the model's as given)."""
@@ -229,4 +257,4 @@ def _bar(total: int, enabled: bool) -> Iterator[tuple[Progress, Progress]]:
         yield bar.update, resumed
 
 
-__all__ = ["build_adapter", "rebuild_facts", "recorded_config"]
+__all__ = ["build_adapter", "add_facts", "rebuild_facts", "recorded_config"]

@@ -70,9 +70,9 @@ def compute_rows(model: nn.Module, tokenizer: Any, tokens: list[FactTokens], lay
         chunk = todo[start : start + config.batch_size]
         idx = [i for g in chunk for i in g]
         keys, h0 = compute_keys(model, layer, [tokens[i] for i in idx], pad_id)  # every fact its own key
-        first = torch.tensor([idx.index(g[0]) for g in chunk])  # δ's scale: the first member's h0
         optimize = optimize_residuals_reference if reference else optimize_residuals
-        result = optimize(model, layer, [joined([tokens[i] for i in g]) for g in chunk], h0[first], config, pad_id)
+        result = optimize(model, layer, [joined([tokens[i] for i in g]) for g in chunk], _item_h0(h0, chunk),
+                          config, pad_id)
         per_fact = torch.tensor([k for k, g in enumerate(chunk) for _ in g])  # item -> each of its members
         part = {"keys": keys.to("cpu", store_dtype),
                 "residuals": result.residuals.to("cpu", store_dtype)[per_fact],
@@ -85,6 +85,19 @@ def compute_rows(model: nn.Module, tokenizer: Any, tokens: list[FactTokens], lay
         if on_done is not None:
             on_done(len(idx))
     return out
+
+
+def _item_h0(h0: torch.Tensor, chunk: list[list[int]]) -> torch.Tensor:
+    """(items, d_model): each item's h0, which sets the scale of its δ through its norm only. For
+    a group, the mean of its members' norms (on the first member's direction), so the result
+    does not depend on the order the members came in (`nkv add` lists new facts first)."""
+    rows, at = [], 0
+    for g in chunk:
+        members = h0[at : at + len(g)]  # (m, d_model): compute_keys ran the chunk's facts group by group
+        norms = members.float().norm(dim=-1)
+        rows.append(members[0] * (norms.mean() / norms[0].clamp_min(1e-12)))
+        at += len(g)
+    return torch.stack(rows)
 
 
 def subject_groups(facts: Sequence[Fact]) -> list[list[int]]:
