@@ -23,9 +23,11 @@ prompts for the other relations; here they come from the world's templates.)
 All are evaluated on examples/factworld/edits_same_subject.jsonl (100 subjects x 2
 facts; `--edits` for another file), all edits live, with the edited subjects' other
 (unedited) facts measured from true_facts.jsonl.
-Variants: "plain" is today's `nkv build` (no probes), "probes" is `nkv build` holding
-the subject's other relations (`preserve_factor=1.0`, editing/solve/preserve.py), "joint"
-and "preserve" are the prototypes above.
+Variants: "plain" is `nkv build` with every fact solved alone (`--separate-subjects`, the
+build before session 7), "build" is today's `nkv build` (a subject's facts solved together,
+the "joint" prototype in the build), "probes" is `nkv build` holding the subject's other
+relations (`preserve_factor=1.0`, editing/solve/preserve.py), "joint" and "preserve" are
+the prototypes above.
 Results: results/same_subject-{variant}-L{layer}[-<edits stem>][-<model>][-n<limit>].json.
 """
 
@@ -161,7 +163,10 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     probes = default_config(model, preserve_factor=args.preserve_factor, preserve_loss=args.preserve_loss)
-    variants = {"plain": lambda: build_adapter(model, tok, facts, layer=args.layer, gamma=args.gamma, progress=False),
+    alone = default_config(model, joint_subjects=False)
+    variants = {"plain": lambda: build_adapter(model, tok, facts, layer=args.layer, gamma=args.gamma, config=alone,
+                                               progress=False),
+                "build": lambda: build_adapter(model, tok, facts, layer=args.layer, gamma=args.gamma, progress=False),
                 "probes": lambda: build_adapter(model, tok, facts, layer=args.layer, gamma=args.gamma, config=probes,
                                                 progress=False),
                 "joint": lambda: joint_adapter(model, tok, facts, args.layer, args.gamma),
