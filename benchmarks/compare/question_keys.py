@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--true-facts", required=True)
     p.add_argument("--unrelated", required=True)
     p.add_argument("--layers", default="3,6,9,12")
-    p.add_argument("--gamma", type=float, default=0.65)
+    p.add_argument("--gammas", default="0.65", help="comma-separated thresholds")
     p.add_argument("--limit", type=int, default=0)
     p.add_argument("--unrelated-texts", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
@@ -152,11 +152,12 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     for site in ("subject", "question"):
         keys = row_keys(model, tok, facts, prefixes, layers, site)
-        for L, centred in [(L, c) for L in layers for c in (False, True)]:
+        gammas = [float(g) for g in args.gammas.split(",")]
+        for L, centred, gamma in [(L, c, g) for L in layers for c in (False, True) for g in gammas]:
             center = means[L] if centred else None
             tally: dict[str, list[int]] = {}
             for (kind, i, _), acts in zip(probes, probe_acts):
-                row, fired = decisions(acts[L], keys[L], args.gamma, center)
+                row, fired = decisions(acts[L], keys[L], gamma, center)
                 if kind in ("edit", "paraphrase"):
                     # the fact's own row must fire where the answer is predicted: the last token for
                     # "question"; for "subject", at some token (its subject), with no other row winning
@@ -165,10 +166,10 @@ def main(argv: list[str] | None = None) -> None:
                     tally.setdefault(kind, []).append(int(ok))
                 else:  # nothing should fire anywhere in the prompt
                     tally.setdefault(kind, []).append(int(bool(fired.any())))
-            fires = [decisions(a[L], keys[L], args.gamma, center)[1] for a in unrelated_acts]
+            fires = [decisions(a[L], keys[L], gamma, center)[1] for a in unrelated_acts]
             unrelated_rate = float(torch.cat(fires).float().mean())
-            results[f"{site}-L{L}" + ("-centred" if centred else "")] = {
-                "site": site + (", centred" if centred else ""), "layer": L,
+            results[f"{site}-L{L}" + ("-centred" if centred else "") + f"-g{gamma:g}"] = {
+                "site": site + (", centred" if centred else ""), "layer": L, "gamma": gamma,
                 "own row fires on the edit prompt %": 100 * sum(tally["edit"]) / len(tally["edit"]),
                 "own row fires on paraphrases %": 100 * sum(tally["paraphrase"]) / max(1, len(tally["paraphrase"])),
                 "fires on the subject's other relations %": 100 * sum(tally.get("other relation", [])) / max(1, len(tally.get("other relation", []))),
@@ -176,12 +177,13 @@ def main(argv: list[str] | None = None) -> None:
                 "fires on unrelated tokens %": 100 * unrelated_rate,
                 "n": {k: len(v) for k, v in tally.items()},
             }
-    cols = list(next(iter(results.values())).keys())[2:-1]
-    print("| key read at | layer | " + " | ".join(cols) + " |")
-    print("|---|---|" + "---|" * len(cols))
+    cols = list(next(iter(results.values())).keys())[3:-1]
+    print("| key read at | layer | γ | " + " | ".join(cols) + " |")
+    print("|---|---|---|" + "---|" * len(cols))
     for r in results.values():
-        print(f"| {r['site']} | {r['layer']} | " + " | ".join(f"{r[c]:.1f}" for c in cols) + " |")
-    out = HERE / "results" / f"question_keys-{Path(args.model).stem}.json"
+        print(f"| {r['site']} | {r['layer']} | {r['gamma']:g} | " + " | ".join(f"{r[c]:.1f}" for c in cols) + " |")
+    tag = "" if gammas == [0.65] else "-gammas"
+    out = HERE / "results" / f"question_keys-{Path(args.model).stem}{tag}.json"
     out.write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
     print(f"wrote {out}", file=sys.stderr)
 
