@@ -66,8 +66,8 @@ def compute_rows(model: nn.Module, tokenizer: Any, tokens: list[FactTokens], lay
     if on_resumed is not None and resumed:
         on_resumed(resumed)
     pending: list[tuple[list[int], dict[str, torch.Tensor]]] = []
-    for start in range(0, len(todo), config.batch_size):
-        chunk = todo[start : start + config.batch_size]
+    chunks = _batches(todo, config.batch_size)
+    for number, chunk in enumerate(chunks):
         idx = [i for g in chunk for i in g]
         keys, h0 = compute_keys(model, layer, [tokens[i] for i in idx], pad_id)  # every fact its own key
         optimize = optimize_residuals_reference if reference else optimize_residuals
@@ -80,10 +80,25 @@ def compute_rows(model: nn.Module, tokenizer: Any, tokens: list[FactTokens], lay
         put(idx, part)
         if checkpoint is not None:
             pending.append((idx, part))
-            if len(pending) >= config.checkpoint_every or start + config.batch_size >= len(todo):
+            if len(pending) >= config.checkpoint_every or number == len(chunks) - 1:
                 _flush(checkpoint, pending)
         if on_done is not None:
             on_done(len(idx))
+    return out
+
+
+def _batches(groups: list[list[int]], batch_size: int) -> list[list[list[int]]]:
+    """Consecutive groups, at most `batch_size` facts a batch (a larger group alone), so a
+    batch's sequences, and its memory, stay what `batch_size` facts alone would need."""
+    out: list[list[list[int]]] = []
+    size = 0
+    for g in groups:
+        if out and size + len(g) <= batch_size:
+            out[-1].append(g)
+            size += len(g)
+        else:
+            out.append([g])
+            size = len(g)
     return out
 
 
