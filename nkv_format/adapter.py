@@ -332,8 +332,9 @@ class NKVAdapter:
         different rows is a conflict: "error" raises, "ours" keeps the existing row,
         "theirs" replaces it in place. An exact duplicate (same record, same rows) is
         skipped under every policy, so merging an adapter with a copy of itself is a no-op.
-        A new id that edits a question (subject and prompt) a row here already edits is a
-        conflict too: "ours" skips it, "theirs" puts it in that row's place.
+        A new id that edits a question (subject and prompt, or subject and named relation:
+        `Fact.questions`) a row here already edits is a conflict too: "ours" skips it,
+        "theirs" puts it in that row's place.
 
         O(n + m) for n rows here and m new ones: ids are looked up in a dict and the rows
         of the ids present in both are compared in one vectorised pass.
@@ -346,11 +347,12 @@ class NKVAdapter:
         dup_in_new = [i for i, c in counts.items() if c > 1]
         if dup_in_new:
             raise NKVConflictError(f"add: fact ids repeated in the new rows: {sorted(dup_in_new)[:5]}")
-        questions = Counter(f.question for f in facts)
-        asked_twice = [f"{p!r} about {s!r}" for (s, p), c in questions.items() if c > 1]
+        questions = Counter(q for f in facts for q in f.questions)
+        asked_twice = [f"{q[2]!r} about {q[1]!r}" for q, c in questions.items() if c > 1]
         if asked_twice:
             raise NKVConflictError(f"add: the new rows edit {len(asked_twice)} question(s) twice (same subject and "
-                                   f"prompt), e.g. {asked_twice[:2]}; the model can give one answer: keep one")
+                                   f"prompt or named relation), e.g. {asked_twice[:2]}; the model can give one "
+                                   "answer: keep one")
         position = self.positions()
         keys = keys.to(self.keys.dtype)
         residuals = residuals.to(self.residuals.dtype)
@@ -373,13 +375,15 @@ class NKVAdapter:
             for p, r in zip(mine, shared):
                 out_facts[p] = facts[r]
         append = [r for r, f in enumerate(facts) if f.id not in position]
-        asked = {f.question: p for p, f in enumerate(out_facts)}
-        answered = [(r, asked[facts[r].question]) for r in append if facts[r].question in asked]  # (new, existing)
+        asked = {q: p for p, f in enumerate(out_facts) for q in f.questions}
+        answered = [(r, p) for r in append  # (new, existing)
+                    for p in [next((asked[q] for q in facts[r].questions if q in asked), None)] if p is not None]
         if answered and on_conflict == "error":
             r, p = answered[0]
             raise NKVConflictError(
                 f"add: {len(answered)} new fact(s) edit a question a fact here already edits, e.g. {facts[r].id!r} "
-                f"and {out_facts[p].id!r} ({facts[r].prompt!r} about {facts[r].subject!r}); the model can give "
+                f"and {out_facts[p].id!r} ({facts[r].prompt!r} about {facts[r].subject!r}"
+                + (f", relation {facts[r].relation!r}" if facts[r].relation else "") + "); the model can give "
                 "one answer: remove the old fact first, or on_conflict='ours'/'theirs' (CLI: --on-conflict)")
         if answered:
             taken = {r for r, _ in answered}

@@ -35,6 +35,27 @@ class Fact:
         answers to it, of which the model can give one, so they conflict (spec §9)."""
         return (self.subject, self.prompt)
 
+    @property
+    def relation(self) -> str | None:
+        """The relation the record names, if any: `provenance.relation_id` (CounterFact's
+        "P103") or a "relation:<name>" tag; None when it names none."""
+        rel = self.provenance.get("relation_id")
+        if isinstance(rel, str) and rel:
+            return rel
+        tags = self.provenance.get("tags", [])
+        return next((t.split(":", 1)[1] for t in tags if isinstance(t, str) and t.startswith("relation:")
+                     and len(t) > len("relation:")), None) if isinstance(tags, list) else None
+
+    @property
+    def questions(self) -> tuple[tuple[str, ...], ...]:
+        """Every way two facts can ask the same thing (spec §9): the same subject and prompt,
+        or the same subject and named relation ("The capital of France is" and "France's
+        capital is", both tagged relation:capital)."""
+        keys: tuple[tuple[str, ...], ...] = (("prompt", self.subject, self.prompt),)
+        if self.relation is not None:
+            keys += (("relation", self.subject, self.relation),)
+        return keys
+
     def to_record(self) -> dict[str, Any]:
         rec: dict[str, Any] = {
             "id": self.id,

@@ -164,7 +164,7 @@ def scan_facts(path: str | os.PathLike, *, edited_together: bool = False) -> Fac
     facts: list[FactInput] = []
     bad: list[BadRecord] = []
     seen: dict[str, str] = {}
-    asked: dict[tuple[str, str], str] = {}  # question -> where it was first edited
+    asked: dict[tuple[str, ...], str] = {}  # question (Fact.questions) -> where it was first edited
     for where, position, record in _records(text, source, bad):
         try:
             item = _parse_record(record, position)
@@ -175,12 +175,14 @@ def scan_facts(path: str | os.PathLike, *, edited_together: bool = False) -> Fac
         if fid in seen:
             bad.append(BadRecord(where, f"duplicate id {fid!r} (first at {seen[fid]}); give each fact its own id"))
             continue
-        if edited_together and item.fact.question in asked:
-            bad.append(BadRecord(where, f"edits the same question as {asked[item.fact.question]} (same subject and "
-                                        "prompt): the model can give one answer to it; keep one of the two"))
+        first = next((asked[q] for q in item.fact.questions if q in asked), None)
+        if edited_together and first is not None:
+            bad.append(BadRecord(where, f"edits the same question as {first} (same subject and prompt, or same "
+                                        "subject and relation): the model can give one answer to it; keep one"))
             continue
         seen[fid] = where
-        asked[item.fact.question] = where
+        for q in item.fact.questions:
+            asked.setdefault(q, where)
         facts.append(item)
     return FactsScan(source, facts, bad)
 

@@ -9,6 +9,7 @@ error) under every conflict policy. Timings at 200k rows are in benchmarks/scale
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -163,3 +164,46 @@ def test_facts_files_and_the_build_refuse_one_question_edited_twice(tmp_path) ->
                for i, t in (("a", "Rome"), ("b", "Oslo"), ("c", "-")))
     with pytest.raises(NKVFactsError, match="'a' and 'b' edit the same question"):
         plain_facts([a, b])
+
+
+def test_the_same_subject_and_named_relation_is_one_question() -> None:
+    """Spec §9: records that name their relation (CounterFact's relation_id, a "relation:<name>"
+    tag) ask one question when subject and relation agree, whatever the wording; without a
+    relation only the exact prompt counts."""
+    from nkv.editing.solve.rows import plain_facts
+    from nkv.errors import NKVFactsError
+
+    capital = Fact(id="a", subject="France", prompt="The capital of France is", target_new="Lyon",
+                   provenance={"tags": ["relation:capital"]})
+    reworded = Fact(id="b", subject="France", prompt="France's capital is", target_new="Nice",
+                    provenance={"relation_id": "capital"})
+    language = Fact(id="c", subject="France", prompt="In France people speak", target_new="Welsh",
+                    provenance={"tags": ["relation:language"]})
+    unnamed = Fact(id="d", subject="France", prompt="The capital city of France is", target_new="Metz")
+    assert capital.relation == "capital" and reworded.relation == "capital" and unnamed.relation is None
+    assert capital.questions[1] == reworded.questions[1] == ("relation", "France", "capital")
+    a = replace(make(["a", "c"]), facts=[capital, language])
+    new = make(["b", "d"], salt=1)
+    with pytest.raises(NKVConflictError, match="'b' and 'a'.*relation 'capital'"):
+        a.add([reworded, unnamed], new.keys, new.residuals)
+    got = a.add([reworded, unnamed], new.keys, new.residuals, on_conflict="theirs")
+    assert got.ids == ["b", "c", "d"]  # b takes a's row; d names no relation and asks another prompt
+    with pytest.raises(NKVConflictError, match="twice"):
+        a.add([reworded, Fact("e", "France", "Paris is the capital of", "x", provenance={"relation_id": "capital"})],
+              new.keys, new.residuals)
+    with pytest.raises(NKVFactsError, match="'a' and 'b' edit the same question \\(relation 'capital'"):
+        plain_facts([capital, reworded, language])
+    assert [f.id for f in plain_facts([capital, language, unnamed])] == ["a", "c", "d"]
+
+
+def test_a_facts_file_naming_the_relation_twice_for_one_subject_is_a_bad_record(tmp_path) -> None:
+    from nkv.facts_io import scan_facts
+
+    lines = ['{"id": "a", "subject": "France", "prompt": "The capital of France is", "target_new": "Lyon", '
+             '"tags": ["relation:capital"]}',
+             '{"id": "b", "subject": "France", "prompt": "France\'s capital is", "target_new": "Nice", '
+             '"tags": ["relation:capital"]}']
+    path = tmp_path / "f.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    scan = scan_facts(path, edited_together=True)
+    assert [f.fact.id for f in scan.facts] == ["a"] and "same subject and relation" in scan.bad[0].reason

@@ -163,17 +163,20 @@ def plain_facts(facts: Sequence[FactInput | Fact]) -> list[Fact]:
     if not plain:
         raise NKVFactsError("build_adapter: no facts given")
     seen: set[str] = set()
-    asked: dict[tuple[str, str], str] = {}
+    asked: dict[tuple[str, ...], str] = {}
     for f in plain:
         if not isinstance(f, Fact):
             raise NKVFactsError(f"build_adapter: expected Fact or FactInput items, got {type(f).__name__}")
         if f.id in seen:
             raise NKVFactsError(f"build_adapter: duplicate fact id {f.id!r}; ids must be unique")
-        if f.question in asked:
-            raise NKVFactsError(f"build_adapter: facts {asked[f.question]!r} and {f.id!r} edit the same question "
-                                f"({f.prompt!r} about {f.subject!r}); the model can give one answer: keep one")
+        first = next((asked[q] for q in f.questions if q in asked), None)
+        if first is not None:
+            what = f"relation {f.relation!r}" if ("relation", f.subject, f.relation) in asked else repr(f.prompt)
+            raise NKVFactsError(f"build_adapter: facts {first!r} and {f.id!r} edit the same question ({what} about "
+                                f"{f.subject!r}); the model can give one answer: keep one")
         seen.add(f.id)
-        asked[f.question] = f.id
+        for q in f.questions:
+            asked.setdefault(q, f.id)
     return plain
 
 
