@@ -192,6 +192,8 @@ def test_unedited_and_same_subject_facts(model, tok, tmp_path):
                       options=EvalOptions(fluency_prompts=0, free_generation=False))
     assert report.metrics["unedited_facts"]["n"] == 1  # Toko Yasuda's fact only
     assert report.weak_spots["same_subject_other_facts"]["n"] == 1  # the edited subject's "other" relation
+    assert report.metrics["other_facts"] == report.weak_spots["same_subject_other_facts"]  # a headline metric
+    assert "edited subjects' other facts" in report.table() and "other_facts" in report.summary()["post"]
 
 
 def test_read_true_facts_errors(tmp_path):

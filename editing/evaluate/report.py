@@ -19,6 +19,7 @@ METRICS: list[tuple[str, str]] = [
     ("free_gen_paraphrase", "free-gen exact, paraphrases"),
     ("fluency", "fluency (n-gram entropy x100)"),
     ("unedited_facts", "unedited-fact accuracy"),
+    ("other_facts", "edited subjects' other facts"),
 ]
 GATE: list[tuple[str, str]] = [
     ("edit_right", "gate: right fact at subject, edit prompts"),
@@ -32,7 +33,6 @@ WEAK_SPOTS: list[tuple[str, str]] = [
     ("specificity_nb_other", "specificity, other neighbours"),
     ("unedited_shares_last_token", "unedited facts, subject ends in an edited subject's last token"),
     ("unedited_other", "unedited facts, other subjects"),
-    ("same_subject_other_facts", "edited subjects' other (unedited) facts"),
     ("multi_fact_efficacy", "efficacy, subjects with 2+ edited facts"),
     ("multi_fact_generalization", "generalization, subjects with 2+ edited facts"),
     ("multi_fact_gate_right", "gate right fact, subjects with 2+ edited facts"),

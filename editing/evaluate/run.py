@@ -121,6 +121,9 @@ def evaluate_adapter(model: nn.Module, tokenizer: Any, handle: Any, facts: Seque
     pre = pre if pre is not None else unmeasured(post)
     per = {"pre": per_fact(pre, cases), "post": per_fact(post, cases)}
     metrics = headline(pre, post, per, options.fluency_prompts)
+    spots = weak_spots(tokenizer, cases, pre, post, per, unedited, diag)
+    if "same_subject_other_facts" in spots:  # a headline number (issue 13): what an edit must leave alone
+        metrics["other_facts"] = spots["same_subject_other_facts"]
     return EvalReport(
         data={"name": data_name, "n_facts": len(facts), "protocol": protocol, "paraphrases": len(cases.paraphrases),
               "neighbours": len(cases.neighbours), "portability": len(cases.portability)},
@@ -128,7 +131,7 @@ def evaluate_adapter(model: nn.Module, tokenizer: Any, handle: Any, facts: Seque
                  "matched": sum(r is not None for r in rows)},
         metrics=metrics, gate=gate_summary(diag),
         knowedit=knowedit_metrics(pre, post, cases, metrics.get("fluency")),
-        weak_spots=weak_spots(tokenizer, cases, pre, post, per, unedited, diag),
+        weak_spots=spots,
         by_relation=by_relation(facts, per), by_tag=by_tag(facts, per),
         settings={**asdict(options), "protocol": protocol, "tool": f"nkv {__version__}",
                   "unrelated_source": unrelated_name or "given lines", "other_facts_source": others_source,
