@@ -94,8 +94,9 @@ class NKVAdapter:
                 + (f", storage={self.storage!r})" if self.storage != "exact" else ")"))
 
     # ---------------------------------------------------------------- validation
-    def problems(self) -> list[str]:
-        """Every way this adapter breaks the spec (V6-V9), without raising."""
+    def problems(self, check_facts: bool = True) -> list[str]:
+        """Every way this adapter breaks the spec (V6-V9), without raising. `check_facts=False`
+        skips the fact records (V9), for records `decode_facts` has just checked."""
         out: list[str] = []
         n, b = self.n_facts, self.base
         if self.keys.dtype not in _DTYPE_NAMES or self.residuals.dtype not in _DTYPE_NAMES:
@@ -109,7 +110,7 @@ class NKVAdapter:
             out.append(f"V7: {C.T_RESIDUALS} has shape {list(self.residuals.shape)}, expected [{n}, {b.d_model}]")
         if not out:
             for name, t in ((C.T_KEYS, self.keys), (C.T_RESIDUALS, self.residuals)):
-                if t.numel() and not bool(torch.isfinite(t).all()):
+                if t.numel() and not all_finite(t):
                     bad = int((~torch.isfinite(t)).any(-1).nonzero()[0, 0])
                     out.append(f"V8: {name} holds NaN/Inf values (first in row {bad}, fact "
                                f"{self.facts[bad].id!r}); rebuild that fact")
@@ -132,7 +133,7 @@ class NKVAdapter:
             except (TypeError, ValueError, RecursionError) as exc:
                 out.append(f"V10: {key} must be a JSON object of JSON values ({str(exc)[:80]})")
         seen: set[str] = set()
-        for row, fact in enumerate(self.facts):
+        for row, fact in enumerate(self.facts if check_facts else ()):
             out.extend(fact_record_problems(fact.to_record(), f"V9: fact row {row}"))
             if fact.id in seen:
                 out.append(f"V9: duplicate fact id {fact.id!r} at row {row}")
@@ -291,7 +292,7 @@ class NKVAdapter:
             sketch_proj=tensors.get(C.T_SKETCH_PROJ), storage=cast(Storage, header.storage),
         )
         if not problems:
-            problems = adapter.problems()
+            problems = adapter.problems(check_facts=False)  # decode_facts checked every record (V9)
         if problems:
             raise NKVFormatError(header.source, problems)
         return adapter
@@ -555,6 +556,22 @@ def _version_for(adapter: NKVAdapter) -> str:
     if adapter.base.fingerprint.startswith(FINGERPRINT2_PREFIX):
         return C.FINGERPRINT2_VERSION
     return C.SKETCH_VERSION if adapter.sketch_proj is not None else C.BASE_VERSION
+
+
+# A float is NaN or ±Inf exactly when its exponent bits are all ones: reading the bits as
+# integers checks a fp16 table ~2x faster than torch.isfinite on a CPU (what load and save
+# spend on V8 at 100k+ rows), in blocks so no full-size temporary is made.
+_EXPONENT_BITS = {torch.float16: (torch.int16, 0x7C00), torch.bfloat16: (torch.int16, 0x7F80),
+                  torch.float32: (torch.int32, 0x7F800000)}
+
+
+def all_finite(t: torch.Tensor, block: int = 1 << 22) -> bool:
+    """Whether every value of the float tensor `t` is finite (no NaN, no ±Inf)."""
+    if t.dtype not in _EXPONENT_BITS:
+        return bool(torch.isfinite(t).all())
+    as_int, mask = _EXPONENT_BITS[t.dtype]
+    flat = t.contiguous().view(-1).view(as_int)
+    return not any(bool(((flat[s : s + block] & mask) == mask).any()) for s in range(0, flat.numel(), block))
 
 
 def _known_tensors(header: NKVHeader) -> list[str]:

@@ -88,7 +88,11 @@ def fact_record_problems(rec: Any, where: str) -> list[str]:
         problems.append(f"{where}: unknown field(s) {sorted(unknown)}; allowed: "
                         f"{list(FACT_REQUIRED_FIELDS + FACT_OPTIONAL_FIELDS)}")
     try:  # the writer must be able to store it again as strict UTF-8 JSON
-        json.dumps(rec, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        for value in rec.values():  # the text fields: valid Unicode (no lone surrogates)
+            if isinstance(value, str):
+                value.encode("utf-8")
+        if rec.get("provenance"):  # any JSON: the only field that needs the full check
+            json.dumps(rec["provenance"], ensure_ascii=False, allow_nan=False).encode("utf-8")
     except (TypeError, ValueError, RecursionError) as exc:  # UnicodeEncodeError is a ValueError
         problems.append(f"{where}: not storable as UTF-8 JSON ({str(exc)[:80]}); "
                         "use JSON types, finite numbers and valid Unicode")

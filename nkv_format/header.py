@@ -355,6 +355,8 @@ def strict_json_loads(text: str) -> Any:
     Raises ValueError (or RecursionError for absurd nesting).
     """
     doc = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
+    if "\\u" not in text:  # a str holds no surrogate: only a \u escape can make one
+        return doc
     try:
         json.dumps(doc, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:

@@ -506,3 +506,17 @@ def test_import_nkv_does_not_import_heavy_packages() -> None:
             "print(','.join(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_reads_the_exponent_bits_exactly(dtype):
+    from nkv.adapter import all_finite
+
+    t = torch.randn(300, 7).to(dtype)
+    assert all_finite(t) and all_finite(t.T) and all_finite(t[:, 2]) and all_finite(t[:0])
+    big = torch.tensor([torch.finfo(dtype).max, -torch.finfo(dtype).max, torch.finfo(dtype).tiny, 0.0], dtype=dtype)
+    assert all_finite(big)  # the largest finite values are not Inf
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        u = t.clone()
+        u[123, 4] = bad
+        assert not all_finite(u) and not all_finite(u.T) and not all_finite(u, block=5)
