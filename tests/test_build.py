@@ -384,17 +384,18 @@ def test_facts_of_one_subject_share_one_residual_solved_jointly_batched_as_the_r
     from nkv.editing.solve.rows import subject_groups
 
     model, tok = tm.tiny_model("llama"), tm.tiny_tokenizer()
-    facts = [Fact("a", "Toko Yasuda", "The guitar of Toko Yasuda", "piano"),
+    # Prompts that start with the subject: the key texts, and so the keys, are the same
+    facts = [Fact("a", "Toko Yasuda", "Toko Yasuda plays the", "piano"),
              Fact("cb", "Carl Bosch", "Which language does Carl Bosch", "Tokyo"),
-             Fact("b", "Toko Yasuda", "The home of Toko Yasuda", "Peru")]
+             Fact("b", "Toko Yasuda", "Toko Yasuda lives in", "Peru")]
     assert subject_groups(facts) == [[0, 2], [1]]
     adapter = build_adapter(model, tok, facts, layer=0, config=_config("llama"), progress=False)
     assert adapter.ids == ["a", "cb", "b"]
     assert adapter.facts[0].provenance["solved_with"] == ["b"] and adapter.facts[2].provenance["solved_with"] == ["a"]
     assert "solved_with" not in adapter.facts[1].provenance
     torch.testing.assert_close(adapter.residuals[0], adapter.residuals[2])  # one δ in both rows
-    assert not torch.equal(adapter.keys[0], adapter.keys[2]) and not torch.equal(adapter.residuals[0],
-                                                                                    adapter.residuals[1])
+    torch.testing.assert_close(adapter.keys[0], adapter.keys[2])  # the gate cannot tell them apart
+    assert not torch.equal(adapter.residuals[0], adapter.residuals[1])
     alone = build_adapter(model, tok, facts, layer=0, config=_config("llama", joint_subjects=False), progress=False)
     assert "solved_with" not in alone.facts[0].provenance
     assert not torch.allclose(alone.residuals[0], alone.residuals[2])
@@ -418,3 +419,29 @@ def test_facts_of_one_subject_share_one_residual_solved_jointly_batched_as_the_r
     with frozen(model):
         single = optimize_residuals(model, 0, [tokens[1]], h0[[1]], config, pad_id=0)
     torch.testing.assert_close(single.residuals[0], batched.residuals[1], atol=1e-5, rtol=1e-4)
+
+
+def test_joint_groups_join_only_rows_the_gate_cannot_tell_apart(monkeypatch):
+    """Facts of one subject are solved together when, on a key text of one, the other's key
+    scores at least as high as its own; apart when their keys are told apart (two rewordings
+    of one question with different answers stay two rows)."""
+    from nkv.editing.solve import rows
+
+    facts = [Fact("a", "S", "S one", "x"), Fact("b", "S", "S two", "y"), Fact("c", "T", "T one", "z"),
+             Fact("d", "T", "T two", "w"), Fact("e", "T", "T three", "v"), Fact("f", "U", "U one", "u")]
+    e = torch.eye(8)
+    # per fact: its key texts' inputs (2 templates); the key is their average (½ bare + ½ the other)
+    inputs = {"a": [e[0], e[0]], "b": [e[1], e[1]],  # S: orthogonal keys, apart
+              "c": [e[2], e[2]], "d": [e[3], e[3]],  # T: c and d apart, but ...
+              "e": [e[4], e[3] + 0.5 * e[4]]}  # ... e's prefixed text is closer to d's key than to its own
+    tokens = [f.id for f in facts]
+
+    def fake_inputs(model, layer, facts_tokens, pad_id, max_seqs=256):
+        k = torch.stack([torch.stack(inputs[t]) for t in facts_tokens])
+        return k, torch.zeros(len(facts_tokens), 2, 4)
+
+    monkeypatch.setattr(rows, "template_inputs", fake_inputs)
+    monkeypatch.setattr(rows, "pad_id_of", lambda tok: 0)
+    assert rows.joint_groups(None, None, tokens, facts, 0) == [[0], [1], [2], [3, 4], [5]]
+    inputs["b"] = [e[0], e[0]]  # S's two keys equal: together
+    assert rows.joint_groups(None, None, tokens, facts, 0) == [[0, 1], [2], [3, 4], [5]]

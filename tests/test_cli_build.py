@@ -153,8 +153,9 @@ def test_rm_of_a_fact_solved_with_others_rebuilds_them_or_refuses(tmp_path, mode
     """A subject's facts share one residual (solved together), so removing one of them leaves
     its edit in the others' rows until they are built again: without --model `nkv rm` refuses
     and changes nothing; with it the rest are rebuilt, exactly as a build without the removed one."""
-    pair = [{"id": "ty", "subject": "Toko Yasuda", "prompt": "The guitar of Toko Yasuda", "target_new": "piano"},
-            {"id": "ty2", "subject": "Toko Yasuda", "prompt": "The home of Toko Yasuda", "target_new": "Peru"}]
+    # prompts that start with the subject: the same key, so the build solves them together
+    pair = [{"id": "ty", "subject": "Toko Yasuda", "prompt": "Toko Yasuda plays the", "target_new": "piano"},
+            {"id": "ty2", "subject": "Toko Yasuda", "prompt": "Toko Yasuda lives in", "target_new": "Peru"}]
     facts, out = _facts(tmp_path / "f.jsonl", [FACTS[0], *pair]), tmp_path / "edits.nkv"
     assert _run("build", facts, "--model", model_dir, "-o", out, *FAST, "--layer", "0").exit_code == 0
     built = NKVAdapter.load(out)
@@ -186,9 +187,9 @@ def test_add_builds_new_facts_and_solves_a_subject_already_edited_together(tmp_p
     """`nkv add`: new facts at the adapter's own layer and settings; a new fact about a subject
     the adapter edits is solved with that subject's fact (its row rebuilt); other rows keep
     their bytes; the result equals one build of all the facts. Clashes change nothing."""
-    start = [FACTS[0], {"id": "ty", "subject": "Toko Yasuda", "prompt": "The guitar of Toko Yasuda",
+    start = [FACTS[0], {"id": "ty", "subject": "Toko Yasuda", "prompt": "Toko Yasuda plays the",
                         "target_new": "piano"}]
-    more = [{"id": "ty2", "subject": "Toko Yasuda", "prompt": "The home of Toko Yasuda", "target_new": "Peru"},
+    more = [{"id": "ty2", "subject": "Toko Yasuda", "prompt": "Toko Yasuda lives in", "target_new": "Peru"},
             {"id": "cb", "subject": "Carl Bosch", "prompt": "Which language does Carl Bosch", "target_new": "Tokyo"}]
     out = tmp_path / "edits.nkv"
     assert _run("build", _facts(tmp_path / "f.jsonl", start), "--model", model_dir, "-o", out, *FAST,

@@ -22,7 +22,7 @@ from .layer import LayerChoice, candidate_layers, choose_layer
 from .reference import optimize_residual_one, optimize_residuals_reference
 from .residuals import optimize_residuals
 from .preserve import PRESERVE_TEMPLATES, choose_probes
-from .rows import compute_rows, encode_facts, subject_groups, tokenize_for_build
+from .rows import compute_rows, encode_facts, joint_groups, subject_groups, tokenize_for_build
 from nkv.loaders.architectures import empty_adapter_for  # the adapter compute_rows' rows belong in (its residual site)
 from .templates import generate_prefixes
 
@@ -32,6 +32,7 @@ __all__ = [
     "rebuild_facts",
     "recorded_config",
     "subject_groups",
+    "joint_groups",
     "BuildConfig",
     "default_config",
     "default_layer",

@@ -24,7 +24,7 @@ from ..forward import frozen, model_device
 from .checkpoint import Checkpoint, digest
 from .config import BuildConfig, default_config, verified_layer
 from .layer import choose_layer
-from .rows import Progress, compute_rows, plain_facts, subject_groups, tokenize_for_build
+from .rows import Progress, compute_rows, joint_groups, plain_facts, tokenize_for_build
 from .selfcheck import self_check
 from .templates import as_templates, generate_prefixes
 
@@ -82,9 +82,6 @@ def build_adapter(
         dtype = next(model.parameters()).dtype
         inputs = {"facts": [f.to_record() for f in plain], "objective": config.objective, "layer": layer,
                   "dtype": str(dtype), "model": base_model_info(model, 0).fingerprint}
-        groups = subject_groups(plain) if config.joint_subjects else None
-        if groups is not None and len(groups) < len(plain):  # a subject solved jointly: other rows
-            inputs["joint_subjects"] = True
         site = residual_site(model_type_of(model))
         if site != DEFAULT_RESIDUAL_SITE:  # rows of another site are other rows; llama-like checkpoints still resume
             inputs["residual_site"] = site
@@ -94,9 +91,12 @@ def build_adapter(
         prefixes = state.get("prefixes") or generate_prefixes(model, tokenizer, config.n_prefixes,
                                                               config.prefix_length, config.seed)
         tokens = tokenize_for_build(model, tokenizer, facts, prefixes, config)  # all errors before any work
+        # a resumed build keeps the grouping it started with (none: a build from before joint subjects)
+        groups = state.get("groups") if state else (
+            joint_groups(model, tokenizer, tokens, plain, layer) if config.joint_subjects else None)
         if ckpt is not None:
             ckpt.write_state({"inputs": inputs, "layer": layer, "layer_choice": layer_choice,
-                              "prefixes": prefixes, "n_facts": len(plain)})
+                              "prefixes": prefixes, "n_facts": len(plain), "groups": groups})
         store = dtype if dtype in ROW_DTYPE_NAMES else torch.float32  # a dtype the format can hold
         with _bar(len(plain), progress) as (advance, resumed):
             rows = compute_rows(model, tokenizer, tokens, layer, config, groups=groups, checkpoint=ckpt,

@@ -40,11 +40,11 @@ class BuildConfig:
     preserve_loss: "answer" (a probe's unedited top answer: the drop in its log-probability)
         or "kl" (its whole next-token distribution, KL(P_δ || P_0)); "answer" held more of
         SmolLM2's other facts at a smaller cost in generalization (benchmarks/compare).
-    joint_subjects: facts of one build that share a subject are solved together: each keeps
+    joint_subjects: facts of one build that share a subject and whose rows the gate cannot
+        tell apart on their own prompts (`rows.joint_groups`) are solved together: each keeps
         its own key, and one δ, optimised over all their prompts (each with its own target),
-        is every one's residual. Their keys are nearly equal (read before the relation), so
-        whichever row the gate picks must carry all the subject's edits (issue 13). False:
-        each fact alone (the rows of a subject then compete, and one edit is lost).
+        is every one's residual, so whichever row the gate picks carries all their edits
+        (issue 13). False: each fact alone (such rows then compete, and one edit is lost).
     weight_decay: weight of ||δ|| / ||h0|| (not MEMIT's ||δ|| / ||h0||²).
     clamp: ||δ|| is kept <= clamp · ||h0|| after each step.
     early_stop_loss: a fact stops (its row frozen) once its loss is below this.
@@ -116,7 +116,7 @@ class BuildConfig:
     @property
     def objective(self) -> dict[str, Any]:
         """The fields that change the result (what a checkpoint must agree on)."""
-        # joint_subjects changes nothing unless a subject repeats: build_adapter digests it then
+        # joint_subjects: the groups it gives are kept in the checkpoint's state instead
         skip = {"batch_size", "device", "checkpoint_every", "joint_subjects"}
         # Settings added after checkpoints were first written are left out where they change
         # nothing, so a checkpoint written before them still resumes.

@@ -23,6 +23,20 @@ MAX_SEQS = 256  # sequences per forward in this pass (no gradients, so it can be
 def compute_keys(model: nn.Module, layer: int, facts: list[FactTokens], pad_id: int,
                  max_seqs: int = MAX_SEQS) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys (n, d_key) and h0 (n, d_model), both float32 on the model's device."""
+    k_all, h_all = template_inputs(model, layer, facts, pad_id, max_seqs)
+    return average_key(k_all), h_all[:, 0]
+
+
+def average_key(k_all: torch.Tensor) -> torch.Tensor:
+    """(n, d_key) keys from (n, templates, d_key) inputs: ½ bare + ½ mean of the prefixed."""
+    return k_all[:, 0] if k_all.shape[1] == 1 else 0.5 * k_all[:, 0] + 0.5 * k_all[:, 1:].mean(1)
+
+
+@torch.no_grad()
+def template_inputs(model: nn.Module, layer: int, facts: list[FactTokens], pad_id: int,
+                    max_seqs: int = MAX_SEQS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, templates, d_key) output-projection inputs and (n, templates, d_model) block outputs
+    at the subject's last token of every key text, float32."""
     n_templates = len(facts[0].key_texts)
     seqs = [enc for f in facts for enc in f.key_texts]  # fact-major: fact i owns rows i*n_t ...
     device = model_device(model)
@@ -53,8 +67,7 @@ def compute_keys(model: nn.Module, layer: int, facts: list[FactTokens], pad_id: 
         h_rows.append(captured["h"])
     k_all = torch.cat(k_rows).view(len(facts), n_templates, -1)  # (n, n_t, d_key)
     h_all = torch.cat(h_rows).view(len(facts), n_templates, -1)  # (n, n_t, d_model)
-    keys = k_all[:, 0] if n_templates == 1 else 0.5 * k_all[:, 0] + 0.5 * k_all[:, 1:].mean(1)
-    return keys, h_all[:, 0]
+    return k_all, h_all
 
 
-__all__ = ["compute_keys"]
+__all__ = ["compute_keys", "template_inputs", "average_key"]
