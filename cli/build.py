@@ -55,9 +55,9 @@ def _layer(value: str | None) -> int | str | None:
                    "1 kept ~95% of them on the fact-world model, 72.6% (from 40%) on SmolLM2 at some cost "
                    "in generalization and ~2.7x build time: see benchmarks/compare].")
 @click.option("--joint-subjects/--separate-subjects", default=None,
-              help="Facts that share a subject are solved together: each keeps its own key, and one residual "
-                   "carrying all their edits is every one's row (their keys are nearly equal, so the gate cannot "
-                   "tell the rows apart) [default: joint].")
+              help="Facts of one subject whose keys the gate cannot tell apart on their own prompts are solved "
+                   "together: each keeps its own key, and one residual carrying all their edits is every one's "
+                   "row [default: joint].")
 @click.option("--clamp", type=click.FloatRange(0, min_open=True),
               help="Max ||δ|| / ||h0|| [default: 0.75; 2 for d_model <= 256].")
 @click.option("--prefixes", "n_prefixes", type=click.IntRange(0), help="Generated context prefixes [default: 5].")
