@@ -77,7 +77,8 @@ def worker(args: argparse.Namespace) -> None:
 
     from nkv.editing.evaluate import EvalOptions, evaluate_adapter
     from nkv.editing.forward import frozen
-    from nkv.editing.solve import compute_rows, default_config, default_layer, generate_prefixes, tokenize_for_build
+    from nkv.editing.solve import (compute_rows, default_config, default_layer, generate_prefixes, joint_groups,
+                                   tokenize_for_build)
     from nkv.facts_io import read_facts
     from nkv.loaders.architectures import empty_adapter_for
     from nkv.loaders.transformers import attach
@@ -93,6 +94,9 @@ def worker(args: argparse.Namespace) -> None:
     with frozen(model):
         prefixes = generate_prefixes(model, tok, config.n_prefixes, config.prefix_length, config.seed)
         tokens = tokenize_for_build(model, tok, items, prefixes, config)
+        # the facts nkv build solves together; a group is built in the turn of its first fact
+        groups = (joint_groups(model, tok, tokens, [i.fact for i in items], layer) if config.joint_subjects
+                  else [[i] for i in range(len(items))])
     parts, seconds = [], 0.0
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
@@ -102,9 +106,13 @@ def worker(args: argparse.Namespace) -> None:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             began = time.perf_counter()
+            turn = [g for g in groups if start <= g[0] < end]
+            idx = [i for g in turn for i in g]
+            local = {i: k for k, i in enumerate(idx)}
             with frozen(model):
-                rows = compute_rows(model, tok, tokens[start:end], layer, config,
-                                    reference=name == "one-at-a-time")
+                rows = compute_rows(model, tok, [tokens[i] for i in idx], layer, config,
+                                    groups=[[local[i] for i in g] for g in turn], reference=name == "one-at-a-time")
+            rows["index"] = torch.tensor(idx, dtype=torch.long)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             took = time.perf_counter() - began
@@ -114,6 +122,8 @@ def worker(args: argparse.Namespace) -> None:
         elif cmd[0] == "finish":
             break
     rows = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+    order = torch.argsort(rows.pop("index"))  # back to the facts' order
+    rows = {name: t[order] for name, t in rows.items()}
     n = rows["keys"].shape[0]
     facts = [i.fact for i in items[:n]]
     adapter = empty_adapter_for(model, layer, args.gamma).add(facts, rows["keys"], rows["residuals"])
