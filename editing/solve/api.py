@@ -111,8 +111,8 @@ def build_adapter(
 def rebuild_facts(model: nn.Module, tokenizer: Any, adapter: NKVAdapter, ids: Sequence[str], *,
                   progress: bool = False) -> NKVAdapter:
     """`adapter` with the rows of `ids` built again on `model` (its base model: checked) at the
-    adapter's layer and γ with the settings its build recorded; those of the ids that share a
-    subject are solved together, without the facts no longer in the adapter.
+    adapter's layer and γ with the settings its build recorded, grouped as `build_adapter`
+    groups them (without the facts no longer in the adapter).
 
     What `nkv rm --model` does for the facts that were solved with a removed one: their shared
     residual still carries the removed fact's edit until they are solved again (spec §9).
@@ -131,9 +131,10 @@ def add_facts(model: nn.Module, tokenizer: Any, adapter: NKVAdapter, facts: Sequ
               progress: bool = False) -> NKVAdapter:
     """`adapter` with `facts` added, built on `model` (its base model: checked) at the adapter's
     layer and γ with the settings its build recorded. A new fact about a subject the adapter
-    already edits is solved together with that subject's facts, whose rows are rebuilt in
-    place; every other row is left as it was. Ids and questions already in the adapter are
-    refused (`NKVFactsError`), before any work.
+    already edits is built in one build with that subject's facts, whose rows are rebuilt in
+    place (those the gate cannot tell apart from it then share its residual); every other row
+    is left as it was. Ids and questions already in the adapter are refused (`NKVFactsError`),
+    before any work.
     """
     from nkv.loaders.transformers import check_base
 

@@ -33,7 +33,7 @@ def compute_rows(model: nn.Module, tokenizer: Any, tokens: list[FactTokens], lay
                  store_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Keys, residuals (in `store_dtype`, on the CPU), last losses and update counts, batch by batch.
 
-    `groups`: facts solved together (indices into `tokens`; `subject_groups`): each fact keeps
+    `groups`: facts solved together (indices into `tokens`; `joint_groups`): each fact keeps
     its own key, and the group's one δ, optimised over all its members' prompts, is every
     member's residual. None = every fact alone.
     `reference=True` optimises one item at a time (the benchmark's baseline) instead of
