@@ -144,8 +144,9 @@ def add(file: Path, facts: Path, model_name: str, output: Path | None, skip_bad:
     """Add the facts in FACTS to the adapter FILE (in place, atomically, unless -o).
 
     The new facts are built at FILE's layer and gamma with the settings its build recorded.
-    A new fact about a subject FILE already edits is solved together with that subject's
-    facts (their rows are rebuilt); no other row changes.
+    A new fact about a subject FILE already edits is built together with that subject's
+    facts, whose rows are rebuilt (those the gate cannot tell apart share one residual);
+    no other row changes.
 
     \b
     nkv add edits.nkv more.jsonl --model smollm2-135m
