@@ -9,7 +9,7 @@ Keys as `nkv build` reads them (the build's templates, `compute_keys`), no edit 
 subject with two or more facts: the cosine between its first two facts' keys; and for
 every such fact, whether the gate, on the fact's own bare prompt (up to the subject),
 scores another row of the file highest (then the rows compete, and one edit is lost
-unless they are solved together).
+unless they are solved together); and the facts `nkv build` solves together (`joint_groups`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     from dataclasses import replace
 
     from nkv.editing.forward import pad_id_of
-    from nkv.editing.solve import encode_facts, generate_prefixes, subject_groups
+    from nkv.editing.solve import encode_facts, generate_prefixes, joint_groups, subject_groups
     from nkv.editing.solve.keys import compute_keys
     from nkv.facts_io import read_facts
     from nkv.loaders.models import load_model
@@ -54,9 +54,11 @@ def main(argv: list[str] | None = None) -> None:
         for i in group:
             checked += 1
             wrong += int(int(scores[i].argmax()) != i)
+    with torch.no_grad():
+        joined = [g for g in joint_groups(model, tok, tokens, facts, args.layer) if len(g) > 1]
     cos = torch.tensor(pairs)
     print(f"| {args.model}, L{args.layer} | {len(pairs)} | {cos.mean():.3f} / {cos.min():.3f} / {cos.max():.3f} "
-          f"| {wrong} of {checked} |")
+          f"| {wrong} of {checked} | {sum(map(len, joined))} facts in {len(joined)} groups |")
 
 
 if __name__ == "__main__":
