@@ -120,8 +120,7 @@ def rebuild_facts(model: nn.Module, tokenizer: Any, adapter: NKVAdapter, ids: Se
     from nkv.loaders.transformers import check_base
 
     check_base(model, adapter)
-    facts = [adapter.facts[adapter.index_of(i)] for i in ids]
-    facts = [replace(f, provenance={k: v for k, v in f.provenance.items() if k != "solved_with"}) for f in facts]
+    facts = [_unpartnered(adapter.facts[adapter.index_of(i)]) for i in ids]
     rebuilt = build_adapter(model, tokenizer, facts, layer=adapter.layer, gamma=adapter.gamma,
                             config=recorded_config(adapter), progress=progress)
     return adapter.replace(rebuilt.facts, rebuilt.keys.to(adapter.keys.dtype), rebuilt.residuals.to(adapter.residuals.dtype))
@@ -141,8 +140,7 @@ def add_facts(model: nn.Module, tokenizer: Any, adapter: NKVAdapter, facts: Sequ
     check_base(model, adapter)
     new = plain_facts(facts)
     subjects = {f.subject for f in new}
-    partners = [replace(f, provenance={k: v for k, v in f.provenance.items() if k != "solved_with"})
-                for f in adapter.facts if f.subject in subjects]
+    partners = [_unpartnered(f) for f in adapter.facts if f.subject in subjects]
     taken = adapter.positions()
     clash = [f.id for f in new if f.id in taken]
     if clash:
@@ -164,6 +162,11 @@ def recorded_config(adapter: NKVAdapter) -> BuildConfig:
     recorded = (adapter.build or {}).get("config", {})
     known = {f.name for f in fields(BuildConfig)} - {"device", "dtype"}
     return BuildConfig(**{k: v for k, v in recorded.items() if k in known})
+
+
+def _unpartnered(fact: Fact) -> Fact:
+    """The fact without its recorded partners: a build decides them again."""
+    return replace(fact, provenance={k: v for k, v in fact.provenance.items() if k != "solved_with"})
 
 
 def with_solved_together(facts: list[Fact], groups: list[list[int]] | None) -> list[Fact]:
