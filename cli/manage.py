@@ -1,6 +1,7 @@
 """`nkv inspect | validate | rm | merge | diff | quantize`: look at and manage .nkv files.
 
-These commands touch only the format package (no model, no transformers import).
+These commands touch only the format package (no model, no transformers import), except
+`rm --model` and `merge --model`, which build facts again on the base model.
 Results go to stdout; a user error is one line `Error: ...` on stderr with exit code 1.
 """
 
@@ -230,21 +231,44 @@ def rm(file: Path, ids: tuple[str, ...], subjects: tuple[str, ...], output: Path
               help="A fact id in both files with different content: fail, keep A's, or take B's.")
 @click.option("--gamma", type=float, default=None, callback=lambda _ctx, _param, v: _gamma(v),
               help="Threshold of the result, in [0, 1] (required when A and B differ).")
-def merge(a: Path, b: Path, output: Path, on_conflict: str, gamma: float | None) -> None:
+@click.option("--model", "model_name", default=None, metavar="M",
+              help="The adapters' base model, to build the facts of a subject both A and B edit together "
+                   "(built apart, the gate may not tell them apart and one edit is lost).")
+def merge(a: Path, b: Path, output: Path, on_conflict: str, gamma: float | None, model_name: str | None) -> None:
     """Merge adapters A and B (same base model and layer) into OUTPUT: A's facts, then B's.
 
     \b
     Example:
       nkv merge team1.nkv team2.nkv -o all.nkv --on-conflict theirs
+      nkv merge a.nkv b.nkv -o all.nkv --model smollm2-135m   # subjects both edit: solved together
     """
     check_writable_target(output)
     with locked(output):  # `merge A B -o A` rewrites A: one writer at a time
         first, second = NKVAdapter.load(a), NKVAdapter.load(b)
         conflicts = first.diff(second).changed
+        shared = first.subjects_built_apart(second)
         merged = first.merge(second, on_conflict=on_conflict, gamma=gamma)  # type: ignore[arg-type]
+        if shared and model_name is not None:
+            merged = _built_together(merged, shared, model_name)
         merged.save(output)
     note = f"; {len(conflicts)} conflicting id(s) resolved as {on_conflict}" if conflicts else ""
+    if shared:
+        note += (f"; rebuilt the facts of {len(shared)} subject(s) both edit" if model_name else "")
     click.echo(f"merged {first.n_facts} + {second.n_facts} facts -> {merged.n_facts} in {output}{note}")
+    if shared and model_name is None:
+        click.echo(f"note: {len(shared)} subject(s) are edited by both A and B with facts built apart "
+                   f"({_short(', '.join(shared), 60)}); where the gate cannot tell them apart only one edit "
+                   "holds. Merge with --model M to build them together.", err=True)
+
+
+def _built_together(merged: NKVAdapter, subjects: list[str], model_name: str) -> NKVAdapter:
+    """`merged` with every fact of `subjects` built again in one build on the base model."""
+    from nkv.editing.solve import rebuild_facts
+    from nkv.loaders.models import load_model
+
+    model, tokenizer = load_model(model_name, revision=merged.base.revision)
+    wanted = set(subjects)
+    return rebuild_facts(model, tokenizer, merged, [f.id for f in merged.facts if f.subject in wanted])
 
 
 @click.command()

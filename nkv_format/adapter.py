@@ -315,6 +315,15 @@ class NKVAdapter:
         return [f.id for f in self.facts
                 if any(p not in here for p in f.provenance.get("solved_with", ()))]
 
+    def subjects_built_apart(self, other: "NKVAdapter") -> list[str]:
+        """Subjects this adapter edits for which `other` brings facts (ids) it does not have, in
+        this adapter's order. Merged, those rows were built apart: where the gate cannot tell a
+        subject's facts apart, one residual wins and the other edits are lost until they are
+        built together (spec §9, `nkv merge --model`)."""
+        here = self.positions()
+        new = {f.subject for f in other.facts if f.id not in here}
+        return list(dict.fromkeys(f.subject for f in self.facts if f.subject in new))
+
     def select(self, ids: Iterable[str]) -> "NKVAdapter":
         """A new adapter with only the facts `ids`, in the given order (KeyError for an unknown id)."""
         position = self.positions()

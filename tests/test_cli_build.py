@@ -214,3 +214,35 @@ def test_add_builds_new_facts_and_solves_a_subject_already_edited_together(tmp_p
     same_question = {**more[0], "id": "ty3", "target_new": "Chile"}
     clash = _run("add", out, _facts(tmp_path / "q.jsonl", [same_question]), "--model", model_dir, "--quiet")
     assert clash.exit_code == 1 and "edit the same question" in clash.stderr and out.read_bytes() == again
+
+
+def test_merge_of_two_adapters_editing_one_subject_builds_its_facts_together_with_model(tmp_path, model_dir):
+    """Two adapters built apart that edit one subject: `nkv merge` says so (rows built apart, the
+    gate may not tell them apart); with --model the subject's facts are built together, so the
+    result equals one build of all the facts."""
+    a_facts = [FACTS[0], {"id": "ty", "subject": "Toko Yasuda", "prompt": "Toko Yasuda plays the",
+                          "target_new": "piano"}]
+    b_facts = [{"id": "ty2", "subject": "Toko Yasuda", "prompt": "Toko Yasuda lives in", "target_new": "Peru"}]
+    a, b = tmp_path / "a.nkv", tmp_path / "b.nkv"
+    for facts, out in ((a_facts, a), (b_facts, b)):
+        assert _run("build", _facts(tmp_path / f"{out.stem}.jsonl", facts), "--model", model_dir, "-o", out, *FAST,
+                    "--layer", "0").exit_code == 0
+    assert NKVAdapter.load(a).subjects_built_apart(NKVAdapter.load(b)) == ["Toko Yasuda"]
+    assert NKVAdapter.load(a).subjects_built_apart(NKVAdapter.load(a)) == []  # the same facts: nothing new
+
+    apart = _run("merge", a, b, "-o", tmp_path / "apart.nkv")
+    assert apart.exit_code == 0 and "1 subject(s) are edited by both A and B" in apart.stderr
+    assert "Toko Yasuda" in apart.stderr and "--model M" in apart.stderr
+    separate = NKVAdapter.load(tmp_path / "apart.nkv")
+    assert not torch.allclose(separate.residuals[1], separate.residuals[2])  # two residuals, built apart
+
+    together = _run("merge", a, b, "-o", tmp_path / "together.nkv", "--model", model_dir)
+    assert together.exit_code == 0, together.output
+    assert "rebuilt the facts of 1 subject(s) both edit" in together.stdout and "edited by both" not in together.stderr
+    merged = NKVAdapter.load(tmp_path / "together.nkv")
+    assert merged.ids == ["dd", "ty", "ty2"] and merged.facts[1].provenance["solved_with"] == ["ty2"]
+    assert torch.equal(merged.residuals[0], NKVAdapter.load(a).residuals[0])  # another subject: untouched
+    whole = tmp_path / "whole.nkv"
+    assert _run("build", _facts(tmp_path / "all.jsonl", a_facts + b_facts), "--model", model_dir, "-o", whole,
+                *FAST, "--layer", "0").exit_code == 0
+    torch.testing.assert_close(merged.residuals, NKVAdapter.load(whole).residuals)
