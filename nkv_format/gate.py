@@ -230,7 +230,7 @@ def _shortlist(x_unit: torch.Tensor, sketch: Sketch, fact_chunk: int,
     q = q.to(sketch.keys.dtype)
     n_facts = sketch.keys.shape[0]
     c = min(sketch.shortlist, n_facts)
-    chunk = max(fact_chunk, c)  # the first chunk fills the shortlist
+    chunk = shortlist_chunk(fact_chunk, c, x_unit.shape[-1])
     top_v = top_i = None
     for start in range(0, n_facts, chunk):
         approx = (q @ sketch.keys[start : start + chunk].T).float()  # (T, chunk)
@@ -241,6 +241,13 @@ def _shortlist(x_unit: torch.Tensor, sketch: Sketch, fact_chunk: int,
             i = torch.cat([top_i, i], -1).gather(-1, pick)
         top_v, top_i = v, i
     return top_i
+
+
+def shortlist_chunk(fact_chunk: int, shortlist: int, d_key: int) -> int:
+    """Sketch scores computed at once per token by the shortlist. The rescoring gathers
+    (T, shortlist, d_key) rows anyway, so chunks up to shortlist * d_key facts add no peak
+    memory, and fewer, longer topk calls cost less (benchmarks/scale/shortlist_chunk.py)."""
+    return max(fact_chunk, shortlist, shortlist * d_key)
 
 
 def _rescore(x_c: torch.Tensor, keys: torch.Tensor, key_inv_norms: torch.Tensor, cand: torch.Tensor,
