@@ -27,7 +27,7 @@ class Sketch(NamedTuple):
     """The sketch path's inputs (spec §5.1); static `shortlist`, tensors copied in place on a swap."""
 
     proj: torch.Tensor  # (d_key, d_sketch) float32 projection; under TP the rank's rows (d_key / tp, d_sketch)
-    keys: torch.Tensor  # (n_facts, d_sketch) sketches of the unit keys, unit_key @ proj (0 = padding)
+    keys: torch.Tensor  # (n_facts, d_sketch + 1) from sketch_keys: unit_key @ proj, then the norm of the rest (0 = padding)
     shortlist: int  # candidates rescored exactly per token
 
 
@@ -223,11 +223,18 @@ def _exact_best(x_c: torch.Tensor, keys: torch.Tensor, key_inv_norms: torch.Tens
 
 def _shortlist(x_unit: torch.Tensor, sketch: Sketch, fact_chunk: int,
                all_reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
-    """(T, c) rows whose sketches score highest against the token's sketch."""
+    """(T, c) rows with the highest bound on their cosine with the token (spec §5.1).
+
+    With P's columns orthonormal (a fitted P is), a unit vector is its sketch plus a rest
+    orthogonal to P, so cos = sketch·sketch + rest·rest <= sketch·sketch + |rest|·|rest|
+    (Cauchy-Schwarz). Ranking by that bound instead of the sketch product alone keeps the
+    rows P describes badly in the shortlist: on real keys that is what the plain product missed.
+    """
     q = x_unit @ sketch.proj.float()  # (T, d_sketch); a rank's partial sum under TP
     if all_reduce is not None:
         q = _reduced(all_reduce, q)
-    q = q.to(sketch.keys.dtype)
+    rest = (1.0 - q.pow(2).sum(-1, keepdim=True)).clamp_min(0.0).sqrt()  # (T, 1): |x_unit| = 1
+    q = torch.cat([q, rest], dim=-1).to(sketch.keys.dtype)  # (T, d_sketch + 1), as the key sketches
     n_facts = sketch.keys.shape[0]
     c = min(sketch.shortlist, n_facts)
     chunk = shortlist_chunk(fact_chunk, c, x_unit.shape[-1])
@@ -289,14 +296,20 @@ def fit_sketch(keys: torch.Tensor, dim: int, max_rows: int = 16384, seed: int = 
 
 
 def sketch_keys(keys: torch.Tensor, proj: torch.Tensor, inverse_norms: torch.Tensor | None = None) -> torch.Tensor:
-    """(n_facts, d_sketch) float32 sketches of the unit keys; all-zero rows give zero sketches.
+    """(n_facts, d_sketch + 1) float32: each unit key's sketch (unit_key @ proj), then the norm
+    of its part outside proj's span, sqrt(1 - |sketch|^2), so that one product with a token's
+    [sketch, rest norm] bounds the cosine (`_shortlist`). All-zero (padding) rows give zeros.
 
     `inverse_norms` (from key_inverse_norms) saves computing them again."""
     inv = key_inverse_norms(keys) if inverse_norms is None else inverse_norms.float()
     proj = proj.float()
-    parts = [(keys[s : s + ROW_BLOCK].float() @ proj) * inv[s : s + ROW_BLOCK].unsqueeze(-1)
-             for s in range(0, keys.shape[0], ROW_BLOCK)]
-    return torch.cat(parts) if parts else torch.zeros(0, proj.shape[1])
+    parts = []
+    for s in range(0, keys.shape[0], ROW_BLOCK):
+        sk = (keys[s : s + ROW_BLOCK].float() @ proj) * inv[s : s + ROW_BLOCK].unsqueeze(-1)  # (rows, d_sketch)
+        real = (inv[s : s + ROW_BLOCK] > 0).unsqueeze(-1)  # a padding row's unit key is 0: no rest either
+        rest = torch.where(real, (1.0 - sk.pow(2).sum(-1, keepdim=True)).clamp_min(0.0).sqrt(), 0.0)
+        parts.append(torch.cat([sk, rest], dim=-1))
+    return torch.cat(parts) if parts else torch.zeros(0, proj.shape[1] + 1)
 
 
 def _reduced(all_reduce: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor) -> torch.Tensor:

@@ -109,7 +109,7 @@ def test_compiles_without_graph_breaks_and_follows_in_place_swaps() -> None:
     residuals, gamma = torch.randn(400, 4), torch.tensor(0.65)
     capacity = 512
     buf = {"keys": torch.zeros(capacity, 16), "inv": torch.zeros(capacity), "res": torch.zeros(capacity, 4),
-           "proj": torch.zeros(16, 6), "sk": torch.zeros(capacity, 6)}
+           "proj": torch.zeros(16, 6), "sk": torch.zeros(capacity, 6 + 1)}  # sketch, rest norm
 
     def load(k: torch.Tensor, r: torch.Tensor) -> None:  # a hot swap: in-place copies, padding after
         proj = fit_sketch(k, 6)
@@ -143,7 +143,7 @@ def test_transformers_loader_takes_the_sketch_path_from_the_threshold(monkeypatc
     assert exact.shortlist == 0 and exact.nkv_sketch_keys is None
     monkeypatch.setattr(tl, "SKETCH_MIN_FACTS", 300)
     fast = tl.NKVLinear(base, adapter.with_sketch(3), torch.float32, torch.device("cpu"))
-    assert fast.shortlist == tl.DEFAULT_SHORTLIST and fast.nkv_sketch_keys.shape == (300, 3)
+    assert fast.shortlist == tl.DEFAULT_SHORTLIST and fast.nkv_sketch_keys.shape == (300, 3 + 1)  # sketch, rest norm
     x = adapter.keys[:50] + 0.01 * torch.randn(50, 4)
     a, b = exact.gate(x), fast.gate(x)
     assert not (b.fired & ~a.fired).any()

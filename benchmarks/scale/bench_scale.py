@@ -90,7 +90,11 @@ class _Float32Rows:
         return self.keys.index_select(dim, idx).float()
 
 
-def cmd_recall(data: dict, sizes: list[int], dims: list[int], shortlists: list[int], max_tokens: int) -> None:
+def cmd_recall(data: dict, sizes: list[int], dims: list[int], shortlists: list[int], max_tokens: int,
+               rankings: list[str]) -> None:
+    """The sketch path's decisions against the exact gate's. Ranking "bound" is the op's (the
+    sketch product plus the rests' norms, spec §5.1); "plain" ranks by the sketch product alone
+    (the op before session 8), by zeroing the rest-norm column of the key sketches."""
     queries = {"text": data["text"], "edit": data["edit"], "paraphrase": data["paraphrase"]}
     g = torch.Generator().manual_seed(0)
     for name, q in queries.items():  # the same token sample at every size
@@ -103,9 +107,10 @@ def cmd_recall(data: dict, sizes: list[int], dims: list[int], shortlists: list[i
         exact_s = time.perf_counter() - t0
         for dim in dims:
             proj = fit_sketch(keys, dim)
-            sk_keys = sketch_keys(keys, proj)
-            for c in shortlists:
-                sketch = Sketch(proj, sk_keys, c)
+            bound = sketch_keys(keys, proj)
+            plain = torch.cat([bound[:, :-1], torch.zeros_like(bound[:, -1:])], dim=-1)
+            for ranking, c in [(r, c) for r in rankings for c in shortlists]:
+                sketch = Sketch(proj, bound if ranking == "bound" else plain, c)
                 for name, q in queries.items():
                     t0 = time.perf_counter()
                     fired, idx, score = decisions(q, keys, sketch)
@@ -113,7 +118,7 @@ def cmd_recall(data: dict, sizes: list[int], dims: list[int], shortlists: list[i
                     e_fired, e_idx, _ = exact[name]
                     same = (fired == e_fired) & (~e_fired | (idx == e_idx))
                     _emit(cmd="recall", n_facts=n, real_keys=min(n, data["keys"].shape[0]), d_sketch=dim,
-                          shortlist=c, queries=name, tokens=q.shape[0], exact_fired=int(e_fired.sum()),
+                          shortlist=c, ranking=ranking, queries=name, tokens=q.shape[0], exact_fired=int(e_fired.sum()),
                           fast_fired=int(fired.sum()), recall=round(float(same.float().mean()), 6),
                           missed=int((e_fired & ~same).sum()), false_fires=int((fired & ~e_fired).sum()),
                           exact_s=round(exact_s, 1), fast_s=round(fast_s, 2))
@@ -205,6 +210,7 @@ def main() -> None:
     p.add_argument("--dims", default=str(DEFAULT_SKETCH_DIM))
     p.add_argument("--shortlists", default=str(DEFAULT_SHORTLIST))
     p.add_argument("--max-tokens", type=int, default=4000, help="query tokens per kind (sampled)")
+    p.add_argument("--rankings", default="bound", help="recall: shortlist rankings, bound (the op's) and/or plain")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
@@ -215,7 +221,8 @@ def main() -> None:
         return cmd_bytes()
     data = torch.load(args.keys)
     if args.cmd == "recall":
-        cmd_recall(data, ints(args.sizes), ints(args.dims), ints(args.shortlists), args.max_tokens)
+        cmd_recall(data, ints(args.sizes), ints(args.dims), ints(args.shortlists), args.max_tokens,
+                   args.rankings.split(","))
     elif args.cmd == "forward":
         cmd_forward(data, ints(args.sizes), args.model, args.reps, ints(args.shortlists))
     else:

@@ -109,7 +109,8 @@ class NKVGatedProjection(nn.Module):
         d_sketch = min(DEFAULT_SKETCH_DIM, slot.d_key) if self.sketched else 0
         self.register_buffer("nkv_sketch_proj", torch.zeros(slot.max_adapters + 1, self.d_key_local, d_sketch,
                                                             dtype=torch.float32, device=device), persistent=False)
-        self.register_buffer("nkv_sketch_keys", torch.zeros(cap if self.sketched else 0, d_sketch, dtype=dtype,
+        # each row's sketch and the norm of its rest (gate.sketch_keys): d_sketch + 1 columns
+        self.register_buffer("nkv_sketch_keys", torch.zeros(cap if self.sketched else 0, d_sketch + 1, dtype=dtype,
                                                             device=device), persistent=False)
         self.shortlist = min(DEFAULT_SHORTLIST, cap) if self.sketched else 0
         self._row_buffers = self._ROWS if self.sketched else self._ROWS[:3]  # what one fact row spans here
@@ -287,7 +288,7 @@ class NKVGatedProjection(nn.Module):
             "nkv_sketch_keys": torch.zeros(adapter.n_facts, self.nkv_sketch_keys.shape[1], dtype=keys.dtype),
         }
         if self.sketched and adapter.n_facts:
-            proj = adapter.sketch_projection(self.nkv_sketch_keys.shape[1])  # the buffers' width; same on every rank
+            proj = adapter.sketch_projection(self.nkv_sketch_proj.shape[2])  # the buffers' width; same on every rank
             rows["nkv_sketch_keys"] = sketch_keys(adapter.keys, proj, rows["nkv_key_inv_norms"]).to(keys.dtype)
             rows["proj"] = proj[self.col_start:self.col_start + self.d_key_local].contiguous()
         return rows
