@@ -33,7 +33,7 @@ from nkv.facts import Fact
 from nkv.fingerprint import FINGERPRINT2_PREFIX, compute_fingerprint
 from nkv.constants import DEFAULT_SHORTLIST, SKETCH_MIN_FACTS
 from nkv.gate import (DEFAULT_FACT_CHUNK, GateResult, RowRange, Sketch, key_inverse_norms, nkv_gate,
-                      nkv_gate_routed, sketch_keys)
+                      nkv_gate_routed, shortlist_chunk, sketch_keys)
 from nkv.resolve import AdapterSource, resolve_adapter
 
 from .architectures import (arch_spec, blocks, model_fingerprint, model_type_of, output_projection, projection_weight,
@@ -321,13 +321,14 @@ class NKVLinear(nn.Module):
         return per_row.repeat_interleave(n_tokens // n_rows)  # (B * T,)
 
     def gate(self, x: torch.Tensor) -> GateResult:
-        """nkv_gate over x against the one resident adapter, in row blocks so (rows x facts)
-        scores and the sketch path's (rows x shortlist x d_key) candidate rows stay under SCORE_BUDGET."""
+        """nkv_gate over x against the one resident adapter, in row blocks so the op's largest
+        blocks (rows x facts scores; the sketch path's scores and candidate rows, spec §5.1)
+        stay under SCORE_BUDGET."""
         n_facts, d_key = self.nkv_keys.shape
         fact_chunk = min(DEFAULT_FACT_CHUNK, max(n_facts, 1))
         rows = x.reshape(-1, x.shape[-1])  # (N, d_key)
         r = self.resident()
-        row_chunk = max(1, SCORE_BUDGET // max(fact_chunk, r.shortlist * d_key))
+        row_chunk = max(1, SCORE_BUDGET // _per_row(fact_chunk, r.shortlist, d_key))
         parts = [
             nkv_gate(rows[i : i + row_chunk], self.nkv_keys, self.nkv_key_inv_norms, self.nkv_residuals,
                      r.gamma, fact_chunk=fact_chunk, sketch=r.sketch())
@@ -343,7 +344,7 @@ class NKVLinear(nn.Module):
         fact_chunk = min(DEFAULT_FACT_CHUNK, max([r.n_facts for r in ranges] + [1]))
         shortlist = max(r.sketch.shortlist if r.sketch else 0 for r in ranges)
         rows = x.reshape(-1, x.shape[-1])  # (N, d_key)
-        row_chunk = max(1, SCORE_BUDGET // max(fact_chunk, shortlist * d_key))
+        row_chunk = max(1, SCORE_BUDGET // _per_row(fact_chunk, shortlist, d_key))
         parts = [
             nkv_gate_routed(rows[i : i + row_chunk], route[i : i + row_chunk], ranges, self.nkv_keys,
                             self.nkv_key_inv_norms, self.nkv_residuals, fact_chunk=fact_chunk)
@@ -359,6 +360,12 @@ class NKVLinear(nn.Module):
             return
         i = self.names.index(recorder.adapter)
         recorder.update(result, (route == i).reshape(result.fired.shape), self.nkv_residents[i].start)
+
+
+def _per_row(fact_chunk: int, shortlist: int, d_key: int) -> int:
+    """Floats nkv_gate holds at once per token row: a chunk of scores, or on the sketch path
+    (shortlist > 0) its chunk of sketch scores, as large as a group of rescored rows."""
+    return shortlist_chunk(fact_chunk, shortlist, d_key) if shortlist else fact_chunk
 
 
 def _index(names: list[str], name: str | None) -> int:
