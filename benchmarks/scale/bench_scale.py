@@ -152,7 +152,9 @@ def cmd_forward(data: dict, sizes: list[int], model_name: str, reps: int, shortl
         adapter = NKVAdapter(keys=keys, residuals=torch.zeros(n, d_model, dtype=keys.dtype),
                              facts=[Fact(id=str(i), subject="s", prompt="p", target_new="t") for i in range(n)],
                              layer=layer, gamma=GAMMA, base=base, target_module="")
-        modules = {"exact": NKVLinear(down, adapter, torch.float32, torch.device("cpu"))}
+        exact = NKVLinear(down, adapter, torch.float32, torch.device("cpu"))
+        exact.use_sketch(adapter, 0)  # the loader takes the sketch path from SKETCH_MIN_FACTS facts: force exact
+        modules = {"exact": exact}
         attach_s = {}
         for c in shortlists:
             t0 = time.perf_counter()
