@@ -232,8 +232,9 @@ def rm(file: Path, ids: tuple[str, ...], subjects: tuple[str, ...], output: Path
 @click.option("--gamma", type=float, default=None, callback=lambda _ctx, _param, v: _gamma(v),
               help="Threshold of the result, in [0, 1] (required when A and B differ).")
 @click.option("--model", "model_name", default=None, metavar="M",
-              help="The adapters' base model, to build the facts of a subject both A and B edit together "
-                   "(built apart, the gate may not tell them apart and one edit is lost).")
+              help="The adapters' base model, to build the facts of a subject both A and B edit together, "
+                   "with A's recorded build settings (built apart, the gate may not tell them apart and one "
+                   "edit is lost).")
 def merge(a: Path, b: Path, output: Path, on_conflict: str, gamma: float | None, model_name: str | None) -> None:
     """Merge adapters A and B (same base model and layer) into OUTPUT: A's facts, then B's.
 
@@ -246,14 +247,15 @@ def merge(a: Path, b: Path, output: Path, on_conflict: str, gamma: float | None,
     with locked(output):  # `merge A B -o A` rewrites A: one writer at a time
         first, second = NKVAdapter.load(a), NKVAdapter.load(b)
         conflicts = first.diff(second).changed
-        shared = first.subjects_built_apart(second)
+        shared = first.subjects_built_apart(second, on_conflict)  # type: ignore[arg-type]
         merged = first.merge(second, on_conflict=on_conflict, gamma=gamma)  # type: ignore[arg-type]
         if shared and model_name is not None:
             merged = _built_together(merged, shared, model_name)
         merged.save(output)
     note = f"; {len(conflicts)} conflicting id(s) resolved as {on_conflict}" if conflicts else ""
-    if shared:
-        note += (f"; rebuilt the facts of {len(shared)} subject(s) both edit" if model_name else "")
+    if model_name is not None:
+        note += (f"; rebuilt the facts of {len(shared)} subject(s) both edit" if shared
+                 else "; no subject edited by both, nothing rebuilt")
     click.echo(f"merged {first.n_facts} + {second.n_facts} facts -> {merged.n_facts} in {output}{note}")
     if shared and model_name is None:
         click.echo(f"note: {len(shared)} subject(s) are edited by both A and B with facts built apart "

@@ -135,7 +135,7 @@ class _Resident(nn.Module):
         self.register_buffer("gamma", torch.tensor(float(adapter.gamma), device=device), persistent=False)
         self.shortlist = 0
         self.register_buffer("sketch_proj", None, persistent=False)  # (d_key, d_sketch) float32
-        self.register_buffer("sketch_keys", None, persistent=False)  # (n_facts, d_sketch)
+        self.register_buffer("sketch_keys", None, persistent=False)  # (n_facts, d_sketch + 1): sketch, rest norm
 
     @property
     def n_facts(self) -> int:
@@ -275,7 +275,7 @@ class NKVLinear(nn.Module):
         r.register_buffer("sketch_proj", proj.to(device), persistent=False)  # (d_key, d_sketch) float32
         inv = self.nkv_key_inv_norms[r.start : r.start + r.n_facts].cpu()
         r.register_buffer("sketch_keys", sketch_keys(adapter.keys, proj, inv).to(device, self.nkv_keys.dtype),
-                          persistent=False)  # (n_facts, d_sketch)
+                          persistent=False)  # (n_facts, d_sketch + 1): sketch, rest norm
 
     # -- the forward pass
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -315,14 +315,21 @@ class NKVAdapter:
         return [f.id for f in self.facts
                 if any(p not in here for p in f.provenance.get("solved_with", ()))]
 
-    def subjects_built_apart(self, other: "NKVAdapter") -> list[str]:
-        """Subjects this adapter edits for which `other` brings facts (ids) it does not have, in
-        this adapter's order. Merged, those rows were built apart: where the gate cannot tell a
-        subject's facts apart, one residual wins and the other edits are lost until they are
-        built together (spec §9, `nkv merge --model`)."""
+    def subjects_built_apart(self, other: "NKVAdapter", on_conflict: ConflictPolicy = "error") -> list[str]:
+        """Subjects whose rows in `self.merge(other, on_conflict)` come from both adapters: some
+        row only this one had (or kept under "ours"), some only `other` had (or taken under
+        "theirs"); rows both hold alike count for neither. Those rows were built apart: where the
+        gate cannot tell a subject's facts apart, one residual wins and the other edits are lost
+        until they are built together (spec §9, `nkv merge --model`). In this adapter's order."""
+        theirs = other.positions()
+        changed = set(self.diff(other).changed) if on_conflict != "error" else set()
+        from_self = {f.subject for f in self.facts
+                     if f.id not in theirs or (f.id in changed and on_conflict == "ours")}
         here = self.positions()
-        new = {f.subject for f in other.facts if f.id not in here}
-        return list(dict.fromkeys(f.subject for f in self.facts if f.subject in new))
+        from_other = {f.subject for f in other.facts
+                      if f.id not in here or (f.id in changed and on_conflict == "theirs")}
+        both = from_self & from_other
+        return list(dict.fromkeys(f.subject for f in self.facts if f.subject in both))
 
     def select(self, ids: Iterable[str]) -> "NKVAdapter":
         """A new adapter with only the facts `ids`, in the given order (KeyError for an unknown id)."""

@@ -88,7 +88,9 @@ def nkv_gate(
         key_inv_norms: (n_facts,) float32 1/||K1_i|| over the *full* d_key (0 = padding).
         residuals: (n_facts, d_model) R1 in the output dtype.
         gamma: () float tensor, the threshold; the gate fires when cos > gamma.
-        fact_chunk: facts scored at once; memory is bounded by rows(k) * fact_chunk.
+        fact_chunk: facts scored at once; the exact path's memory is bounded by rows(k) * fact_chunk.
+            The sketch path scores max(fact_chunk, RESCORE_GROUP * d_key) sketches at once
+            (`shortlist_chunk`) and holds (rows(k), RESCORE_GROUP, d_key) candidate rows.
         all_reduce: sums a tensor over tensor-parallel ranks (in place or returned);
             None on a single device. Partial dot products and squared norms are reduced
             before the argmax so every rank picks the same fact.
@@ -254,9 +256,10 @@ RESCORE_GROUP = 8  # shortlist slots rescored at once: (T, 8, d_key) rows in mem
 
 
 def shortlist_chunk(fact_chunk: int, shortlist: int, d_key: int) -> int:
-    """Sketch scores computed at once per token by the shortlist. The rescoring holds
-    (T, RESCORE_GROUP, d_key) rows anyway, so chunks up to RESCORE_GROUP * d_key facts add no
-    peak memory, and fewer, longer topk calls cost less (benchmarks/scale/sketch_gate_speed.py)."""
+    """Sketch scores computed at once per token by the shortlist: up to RESCORE_GROUP * d_key,
+    as many values as one rescoring group's rows (the scores take 2-3x their memory: key dtype
+    plus a float32 copy). Fewer, longer topk calls cost less than the loader's 8,192-fact
+    chunks (benchmarks/scale/sketch_gate_speed.py)."""
     return max(fact_chunk, shortlist, RESCORE_GROUP * d_key)
 
 
@@ -265,8 +268,8 @@ def _rescore(x_c: torch.Tensor, keys: torch.Tensor, key_inv_norms: torch.Tensor,
     """Exact cosines of the candidates; (best, its row), the lowest row winning ties as in §5.
 
     The candidates' rows are gathered RESCORE_GROUP slots at a time (a static loop): at
-    Llama-3-8B width and 8k tokens all 128 at once would be 15 GB, and small groups stay in
-    cache (faster on CPU too)."""
+    Llama-3-8B width and 8k tokens all 128 at once would be 15 G values (30 GB in bf16), and
+    small groups stay in cache (faster on CPU too)."""
     T, c = cand.shape
     parts = []
     for s in range(0, c, RESCORE_GROUP):

@@ -207,3 +207,29 @@ def test_a_facts_file_naming_the_relation_twice_for_one_subject_is_a_bad_record(
     path.write_text("\n".join(lines) + "\n")
     scan = scan_facts(path, edited_together=True)
     assert [f.fact.id for f in scan.facts] == ["a"] and "same subject and relation" in scan.bad[0].reason
+
+
+def _one_subject(adapter, subject: str = "Toko Yasuda"):
+    """The adapter with every fact about `subject`, each asking its own question."""
+    facts = [replace(f, subject=subject, prompt=f"{subject} and question {f.id}:") for f in adapter.facts]
+    return replace(adapter, facts=facts)
+
+
+@pytest.mark.parametrize("policy", ["error", "ours", "theirs"])
+def test_a_subject_whose_merged_rows_come_from_both_adapters_is_built_apart(policy: str) -> None:
+    a, b = _one_subject(make(["x", "y"])), _one_subject(make(["y", "z"]))  # y: the same record and rows in both
+    assert a.subjects_built_apart(b, policy) == ["Toko Yasuda"]  # x only in A, z only in B
+    assert a.subjects_built_apart(a, policy) == []  # merging a copy adds nothing
+
+
+def test_built_apart_follows_the_conflict_policy() -> None:
+    """A shared id with other content comes from A under "ours", from B under "theirs"."""
+    a = _one_subject(make(["x", "y"]))
+    b = _one_subject(make(["x"], salt=1))  # x changed
+    assert a.subjects_built_apart(b, "ours") == []  # every row of the subject is A's
+    assert a.subjects_built_apart(b, "theirs") == ["Toko Yasuda"]  # B's x beside A's y
+    c = _one_subject(make(["x", "z"], salt=1))  # x changed, z new
+    assert _one_subject(make(["x"])).subjects_built_apart(c, "theirs") == []  # every row is B's
+    assert _one_subject(make(["x"])).subjects_built_apart(c, "ours") == ["Toko Yasuda"]  # A's x, B's z
+    other_subject = _one_subject(make(["z"]), "Carl Bosch")
+    assert a.subjects_built_apart(other_subject) == []

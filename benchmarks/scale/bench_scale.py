@@ -198,7 +198,7 @@ def cmd_bytes() -> None:
         weights = 2 * params  # fp16/bf16
         for n in (10_000, 100_000, 1_000_000):
             exact = 2 * n * d_key + 4 * n + 2 * d_model  # keys, inverse norms, one residual row
-            sketch = (2 * n * DEFAULT_SKETCH_DIM + 4 * d_key * DEFAULT_SKETCH_DIM  # sketches, projection
+            sketch = (2 * n * (DEFAULT_SKETCH_DIM + 1) + 4 * d_key * DEFAULT_SKETCH_DIM  # sketches + rest norm, projection
                       + DEFAULT_SHORTLIST * (2 * d_key + 4) + 2 * d_model)  # rescored rows, one residual
             _emit(cmd="bytes", model=model, n_facts=n, exact_overhead=round(exact / weights, 4),
                   sketch_overhead=round(sketch / weights, 4), file_bytes_per_fact=2 * (d_key + d_model))

@@ -253,9 +253,9 @@ def summarize(report: dict[str, Any]) -> str:
         best, median = generated / min(r["times_s"]), generated / statistics.median(r["times_s"])
         base_best = generated / min(base["times_s"])
         paired = statistics.median(tb / tn for tn, tb in zip(r["times_s"], base["times_s"]))
-        # each token scores its own adapter's rows (the sketch path: d_sketch values per row, not d_key)
+        # each token scores its own adapter's rows (the sketch path: d_sketch + 1 values per row, not d_key)
         mode = r.get("sketch", False)  # runs from before the sketch path in vLLM: exact
-        per_row = min(128, f) if mode is True or (mode is None and r["n_facts"] >= 16384) else f
+        per_row = min(129, f) if mode is True or (mode is None and r["n_facts"] >= 16384) else f
         predicted = 1.0 / (1.0 + r["n_facts"] * per_row / weights_read)
         named = r.get("named", 0)
         label = f"{named} named x {r['n_facts']:,}" if named else f"{r['n_facts']:,}"

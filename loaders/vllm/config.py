@@ -88,7 +88,8 @@ class NKVServeConfig:
             adapter's layer. Required when no adapter is given.
         gamma: overrides the adapter's threshold when set.
         strict: a base-model fingerprint mismatch fails (True) or only warns (False).
-        fact_chunk: facts scored per matmul (bounds the score matrix's memory).
+        fact_chunk: facts scored per matmul on the exact path (bounds the score matrix's memory);
+            the sketch path scores at least 8 * d_key / tp sketches per chunk (gate.shortlist_chunk).
         adapter_dirs: server folders whose .nkv files `POST /v1/nkv/load` may read
             (nothing else on the server's disk is readable through the route).
         hub_repos: Hub repo ids the route may fetch; "owner/*" allows every repo of an owner.
