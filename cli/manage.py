@@ -247,7 +247,7 @@ def merge(a: Path, b: Path, output: Path, on_conflict: str, gamma: float | None,
     with locked(output):  # `merge A B -o A` rewrites A: one writer at a time
         first, second = NKVAdapter.load(a), NKVAdapter.load(b)
         conflicts = first.diff(second).changed
-        shared = first.subjects_built_apart(second, on_conflict)  # type: ignore[arg-type]
+        shared = first.subjects_built_apart(second, on_conflict, conflicts)  # type: ignore[arg-type]
         merged = first.merge(second, on_conflict=on_conflict, gamma=gamma)  # type: ignore[arg-type]
         if shared and model_name is not None:
             merged = _built_together(merged, shared, model_name)

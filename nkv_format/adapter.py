@@ -315,14 +315,18 @@ class NKVAdapter:
         return [f.id for f in self.facts
                 if any(p not in here for p in f.provenance.get("solved_with", ()))]
 
-    def subjects_built_apart(self, other: "NKVAdapter", on_conflict: ConflictPolicy = "error") -> list[str]:
+    def subjects_built_apart(self, other: "NKVAdapter", on_conflict: ConflictPolicy = "error",
+                             changed: Iterable[str] | None = None) -> list[str]:
         """Subjects whose rows in `self.merge(other, on_conflict)` come from both adapters: some
         row only this one had (or kept under "ours"), some only `other` had (or taken under
         "theirs"); rows both hold alike count for neither. Those rows were built apart: where the
         gate cannot tell a subject's facts apart, one residual wins and the other edits are lost
-        until they are built together (spec §9, `nkv merge --model`). In this adapter's order."""
+        until they are built together (spec §9, `nkv merge --model`). In this adapter's order.
+        `changed`: `self.diff(other).changed` when the caller has it (a diff reads every shared row)."""
         theirs = other.positions()
-        changed = set(self.diff(other).changed) if on_conflict != "error" else set()
+        if on_conflict == "error":
+            changed = set()
+        changed = set(self.diff(other).changed if changed is None else changed)
         from_self = {f.subject for f in self.facts
                      if f.id not in theirs or (f.id in changed and on_conflict == "ours")}
         here = self.positions()
