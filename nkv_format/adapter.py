@@ -324,8 +324,8 @@ class NKVAdapter:
         until they are built together (spec §9, `nkv merge --model`). In this adapter's order.
         `changed`: `self.diff(other).changed` when the caller has it (a diff reads every shared row)."""
         theirs = other.positions()
-        if on_conflict == "error":
-            changed = set()
+        if on_conflict == "error":  # merge refuses changed ids: every shared id is the same row
+            changed = ()
         changed = set(self.diff(other).changed if changed is None else changed)
         from_self = {f.subject for f in self.facts
                      if f.id not in theirs or (f.id in changed and on_conflict == "ours")}

@@ -189,3 +189,25 @@ def test_sketch_projection_is_the_files_when_its_width_fits_else_fitted():
     assert narrow.shape == (adapter.keys.shape[1], 3)
     torch.testing.assert_close(narrow, fit_sketch(adapter.keys, 3))
     assert replace(adapter, sketch_proj=None).sketch_projection(3).shape[1] == 3
+
+
+def test_the_shortlist_ranks_by_the_cosine_bound_so_a_key_outside_the_sketch_is_found() -> None:
+    """Spec §5.1: the best key lies outside the 1-dim projection (sketch 0, rest 1) and decoys
+    have the larger sketch product; ranked by the sketch product alone a shortlist of 1 would
+    hold a decoy and miss the fire, ranked by the bound it holds the best key."""
+    proj = torch.tensor([[1.0], [0.0], [0.0], [0.0]])  # orthonormal, spans e1 only
+    best = torch.tensor([[0.0, 1.0, 0.0, 0.0]])
+    decoys = torch.tensor([[1.0, 0.0, 0.1 * i, 0.0] for i in range(1, 6)])
+    keys = torch.cat([decoys, best])
+    sk = sketch_keys(keys, proj)
+    unit = keys / keys.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(sk[:, 1], (1 - (unit @ proj).squeeze(1).pow(2)).sqrt())  # the rest's norm
+    assert torch.equal(sketch_keys(torch.zeros(2, 4), proj), torch.zeros(2, 2))  # padding: all zero
+    x = torch.tensor([[0.1, 1.0, 0.0, 0.0]])
+    inv, residuals, gamma = key_inverse_norms(keys), torch.eye(6), torch.tensor(0.65)
+    exact = nkv_gate(x, keys, inv, residuals, gamma)
+    assert exact.fired.item() and exact.index.item() == 5
+    fast = nkv_gate(x, keys, inv, residuals, gamma, sketch=Sketch(proj, sk, 1))
+    assert fast.fired.item() and fast.index.item() == 5
+    plain = torch.cat([sk[:, :1], torch.zeros(6, 1)], dim=1)  # the sketch product alone
+    assert not nkv_gate(x, keys, inv, residuals, gamma, sketch=Sketch(proj, plain, 1)).fired.item()
