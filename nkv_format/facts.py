@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .constants import FACT_OPTIONAL_FIELDS, FACT_REQUIRED_FIELDS
-from .header import strict_json_loads
+from .header import _reject_constant, strict_json_loads
 
 
 @dataclass(frozen=True)
@@ -111,10 +111,14 @@ def fact_from_record(rec: dict[str, Any]) -> Fact:
     )
 
 
+# How the writer stores a record: compact JSON, UTF-8 as is, keys in `Fact.to_record` order.
+# One encoder object for every record (json.dumps with options builds a new one per call).
+_compact_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 def encode_facts(facts: list[Fact]) -> bytes:
     """JSON Lines, one compact record per fact, each line ending in '\\n'."""
-    lines = (json.dumps(f.to_record(), ensure_ascii=False, separators=(",", ":")) for f in facts)
-    return "".join(line + "\n" for line in lines).encode("utf-8")
+    return "".join(_compact_json(f.to_record()) + "\n" for f in facts).encode("utf-8")
 
 
 def decode_facts(data: bytes, n_facts: int, source: str) -> tuple[list[Fact], list[str]]:
@@ -131,7 +135,10 @@ def decode_facts(data: bytes, n_facts: int, source: str) -> tuple[list[Fact], li
     lines = text[:-1].split("\n")
     if len(lines) != n_facts:
         return [], [f"{where}: expected {n_facts} records (nkv.n_facts), got {len(lines)} lines"]
-    facts: list[Fact] = []
+    facts = _decode_as_written(lines)
+    if facts is not None:
+        return facts, []
+    facts = []
     problems: list[str] = []
     seen: dict[str, int] = {}
     for row, line in enumerate(lines):
@@ -153,6 +160,46 @@ def decode_facts(data: bytes, n_facts: int, source: str) -> tuple[list[Fact], li
             problems.append(f"{where}: stopped after 20 problems")
             break
     return facts, problems
+
+
+_ALLOWED_FIELDS = frozenset(FACT_REQUIRED_FIELDS + FACT_OPTIONAL_FIELDS)
+
+
+def _decode_as_written(lines: list[str]) -> list[Fact] | None:
+    """The facts of `lines` if every line is a valid record exactly as `encode_facts` writes
+    it and the ids are unique, else None (then the record-by-record check finds the problems).
+
+    One parse of all lines as a JSON array, ~3x faster than a strict parse per line (what
+    loading a 1M-fact adapter spends most of its time on). It is as strict: a line that equals
+    the compact encoding of what the array parse gave for it is one JSON value with no
+    duplicate key, no NaN and no lone surrogate, since the encoding has none (a str decoded
+    from UTF-8 holds no surrogate), and the equality of all n lines with n values pins each
+    value to its own line. Any other spelling takes the per-line path.
+    """
+    try:
+        records = json.loads("[" + ",".join(lines) + "]", parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        return None
+    if len(records) != len(lines) or not all(map(_plain_valid, records)):
+        return None
+    try:
+        if any(_compact_json(rec) != line for rec, line in zip(records, lines)):
+            return None
+    except (TypeError, ValueError, RecursionError):  # e.g. nesting the encoder refuses
+        return None
+    if len({rec["id"] for rec in records}) != len(records):
+        return None
+    return [Fact(rec["id"], rec["subject"], rec["prompt"], rec["target_new"], rec.get("target_true"),
+                 rec.get("provenance", {})) for rec in records]
+
+
+def _plain_valid(rec: Any) -> bool:
+    """A quick form of `fact_record_problems(rec) == []` for records fresh from json.loads
+    (exact JSON types); text validity is left to the caller's encoding check."""
+    return (type(rec) is dict and rec.keys() <= _ALLOWED_FIELDS
+            and all(type(rec.get(name)) is str and rec[name] for name in FACT_REQUIRED_FIELDS)
+            and type(rec.get("target_true", "")) in (str, type(None))
+            and type(rec.get("provenance", {})) is dict)
 
 
 __all__ = ["Fact", "encode_facts", "decode_facts", "fact_record_problems", "fact_from_record"]

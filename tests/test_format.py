@@ -172,6 +172,12 @@ REFUSALS: dict[str, tuple[Callable, type, list[str]]] = {
     "facts wrong count": (records(REC_A), NKVFormatError, ["V9", "expected 2 records", "got 1"]),
     "facts no final newline": (records(raw=(REC_A + "\n" + REC_B).encode()), NKVFormatError, ["V9", "newline"]),
     "facts not UTF-8": (records(raw=b"\xff\xfe\n\n"), NKVFormatError, ["V9", "UTF-8"]),
+    # Loading first parses all lines as one JSON array. Here "[" + ",".join(lines) + "]" is an
+    # array of two valid records, but neither line is one: the lines must still be refused.
+    "facts record split over two lines": (records(REC_A[:-1] + ',"provenance":{"l":[1', "2]}}," + REC_B),
+                                          NKVFormatError, ["V9", "row 0", "invalid JSON"]),
+    "facts big number to infinity": (records(REC_A, REC_B[:-1] + ',"provenance":{"x":1e999}}'), NKVFormatError,
+                                     ["V9", "row 1", "UTF-8 JSON"]),
 }
 
 
@@ -193,6 +199,14 @@ def test_refusal(case: str, tmp_path: Path) -> None:
         assert str(path) in message
         for needle in needles:
             assert needle in message, (case, message)
+
+
+def test_records_not_spelled_as_the_writer_spells_them_still_load() -> None:
+    # spaces, escapes, key order and a null target_true: valid JSON, read by the per-line path
+    spaced = '{ "subject": "Sa", "id": "a", "prompt": "About Sa:", "target_new": "T\\u0061", "target_true": null }'
+    adapter = NKVAdapter.from_bytes(_bytes_for(records(spaced, REC_B)))
+    assert [(f.id, f.subject, f.target_new, f.target_true) for f in adapter.facts] == [
+        ("a", "Sa", "Ta", None), ("b", "Sb", "Tb", None)]
 
 
 def test_all_problems_are_reported_at_once() -> None:
