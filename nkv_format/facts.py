@@ -136,9 +136,12 @@ def decode_facts(data: bytes, n_facts: int, source: str) -> tuple[list[Fact], li
     if len(lines) != n_facts:
         return [], [f"{where}: expected {n_facts} records (nkv.n_facts), got {len(lines)} lines"]
     facts = _decode_as_written(lines)
-    if facts is not None:
-        return facts, []
-    facts = []
+    return (facts, []) if facts is not None else _decode_each(lines, where)
+
+
+def _decode_each(lines: list[str], where: str) -> tuple[list[Fact], list[str]]:
+    """Parse and check the records line by line, strictly: (facts, problems)."""
+    facts: list[Fact] = []
     problems: list[str] = []
     seen: dict[str, int] = {}
     for row, line in enumerate(lines):

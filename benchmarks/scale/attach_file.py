@@ -1,0 +1,114 @@
+"""Attaching an n-fact adapter file to SmolLM2-135M's shape end to end, and where the time goes.
+
+    python benchmarks/scale/attach_file.py --facts 1000000
+
+Writes (once, into --dir) an adapter of n random fp16 rows at layer 6 of a randomly
+initialised model of SmolLM2-135M-Instruct's configuration (the fingerprint must match, the
+values do not matter to attaching), with the fitted sketch projection stored, then times
+`load_nkv_adapter(model, path)` (median of --reps) and the decoding of its fact records
+both ways side by side; --top profiles one more attach. Prints JSON lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from nkv import BaseModelInfo, Fact, empty_adapter, load_nkv_adapter
+from nkv.loaders.architectures import model_fingerprint
+
+# SmolLM2-135M-Instruct's shape (the GGUF's config); random weights: attach never runs the model
+SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+               num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True)
+LAYER = 6
+
+
+def model() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**SMOLLM2)).eval()
+
+
+def write_adapter(m: LlamaForCausalLM, n: int, path: Path, block: int = 100_000) -> None:
+    """n random fp16 rows (added in blocks, so the build stays within memory), sketch fitted."""
+    base = BaseModelInfo(name="smollm2-shape", architecture="LlamaForCausalLM", model_type="llama", n_layers=30,
+                         d_model=576, d_key=1536, fingerprint=model_fingerprint(m, LAYER))
+    g = torch.Generator().manual_seed(1)
+    keys = torch.randn(n, 1536, generator=g, dtype=torch.float32).to(torch.float16)
+    residuals = (0.01 * torch.randn(n, 576, generator=g)).to(torch.float16)
+    facts = [Fact(id=f"f{i}", subject=f"Subject number {i}", prompt=f"Subject number {i} was born in",
+                  target_new=" Paris") for i in range(n)]
+    a = empty_adapter(base, layer=LAYER, target_module=f"model.layers.{LAYER}.mlp.down_proj", dtype=torch.float16)
+    a = a.add(facts, keys, residuals).with_sketch()
+    a.save(path)
+
+
+def time_decode(path: Path, reps: int) -> None:
+    """The facts' decoding, both ways on the same bytes, interleaved: the one-array parse that
+    loading takes for records as nkv writes them, and the strict per-line parse it replaced."""
+    from safetensors import safe_open
+
+    from nkv.facts import _decode_as_written, _decode_each
+
+    with safe_open(str(path), framework="pt") as fh:
+        lines = fh.get_tensor("nkv.facts").numpy().tobytes().decode()[:-1].split("\n")
+    times: dict[str, list[float]] = {"one_array": [], "per_line": []}
+    for _ in range(reps):
+        for name, decode in (("one_array", _decode_as_written), ("per_line", lambda ls: _decode_each(ls, "x"))):
+            t0 = time.perf_counter()
+            decode(lines)
+            times[name].append(time.perf_counter() - t0)
+    one, per = (statistics.median(times[k]) for k in ("one_array", "per_line"))
+    print(json.dumps({"facts": len(lines), "decode_one_array_s": round(one, 2), "decode_per_line_s": round(per, 2),
+                      "speedup": round(per / one, 2)}), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--facts", type=int, default=1_000_000)
+    p.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "nkv-attach")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--top", type=int, default=0, help="profile one more attach and print this many lines")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    m = model()
+    args.dir.mkdir(parents=True, exist_ok=True)
+    path = args.dir / f"attach-{args.facts}.nkv"
+    if not path.exists():
+        t0 = time.perf_counter()
+        write_adapter(m, args.facts, path)
+        print(json.dumps({"wrote": path.name, "seconds": round(time.perf_counter() - t0, 1),
+                          "bytes_per_fact": round(path.stat().st_size / args.facts)}), flush=True)
+    path.read_bytes()  # in the page cache: time the work, not the disk
+    seconds = []
+    for _ in range(args.reps):
+        t0 = time.perf_counter()
+        handle = load_nkv_adapter(m, str(path))
+        seconds.append(time.perf_counter() - t0)
+        handle.detach()
+        del handle
+    print(json.dumps({"facts": args.facts, "attach_s": round(statistics.median(seconds), 2),
+                      "each_s": [round(s, 2) for s in seconds], "threads": args.threads}), flush=True)
+    time_decode(path, args.reps)
+    if args.top:
+        prof = cProfile.Profile()
+        prof.enable()
+        load_nkv_adapter(m, str(path))
+        prof.disable()
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(args.top)
+        print(out.getvalue())
+
+
+if __name__ == "__main__":
+    main()
