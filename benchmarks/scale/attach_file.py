@@ -39,12 +39,12 @@ def model() -> LlamaForCausalLM:
 
 
 def write_adapter(m: LlamaForCausalLM, n: int, path: Path, block: int = 100_000) -> None:
-    """n random fp16 rows (added in blocks, so the build stays within memory), sketch fitted."""
+    """n random fp16 rows (drawn in float32 blocks, so no float32 copy of the table), sketch fitted."""
     base = BaseModelInfo(name="smollm2-shape", architecture="LlamaForCausalLM", model_type="llama", n_layers=30,
                          d_model=576, d_key=1536, fingerprint=model_fingerprint(m, LAYER))
     g = torch.Generator().manual_seed(1)
-    keys = torch.randn(n, 1536, generator=g, dtype=torch.float32).to(torch.float16)
-    residuals = (0.01 * torch.randn(n, 576, generator=g)).to(torch.float16)
+    keys = torch.cat([torch.randn(min(block, n - s), 1536, generator=g).half() for s in range(0, n, block)])
+    residuals = torch.cat([(0.01 * torch.randn(min(block, n - s), 576, generator=g)).half() for s in range(0, n, block)])
     facts = [Fact(id=f"f{i}", subject=f"Subject number {i}", prompt=f"Subject number {i} was born in",
                   target_new=" Paris") for i in range(n)]
     a = empty_adapter(base, layer=LAYER, target_module=f"model.layers.{LAYER}.mlp.down_proj", dtype=torch.float16)

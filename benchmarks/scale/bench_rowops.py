@@ -1,4 +1,5 @@
-"""Row operations on a 200k-row adapter: add, remove, select, merge, diff, save/load (seconds).
+"""Row operations on a 200k-row adapter: add, remove, select, merge, diff, save/load, and the
+`nkv rm` / `nkv merge` commands end to end (seconds).
 
     python benchmarks/scale/bench_rowops.py --facts 200000 --d-key 1536 --d-model 576
 
@@ -10,6 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -54,10 +58,21 @@ def main() -> None:
     _timed(f"merge {n} + copy of itself (every row compared)", lambda: a.merge(a))
     _timed(f"diff {n} vs {n // 2}", lambda: a.diff(b))
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "a.nkv"
+        path, other, out = Path(tmp) / "a.nkv", Path(tmp) / "b.nkv", str(Path(tmp) / "out.nkv")
         _timed(f"save {n} rows", lambda: a.save(path))
         _timed(f"load {n} rows (validates)", lambda: NKVAdapter.load(path))
         print(json.dumps({"file_bytes_per_fact": round(path.stat().st_size / n)}))
+        b.save(other)
+        # the commands as a user runs them: a new process (imports included), load, operate, write
+        _timed(f"nkv rm of 2 ids from {n} rows, end to end", lambda: _nkv("rm", str(path), "--id", "f0", "--id", "f2",
+                                                                           "-o", out))
+        _timed(f"nkv merge {n} + {n // 2} --on-conflict theirs, end to end",
+               lambda: _nkv("merge", str(path), str(other), "--on-conflict", "theirs", "-o", out))
+
+
+def _nkv(*args: str) -> None:
+    nkv = shutil.which("nkv", path=str(Path(sys.executable).parent)) or "nkv"  # this environment's command
+    subprocess.run([nkv, *args], check=True, stdout=subprocess.DEVNULL)
 
 
 if __name__ == "__main__":
