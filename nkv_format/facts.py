@@ -174,11 +174,10 @@ def _decode_as_written(lines: list[str]) -> list[Fact] | None:
 
     One parse of all lines as a JSON array: 1.4x faster than the strict parse per line, which
     took ~9 of the ~40 s of attaching 1M facts (benchmarks/scale/attach_file.py). It is as
-    strict: a line that equals
-    the compact encoding of what the array parse gave for it is one JSON value with no
-    duplicate key, no NaN and no lone surrogate, since the encoding has none (a str decoded
-    from UTF-8 holds no surrogate), and the equality of all n lines with n values pins each
-    value to its own line. Any other spelling takes the per-line path.
+    strict: a line that equals the compact encoding of what the array parse gave for it is
+    one JSON value with no duplicate key, no NaN and no lone surrogate, since the encoding
+    has none (a str decoded from UTF-8 holds no surrogate), and the equality of all n lines
+    with n values pins each value to its own line. Any other spelling takes the per-line path.
     """
     try:
         records = json.loads("[" + ",".join(lines) + "]", parse_constant=_reject_constant)
