@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 import nkv
@@ -534,3 +536,18 @@ def test_all_finite_reads_the_exponent_bits_exactly(dtype):
         u = t.clone()
         u[123, 4] = bad
         assert not all_finite(u) and not all_finite(u.T) and not all_finite(u, block=5)
+
+
+_FIELD_VALUES = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=3), st.just(""),
+                          st.dictionaries(st.text(max_size=2), st.integers(), max_size=2), st.lists(st.integers(), max_size=2))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.sampled_from(["id", "subject", "prompt", "target_new", "target_true", "provenance", "extra"]),
+                       _FIELD_VALUES))
+def test_the_quick_record_check_accepts_only_what_the_full_rule_accepts(rec: dict) -> None:
+    # the one-array load path uses _plain_valid in place of fact_record_problems: never looser
+    from nkv.facts import _plain_valid, fact_record_problems
+
+    if _plain_valid(rec):
+        assert fact_record_problems(rec, "row") == []
