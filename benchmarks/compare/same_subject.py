@@ -26,8 +26,9 @@ facts; `--edits` for another file), all edits live, with the edited subjects' ot
 Variants: "plain" is `nkv build` with every fact solved alone (`--separate-subjects`, the
 build before session 7), "build" is today's `nkv build` (a subject's facts solved together,
 the "joint" prototype in the build), "probes" is `nkv build` holding the subject's other
-relations (`preserve_factor=1.0`, editing/solve/preserve.py), "joint" and "preserve" are
-the prototypes above.
+relations (`preserve_factor=1.0`, editing/solve/preserve.py), "guards" is today's build
+plus zero-residual guard rows at those relations (`with_guard_rows`), "joint" and
+"preserve" are the prototypes above.
 Results: results/same_subject-{variant}-L{layer}[-<edits stem>][-<model>][-n<limit>].json.
 """
 
@@ -122,6 +123,37 @@ def joint_adapter(model, tok, facts, layer: int, gamma: float, preserve: bool = 
     return replace(adapter, build={"method": method})
 
 
+def with_guard_rows(model, tok, adapter, facts, config):
+    """`adapter` plus one zero-residual "guard" row per probe of each edited subject
+    (`preserve.choose_probes`: the subject's other relations, found by the build itself),
+    keyed like a fact's row (½ bare + ½ mean over the build's context prefixes). The gate
+    takes the argmax row, so where a prompt about the subject's other relation is closer
+    to its guard than to the edit's row, the gate adds nothing. A gate-level experiment:
+    no new mechanism, only rows with residual 0 (their fires count as fires in the
+    false-fire rate, so that number is an upper bound here)."""
+    from nkv.facts import Fact
+    from nkv.editing.forward import pad_id_of
+    from nkv.editing.solve.keys import compute_keys
+    from nkv.editing.solve.preserve import choose_probes
+    from nkv.editing.solve.rows import encode_facts
+    from nkv.editing.solve.templates import generate_prefixes
+
+    probes = choose_probes(model, tok, facts, config.preserve_templates)
+    seen, guards = set(), []
+    for f, texts in zip(facts, probes):
+        for text in texts:
+            if (f.fact.subject, text) not in seen:
+                seen.add((f.fact.subject, text))
+                guards.append(Fact(id=f"guard-{len(guards)}", subject=f.fact.subject, prompt=text,
+                                   target_new="(guard)"))
+    if not guards:
+        return adapter
+    prefixes = generate_prefixes(model, tok, config.n_prefixes, config.prefix_length, config.seed)
+    keys, _ = compute_keys(model, adapter.layer, encode_facts(tok, guards, prefixes), pad_id_of(tok))
+    zeros = torch.zeros(len(guards), adapter.base.d_model)
+    return adapter.add(guards, keys.to(adapter.keys.dtype), zeros.to(adapter.residuals.dtype))
+
+
 def subject_relation_prompts(path: str) -> dict[str, dict[str, str]] | None:
     """subject -> {relation: its first prompt, subject as "{}"} from a true-facts file whose
     records name their relation (examples/smollm2/same_subject_true.jsonl); None otherwise."""
@@ -164,11 +196,19 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     probes = default_config(model, preserve_factor=args.preserve_factor, preserve_loss=args.preserve_loss)
     alone = default_config(model, joint_subjects=False)
+    cache: dict[str, object] = {}
+
+    def built():  # the default build, once, for "build" and "guards"
+        if "build" not in cache:
+            cache["build"] = build_adapter(model, tok, facts, layer=args.layer, gamma=args.gamma, progress=False)
+        return cache["build"]
+
     variants = {"plain": lambda: build_adapter(model, tok, facts, layer=args.layer, gamma=args.gamma, config=alone,
                                                progress=False),
-                "build": lambda: build_adapter(model, tok, facts, layer=args.layer, gamma=args.gamma, progress=False),
+                "build": built,
                 "probes": lambda: build_adapter(model, tok, facts, layer=args.layer, gamma=args.gamma, config=probes,
                                                 progress=False),
+                "guards": lambda: with_guard_rows(model, tok, built(), facts, default_config(model)),
                 "joint": lambda: joint_adapter(model, tok, facts, args.layer, args.gamma),
                 "preserve": lambda: joint_adapter(model, tok, facts, args.layer, args.gamma, preserve=True,
                                                   relation_prompts=subject_relation_prompts(args.true_facts))}
