@@ -114,6 +114,28 @@ def test_rotate_prefixes_takes_the_next_prefixes_each_step():
     assert not torch.allclose(batched.residuals, fixed.residuals)  # later steps see other prefixes
 
 
+def test_opt_dtype_runs_the_steps_in_bfloat16_and_batched_still_equals_one_at_a_time():
+    model, tok, tokens, h0 = _setup()
+    config = default_config("llama", steps=6, lr=0.3, clamp=2.0, n_prefixes=2, prefix_length=4, opt_dtype="bfloat16")
+    seen: list[torch.dtype] = []
+    probe = model.get_output_embeddings().register_forward_pre_hook(lambda m, a: seen.append(torch.get_autocast_dtype("cpu")
+                                                                                           if torch.is_autocast_enabled("cpu") else None))
+    with frozen(model):
+        batched = optimize_residuals(model, 0, tokens, h0, config, pad_id=0)
+        reference = optimize_residuals_reference(model, 0, tokens, h0, config, pad_id=0)
+        full = optimize_residuals(model, 0, tokens, h0, dc_replace(config, opt_dtype=None), pad_id=0)
+    probe.remove()
+    assert torch.bfloat16 in seen and None in seen  # the steps under autocast; the checks (replay, prefix cache) not
+    assert batched.residuals.dtype == torch.float32 and bool(torch.isfinite(batched.residuals).all())
+    torch.testing.assert_close(batched.residuals, reference.residuals, atol=2e-2, rtol=2e-2)  # bf16 sums differ by batch
+    assert not torch.equal(batched.residuals, full.residuals)  # it does change the arithmetic
+    assert next(model.parameters()).dtype == torch.float32  # the model itself is not cast
+    assert "opt_dtype" not in default_config("llama").objective  # older checkpoints resume
+    assert config.objective["opt_dtype"] == "bfloat16"
+    with pytest.raises(NKVError, match="opt_dtype must be one of"):
+        default_config("llama", opt_dtype="int4")
+
+
 def test_settings_added_later_leave_the_checkpoint_objective_alone_at_their_defaults():
     base = default_config("llama")  # preserve_loss has no effect without probes
     assert "rotate_prefixes" not in base.objective and "preserve_loss" not in base.objective

@@ -27,6 +27,7 @@ positions the loss reads go through the LM head.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from dataclasses import replace as dc_replace
 import torch
 from torch import nn
 
+from nkv.dtypes import TORCH_DTYPES
 from nkv.loaders.architectures import residual_module
 
 from ..forward import hooks, model_device, token_index
@@ -68,7 +70,8 @@ class Losses:
 
 
 def fact_losses(model: nn.Module, layer: int, sels: list[Selection], delta: torch.Tensor,
-                kl_reference: torch.Tensor | None, replay: bool = False, preserve_loss: str = "answer") -> Losses:
+                kl_reference: torch.Tensor | None, replay: bool = False, preserve_loss: str = "answer",
+                compute_dtype: torch.dtype | None = None) -> Losses:
     """Forwards with `delta` (A, d_model) added; the loss terms per fact (`Losses`).
 
     `kl_reference` holds the unedited log-probs of every KL row of the batch by slot (the
@@ -79,13 +82,16 @@ def fact_losses(model: nn.Module, layer: int, sels: list[Selection], delta: torc
     `replay` skips blocks 0..layer using their recorded outputs (replay.py).
     `preserve_loss`: a probe's term, "kl" = KL(P_δ || P_0) after it, "answer" = how much
     less likely its unedited top answer became, max(0, log P_0(a) - log P_δ(a)), a = argmax P_0.
+    `compute_dtype`: run the forwards (and so their backward) under autocast to this dtype
+    (`BuildConfig.opt_dtype`); None = the model's own dtype.
     """
     n_active = delta.shape[0]
     nll = torch.zeros(n_active, device=delta.device)
     margin = torch.full((n_active,), math.inf, device=delta.device)
     kl_parts, kl_owner, kl_slots, probe_weights = [], [], [], []
     for sel in sels:
-        logp = _log_probs(model, layer, sel, delta, replay and sel.layer_out is not None)  # (E + K, V)
+        with _autocast(model, compute_dtype):
+            logp = _log_probs(model, layer, sel, delta, replay and sel.layer_out is not None)  # (E + K, V)
         n_targets = sel.labels.shape[0]
         token_lp = logp[:n_targets].gather(1, sel.labels.unsqueeze(1)).squeeze(1)  # (E,)
         nll = nll.index_add(0, sel.target_fact, -token_lp * sel.target_weight)
@@ -110,6 +116,13 @@ def fact_losses(model: nn.Module, layer: int, sels: list[Selection], delta: torc
         held = (ref.gather(1, answer) - kl_lp.gather(1, answer)).squeeze(1).clamp_min(0.0)  # (K,)
     preserve = torch.zeros(n_active, device=delta.device).index_add(0, owner, held * probe_weight)
     return Losses(nll, kl, preserve, kl_lp.detach(), margin)
+
+
+def _autocast(model: nn.Module, dtype: torch.dtype | None):
+    """Autocast to `dtype` on the model's device type; a no-op context for None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(model_device(model).type, dtype=dtype)
 
 
 def _margins(logp: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -169,12 +182,13 @@ def optimize_residuals(model: nn.Module, layer: int, facts: list[FactTokens], h0
     final_loss = torch.zeros(n, device=device)
     max_u = config.clamp * math.sqrt(d_model)  # ||δ|| <= clamp·||h0||  <=>  ||u|| <= clamp·sqrt(d)
     active = list(range(n))
+    compute = TORCH_DTYPES[config.opt_dtype] if config.opt_dtype else None
     for it in range(config.steps):
         sel = batch.select(active, step_templates(it, batch.n_templates, config))
         a = torch.tensor(active, device=device)
         u_a = u.index_select(0, a)  # (A, d) differentiable view of the active rows
         delta = scale[a] * u_a
-        out = fact_losses(model, layer, sel, delta, kl0 if it else None, replay, config.preserve_loss)
+        out = fact_losses(model, layer, sel, delta, kl0 if it else None, replay, config.preserve_loss, compute)
         if it == 0:  # δ = 0: the unedited distributions of every KL row, by slot
             kl0 = out.kl_lp
         loss = total_loss(out, delta.norm(dim=-1), h0_norm[a], config)  # (A,)
