@@ -35,6 +35,7 @@ from dataclasses import replace as dc_replace
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nkv.dtypes import TORCH_DTYPES
 from nkv.loaders.architectures import residual_module
@@ -118,11 +119,21 @@ def fact_losses(model: nn.Module, layer: int, sels: list[Selection], delta: torc
     return Losses(nll, kl, preserve, kl_lp.detach(), margin)
 
 
-def _autocast(model: nn.Module, dtype: torch.dtype | None):
-    """Autocast to `dtype` on the model's device type; a no-op context for None."""
+def _autocast(model: nn.Module, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast to `dtype` on the model's device type; a no-op context for None.
+
+    On a CPU the attention also takes PyTorch's math kernel: the fused CPU kernel's backward
+    in bfloat16 took a quarter of a SmolLM2 build (10 of 42 s for 16 facts), the math one's
+    matmuls a fraction of that (16 facts: 43 -> 33 s; benchmarks/build/README.md).
+    """
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(model_device(model).type, dtype=dtype)
+    stack = contextlib.ExitStack()
+    device_type = model_device(model).type
+    stack.enter_context(torch.autocast(device_type, dtype=dtype))
+    if device_type == "cpu":
+        stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+    return stack
 
 
 def _margins(logp: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
