@@ -117,15 +117,22 @@ def test_rotate_prefixes_takes_the_next_prefixes_each_step():
 def test_opt_dtype_runs_the_steps_in_bfloat16_and_batched_still_equals_one_at_a_time():
     model, tok, tokens, h0 = _setup()
     config = default_config("llama", steps=6, lr=0.3, clamp=2.0, n_prefixes=2, prefix_length=4, opt_dtype="bfloat16")
-    seen: list[torch.dtype] = []
-    probe = model.get_output_embeddings().register_forward_pre_hook(lambda m, a: seen.append(torch.get_autocast_dtype("cpu")
-                                                                                           if torch.is_autocast_enabled("cpu") else None))
+    seen: list[torch.dtype | None] = []
+    fused: list[bool] = []  # whether the fused attention kernel was allowed in that forward
+
+    def look(module, args):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        fused.append(torch.backends.cuda.flash_sdp_enabled())
+
+    probe = model.get_output_embeddings().register_forward_pre_hook(look)
     with frozen(model):
         batched = optimize_residuals(model, 0, tokens, h0, config, pad_id=0)
         reference = optimize_residuals_reference(model, 0, tokens, h0, config, pad_id=0)
         full = optimize_residuals(model, 0, tokens, h0, dc_replace(config, opt_dtype=None), pad_id=0)
     probe.remove()
     assert torch.bfloat16 in seen and None in seen  # the steps under autocast; the checks (replay, prefix cache) not
+    assert all(not f for d, f in zip(seen, fused) if d is not None)  # bf16 steps: the math attention kernel
+    assert torch.backends.cuda.flash_sdp_enabled()  # and only inside them
     assert batched.residuals.dtype == torch.float32 and bool(torch.isfinite(batched.residuals).all())
     torch.testing.assert_close(batched.residuals, reference.residuals, atol=2e-2, rtol=2e-2)  # bf16 sums differ by batch
     assert not torch.equal(batched.residuals, full.residuals)  # it does change the arithmetic
