@@ -92,6 +92,16 @@ def test_resume_and_the_guard_against_forgetting_it(tmp_path, model_dir):
     assert result.exit_code == 1 and "different build" in result.stderr
 
 
+def test_opt_dtype_is_recorded_and_a_bad_one_is_a_usage_error(tmp_path, model_dir):
+    facts, out = _facts(tmp_path / "f.jsonl", FACTS), tmp_path / "edits.nkv"
+    result = _run("build", facts, "--model", model_dir, "-o", out, "--layer", "1", *FAST, "--opt-dtype", "bfloat16")
+    assert result.exit_code == 0, result.output
+    adapter = NKVAdapter.load(out)
+    assert adapter.build["config"]["opt_dtype"] == "bfloat16" and adapter.keys.dtype == torch.float32
+    bad = _run("build", facts, "--model", model_dir, "-o", tmp_path / "x.nkv", "--opt-dtype", "int8")
+    assert bad.exit_code == 2 and "--opt-dtype" in bad.stderr and not (tmp_path / "x.nkv").exists()
+
+
 def test_model_and_option_errors(tmp_path, model_dir):
     facts, out = _facts(tmp_path / "f.jsonl", FACTS), tmp_path / "edits.nkv"
     missing = _run("build", facts, "--model", tmp_path / "nope", "-o", out)
