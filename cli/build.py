@@ -70,7 +70,8 @@ def _layer(value: str | None) -> int | str | None:
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
 @click.option("--opt-dtype", type=click.Choice(["bfloat16", "float16"]),
               help="Run the optimisation steps under autocast to this dtype (keys and checks stay in --dtype): "
-                   "faster on hardware with bf16 units; see benchmarks/build for what it changes [default: off].")
+                   "1.46x faster on a CPU with bf16 instructions, but fewer paraphrases take the edit "
+                   "(benchmarks/build) [default: off].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the context prefixes.")
 @click.option("--revision", help="Hub revision (branch, tag or commit) of the model.")
 @click.option("--name", help="Base-model name recorded in the adapter [default: --model as given].")

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+import torch
 from torch import nn
 
 from nkv.dtypes import TORCH_DTYPES
@@ -61,9 +62,9 @@ class BuildConfig:
     seed: seeds prefix generation (the only randomness).
     dtype: "float32" | "bfloat16" | "float16" | None (the model's own).
     opt_dtype: None, or the dtype the optimisation's forward and backward passes run in,
-        by autocast ("bfloat16"): keys, h0, the unedited reference and the checks stay in
-        the model's dtype. On a CPU with bf16 units it makes each step ~1.7x faster
-        (benchmarks/build/README.md has what it does to the rows).
+        by autocast ("bfloat16"): keys, h0, the prefix cache, the checks and the stored rows
+        stay in the model's dtype. On this project's CPU (bf16 instructions) 1.46x the
+        facts/s on SmolLM2, at G -3.1 (CounterFact) and -3.8 (ZsRE): benchmarks/build.
     device: "cpu" | "cuda" | "cuda:N" | None (where the model is).
     checkpoint_every: batches between checkpoints when a checkpoint folder is given.
     """
@@ -118,6 +119,11 @@ class BuildConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def compute_dtype(self) -> torch.dtype | None:
+        """The torch dtype of `opt_dtype` (None: the model's own)."""
+        return TORCH_DTYPES[self.opt_dtype] if self.opt_dtype else None
 
     @property
     def objective(self) -> dict[str, Any]:

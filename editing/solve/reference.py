@@ -11,8 +11,6 @@ import math
 import torch
 from torch import nn
 
-from nkv.dtypes import TORCH_DTYPES
-
 from ..forward import model_device
 from .batch import FactBatch
 from .config import BuildConfig
@@ -38,7 +36,7 @@ def optimize_residual_one(model: nn.Module, layer: int, fact: FactTokens, h0: to
         delta = scale * u
         sels = whole.select([0], step_templates(it, whole.n_templates, config), max_buckets=1)  # one forward, as MEMIT
         out = fact_losses(model, layer, sels, delta, kl0, preserve_loss=config.preserve_loss,
-                          compute_dtype=TORCH_DTYPES[config.opt_dtype] if config.opt_dtype else None)
+                          compute_dtype=config.compute_dtype)
         if kl0 is None:
             kl0 = out.kl_lp
         loss = total_loss(out, delta.norm(dim=-1), h0_norm, config)

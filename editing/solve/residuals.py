@@ -37,7 +37,6 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from nkv.dtypes import TORCH_DTYPES
 from nkv.loaders.architectures import residual_module
 
 from ..forward import hooks, model_device, token_index
@@ -193,13 +192,13 @@ def optimize_residuals(model: nn.Module, layer: int, facts: list[FactTokens], h0
     final_loss = torch.zeros(n, device=device)
     max_u = config.clamp * math.sqrt(d_model)  # ||δ|| <= clamp·||h0||  <=>  ||u|| <= clamp·sqrt(d)
     active = list(range(n))
-    compute = TORCH_DTYPES[config.opt_dtype] if config.opt_dtype else None
     for it in range(config.steps):
         sel = batch.select(active, step_templates(it, batch.n_templates, config))
         a = torch.tensor(active, device=device)
         u_a = u.index_select(0, a)  # (A, d) differentiable view of the active rows
         delta = scale[a] * u_a
-        out = fact_losses(model, layer, sel, delta, kl0 if it else None, replay, config.preserve_loss, compute)
+        out = fact_losses(model, layer, sel, delta, kl0 if it else None, replay, config.preserve_loss,
+                          config.compute_dtype)
         if it == 0:  # δ = 0: the unedited distributions of every KL row, by slot
             kl0 = out.kl_lp
         loss = total_loss(out, delta.norm(dim=-1), h0_norm[a], config)  # (A,)
