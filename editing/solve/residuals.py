@@ -122,8 +122,9 @@ def _autocast(model: nn.Module, dtype: torch.dtype | None) -> contextlib.Abstrac
     """Autocast to `dtype` on the model's device type; a no-op context for None.
 
     On a CPU the attention also takes PyTorch's math kernel: the fused CPU kernel's backward
-    in bfloat16 took a quarter of a SmolLM2 build (10 of 42 s for 16 facts), the math one's
-    matmuls a fraction of that (16 facts: 43 -> 33 s; benchmarks/build/README.md).
+    in bfloat16 took a quarter of a SmolLM2 build (10.4 of 41.2 s for 16 facts), so bf16
+    gained nothing with it; with the math kernel 16 facts took 32.2 s against float32's
+    43.0 (benchmarks/build/profile_build.py).
     """
     if dtype is None:
         return contextlib.nullcontext()
