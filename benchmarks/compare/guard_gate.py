@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from question_keys import token_inputs
 from same_subject import with_guard_rows
 
 
@@ -34,7 +35,6 @@ def main() -> None:
     torch.set_num_threads(1)
     from nkv.editing.solve import build_adapter, default_config
     from nkv.facts_io import read_facts
-    from nkv.loaders.architectures import output_projection
     from nkv.loaders.models import load_model
 
     model, tok = load_model(args.model)
@@ -44,17 +44,9 @@ def main() -> None:
     n = plain.n_facts
     unit = lambda x: x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # noqa: E731
     rows = unit(guarded.keys.float())  # (n + guards, d_key); rows n.. are the guards
-    proj = output_projection(model, args.layer)
 
-    @torch.no_grad()
-    def scores(text: str) -> torch.Tensor:  # (T, rows) cosine of every token with every row
-        captured = {}
-        handle = proj.register_forward_pre_hook(lambda m, a: captured.__setitem__("x", a[0][0].float()))
-        try:
-            model(**tok(text, return_tensors="pt"))
-        finally:
-            handle.remove()
-        return unit(captured["x"]) @ rows.T
+    def scores(text: str) -> torch.Tensor:  # (T, rows) cosine of every token (BOS dropped) with every row
+        return unit(token_inputs(model, tok, [text], [args.layer])[0][args.layer]) @ rows.T
 
     def fired_rows(s: torch.Tensor, guards: bool) -> set[int]:  # edit rows whose residual is added
         s = s if guards else s[:, :n]
