@@ -143,6 +143,32 @@ def test_opt_dtype_runs_the_steps_in_bfloat16_and_batched_still_equals_one_at_a_
         default_config("llama", opt_dtype="int4")
 
 
+def test_under_opt_dtype_a_fact_stops_only_when_its_own_dtype_agrees(monkeypatch):
+    """bf16 rounding can pass the margin rule where float32 does not: the stop is confirmed
+    in the model's dtype (one forward of the stopping facts), batched and one at a time."""
+    from nkv.editing.solve import reference, residuals
+
+    real = residuals.fact_losses
+
+    def optimistic_in_bf16(*args, **kwargs):  # bf16 claims every fact done; float32 tells the truth
+        out = real(*args, **kwargs)
+        if kwargs.get("compute_dtype", args[7] if len(args) > 7 else None) is not None:
+            out.margin = torch.full_like(out.margin, float("inf"))
+        return out
+
+    monkeypatch.setattr(residuals, "fact_losses", optimistic_in_bf16)
+    monkeypatch.setattr(reference, "fact_losses", optimistic_in_bf16)
+    model, tok, tokens, h0 = _setup()
+    config = default_config("llama", steps=6, lr=0.3, clamp=2.0, n_prefixes=2, prefix_length=4,
+                            opt_dtype="bfloat16", stop_margin=3.0)
+    with frozen(model):
+        batched = optimize_residuals(model, 0, tokens, h0, config, pad_id=0)
+        one = reference.optimize_residuals_reference(model, 0, tokens, h0, config, pad_id=0)
+    assert bool((batched.steps > 0).all())  # without the check every fact would stop at δ = 0
+    assert batched.steps.tolist() == one.steps.tolist()
+    torch.testing.assert_close(batched.residuals, one.residuals, atol=2e-2, rtol=2e-2)
+
+
 def test_settings_added_later_leave_the_checkpoint_objective_alone_at_their_defaults():
     base = default_config("llama")  # preserve_loss has no effect without probes
     assert "rotate_prefixes" not in base.objective and "preserve_loss" not in base.objective

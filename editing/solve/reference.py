@@ -40,8 +40,15 @@ def optimize_residual_one(model: nn.Module, layer: int, fact: FactTokens, h0: to
         if kl0 is None:
             kl0 = out.kl_lp
         loss = total_loss(out, delta.norm(dim=-1), h0_norm, config)
-        if bool(finished(loss.detach(), out.margin, config)[0]) or it == config.steps - 1:
+        if it == config.steps - 1:
             break
+        if bool(finished(loss.detach(), out.margin, config)[0]):
+            if config.compute_dtype is None:
+                break
+            with torch.no_grad():  # under opt_dtype the stop must hold in the model's dtype too
+                own = fact_losses(model, layer, sels, delta.detach(), kl0, preserve_loss=config.preserve_loss)
+                if bool(finished(total_loss(own, delta.norm(dim=-1), h0_norm, config), own.margin, config)[0]):
+                    break
         loss.sum().backward()
         opt.step()
         updates += 1

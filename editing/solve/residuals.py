@@ -205,6 +205,9 @@ def optimize_residuals(model: nn.Module, layer: int, facts: list[FactTokens], h0
         loss = total_loss(out, delta.norm(dim=-1), h0_norm[a], config)  # (A,)
         final_loss[a] = loss.detach()
         keep = ~finished(loss.detach(), out.margin, config)
+        if config.compute_dtype is not None and it < config.steps - 1:
+            keep = keep | ~_stops_confirmed(model, layer, batch, active, it, ~keep, delta.detach(), kl0,
+                                            h0_norm[a], replay, config)
         if it == config.steps - 1 or not bool(keep.any()):
             break
         (grad,) = torch.autograd.grad(loss[keep].sum(), u)
@@ -216,6 +219,28 @@ def optimize_residuals(model: nn.Module, layer: int, facts: list[FactTokens], h0
         active = [i for i, k in zip(active, keep.tolist()) if k]
     residuals = (scale * u).detach()
     return ResidualResult(residuals, final_loss, t.clone())
+
+
+@torch.no_grad()
+def _stops_confirmed(model: nn.Module, layer: int, batch: FactBatch, active: list[int], step: int,
+                     stopping: torch.Tensor, delta: torch.Tensor, kl0: torch.Tensor, h0_norm: torch.Tensor,
+                     replay: bool, config: BuildConfig) -> torch.Tensor:
+    """(A,) bool: `stopping` where the stop rule also holds in the model's own dtype.
+
+    Under `opt_dtype` the steps' losses and margins are rounded to bfloat16, so a fact can
+    pass the margin rule there and not in the dtype its row is served in. A fact stops only
+    when a forward of it in the model's dtype (no backward) agrees; otherwise it takes its
+    step. Only the stopping facts run, so this costs about one forward per fact in a build.
+    """
+    where = stopping.nonzero().squeeze(1)  # (S,) positions in `active`
+    if where.numel() == 0:
+        return stopping
+    sels = batch.select([active[i] for i in where.tolist()], step_templates(step, batch.n_templates, config))
+    out = fact_losses(model, layer, sels, delta[where], kl0, replay, config.preserve_loss, None)
+    loss = total_loss(out, delta[where].norm(dim=-1), h0_norm[where], config)
+    confirmed = torch.zeros_like(stopping)
+    confirmed[where] = finished(loss, out.margin, config)
+    return confirmed
 
 
 def optimised_templates(facts: list[FactTokens], config: BuildConfig) -> list[FactTokens]:
