@@ -31,6 +31,8 @@ def main() -> None:
     p.add_argument("--layer", type=int, required=True)
     p.add_argument("--gamma", type=float, default=0.65)
     p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--guard-margins", default="0",
+                   help="comma list m: a guard takes a token only when its cosine beats the best edit row's by m")
     args = p.parse_args()
     torch.set_num_threads(1)
     from nkv.editing.solve import build_adapter, default_config
@@ -48,8 +50,8 @@ def main() -> None:
     def scores(text: str) -> torch.Tensor:  # (T, rows) cosine of every token (BOS dropped) with every row
         return unit(token_inputs(model, tok, [text], [args.layer])[0][args.layer]) @ rows.T
 
-    def fired_rows(s: torch.Tensor, guards: bool) -> set[int]:  # edit rows whose residual is added
-        s = s if guards else s[:, :n]
+    def fired_rows(s: torch.Tensor, guards: bool, margin: float = 0.0) -> set[int]:  # edit rows whose residual is added
+        s = torch.cat([s[:, :n], s[:, n:] - margin], dim=1) if guards else s[:, :n]
         best, idx = s.max(-1)
         return {int(i) for i, b in zip(idx, best) if b >= args.gamma and i < n}
 
@@ -61,11 +63,12 @@ def main() -> None:
     paraphrases = [(i, q) for i, f in enumerate(facts) for q in f.paraphrases]
     other_s = [scores(q) for q in others]
     para_s = [scores(q) for _, q in paraphrases]
-    for guards in (False, True):
-        fired = sum(bool(fired_rows(s, guards)) for s in other_s)
-        right = sum(i in fired_rows(s, guards) for (i, _), s in zip(paraphrases, para_s))
-        print(f"{'with' if guards else 'without'} {guarded.n_facts - n} guard rows: a residual added on "
-              f"{fired}/{len(others)} other-relation prompts; own row on {right}/{len(paraphrases)} paraphrases")
+    margins = [float(m) for m in args.guard_margins.split(",")]
+    for guards, margin in [(False, 0.0), *((True, m) for m in margins)]:
+        fired = sum(bool(fired_rows(s, guards, margin)) for s in other_s)
+        right = sum(i in fired_rows(s, guards, margin) for (i, _), s in zip(paraphrases, para_s))
+        print(f"{'with' if guards else 'without'} {guarded.n_facts - n} guard rows (margin {margin}): a residual "
+              f"added on {fired}/{len(others)} other-relation prompts; own row on {right}/{len(paraphrases)} paraphrases")
     for (i, q), s in zip(paraphrases, para_s):
         if i in fired_rows(s, False) and i not in fired_rows(s, True):
             t = int(s[:, i].argmax())
