@@ -150,6 +150,28 @@ def test_transformers_loader_takes_the_sketch_path_from_the_threshold(monkeypatc
     assert (a.fired == b.fired).float().mean() >= 0.9
 
 
+def test_bfloat16_sketch_tables_only_rank_the_shortlist_so_nothing_fires_that_exact_leaves_alone(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from nkv.loaders import transformers as tl
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(tl, "SKETCH_MIN_FACTS", 300)
+    keys, q = clustered(3000, 48, seed=2)
+    adapter = replace(make([f"f{i}" for i in range(3000)]), keys=keys).with_sketch(8)
+    base = torch.nn.Linear(48, 3)
+    full = tl.NKVLinear(base, adapter, torch.float32, cpu)
+    assert full.nkv_sketch_keys.dtype == torch.float32  # the default: the keys' dtype
+    half = tl.NKVLinear(base, adapter, torch.float32, cpu)
+    half.use_sketch(adapter, tl.DEFAULT_SHORTLIST, table_dtype=torch.bfloat16)
+    assert half.nkv_sketch_keys.dtype == torch.bfloat16 and half.nkv_keys.dtype == torch.float32
+    exact = tl.NKVLinear(base, adapter, torch.float32, cpu)
+    exact.use_sketch(adapter, 0)
+    a, b, c = exact.gate(q), full.gate(q), half.gate(q)
+    assert int(a.fired.sum()) >= 16 and not (c.fired & ~a.fired).any()  # rescored exactly: bf16 ranks, never scores
+    assert torch.allclose(c.score[c.fired], torch.nn.functional.cosine_similarity(q, keys[c.index], dim=-1)[c.fired])
+    assert torch.equal(b.index[a.fired], c.index[a.fired])  # the same rows as the float32 shortlist here
+
+
 # ------------------------------------------------------------------ the file part (V11)
 def test_sketch_round_trips_and_survives_row_operations(tmp_path) -> None:
     a = make([f"f{i}" for i in range(6)]).with_sketch(2)

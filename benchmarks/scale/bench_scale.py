@@ -91,10 +91,11 @@ class _Float32Rows:
 
 
 def cmd_recall(data: dict, sizes: list[int], dims: list[int], shortlists: list[int], max_tokens: int,
-               rankings: list[str]) -> None:
+               rankings: list[str], sketch_dtypes: list[str]) -> None:
     """The sketch path's decisions against the exact gate's. Ranking "bound" is the op's (the
     sketch product plus the rests' norms, spec §5.1); "plain" ranks by the sketch product alone
-    (the op before session 8), by zeroing the rest-norm column of the key sketches."""
+    (the op before session 8), by zeroing the rest-norm column of the key sketches.
+    `sketch_dtypes`: the dtypes the key sketches are held (and the shortlist scored) in."""
     queries = {"text": data["text"], "edit": data["edit"], "paraphrase": data["paraphrase"]}
     g = torch.Generator().manual_seed(0)
     for name, q in queries.items():  # the same token sample at every size
@@ -109,8 +110,8 @@ def cmd_recall(data: dict, sizes: list[int], dims: list[int], shortlists: list[i
             proj = fit_sketch(keys, dim)
             bound = sketch_keys(keys, proj)
             plain = torch.cat([bound[:, :-1], torch.zeros_like(bound[:, -1:])], dim=-1)
-            for ranking, c in [(r, c) for r in rankings for c in shortlists]:
-                sketch = Sketch(proj, bound if ranking == "bound" else plain, c)
+            for ranking, c, dt in [(r, c, d) for r in rankings for c in shortlists for d in sketch_dtypes]:
+                sketch = Sketch(proj, (bound if ranking == "bound" else plain).to(getattr(torch, dt)), c)
                 for name, q in queries.items():
                     t0 = time.perf_counter()
                     fired, idx, score = decisions(q, keys, sketch)
@@ -118,13 +119,14 @@ def cmd_recall(data: dict, sizes: list[int], dims: list[int], shortlists: list[i
                     e_fired, e_idx, _ = exact[name]
                     same = (fired == e_fired) & (~e_fired | (idx == e_idx))
                     _emit(cmd="recall", n_facts=n, real_keys=min(n, data["keys"].shape[0]), d_sketch=dim,
-                          shortlist=c, ranking=ranking, queries=name, tokens=q.shape[0], exact_fired=int(e_fired.sum()),
+                          shortlist=c, ranking=ranking, sketch_dtype=dt, queries=name, tokens=q.shape[0], exact_fired=int(e_fired.sum()),
                           fast_fired=int(fired.sum()), recall=round(float(same.float().mean()), 6),
                           missed=int((e_fired & ~same).sum()), false_fires=int((fired & ~e_fired).sum()),
                           exact_s=round(exact_s, 1), fast_s=round(fast_s, 2))
 
 
-def cmd_forward(data: dict, sizes: list[int], model_name: str, reps: int, shortlists: list[int]) -> None:
+def cmd_forward(data: dict, sizes: list[int], model_name: str, reps: int, shortlists: list[int],
+                sketch_dtypes: list[str]) -> None:
     from nkv import BaseModelInfo, Fact, NKVAdapter
     from nkv.loaders.models import load_model
     from nkv.loaders.transformers import NKVLinear
@@ -156,12 +158,13 @@ def cmd_forward(data: dict, sizes: list[int], model_name: str, reps: int, shortl
         exact.use_sketch(adapter, 0)  # the loader takes the sketch path from SKETCH_MIN_FACTS facts: force exact
         modules = {"exact": exact}
         attach_s = {}
-        for c in shortlists:
+        for c, dt in [(c, d) for c in shortlists for d in sketch_dtypes]:
             t0 = time.perf_counter()
             fast = NKVLinear(down, adapter, torch.float32, torch.device("cpu"))
-            fast.use_sketch(adapter, c)
-            attach_s[f"sketch{c}"] = round(time.perf_counter() - t0, 2)
-            modules[f"sketch{c}"] = fast
+            fast.use_sketch(adapter, c, table_dtype=getattr(torch, dt))
+            name = f"sketch{c}" if dt == "float32" else f"sketch{c}_{dt}"
+            attach_s[name] = round(time.perf_counter() - t0, 2)
+            modules[name] = fast
         times: dict[str, list[float]] = {"none": [], **{name: [] for name in modules}}
         fwd()  # warm-up
         for _ in range(reps):  # interleaved, so load from other jobs hits every variant alike
@@ -213,6 +216,8 @@ def main() -> None:
     p.add_argument("--shortlists", default=str(DEFAULT_SHORTLIST))
     p.add_argument("--max-tokens", type=int, default=4000, help="query tokens per kind (sampled)")
     p.add_argument("--rankings", default="bound", help="recall: shortlist rankings, bound (the op's) and/or plain")
+    p.add_argument("--sketch-dtypes", default="float32",
+                   help="recall, forward: dtypes the key sketches are scored in, float32 and/or bfloat16")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
@@ -224,9 +229,9 @@ def main() -> None:
     data = torch.load(args.keys)
     if args.cmd == "recall":
         cmd_recall(data, ints(args.sizes), ints(args.dims), ints(args.shortlists), args.max_tokens,
-                   args.rankings.split(","))
+                   args.rankings.split(","), args.sketch_dtypes.split(","))
     elif args.cmd == "forward":
-        cmd_forward(data, ints(args.sizes), args.model, args.reps, ints(args.shortlists))
+        cmd_forward(data, ints(args.sizes), args.model, args.reps, ints(args.shortlists), args.sketch_dtypes.split(","))
     else:
         cmd_attach(data, ints(args.sizes))
 
