@@ -83,4 +83,5 @@ DEFAULT_GAMMA = 0.65  # paper, all models
 # Sketch path of the gate (spec §5.1); serving choices, not stored in the file ----------
 DEFAULT_SKETCH_DIM = 128  # d_sketch of a fitted projection (64 missed rows on real keys)
 DEFAULT_SHORTLIST = 128  # candidates per token rescored exactly
+SKETCH_REST_WEIGHT = 0.6  # the shortlist ranks by sketch product + this x the rests' norms (spec §5.1)
 SKETCH_MIN_FACTS = 16384  # loaders take the sketch path from this many facts (capacity) up

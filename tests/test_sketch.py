@@ -213,10 +213,10 @@ def test_sketch_projection_is_the_files_when_its_width_fits_else_fitted():
     assert replace(adapter, sketch_proj=None).sketch_projection(3).shape[1] == 3
 
 
-def test_the_shortlist_ranks_by_the_cosine_bound_so_a_key_outside_the_sketch_is_found() -> None:
+def test_the_shortlist_counts_the_rests_so_a_key_outside_the_sketch_is_found() -> None:
     """Spec §5.1: the best key lies outside the 1-dim projection (sketch 0, rest 1) and decoys
     have the larger sketch product; ranked by the sketch product alone a shortlist of 1 would
-    hold a decoy and miss the fire, ranked by the bound it holds the best key."""
+    hold a decoy and miss the fire, ranked with the rests' share it holds the best key."""
     proj = torch.tensor([[1.0], [0.0], [0.0], [0.0]])  # orthonormal, spans e1 only
     best = torch.tensor([[0.0, 1.0, 0.0, 0.0]])
     decoys = torch.tensor([[1.0, 0.0, 0.1 * i, 0.0] for i in range(1, 6)])
@@ -233,3 +233,21 @@ def test_the_shortlist_ranks_by_the_cosine_bound_so_a_key_outside_the_sketch_is_
     assert fast.fired.item() and fast.index.item() == 5
     plain = torch.cat([sk[:, :1], torch.zeros(6, 1)], dim=1)  # the sketch product alone
     assert not nkv_gate(x, keys, inv, residuals, gamma, sketch=Sketch(proj, plain, 1)).fired.item()
+
+
+def test_the_shortlist_weighs_the_rests_bound_so_an_unaligned_large_rest_does_not_crowd_out_the_best() -> None:
+    """The whole bound (weight 1) ranks a decoy whose rest is large but points elsewhere
+    above the best key; SKETCH_REST_WEIGHT of it (spec §5.1) does not."""
+    from nkv.constants import SKETCH_REST_WEIGHT
+
+    proj = torch.tensor([[1.0], [0.0], [0.0]])  # spans e1; the token's rest is e2, the decoy's e3
+    keys = torch.tensor([[0.1, 0.0, 0.995], [0.6, 0.8, 0.0]])  # decoy, best
+    x = torch.tensor([[0.3, 0.954, 0.0]])
+    inv, residuals, gamma = key_inverse_norms(keys), torch.eye(2), torch.tensor(0.65)
+    exact = nkv_gate(x, keys, inv, residuals, gamma)
+    assert exact.fired.item() and exact.index.item() == 1
+    sk = sketch_keys(keys, proj)
+    fast = nkv_gate(x, keys, inv, residuals, gamma, sketch=Sketch(proj, sk, 1))
+    assert fast.fired.item() and fast.index.item() == 1
+    whole_bound = torch.cat([sk[:, :1], sk[:, 1:] / SKETCH_REST_WEIGHT], dim=1)  # the op weighs the token's rest
+    assert not nkv_gate(x, keys, inv, residuals, gamma, sketch=Sketch(proj, whole_bound, 1)).fired.item()

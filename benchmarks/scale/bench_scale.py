@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from nkv.constants import DEFAULT_SHORTLIST, DEFAULT_SKETCH_DIM
+from nkv.constants import DEFAULT_SHORTLIST, DEFAULT_SKETCH_DIM, SKETCH_REST_WEIGHT
 from nkv.gate import Sketch, fit_sketch, key_inverse_norms, nkv_gate, sketch_keys
 
 GAMMA = 0.65
@@ -93,8 +93,11 @@ class _Float32Rows:
 def cmd_recall(data: dict, sizes: list[int], dims: list[int], shortlists: list[int], max_tokens: int,
                rankings: list[str], sketch_dtypes: list[str]) -> None:
     """The sketch path's decisions against the exact gate's. Ranking "bound" is the op's (the
-    sketch product plus the rests' norms, spec §5.1); "plain" ranks by the sketch product alone
-    (the op before session 8), by zeroing the rest-norm column of the key sketches.
+    sketch product plus the rests' norms: the op from session 8 to 10); "plain" ranks by the
+    sketch product alone (the op before session 8); "restA" (e.g. rest0.5) by the sketch
+    product plus A times the rests' norms; "op" is the op as it is (SKETCH_REST_WEIGHT, spec
+    §5.1). The op weights the token's rest, so the key sketches' rest column is scaled by
+    A / SKETCH_REST_WEIGHT here.
     `sketch_dtypes`: the dtypes the key sketches are held (and the shortlist scored) in."""
     queries = {"text": data["text"], "edit": data["edit"], "paraphrase": data["paraphrase"]}
     g = torch.Generator().manual_seed(0)
@@ -109,9 +112,11 @@ def cmd_recall(data: dict, sizes: list[int], dims: list[int], shortlists: list[i
         for dim in dims:
             proj = fit_sketch(keys, dim)
             bound = sketch_keys(keys, proj)
-            plain = torch.cat([bound[:, :-1], torch.zeros_like(bound[:, -1:])], dim=-1)
             for ranking, c, dt in [(r, c, d) for r in rankings for c in shortlists for d in sketch_dtypes]:
-                sketch = Sketch(proj, (bound if ranking == "bound" else plain).to(getattr(torch, dt)), c)
+                named = {"bound": 1.0, "plain": 0.0, "op": SKETCH_REST_WEIGHT}
+                weight = named[ranking] if ranking in named else float(ranking.removeprefix("rest"))
+                ranked = torch.cat([bound[:, :-1], weight / SKETCH_REST_WEIGHT * bound[:, -1:]], dim=-1)
+                sketch = Sketch(proj, ranked.to(getattr(torch, dt)), c)
                 for name, q in queries.items():
                     t0 = time.perf_counter()
                     fired, idx, score = decisions(q, keys, sketch)
@@ -215,7 +220,8 @@ def main() -> None:
     p.add_argument("--dims", default=str(DEFAULT_SKETCH_DIM))
     p.add_argument("--shortlists", default=str(DEFAULT_SHORTLIST))
     p.add_argument("--max-tokens", type=int, default=4000, help="query tokens per kind (sampled)")
-    p.add_argument("--rankings", default="bound", help="recall: shortlist rankings, bound (the op's) and/or plain")
+    p.add_argument("--rankings", default="op",
+                   help="recall: shortlist rankings, op (the op's), bound, plain and/or restA (rests' norms times A)")
     p.add_argument("--sketch-dtypes", default="float32",
                    help="recall, forward: dtypes the key sketches are scored in, float32 and/or bfloat16")
     p.add_argument("--model", default="smollm2-135m")
