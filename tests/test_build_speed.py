@@ -124,13 +124,18 @@ def test_opt_dtype_runs_the_steps_in_bfloat16_and_batched_still_equals_one_at_a_
         seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
         fused.append(torch.backends.cuda.flash_sdp_enabled())
 
+    logits: list[torch.dtype] = []
     probe = model.get_output_embeddings().register_forward_pre_hook(look)
+    out_probe = model.get_output_embeddings().register_forward_hook(lambda m, a, out: logits.append(out.dtype))
     with frozen(model):
         batched = optimize_residuals(model, 0, tokens, h0, config, pad_id=0)
         reference = optimize_residuals_reference(model, 0, tokens, h0, config, pad_id=0)
         full = optimize_residuals(model, 0, tokens, h0, dc_replace(config, opt_dtype=None), pad_id=0)
     probe.remove()
+    out_probe.remove()
     assert torch.bfloat16 in seen and None in seen  # the steps under autocast; the checks (replay, prefix cache) not
+    assert set(logits) == {torch.float32}  # the LM head stays in the model's dtype even under autocast
+    assert not torch.is_autocast_enabled("cpu")  # and autocast is left as it was
     assert all(not f for d, f in zip(seen, fused) if d is not None)  # bf16 steps: the math attention kernel
     assert torch.backends.cuda.flash_sdp_enabled()  # and only inside them
     assert batched.residuals.dtype == torch.float32 and bool(torch.isfinite(batched.residuals).all())

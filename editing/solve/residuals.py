@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from dataclasses import replace as dc_replace
 
@@ -159,10 +160,42 @@ def _log_probs(model: nn.Module, layer: int, sel: Selection, delta: torch.Tensor
         edit = replayed(model, layer, sel.layer_out, with_delta, sel.layer_tuple)
     else:  # δ added by a hook where the gate adds rows: the output projection's (or its norm's) output
         edit = hooks(residual_module(model, layer).register_forward_hook(lambda m, a, out: with_delta(out)))
-    with edit, hooks(head.register_forward_pre_hook(gather)):
+    with edit, hooks(head.register_forward_pre_hook(gather)), _head_outside_autocast(head):
         logits = model(input_ids=sel.ids, attention_mask=sel.mask, position_ids=sel.positions,
                        **cache).logits[0]  # (E + K, V)
     return torch.log_softmax(logits.float(), dim=-1)
+
+
+@contextlib.contextmanager
+def _head_outside_autocast(head: nn.Module) -> Iterator[None]:
+    """Under autocast (`opt_dtype`), the LM head still runs in its own dtype.
+
+    The loss, the margin rule and their gradients are read off the logits: rounded to
+    bfloat16 (8 bits of mantissa, ~0.1 nat at logits of 20) they move which facts stop and
+    where δ goes. The head sees only the gathered target positions, so this is a small part
+    of a step's work. A pre-hook leaves autocast for the head's forward, a hook re-enters it.
+    """
+    device_type = head.weight.device.type
+    if not torch.is_autocast_enabled(device_type):
+        yield
+        return
+    left: list[contextlib.AbstractContextManager] = []
+
+    def leave(module: nn.Module, args: tuple) -> tuple:
+        ctx = torch.autocast(device_type, enabled=False)
+        ctx.__enter__()
+        left.append(ctx)
+        return (args[0].to(head.weight.dtype), *args[1:])
+
+    def back(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        left.pop().__exit__(None, None, None)
+
+    try:
+        with hooks(head.register_forward_pre_hook(leave), head.register_forward_hook(back)):
+            yield
+    finally:
+        while left:  # the forward raised inside the head
+            left.pop().__exit__(None, None, None)
 
 
 def total_loss(out: Losses, delta_norm: torch.Tensor, h0_norm: torch.Tensor, config: BuildConfig) -> torch.Tensor:
