@@ -70,7 +70,7 @@ def _layer(value: str | None) -> int | str | None:
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
 @click.option("--opt-dtype", type=click.Choice(["bfloat16", "float16"]),
               help="Run the optimisation steps under autocast to this dtype (keys and checks stay in --dtype): "
-                   "1.46x faster on a CPU with bf16 instructions, but fewer paraphrases take the edit "
+                   "1.3-1.4x faster on a CPU with bf16 instructions, but fewer paraphrases may take the edit "
                    "(benchmarks/build) [default: off].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the context prefixes.")
 @click.option("--revision", help="Hub revision (branch, tag or commit) of the model.")

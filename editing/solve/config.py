@@ -63,8 +63,9 @@ class BuildConfig:
     dtype: "float32" | "bfloat16" | "float16" | None (the model's own).
     opt_dtype: None, or the dtype the optimisation's forward and backward passes run in,
         by autocast ("bfloat16"): keys, h0, the prefix cache, the checks and the stored rows
-        stay in the model's dtype. On this project's CPU (bf16 instructions) 1.46x the
-        facts/s on SmolLM2, at G -3.1 (CounterFact) and -3.8 (ZsRE): benchmarks/build.
+        stay in the model's dtype, and so does the LM head (the loss is read off it). On this
+        project's CPU (bf16 instructions) 1.3-1.4x the facts/s on SmolLM2, at G -3.1
+        (CounterFact 64 facts; -0.8 on 256) and -1.0 (ZsRE 64): benchmarks/build.
     device: "cpu" | "cuda" | "cuda:N" | None (where the model is).
     checkpoint_every: batches between checkpoints when a checkpoint folder is given.
     """
