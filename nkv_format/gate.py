@@ -241,8 +241,8 @@ def _shortlist(x_unit: torch.Tensor, sketch: Sketch, fact_chunk: int,
     q = x_unit @ sketch.proj.float()  # (T, d_sketch); a rank's partial sum under TP
     if all_reduce is not None:
         q = _reduced(all_reduce, q)
-    rest = (1.0 - q.pow(2).sum(-1, keepdim=True)).clamp_min(0.0).sqrt()  # (T, 1): |x_unit| = 1
-    rest = SKETCH_REST_WEIGHT * rest
+    # (T, 1) the token's rest norm (|x_unit| = 1), weighted as the docstring says
+    rest = SKETCH_REST_WEIGHT * (1.0 - q.pow(2).sum(-1, keepdim=True)).clamp_min(0.0).sqrt()
     q = torch.cat([q, rest], dim=-1).to(sketch.keys.dtype)  # (T, d_sketch + 1), as the key sketches
     n_facts = sketch.keys.shape[0]
     c = min(sketch.shortlist, n_facts)
