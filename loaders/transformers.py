@@ -129,9 +129,10 @@ class _Resident(nn.Module):
     """One adapter in an NKVLinear: rows [start, start + n_facts) of the shared table, its
     own gamma and its own sketch (spec §5.1; used from SKETCH_MIN_FACTS facts up)."""
 
-    def __init__(self, name: str, adapter: NKVAdapter, start: int, device: torch.device):
+    def __init__(self, name: str, adapter: NKVAdapter, start: int, device: torch.device,
+                 compute_dtype: torch.dtype):
         super().__init__()
-        self.name, self.adapter, self.start = name, adapter, start
+        self.name, self.adapter, self.start, self.compute_dtype = name, adapter, start, compute_dtype
         self.register_buffer("gamma", torch.tensor(float(adapter.gamma), device=device), persistent=False)
         self.shortlist = 0
         self.register_buffer("sketch_proj", None, persistent=False)  # (d_key, d_sketch) float32
@@ -142,7 +143,7 @@ class _Resident(nn.Module):
         return self.adapter.n_facts
 
     def sketch(self) -> Sketch | None:
-        return Sketch(self.sketch_proj, self.sketch_keys, self.shortlist) if self.shortlist else None
+        return Sketch(self.sketch_proj, self.sketch_keys, self.shortlist, self.compute_dtype) if self.shortlist else None
 
     def row_range(self) -> RowRange:
         return RowRange(self.start, self.n_facts, float(self.gamma), self.sketch())
@@ -183,17 +184,21 @@ class NKVLinear(nn.Module):
                  name: str = DEFAULT_NAME, routing: _Routing | None = None):
         super().__init__()
         self.base_layer = base_layer
-        # Cast once here, never per call. Norms from the stored keys, before any rounding.
-        self.register_buffer("nkv_keys", adapter.keys.to(device=device, dtype=dtype), persistent=False)
+        self.compute_dtype = dtype  # the activations'; the exact path scores in it
+        sketch = adapter.n_facts >= SKETCH_MIN_FACTS
+        # Cast once here, never per call (the sketch path casts only its candidates, see
+        # _table_dtype). Norms from the stored keys, before any rounding.
+        table = self._table_dtype(adapter.keys.dtype, every_resident_sketched=sketch)
+        self.register_buffer("nkv_keys", adapter.keys.to(device=device, dtype=table), persistent=False)
         self.register_buffer("nkv_key_inv_norms", key_inverse_norms(adapter.keys).to(device), persistent=False)
-        self.register_buffer("nkv_residuals", adapter.residuals.to(device=device, dtype=dtype), persistent=False)
-        self.nkv_residents = nn.ModuleList([_Resident(name, adapter, 0, device)])
+        self.register_buffer("nkv_residuals", adapter.residuals.to(device=device, dtype=table), persistent=False)
+        self.nkv_residents = nn.ModuleList([_Resident(name, adapter, 0, device, dtype)])
         self.routing = routing if routing is not None else _Routing()
         self.path = ""  # where attach put it in the model
         self.site = adapter.residual_site
         self.pending: _Pending | None = None  # set by attach for site "out_norm"
         self.norm_path = ""  # where attach put the NKVOutNorm
-        self.use_sketch(adapter, DEFAULT_SHORTLIST if adapter.n_facts >= SKETCH_MIN_FACTS else 0, name=name)
+        self.use_sketch(adapter, DEFAULT_SHORTLIST if sketch else 0, name=name)
         self.enabled = True
         self.recorders: list[GateActivity] = []
 
@@ -232,15 +237,34 @@ class NKVLinear(nn.Module):
     def fact_ids(self) -> list[str]:
         return self.resident().adapter.ids
 
+    def _table_dtype(self, rows_dtype: torch.dtype, every_resident_sketched: bool) -> torch.dtype:
+        """The dtype the shared table holds: the rows' own (the file's) while every resident
+        adapter takes the sketch path and the rows are no wider than the activations, since
+        that path casts only the candidates it gathers (Sketch.rows_dtype): attaching 1M fp16
+        rows to a float32 model then copies nothing (the cast took 16 of 40 s; benchmarks/scale).
+        Else the activations' dtype, cast once: the exact path multiplies the whole table."""
+        narrow = rows_dtype.itemsize <= self.compute_dtype.itemsize
+        return rows_dtype if every_resident_sketched and narrow else self.compute_dtype
+
+    @torch.no_grad()
+    def _retable(self) -> None:
+        """Cast the table to the activations' dtype once a resident takes the exact path."""
+        want = self._table_dtype(self.nkv_keys.dtype, all(r.shortlist for r in self.nkv_residents))
+        if self.nkv_keys.dtype != want:
+            self.nkv_keys, self.nkv_residuals = self.nkv_keys.to(want), self.nkv_residuals.to(want)
+
     @torch.no_grad()
     def add(self, adapter: NKVAdapter, name: str) -> None:
         """Append `adapter`'s rows to the shared table under `name` (the caller checked its base model)."""
         assert name not in self.names, name
-        start, dtype, device = self.nkv_keys.shape[0], self.nkv_keys.dtype, self.nkv_keys.device
+        start, device = self.nkv_keys.shape[0], self.nkv_keys.device
+        if adapter.keys.dtype != self.nkv_keys.dtype:  # never round rows to another file's dtype
+            self.nkv_keys, self.nkv_residuals = self.nkv_keys.to(self.compute_dtype), self.nkv_residuals.to(self.compute_dtype)
+        dtype = self.nkv_keys.dtype
         self.nkv_keys = torch.cat([self.nkv_keys, adapter.keys.to(device=device, dtype=dtype)])
         self.nkv_key_inv_norms = torch.cat([self.nkv_key_inv_norms, key_inverse_norms(adapter.keys).to(device)])
         self.nkv_residuals = torch.cat([self.nkv_residuals, adapter.residuals.to(device=device, dtype=dtype)])
-        self.nkv_residents.append(_Resident(name, adapter, start, device))
+        self.nkv_residents.append(_Resident(name, adapter, start, device, self.compute_dtype))
         self.use_sketch(adapter, DEFAULT_SHORTLIST if adapter.n_facts >= SKETCH_MIN_FACTS else 0, name=name)
 
     @torch.no_grad()
@@ -264,13 +288,14 @@ class NKVLinear(nn.Module):
 
         Attach picks it from SKETCH_MIN_FACTS facts up; the projection is the file's
         `nkv.sketch.proj`, else fitted to the keys here. `table_dtype`: the key sketches'
-        dtype, None = the keys'. bfloat16 sketches of float32 keys make the shortlist's product
+        dtype, None = the activations'. bfloat16 sketches of float32 keys make the shortlist's product
         faster on a CPU with bf16 units but round the bound, so a few more best rows miss the
         shortlist (SmolLM2 at 200k facts: forward 1.66x -> 1.50x the unedited time, edit-prompt
         recall 99.925% -> 99.875%; benchmarks/scale), so it is not the default.
         """
         r = self.resident(name)
         r.shortlist = shortlist
+        self._retable()
         if not shortlist:
             r.register_buffer("sketch_proj", None, persistent=False)
             r.register_buffer("sketch_keys", None, persistent=False)
@@ -279,7 +304,7 @@ class NKVLinear(nn.Module):
         device = self.nkv_keys.device
         r.register_buffer("sketch_proj", proj.to(device), persistent=False)  # (d_key, d_sketch) float32
         inv = self.nkv_key_inv_norms[r.start : r.start + r.n_facts].cpu()
-        dtype = table_dtype or self.nkv_keys.dtype
+        dtype = table_dtype or self.compute_dtype
         r.register_buffer("sketch_keys", sketch_keys(adapter.keys, proj, inv).to(device, dtype),
                           persistent=False)  # (n_facts, d_sketch + 1): sketch, rest norm
 
@@ -543,7 +568,7 @@ def attach(model: nn.Module, adapter: AdapterSource, *, revision: str | None = N
         raise NKVError(f"load_nkv_adapter(name=...) must be a non-empty string; got {name!r}")
     if gamma is not None:
         gamma = check_gamma(gamma, "load_nkv_adapter(gamma=...)")
-    adapter = resolve_adapter(adapter, revision=revision)
+    adapter = resolve_adapter(adapter, revision=revision, lazy_facts=True)  # records parsed when read (spec §7)
     if gamma is not None:
         adapter = replace(adapter, gamma=gamma)
     spec = arch_spec(model_type_of(model))

@@ -31,6 +31,10 @@ class Sketch(NamedTuple):
     proj: torch.Tensor  # (d_key, d_sketch) float32 projection; under TP the rank's rows (d_key / tp, d_sketch)
     keys: torch.Tensor  # (n_facts, d_sketch + 1) from sketch_keys: unit_key @ proj, then the norm of the rest (0 = padding)
     shortlist: int  # candidates rescored exactly per token
+    # The dtype the candidates are rescored in; None = the key table's. With it a loader can keep
+    # a table in the file's fp16 under a float32 model and cast only the gathered candidates:
+    # the same values as casting the whole table first, without its copy (8 GB at 1M facts).
+    rows_dtype: torch.dtype | None = None
 
 
 class GateResult(NamedTuple):
@@ -85,10 +89,12 @@ def nkv_gate(
 
     Args:
         k: (..., d_key) input of the output projection (the FFN key) per token.
-        keys: (n_facts, d_key) K1 in the activation dtype; under tensor parallelism the
-            rank's column slice (n_facts, d_key / tp).
+        keys: (n_facts, d_key) K1 in the activation dtype (the sketch path: in any dtype, with
+            `sketch.rows_dtype` the activation's); under tensor parallelism the rank's column
+            slice (n_facts, d_key / tp).
         key_inv_norms: (n_facts,) float32 1/||K1_i|| over the *full* d_key (0 = padding).
-        residuals: (n_facts, d_model) R1 in the output dtype.
+        residuals: (n_facts, d_model) R1; `delta` comes back in their dtype (the caller casts
+            it to the output's).
         gamma: () float tensor, the threshold; the gate fires when cos > gamma.
         fact_chunk: facts scored at once; the exact path's memory is bounded by rows(k) * fact_chunk.
             The sketch path scores max(fact_chunk, RESCORE_GROUP * d_key) sketches at once
@@ -127,7 +133,7 @@ def nkv_gate(
         best, best_idx = _exact_best(x_unit.to(keys.dtype), keys, key_inv_norms, fact_chunk, all_reduce)
     else:
         cand = _shortlist(x_unit, sketch, fact_chunk, all_reduce)  # (T, c)
-        best, best_idx = _rescore(x_unit.to(keys.dtype), keys, key_inv_norms, cand, all_reduce)
+        best, best_idx = _rescore(x_unit.to(sketch.rows_dtype or keys.dtype), keys, key_inv_norms, cand, all_reduce)
 
     score = best.clamp(-1.0, 1.0)  # (T,) rounding may leave |cos| a hair above 1
     fired = score > gamma
@@ -273,6 +279,7 @@ def shortlist_chunk(fact_chunk: int, shortlist: int, d_key: int) -> int:
 def _rescore(x_c: torch.Tensor, keys: torch.Tensor, key_inv_norms: torch.Tensor, cand: torch.Tensor,
              all_reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact cosines of the candidates; (best, its row), the lowest row winning ties as in §5.
+    The gathered rows are cast to x_c's dtype (a no-op when the table is already in it).
 
     The candidates' rows are gathered RESCORE_GROUP slots at a time (a static loop): at
     Llama-3-8B width and 8k tokens all 128 at once would be 15 G values (30 GB in bf16), and
@@ -281,7 +288,7 @@ def _rescore(x_c: torch.Tensor, keys: torch.Tensor, key_inv_norms: torch.Tensor,
     parts = []
     for s in range(0, c, RESCORE_GROUP):
         group = cand[:, s : s + RESCORE_GROUP]  # (T, g)
-        rows = keys.index_select(0, group.reshape(-1)).reshape(T, group.shape[1], keys.shape[-1])  # (T, g, d_key)
+        rows = keys.index_select(0, group.reshape(-1)).to(x_c.dtype).reshape(T, group.shape[1], keys.shape[-1])  # (T, g, d_key)
         parts.append(torch.bmm(rows, x_c.unsqueeze(-1)).squeeze(-1))  # (T, g)
     dots = torch.cat(parts, dim=-1).float()  # (T, c)
     if all_reduce is not None:

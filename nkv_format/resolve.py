@@ -49,9 +49,10 @@ def locate_adapter(source: AdapterSource) -> AdapterLocation:
     raise NKVError(f"{text}: no such file, and not a Hub repo id of the form 'user/name'")
 
 
-def resolve_adapter(source: AdapterSource, revision: str | None = None) -> NKVAdapter:
+def resolve_adapter(source: AdapterSource, revision: str | None = None, *, lazy_facts: bool = False) -> NKVAdapter:
     """Load `source`: an NKVAdapter (returned as is), a local .nkv file, a local folder
     holding exactly one .nkv file, or a Hugging Face Hub repo id ("user/name").
+    `lazy_facts`: as in `NKVAdapter.load` (serving loaders).
 
     Raises:
         NKVFormatError: the file is not a valid adapter.
@@ -62,11 +63,11 @@ def resolve_adapter(source: AdapterSource, revision: str | None = None) -> NKVAd
     if where.adapter is not None:
         return where.adapter
     if where.path is not None:
-        return NKVAdapter.load(where.path)
+        return NKVAdapter.load(where.path, lazy_facts=lazy_facts)
     assert where.repo_id is not None
     local = fetch_adapter(where.repo_id, revision=revision)
     try:
-        return NKVAdapter.load(local)
+        return NKVAdapter.load(local, lazy_facts=lazy_facts)
     except NKVFormatError as exc:  # name the repo the user asked for, not the cache path
         raise type(exc)(f"{where.repo_id}@{revision or 'main'}:{local.name}", exc.problems) from None
 

@@ -203,6 +203,26 @@ def test_refusal(case: str, tmp_path: Path) -> None:
             assert needle in message, (case, message)
 
 
+
+def test_a_serving_load_counts_the_records_and_checks_them_when_read(tmp_path: Path) -> None:
+    a = make(["f0", "f1", "f2"])
+    good, dup, merged = tmp_path / "good.nkv", tmp_path / "dup.nkv", tmp_path / "merged.nkv"
+    a.save(good)
+    data = good.read_bytes()
+    dup.write_bytes(data.replace(b'"id":"f0"', b'"id":"f1"', 1))  # same length: only the records change
+    merged.write_bytes(data.replace(b'}\n{"id":"f1"', b'},{"id":"f1"', 1))  # two records on one line
+    with pytest.raises(NKVFormatError, match="V9.*duplicate fact id 'f1'"):
+        NKVAdapter.load(dup)
+    lazy = NKVAdapter.load(dup, lazy_facts=True)  # the rows are fine: a server may serve them
+    assert lazy.n_facts == 3 and torch.equal(lazy.keys, a.keys) and torch.equal(lazy.residuals, a.residuals)
+    with pytest.raises(NKVFormatError, match="V9.*duplicate fact id 'f1'"):
+        lazy.ids  # noqa: B018 - reading the records checks them
+    with pytest.raises(NKVFormatError, match="V9.*expected 3 records"):  # the count is checked at load
+        NKVAdapter.load(merged, lazy_facts=True)
+    back = NKVAdapter.load(good, lazy_facts=True)
+    assert repr(back.facts) == "LazyFacts(3 records)" and back.facts == a.facts and back.ids == ["f0", "f1", "f2"]
+    assert back.facts[1:] == a.facts[1:] and repr(back.facts) == "LazyFacts(3 records, read)"
+
 def test_records_not_spelled_as_the_writer_spells_them_still_load() -> None:
     # spaces, escapes, key order and a null target_true: valid JSON, read by the per-line path
     spaced = '{ "subject": "Sa", "id": "a", "prompt": "About Sa:", "target_new": "T\\u0061", "target_true": null }'

@@ -160,7 +160,7 @@ def test_bfloat16_sketch_tables_only_rank_the_shortlist_so_nothing_fires_that_ex
     adapter = replace(make([f"f{i}" for i in range(3000)]), keys=keys).with_sketch(8)
     base = torch.nn.Linear(48, 3)
     full = tl.NKVLinear(base, adapter, torch.float32, cpu)
-    assert full.nkv_sketch_keys.dtype == torch.float32  # the default: the keys' dtype
+    assert full.nkv_sketch_keys.dtype == torch.float32  # the default: the activations' dtype
     half = tl.NKVLinear(base, adapter, torch.float32, cpu)
     half.use_sketch(adapter, tl.DEFAULT_SHORTLIST, table_dtype=torch.bfloat16)
     assert half.nkv_sketch_keys.dtype == torch.bfloat16 and half.nkv_keys.dtype == torch.float32
@@ -170,6 +170,33 @@ def test_bfloat16_sketch_tables_only_rank_the_shortlist_so_nothing_fires_that_ex
     assert int(a.fired.sum()) >= 16 and not (c.fired & ~a.fired).any()  # rescored exactly: bf16 ranks, never scores
     assert torch.allclose(c.score[c.fired], torch.nn.functional.cosine_similarity(q, keys[c.index], dim=-1)[c.fired])
     assert torch.equal(b.index[a.fired], c.index[a.fired])  # the same rows as the float32 shortlist here
+
+
+def test_sketch_path_keeps_a_narrower_file_table_uncopied_and_decides_as_the_cast_table(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from nkv.loaders import transformers as tl
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(tl, "SKETCH_MIN_FACTS", 300)
+    keys, q = clustered(3000, 48, seed=3)
+    half = replace(make([f"f{i}" for i in range(3000)]), keys=keys.half(),
+                   residuals=torch.randn(3000, 3, generator=torch.Generator().manual_seed(4)).half()).with_sketch(8)
+    as_float = replace(half, keys=half.keys.float(), residuals=half.residuals.float())
+    base = torch.nn.Linear(48, 3)
+    kept = tl.NKVLinear(base, half, torch.float32, cpu)
+    cast = tl.NKVLinear(base, as_float, torch.float32, cpu)
+    assert kept.nkv_keys.dtype == torch.float16 and kept.nkv_keys.data_ptr() == half.keys.data_ptr()  # no copy
+    assert kept.nkv_sketch_keys.dtype == torch.float32  # the shortlist ranks as before
+    a, b = kept.gate(q), cast.gate(q)
+    assert int(a.fired.sum()) >= 16 and torch.equal(a.fired, b.fired) and torch.equal(a.index, b.index)
+    assert torch.equal(a.score, b.score) and torch.equal(a.delta.float(), b.delta)
+    assert torch.equal(kept(q), cast(q))  # the module's output, delta cast to float32
+    kept.use_sketch(half, 0)  # the exact path multiplies the whole table: cast once, in the activations' dtype
+    assert kept.nkv_keys.dtype == torch.float32 and torch.equal(kept.gate(q).index[a.fired], a.index[a.fired])
+    kept2 = tl.NKVLinear(base, half, torch.float32, cpu)
+    kept2.add(replace(as_float, keys=keys, facts=[replace(f, id=f"g{f.id}") for f in as_float.facts]), "other")
+    assert kept2.nkv_keys.dtype == torch.float32  # float32 rows are never rounded to the fp16 table's dtype
+    assert torch.equal(kept2.nkv_keys[3000:], keys)
 
 
 # ------------------------------------------------------------------ the file part (V11)
