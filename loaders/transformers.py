@@ -33,7 +33,7 @@ from nkv.facts import Fact
 from nkv.fingerprint import FINGERPRINT2_PREFIX, compute_fingerprint
 from nkv.constants import DEFAULT_SHORTLIST, SKETCH_MIN_FACTS
 from nkv.gate import (DEFAULT_FACT_CHUNK, GateResult, RowRange, Sketch, key_inverse_norms, nkv_gate,
-                      nkv_gate_routed, shortlist_chunk, sketch_keys)
+                      nkv_gate_routed, shortlist_chunk)
 from nkv.resolve import AdapterSource, resolve_adapter
 
 from .architectures import (arch_spec, blocks, model_fingerprint, model_type_of, output_projection, projection_weight,
@@ -305,7 +305,7 @@ class NKVLinear(nn.Module):
         r.register_buffer("sketch_proj", proj.to(device), persistent=False)  # (d_key, d_sketch) float32
         inv = self.nkv_key_inv_norms[r.start : r.start + r.n_facts].cpu()
         dtype = table_dtype or self.compute_dtype
-        r.register_buffer("sketch_keys", sketch_keys(adapter.keys, proj, inv).to(device, dtype),
+        r.register_buffer("sketch_keys", adapter.key_sketches(proj, inv).to(device, dtype),
                           persistent=False)  # (n_facts, d_sketch + 1): sketch, rest norm
 
     # -- the forward pass

@@ -25,7 +25,7 @@ from .dtypes import ROW_DTYPE_NAMES as _DTYPE_NAMES, TENSOR_DTYPES as _TORCH_DTY
 from .errors import NKVCompatibilityError, NKVConflictError, NKVFormatError
 from .facts import Fact, LazyFacts, count_problems, decode_facts, encode_facts, fact_record_problems
 from .fingerprint import FINGERPRINT2_PREFIX, fingerprints_match
-from .gate import fit_sketch
+from .gate import ROW_BLOCK, fit_sketch, sketch_keys
 from .header import BaseModelInfo, NKVHeader, parse_header, read_header
 from .quant import dequantize_rows, int8_problems, quantize_rows
 
@@ -202,6 +202,10 @@ class NKVAdapter:
         parts = [*rows, (C.T_FACTS, "U8", [len(records)], memoryview(records))]
         if self.sketch_proj is not None:
             parts.append((C.T_SKETCH_PROJ, "F32", list(self.sketch_proj.shape), _raw_bytes(self.sketch_proj)))
+            if self.n_facts >= C.SKETCH_MIN_FACTS:  # where loaders take the sketch path: save them the product
+                table = (_sketches_of_int8(kq, ks, self.sketch_proj) if self.storage == "int8"
+                         else self.key_sketches(self.sketch_proj))
+                parts.append((C.T_SKETCH_KEYS, "F32", list(table.shape), _raw_bytes(table)))
         parts += scales  # the optional tensors in the order of spec §4.2, §4.3
         doc: dict[str, Any] = {"__metadata__": dict(sorted(self.metadata().items()))}
         offset = 0
@@ -303,6 +307,10 @@ class NKVAdapter:
         )
         if not problems:
             problems = adapter.problems(check_facts=False)  # decode_facts checked (or LazyFacts will check) V9
+        table = tensors.get(C.T_SKETCH_KEYS)
+        if not problems and table is not None:
+            problems = _sketch_table_problems(adapter.keys, adapter.sketch_proj, table)
+            adapter._file_sketches = (adapter.keys, adapter.sketch_proj, table)
         if problems:
             raise NKVFormatError(header.source, problems)
         return adapter
@@ -536,6 +544,16 @@ class NKVAdapter:
             return stored
         return fit_sketch(self.keys, C.DEFAULT_SKETCH_DIM if dim is None else dim)
 
+    def key_sketches(self, proj: torch.Tensor, inverse_norms: torch.Tensor | None = None) -> torch.Tensor:
+        """(n_facts, d_sketch + 1) float32 sketches of the keys under `proj` (gate.sketch_keys):
+        the file's `nkv.sketch.keys` when this adapter was loaded with them and is still those
+        keys and that projection (attaching 1M facts skips a 5 s product), else computed.
+        Any row operation or `dataclasses.replace` makes a new adapter, which computes them."""
+        cached = getattr(self, "_file_sketches", None)
+        if cached is not None and cached[0] is self.keys and cached[1] is proj is self.sketch_proj:
+            return cached[2]
+        return sketch_keys(self.keys, proj, inverse_norms)
+
     def with_sketch(self, dim: int = C.DEFAULT_SKETCH_DIM) -> "NKVAdapter":
         """Same adapter with a sketch projection fitted to its keys (spec §5.1); dim 0 drops it.
 
@@ -573,6 +591,34 @@ def _same_rows(keys_a: torch.Tensor, res_a: torch.Tensor, rows_a: list[int],
 
 def _sketch_dim(adapter: NKVAdapter) -> int:
     return 0 if adapter.sketch_proj is None else int(adapter.sketch_proj.shape[1])
+
+
+def _sketch_table_problems(keys: torch.Tensor, proj: torch.Tensor | None, table: torch.Tensor) -> list[str]:
+    """V11 on the data of `nkv.sketch.keys` (its shape was checked with the header): finite,
+    and SKETCH_KEYS_CHECKED evenly spaced rows equal the sketches computed from K1 and P.
+    A stale table would not fire a wrong row (candidates are rescored exactly) but would
+    silently miss right ones."""
+    where = f"V11: tensor {C.T_SKETCH_KEYS!r}"
+    if proj is None:
+        return [f"{where} is present without {C.T_SKETCH_PROJ!r}"]
+    if not all_finite(table):
+        return [f"{where} holds NaN/Inf values; drop it or write the file again"]
+    n = table.shape[0]
+    rows = torch.linspace(0, n - 1, min(n, C.SKETCH_KEYS_CHECKED)).round().long().unique()
+    diff = (sketch_keys(keys.index_select(0, rows), proj) - table.index_select(0, rows)).abs()
+    if rows.numel() and float(diff.max()) > C.SKETCH_KEYS_TOLERANCE:
+        bad = int(rows[int(diff.amax(-1).argmax())])
+        return [f"{where} is not the sketches of {C.T_KEYS!r} under {C.T_SKETCH_PROJ!r} (row {bad} differs by "
+                f"{float(diff.max()):.3g} > {C.SKETCH_KEYS_TOLERANCE}); drop it or write the file again"]
+    return []
+
+
+def _sketches_of_int8(q: torch.Tensor, scale: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+    """The key sketches of int8 rows as a reader dequantizes them, in the blocks sketch_keys
+    uses (so the same products), without a float32 copy of the whole table."""
+    parts = [sketch_keys(dequantize_rows(q[s : s + ROW_BLOCK], scale[s : s + ROW_BLOCK]), proj)
+             for s in range(0, q.shape[0], ROW_BLOCK)]
+    return torch.cat(parts) if parts else torch.zeros(0, proj.shape[1] + 1)
 
 
 def _version_for(adapter: NKVAdapter) -> str:

@@ -6,7 +6,7 @@ Change a value here only together with the spec and a version bump.
 from __future__ import annotations
 
 FORMAT_MARKER = "nkv"
-FORMAT_VERSION = "2.0"  # "major.minor" of this spec; readers refuse a newer major
+FORMAT_VERSION = "2.1"  # "major.minor" of this spec; readers refuse a newer major
 # Writers write the lowest version whose parts the file uses (spec §8):
 RESIDUAL_SITE_VERSION = "2.0"  # rows added after the FFN-output norm (§5): a 1.x reader would add them before it
 INT8_VERSION = "1.3"  # K1/R1 stored as I8 with per-row scales (spec §4.3)
@@ -22,7 +22,12 @@ T_FACTS = "nkv.facts"  # U8 [n_bytes]: UTF-8 JSON Lines, one fact record per row
 ROW_DTYPES = ("F32", "F16", "BF16")
 # Optional (1.1): a projection fitted to the keys for the sketch path of the gate (spec §5.1)
 T_SKETCH_PROJ = "nkv.sketch.proj"  # F32, [d_key, d_sketch]
-OPTIONAL_TENSORS = (T_SKETCH_PROJ,)
+# Optional (2.1), only beside the projection: the keys' sketches under it, which a reader would
+# otherwise compute at load (gate.sketch_keys). A cache: it raises no file's version (spec §8).
+T_SKETCH_KEYS = "nkv.sketch.keys"  # F32, [n_facts, d_sketch + 1]
+OPTIONAL_TENSORS = (T_SKETCH_PROJ, T_SKETCH_KEYS)
+SKETCH_KEYS_TOLERANCE = 1e-4  # |stored - computed| per value a reader accepts (float32 products differ by BLAS)
+SKETCH_KEYS_CHECKED = 64  # evenly spaced rows the reference reader recomputes to check nkv.sketch.keys
 # Int8 storage (1.3): K1 and R1 both I8, each row dequantized as float32(q) * scale (spec §4.3)
 QUANT_DTYPE = "I8"
 T_KEYS_SCALE = "nkv.keys.scale"  # F32, [n_facts]

@@ -16,7 +16,7 @@ only miss the best row when that row falls outside the shortlist.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 
@@ -54,13 +54,26 @@ def key_inverse_norms(keys: torch.Tensor) -> torch.Tensor:
     scores below 0, or there is none), but a score of 0 never exceeds gamma >= 0, so it
     never fires; its residual is zero as well.
     """
-    # In cache-sized blocks, each cast to float32 once: a float32 copy of a 1M-row fp16 table
-    # would take 6 GB at SmolLM2's width, and pow(2).sum() over 64k-row blocks ran 10x slower
-    # than this (benchmarks/scale: attach).
-    norms = torch.cat([torch.linalg.vector_norm(keys[s : s + ROW_BLOCK].float(), dim=-1)
-                       for s in range(0, keys.shape[0], ROW_BLOCK)]
-                      ) if keys.shape[0] else torch.zeros(0, device=keys.device)  # (n_facts,)
+    norms = torch.empty(keys.shape[0], dtype=torch.float32, device=keys.device)  # (n_facts,)
+    for start, block in float32_blocks(keys):
+        torch.linalg.vector_norm(block, dim=-1, out=norms[start : start + block.shape[0]])
     return torch.where(norms > 0, 1.0 / norms.clamp_min(1e-30), torch.zeros_like(norms))
+
+
+def float32_blocks(rows: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """(start, rows[start : start + ROW_BLOCK] in float32) over a table, through one reused
+    buffer: a float32 copy of a 1M-row fp16 table would take 6 GB at SmolLM2's width, and a
+    fresh block per step made the allocator fault its pages in again (the norms of 1M fp16
+    rows took 1.3-7.7 s that way, 0.3-0.5 s through one buffer; benchmarks/scale: attach).
+    Each block is valid until the next one is drawn."""
+    if rows.dtype == torch.float32:
+        for start in range(0, rows.shape[0], ROW_BLOCK):
+            yield start, rows[start : start + ROW_BLOCK]
+        return
+    buf = torch.empty(min(ROW_BLOCK, rows.shape[0]), *rows.shape[1:], dtype=torch.float32, device=rows.device)
+    for start in range(0, rows.shape[0], ROW_BLOCK):
+        m = min(ROW_BLOCK, rows.shape[0] - start)
+        yield start, buf[:m].copy_(rows[start : start + m])
 
 
 def unit_rows(x: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
@@ -331,13 +344,15 @@ def sketch_keys(keys: torch.Tensor, proj: torch.Tensor, inverse_norms: torch.Ten
     `inverse_norms` (from key_inverse_norms) saves computing them again."""
     inv = key_inverse_norms(keys) if inverse_norms is None else inverse_norms.float()
     proj = proj.float()
-    parts = []
-    for s in range(0, keys.shape[0], ROW_BLOCK):
-        sk = (keys[s : s + ROW_BLOCK].float() @ proj) * inv[s : s + ROW_BLOCK].unsqueeze(-1)  # (rows, d_sketch)
-        real = (inv[s : s + ROW_BLOCK] > 0).unsqueeze(-1)  # a padding row's unit key is 0: no rest either
-        rest = torch.where(real, (1.0 - sk.pow(2).sum(-1, keepdim=True)).clamp_min(0.0).sqrt(), 0.0)
-        parts.append(torch.cat([sk, rest], dim=-1))
-    return torch.cat(parts) if parts else torch.zeros(0, proj.shape[1] + 1)
+    out = torch.empty(keys.shape[0], proj.shape[1] + 1, dtype=torch.float32, device=keys.device)
+    for s, block in float32_blocks(keys):
+        rows = slice(s, s + block.shape[0])
+        sk = torch.matmul(block, proj, out=out[rows, :-1])  # (rows, d_sketch)
+        sk.mul_(inv[rows].unsqueeze(-1))
+        real = inv[rows] > 0  # a padding row's unit key is 0: no rest either
+        rest = (1.0 - sk.pow(2).sum(-1)).clamp_min(0.0).sqrt()
+        out[rows, -1] = torch.where(real, rest, 0.0)
+    return out
 
 
 def _reduced(all_reduce: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor) -> torch.Tensor:

@@ -306,6 +306,15 @@ def _tensor_problems(tensors: dict[str, TensorInfo], n_facts: int, d_key: int, d
         problems.append(f"V11: tensor {C.T_SKETCH_PROJ!r} must be F32 [d_key = {d_key}, d_sketch] with "
                         f"1 <= d_sketch <= d_key, got {proj.dtype} {list(proj.shape)}; drop it or refit it "
                         "(NKVAdapter.with_sketch)")
+    table = tensors.get(C.T_SKETCH_KEYS)
+    if table is not None and proj is None:
+        problems.append(f"V11: tensor {C.T_SKETCH_KEYS!r} is present without {C.T_SKETCH_PROJ!r}: the sketches are "
+                        "only meaningful under their projection; drop it")
+    elif table is not None and proj is not None:
+        width = proj.shape[1] + 1 if len(proj.shape) == 2 else "d_sketch + 1"
+        if not (table.dtype == "F32" and list(table.shape) == [n_facts, width]):
+            problems.append(f"V11: tensor {C.T_SKETCH_KEYS!r} must be F32 [n_facts = {n_facts}, d_sketch + 1 = {width}], "
+                            f"got {table.dtype} {list(table.shape)}; drop it or write the file again")
     for rows_name, scale_name in ((C.T_KEYS, C.T_KEYS_SCALE), (C.T_RESIDUALS, C.T_RESIDUALS_SCALE)):
         rows, scale = tensors.get(rows_name), tensors.get(scale_name)
         if rows is None:

@@ -1,7 +1,7 @@
 """Fuzz the reader: every input ends as a valid adapter or an NKVError, never anything else.
 
 Inputs are mutations of spec/examples/golden.nkv, golden-sketch.nkv (format 1.1, with
-the optional sketch projection) and golden-int8.nkv (1.3, I8 rows with per-row scales):
+the optional sketch projection, and with the keys' sketches of 2.1 added) and golden-int8.nkv (1.3, I8 rows with per-row scales):
 bit flips, truncations, splices, structured edits of the header JSON, of the fact records,
 of the sketch tensor and of the int8 rows and scales, and random bytes. Each goes
 to `NKVAdapter.from_bytes`, to `NKVAdapter.load` (through a file) and to `read_header`.
@@ -51,6 +51,21 @@ _NS = struct.unpack("<Q", GOLDEN_SKETCH[:8])[0]
 HEADER_SKETCH = json.loads(GOLDEN_SKETCH[8 : 8 + _NS])
 BODY_SKETCH = GOLDEN_SKETCH[8 + _NS :]
 goldens = st.sampled_from([GOLDEN, GOLDEN_SKETCH, GOLDEN_INT8])
+
+
+def _with_key_sketches(header: dict, body: bytes) -> tuple[dict, bytes]:
+    """golden-sketch plus `nkv.sketch.keys` (2.1), which the writer adds only from
+    SKETCH_MIN_FACTS rows: the keys' sketches under the file's projection, appended."""
+    import torch
+
+    from nkv.gate import sketch_keys
+
+    a = NKVAdapter.from_bytes(_frame(_dump(header), body))
+    table = sketch_keys(a.keys, a.sketch_proj).contiguous()
+    doc = json.loads(json.dumps(header))
+    doc["nkv.sketch.keys"] = {"dtype": "F32", "shape": list(table.shape),
+                              "data_offsets": [len(body), len(body) + 4 * table.numel()]}
+    return doc, body + table.numpy().tobytes()
 _N = struct.unpack("<Q", GOLDEN[:8])[0]
 HEADER = json.loads(GOLDEN[8 : 8 + _N])
 BODY = GOLDEN[8 + _N :]
@@ -283,22 +298,27 @@ def bitflips(draw: st.DrawFn) -> bytes:
 
 @st.composite
 def sketch_mutation(draw: st.DrawFn) -> bytes:
-    """golden-sketch.nkv with its `nkv.sketch.proj` entry, values, version or neighbours edited."""
-    doc = json.loads(json.dumps(HEADER_SKETCH))
-    body = bytearray(BODY_SKETCH)
-    begin, end = doc["nkv.sketch.proj"]["data_offsets"]
+    """golden-sketch.nkv, with or without `nkv.sketch.keys`, with either tensor's entry, values,
+    the version or neighbours edited."""
+    header, body = (HEADER_SKETCH, BODY_SKETCH) if draw(st.booleans()) else _with_key_sketches(HEADER_SKETCH, BODY_SKETCH)
+    doc = json.loads(json.dumps(header))
+    body = bytearray(body)
+    names = [n for n in ("nkv.sketch.proj", "nkv.sketch.keys") if n in doc]
     for _ in range(draw(st.integers(1, 3))):
         action = draw(st.sampled_from(["dtype", "shape", "offsets", "entry", "drop", "value", "version", "d_key"]))
-        entry = doc.get("nkv.sketch.proj")
+        name = draw(st.sampled_from(names))
+        entry = doc.get(name)
+        begin, end = header[name]["data_offsets"]
         if action in ("dtype", "shape", "offsets") and isinstance(entry, dict):
             field = {"dtype": "dtype", "shape": "shape", "offsets": "data_offsets"}[action]
             entry[field] = draw({"dtype": dtypes, "shape": st.one_of(shapes, st.sampled_from(
-                [[4, 1], [4, 4], [4, 5], [3, 2], [8, 1], [2, 4], [4], [4, 2, 1]])), "offsets": offsets}[action])
+                [[4, 1], [4, 4], [4, 5], [3, 2], [8, 1], [2, 4], [2, 3], [2, 2], [4], [4, 2, 1]])),
+                "offsets": offsets}[action])
         elif action == "entry":
-            doc["nkv.sketch.proj"] = draw(json_value)
+            doc[name] = draw(json_value)
         elif action == "drop":
-            doc.pop("nkv.sketch.proj", None)
-        elif action == "value":  # a NaN, an Inf or any float in one cell of the projection
+            doc.pop(name, None)
+        elif action == "value":  # a NaN, an Inf or any float in one cell of the projection or the sketches
             cell = draw(st.integers(0, (end - begin) // 4 - 1))
             value = draw(st.sampled_from([b"\x00\x00\xc0\x7f", b"\x00\x00\x80\x7f", b"\x00\x00\x80\xff"])
                          | st.binary(min_size=4, max_size=4))

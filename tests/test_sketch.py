@@ -7,6 +7,8 @@ tensor-parallel ranks, trace without graph breaks and follow in-place hot swaps.
 
 from __future__ import annotations
 
+import re
+import struct
 import threading
 from dataclasses import replace
 
@@ -14,6 +16,7 @@ import pytest
 import torch
 
 from nkv import NKVAdapter, NKVFormatError
+from nkv import constants as C
 from nkv.gate import Sketch, fit_sketch, key_inverse_norms, nkv_gate, sketch_keys
 from test_format import make
 
@@ -228,6 +231,64 @@ def test_bad_sketch_is_refused_by_writer_and_reader(proj: torch.Tensor, needle: 
     assert bad != good
     with pytest.raises(NKVFormatError, match=r"V11: tensor 'nkv.sketch.proj' must be F32"):
         NKVAdapter.from_bytes(bad)
+
+
+def _table_bytes(data: bytes) -> tuple[int, int]:
+    """[begin, end) of nkv.sketch.keys in a file's bytes."""
+    from nkv.header import parse_header
+
+    h = parse_header(data[: 8 + C.MAX_HEADER_BYTES], len(data), "<test>")
+    begin, end = h.tensors[C.T_SKETCH_KEYS].data_offsets
+    return h.data_start + begin, h.data_start + end
+
+
+@pytest.mark.parametrize("storage", ["exact", "int8"])
+def test_key_sketches_are_stored_from_sketch_min_facts_and_attach_reads_them(
+        storage: str, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nkv import adapter as adapter_module
+    from nkv.loaders import transformers as tl
+
+    monkeypatch.setattr(C, "SKETCH_MIN_FACTS", 40)
+    monkeypatch.setattr(tl, "SKETCH_MIN_FACTS", 40)
+    keys, _ = clustered(60, 4, rank=2, seed=5)
+    small = replace(make([f"f{i}" for i in range(39)]), storage=storage).with_sketch(2)
+    assert C.T_SKETCH_KEYS.encode() not in small.to_bytes()  # the exact path below SKETCH_MIN_FACTS: not written
+    a = replace(make([f"f{i}" for i in range(60)]), keys=keys, storage=storage).with_sketch(2)
+    data = a.to_bytes()
+    back = NKVAdapter.from_bytes(data)
+    begin, end = _table_bytes(data)
+    table = torch.frombuffer(bytearray(data[begin:end]), dtype=torch.float32).reshape(60, 3)
+    assert torch.equal(table, sketch_keys(back.keys, back.sketch_proj))  # of the rows as stored (int8: dequantized)
+    assert b'"nkv.version":"1.1"' in data or storage == "int8"  # a cache raises no version
+    assert back.to_bytes() == data
+    calls = []
+    monkeypatch.setattr(adapter_module, "sketch_keys", lambda *a, **k: calls.append(1) or sketch_keys(*a, **k))
+    module = tl.NKVLinear(torch.nn.Linear(4, 3), back, torch.float32, torch.device("cpu"))
+    assert torch.equal(module.nkv_sketch_keys, table) and calls == []  # read, not computed
+    assert torch.equal(replace(back, keys=back.keys.clone()).key_sketches(back.sketch_proj), table)
+    assert calls == [1]  # another adapter (a row operation, replace): computed again
+    for out in (back.remove(ids=["f1"]), back.select([f"f{i}" for i in range(50)])):
+        assert torch.equal(out.key_sketches(out.sketch_proj), sketch_keys(out.keys, out.sketch_proj))
+
+
+@pytest.mark.parametrize("change, needle", [
+    ("stale", "is not the sketches of 'nkv.keys' under 'nkv.sketch.proj' (row 0"),
+    ("nan", "holds NaN/Inf"),
+    ("dtype", "must be F32 [n_facts = 60, d_sketch + 1 = 3]"),
+    ("alone", "is present without 'nkv.sketch.proj'"),
+])
+def test_a_bad_key_sketch_table_is_refused(change: str, needle: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(C, "SKETCH_MIN_FACTS", 40)
+    data = bytearray(make([f"f{i}" for i in range(60)]).with_sketch(2).to_bytes())
+    begin, _ = _table_bytes(bytes(data))
+    if change in ("stale", "nan"):
+        data[begin : begin + 4] = struct.pack("<f", 0.5 if change == "stale" else float("nan"))
+    elif change == "dtype":
+        data = data.replace(b'"nkv.sketch.keys":{"dtype":"F32"', b'"nkv.sketch.keys":{"dtype":"I32"')
+    else:  # the projection's entry renamed: an unknown tensor, ignored
+        data = data.replace(b'"nkv.sketch.proj":', b'"nkv.sketch.xxxx":')
+    with pytest.raises(NKVFormatError, match=re.escape(needle)):
+        NKVAdapter.from_bytes(bytes(data))
 
 
 def test_sketch_projection_is_the_files_when_its_width_fits_else_fitted():

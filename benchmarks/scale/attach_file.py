@@ -1,10 +1,11 @@
 """Attaching an n-fact adapter file to SmolLM2-135M's shape end to end, and where the time goes.
 
-    python benchmarks/scale/attach_file.py --facts 1000000
+    python benchmarks/scale/attach_file.py --facts 1000000 [--threads 2] [--no-sketch-keys]
 
 Writes (once, into --dir) an adapter of n random fp16 rows at layer 6 of a randomly
 initialised model of SmolLM2-135M-Instruct's configuration (the fingerprint must match, the
-values do not matter to attaching), with the fitted sketch projection stored, then times
+values do not matter to attaching), with the fitted sketch projection and (spec 2.1) the
+keys' sketches stored, then times
 `load_nkv_adapter(model, path)` (median of --reps) and the decoding of its fact records
 both ways side by side; --top profiles one more attach. Prints JSON lines.
 """
@@ -25,6 +26,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from nkv import BaseModelInfo, Fact, empty_adapter, load_nkv_adapter
+from nkv import constants as C
 from nkv.loaders.architectures import model_fingerprint
 
 # SmolLM2-135M-Instruct's shape (the GGUF's config); random weights: attach never runs the model
@@ -38,8 +40,10 @@ def model() -> LlamaForCausalLM:
     return LlamaForCausalLM(LlamaConfig(**SMOLLM2)).eval()
 
 
-def write_adapter(m: LlamaForCausalLM, n: int, path: Path, block: int = 100_000) -> None:
-    """n random fp16 rows (drawn in float32 blocks, so no float32 copy of the table), sketch fitted."""
+def write_adapter(m: LlamaForCausalLM, n: int, path: Path, block: int = 100_000, sketch_keys: bool = True) -> None:
+    """n random fp16 rows (drawn in float32 blocks, so no float32 copy of the table), sketch
+    fitted; the keys' sketches stored (spec 2.1, what the writer does from SKETCH_MIN_FACTS
+    rows) unless `sketch_keys` is False, when the loader computes them as before 2.1."""
     base = BaseModelInfo(name="smollm2-shape", architecture="LlamaForCausalLM", model_type="llama", n_layers=30,
                          d_model=576, d_key=1536, fingerprint=model_fingerprint(m, LAYER))
     g = torch.Generator().manual_seed(1)
@@ -49,6 +53,8 @@ def write_adapter(m: LlamaForCausalLM, n: int, path: Path, block: int = 100_000)
                   target_new=" Paris") for i in range(n)]
     a = empty_adapter(base, layer=LAYER, target_module=f"model.layers.{LAYER}.mlp.down_proj", dtype=torch.float16)
     a = a.add(facts, keys, residuals).with_sketch()
+    if not sketch_keys:
+        C.SKETCH_MIN_FACTS = n + 1  # this process writes only this file; the loader's threshold is its own
     a.save(path)
 
 
@@ -79,14 +85,16 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--top", type=int, default=0, help="profile one more attach and print this many lines")
+    p.add_argument("--no-sketch-keys", action="store_true",
+                   help="a file without nkv.sketch.keys (spec 2.1): the loader computes the sketches")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     m = model()
     args.dir.mkdir(parents=True, exist_ok=True)
-    path = args.dir / f"attach-{args.facts}.nkv"
+    path = args.dir / f"attach-{args.facts}{'-no-sketch-keys' if args.no_sketch_keys else ''}.nkv"
     if not path.exists():
         t0 = time.perf_counter()
-        write_adapter(m, args.facts, path)
+        write_adapter(m, args.facts, path, sketch_keys=not args.no_sketch_keys)
         print(json.dumps({"wrote": path.name, "seconds": round(time.perf_counter() - t0, 1),
                           "bytes_per_fact": round(path.stat().st_size / args.facts)}), flush=True)
     path.read_bytes()  # in the page cache: time the work, not the disk
@@ -97,7 +105,7 @@ def main() -> None:
         seconds.append(time.perf_counter() - t0)
         handle.detach()
         del handle
-    print(json.dumps({"facts": args.facts, "attach_s": round(statistics.median(seconds), 2),
+    print(json.dumps({"facts": args.facts, "sketch_keys_stored": not args.no_sketch_keys, "attach_s": round(statistics.median(seconds), 2),
                       "each_s": [round(s, 2) for s in seconds], "threads": args.threads}), flush=True)
     time_decode(path, args.reps)
     if args.top:

@@ -51,7 +51,7 @@ from nkv.adapter import NKVAdapter
 from nkv.compat import check_gamma
 from nkv.errors import NKVError
 from nkv.constants import DEFAULT_SHORTLIST, DEFAULT_SKETCH_DIM, SKETCH_MIN_FACTS
-from nkv.gate import RowRange, Sketch, key_inverse_norms, nkv_gate, nkv_gate_routed, sketch_keys
+from nkv.gate import RowRange, Sketch, key_inverse_norms, nkv_gate, nkv_gate_routed
 
 from .slot import SlotInfo
 
@@ -289,7 +289,7 @@ class NKVGatedProjection(nn.Module):
         }
         if self.sketched and adapter.n_facts:
             proj = adapter.sketch_projection(self.nkv_sketch_proj.shape[2])  # the buffers' width; same on every rank
-            rows["nkv_sketch_keys"] = sketch_keys(adapter.keys, proj, rows["nkv_key_inv_norms"]).to(keys.dtype)
+            rows["nkv_sketch_keys"] = adapter.key_sketches(proj, rows["nkv_key_inv_norms"]).to(keys.dtype)
             rows["proj"] = proj[self.col_start:self.col_start + self.d_key_local].contiguous()
         return rows
 
