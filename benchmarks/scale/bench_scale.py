@@ -131,7 +131,7 @@ def cmd_recall(data: dict, sizes: list[int], dims: list[int], shortlists: list[i
 
 
 def cmd_forward(data: dict, sizes: list[int], model_name: str, reps: int, shortlists: list[int],
-                sketch_dtypes: list[str]) -> None:
+                sketch_dtypes: list[str], float32_table: bool = False) -> None:
     from nkv import BaseModelInfo, Fact, NKVAdapter
     from nkv.loaders.models import load_model
     from nkv.loaders.transformers import NKVLinear
@@ -170,6 +170,12 @@ def cmd_forward(data: dict, sizes: list[int], model_name: str, reps: int, shortl
             name = f"sketch{c}" if dt == "float32" else f"sketch{c}_{dt}"
             attach_s[name] = round(time.perf_counter() - t0, 2)
             modules[name] = fast
+        if float32_table:  # the sketch path over a float32 copy of the table, as the loader held it before session 12
+            wide = NKVLinear(down, adapter, torch.float32, torch.device("cpu"))
+            wide.use_sketch(adapter, 0)  # cast to float32 (the exact path's table) ...
+            wide.use_sketch(adapter, shortlists[0])  # ... and kept so on the sketch path
+            assert wide.nkv_keys.dtype == torch.float32
+            modules[f"sketch{shortlists[0]}_float32_table"] = wide
         times: dict[str, list[float]] = {"none": [], **{name: [] for name in modules}}
         fwd()  # warm-up
         for _ in range(reps):  # interleaved, so load from other jobs hits every variant alike
@@ -224,6 +230,8 @@ def main() -> None:
                    help="recall: shortlist rankings, op (the op's), bound, plain and/or restA (rests' norms times A)")
     p.add_argument("--sketch-dtypes", default="float32",
                    help="recall, forward: dtypes the key sketches are scored in, float32 and/or bfloat16")
+    p.add_argument("--float32-table", action="store_true",
+                   help="forward: also the sketch path over a float32 copy of the fp16 table (before session 12)")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
@@ -237,7 +245,8 @@ def main() -> None:
         cmd_recall(data, ints(args.sizes), ints(args.dims), ints(args.shortlists), args.max_tokens,
                    args.rankings.split(","), args.sketch_dtypes.split(","))
     elif args.cmd == "forward":
-        cmd_forward(data, ints(args.sizes), args.model, args.reps, ints(args.shortlists), args.sketch_dtypes.split(","))
+        cmd_forward(data, ints(args.sizes), args.model, args.reps, ints(args.shortlists), args.sketch_dtypes.split(","),
+                    args.float32_table)
     else:
         cmd_attach(data, ints(args.sizes))
 
