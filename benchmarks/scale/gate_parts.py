@@ -1,0 +1,79 @@
+"""Where the sketch path's time goes: the whole `nkv_gate` call and its parts, one thread.
+
+    python benchmarks/scale/gate_parts.py --keys keys30k.pt --facts 200000 --tokens 256
+
+Keys: the real keys of read_keys.py tiled to --facts with noise (fp16, as files store them),
+the sketch fitted as the loader fits it; queries: --tokens real-text tokens. Prints the
+median of --reps (ms) for: the whole gate, the shortlist, the exact rescoring, the sketch
+product alone (float32 and bf16), the per-chunk top-k as the shortlist runs it, and one
+top-k over all scores. Prints JSON lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from nkv.gate import (DEFAULT_FACT_CHUNK, Sketch, _rescore, _shortlist, fit_sketch, key_inverse_norms, nkv_gate,
+                      shortlist_chunk, sketch_keys, unit_rows)
+
+
+def ms(f: Callable[[], object], reps: int) -> float:
+    f()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t0)
+    return round(statistics.median(times) * 1000, 1)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--keys", type=Path, required=True)
+    p.add_argument("--facts", type=int, default=200_000)
+    p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--shortlist", type=int, default=128)
+    p.add_argument("--reps", type=int, default=5)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    data = torch.load(args.keys)
+    real = data["keys"].float()
+    g = torch.Generator().manual_seed(0)
+    n = args.facts
+    keys = (real[torch.randint(0, real.shape[0], (n,), generator=g)]
+            + 0.3 * torch.randn(n, real.shape[1], generator=g)).half()  # (n, d_key)
+    proj = fit_sketch(keys, 128)
+    inv = key_inverse_norms(keys)
+    table = sketch_keys(keys, proj, inv)  # (n, 129)
+    sketch = Sketch(proj, table, args.shortlist, torch.float32)
+    x = data["text"][: args.tokens].float()  # (T, d_key)
+    x_unit = unit_rows(x, x.pow(2).sum(-1))
+    residuals = torch.zeros(n, 576, dtype=torch.float16)
+    cand = _shortlist(x_unit, sketch, DEFAULT_FACT_CHUNK, None)
+    q = torch.cat([x_unit @ proj, torch.rand(x.shape[0], 1, generator=g)], -1)  # (T, 129)
+    scores = q @ table.T  # (T, n)
+    chunk = shortlist_chunk(DEFAULT_FACT_CHUNK, args.shortlist, keys.shape[1])
+    q16, table16 = q.bfloat16(), table.bfloat16()
+    parts = {
+        "whole_gate": lambda: nkv_gate(x, keys, inv, residuals, torch.tensor(0.65), sketch=sketch),
+        "shortlist": lambda: _shortlist(x_unit, sketch, DEFAULT_FACT_CHUNK, None),
+        "rescore": lambda: _rescore(x_unit, keys, inv, cand, None),
+        "sketch_product_float32": lambda: [q @ table[s : s + chunk].T for s in range(0, n, chunk)],
+        "sketch_product_bf16": lambda: [q16 @ table16[s : s + chunk].T for s in range(0, n, chunk)],
+        "topk_per_chunk": lambda: [scores[:, s : s + chunk].contiguous().topk(args.shortlist, dim=-1)
+                                   for s in range(0, n, chunk)],
+        "topk_once": lambda: scores.topk(args.shortlist, dim=-1),
+    }
+    print(json.dumps({"facts": n, "tokens": x.shape[0], "chunk": chunk, "threads": 1,
+                      **{f"{k}_ms": ms(f, args.reps) for k, f in parts.items()}}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
