@@ -64,6 +64,8 @@ def main() -> None:
     parts = {
         "whole_gate": lambda: nkv_gate(x, keys, inv, residuals, torch.tensor(0.65), sketch=sketch),
         "shortlist": lambda: _shortlist(x_unit, sketch, DEFAULT_FACT_CHUNK, None),
+        # the chunk the transformers loader passes since session 12: what SCORE_BUDGET allows for T rows
+        "shortlist_budget_chunk": lambda: _shortlist(x_unit, sketch, min(n, 2**25 // x.shape[0]), None),
         "rescore": lambda: _rescore(x_unit, keys, inv, cand, None),
         "sketch_product_float32": lambda: [q @ table[s : s + chunk].T for s in range(0, n, chunk)],
         "sketch_product_bf16": lambda: [q16 @ table16[s : s + chunk].T for s in range(0, n, chunk)],
