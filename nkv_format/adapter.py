@@ -268,8 +268,9 @@ class NKVAdapter:
         return cls._from_parts(header, tensors, lazy_facts)
 
     @classmethod
-    def from_bytes(cls, data: bytes, source: str = "<bytes>") -> "NKVAdapter":
-        """Parse a whole .nkv file held in memory (used for downloads and fuzzing)."""
+    def from_bytes(cls, data: bytes, source: str = "<bytes>", *, lazy_facts: bool = False) -> "NKVAdapter":
+        """Parse a whole .nkv file held in memory (used for downloads, vLLM ranks and fuzzing);
+        `lazy_facts` as in `load`."""
         header = parse_header(data[: 8 + C.MAX_HEADER_BYTES], len(data), source)
         tensors = {}
         for name in _known_tensors(header):
@@ -279,7 +280,7 @@ class NKVAdapter:
             buf = bytearray(data[begin:end])
             flat = torch.frombuffer(buf, dtype=dtype) if buf else torch.zeros(0, dtype=dtype)
             tensors[name] = flat.reshape(info.shape)
-        return cls._from_parts(header, tensors)
+        return cls._from_parts(header, tensors, lazy_facts)
 
     @classmethod
     def _from_parts(cls, header: NKVHeader, tensors: dict[str, torch.Tensor],

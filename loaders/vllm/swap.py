@@ -102,7 +102,7 @@ def read_pinned(request: SwapRequest) -> NKVAdapter:
         raise NKVError(f"{request.source}: this rank read different bytes (sha256 {got[:12]}...) from those the "
                        f"swap was checked against ({request.digest[:12]}...); the file changed during the swap; "
                        "retry it, and do not rewrite adapters in place while an engine loads them")
-    return NKVAdapter.from_bytes(data, source=request.source)
+    return NKVAdapter.from_bytes(data, source=request.source, lazy_facts=True)  # a rank serves rows, not records
 
 
 def apply_swap(core: Any, request: dict[str, Any]) -> list[dict[str, Any]]:
