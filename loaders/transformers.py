@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence, Union
 
 import torch
@@ -574,7 +574,7 @@ def attach(model: nn.Module, adapter: AdapterSource, *, revision: str | None = N
         gamma = check_gamma(gamma, "load_nkv_adapter(gamma=...)")
     adapter = resolve_adapter(adapter, revision=revision, lazy_facts=True)  # records parsed when read (spec §7)
     if gamma is not None:
-        adapter = replace(adapter, gamma=gamma)
+        adapter = adapter.with_gamma(gamma)
     spec = arch_spec(model_type_of(model))
     check_base(model, adapter, strict=strict)
     if adapter.residual_site == "out_norm" and not spec.out_norm:

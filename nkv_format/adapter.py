@@ -555,6 +555,14 @@ class NKVAdapter:
             return cached[2]
         return sketch_keys(self.keys, proj, inverse_norms)
 
+    def with_gamma(self, gamma: float) -> "NKVAdapter":
+        """Same rows with threshold `gamma` (a serving override, checked by the caller); the
+        rows and projection are the same objects, so the file's stored sketches still apply."""
+        out = dc_replace(self, gamma=gamma)
+        if hasattr(self, "_file_sketches"):
+            out._file_sketches = self._file_sketches
+        return out
+
     def with_sketch(self, dim: int = C.DEFAULT_SKETCH_DIM) -> "NKVAdapter":
         """Same adapter with a sketch projection fitted to its keys (spec §5.1); dim 0 drops it.
 

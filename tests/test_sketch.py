@@ -265,6 +265,8 @@ def test_key_sketches_are_stored_from_sketch_min_facts_and_attach_reads_them(
     monkeypatch.setattr(adapter_module, "sketch_keys", lambda *a, **k: calls.append(1) or sketch_keys(*a, **k))
     module = tl.NKVLinear(torch.nn.Linear(4, 3), back, torch.float32, torch.device("cpu"))
     assert torch.equal(module.nkv_sketch_keys, table) and calls == []  # read, not computed
+    served = back.with_gamma(0.8)  # load_nkv_adapter(gamma=...): the same rows, the stored sketches
+    assert served.gamma == 0.8 and torch.equal(served.key_sketches(served.sketch_proj), table) and calls == []
     assert torch.equal(replace(back, keys=back.keys.clone()).key_sketches(back.sketch_proj), table)
     assert calls == [1]  # another adapter (a row operation, replace): computed again
     for out in (back.remove(ids=["f1"]), back.select([f"f{i}" for i in range(50)])):
