@@ -317,11 +317,18 @@ class NKVAdapter:
         return adapter
 
     # ---------------------------------------------------------------- row operations
-    def _with_rows(self, facts: list[Fact], keys: torch.Tensor, residuals: torch.Tensor) -> "NKVAdapter":
+    def _with_rows(self, facts: list[Fact], keys: torch.Tensor, residuals: torch.Tensor,
+                   picked: torch.Tensor | None = None) -> "NKVAdapter":
+        """`picked`: when the rows are this adapter's rows `picked` (select, remove), the
+        file's stored key sketches follow them, so saving a 1M-row result needs no new product."""
         # The build's self-check measured the rows it built; once rows change it describes
         # another adapter, so it is dropped (nkv eval measures the new one).
         build = {k: v for k, v in self.build.items() if k != "self_check"} if isinstance(self.build, dict) else self.build
-        return dc_replace(self, facts=list(facts), keys=keys, residuals=residuals, build=build)
+        out = dc_replace(self, facts=list(facts), keys=keys, residuals=residuals, build=build)
+        cached = getattr(self, "_file_sketches", None)
+        if picked is not None and cached is not None and cached[0] is self.keys and cached[1] is self.sketch_proj:
+            out._file_sketches = (out.keys, out.sketch_proj, cached[2].index_select(0, picked))
+        return out
 
     def positions(self) -> dict[str, int]:
         """fact id -> row, built in one pass (row operations look ids up here, never by scan)."""
@@ -359,7 +366,7 @@ class NKVAdapter:
         position = self.positions()
         rows = [position[i] for i in ids]
         idx = torch.tensor(rows, dtype=torch.long)
-        return self._with_rows([self.facts[r] for r in rows], self.keys[idx], self.residuals[idx])
+        return self._with_rows([self.facts[r] for r in rows], self.keys[idx], self.residuals[idx], idx)
 
     def add(
         self,
@@ -462,7 +469,7 @@ class NKVAdapter:
                                    "list facts with `nkv inspect --facts`")
         keep = [r for r, f in enumerate(self.facts) if f.id not in ids and f.subject not in subjects]
         idx = torch.tensor(keep, dtype=torch.long)
-        kept = self._with_rows([self.facts[r] for r in keep], self.keys[idx], self.residuals[idx])
+        kept = self._with_rows([self.facts[r] for r in keep], self.keys[idx], self.residuals[idx], idx)
         stale = kept.solved_without_partners()
         if stale and len(stale) > len(self.solved_without_partners()):
             warnings.warn(f"remove: {stale[:5]} were solved together with a removed fact and still carry its edit; "
@@ -549,7 +556,8 @@ class NKVAdapter:
         """(n_facts, d_sketch + 1) float32 sketches of the keys under `proj` (gate.sketch_keys):
         the file's `nkv.sketch.keys` when this adapter was loaded with them and is still those
         keys and that projection (attaching 1M facts skips a 5 s product), else computed.
-        Any row operation or `dataclasses.replace` makes a new adapter, which computes them."""
+        `select` and `remove` carry them to their rows; any other row operation or
+        `dataclasses.replace` makes a new adapter, which computes them."""
         cached = getattr(self, "_file_sketches", None)
         if cached is not None and cached[0] is self.keys and cached[1] is proj is self.sketch_proj:
             return cached[2]

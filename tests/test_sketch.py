@@ -269,8 +269,15 @@ def test_key_sketches_are_stored_from_sketch_min_facts_and_attach_reads_them(
     assert served.gamma == 0.8 and torch.equal(served.key_sketches(served.sketch_proj), table) and calls == []
     assert torch.equal(replace(back, keys=back.keys.clone()).key_sketches(back.sketch_proj), table)
     assert calls == [1]  # another adapter (a row operation, replace): computed again
-    for out in (back.remove(ids=["f1"]), back.select([f"f{i}" for i in range(50)])):
-        assert torch.equal(out.key_sketches(out.sketch_proj), sketch_keys(out.keys, out.sketch_proj))
+    for out in (back.remove(ids=["f1"]), back.select([f"f{i}" for i in range(50, 0, -1)])):
+        calls.clear()
+        carried = out.key_sketches(out.sketch_proj)
+        assert calls == [] and torch.equal(carried, sketch_keys(out.keys, out.sketch_proj))  # carried, no product
+        NKVAdapter.from_bytes(out.to_bytes())  # and valid (V11 recomputes a sample)
+    calls.clear()
+    grown = back.add([replace(back.facts[0], id="new", subject="New", prompt="About New:")], back.keys[:1], back.residuals[:1])
+    torch.testing.assert_close(grown.key_sketches(back.sketch_proj)[-1], table[0])
+    assert calls == [1]  # add: computed again
 
 
 @pytest.mark.parametrize("change, needle", [
