@@ -3,12 +3,14 @@
     python benchmarks/scale/bench_int8.py bytes
     python benchmarks/scale/bench_int8.py agreement --keys keys.pt --facts 20000 --max-tokens 2000
     python benchmarks/scale/bench_int8.py adapter --keys keys.pt --nkv rows-counterfact-edit-L6-n100.nkv
+    python benchmarks/scale/bench_int8.py agreement --keys keys.pt --facts 20000 --bits 8,1
 
 `bytes` writes adapters at Llama-3-8B and SmolLM2-135M shapes (random fp16 rows, CounterFact-
 sized fact records) exact and int8, and reports the file bytes each extra fact costs.
 `agreement` compares the exact gate over the real SmolLM2 keys of read_keys.py (stored fp16)
-with the same gate over those keys stored int8 (and, for comparison only, a per-row int4
-code the format does not define), on real-text, edit-prompt and paraphrase-prompt tokens.
+with the same gate over those keys stored int8 (and, for comparison only, codes the format
+does not define: per-row int4, and 1-bit signs of rotated keys with a per-row score scale),
+on real-text, edit-prompt and paraphrase-prompt tokens.
 `adapter` does the same for a built adapter (its rows quantized by the format's writer) and
 also reports the residuals' error. A decision is the same when fired / not fired agree and,
 where fired, the row agrees. Each command prints JSON lines; README.md holds the results.
@@ -51,6 +53,50 @@ def stored(rows: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.round(x / s.clamp_min(1e-30)).clamp(-top, top) * s
 
 
+def _signs(d: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 2, (d,), generator=torch.Generator().manual_seed(seed)).float() * 2 - 1
+
+
+def _hadamard(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal Walsh-Hadamard transform over the last dimension (a power of 2)."""
+    b, lead, h = x.shape[-1], x.shape[:-1], 1
+    while h < b:
+        y = x.reshape(*lead, b // (2 * h), 2, h)
+        x = torch.stack((y[..., 0, :] + y[..., 1, :], y[..., 0, :] - y[..., 1, :]), dim=-2).reshape(*lead, b)
+        h *= 2
+    return x / b**0.5
+
+
+def rotate(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """A fixed random rotation: random signs, Hadamard transforms over blocks of the largest
+    power of 2 dividing d, a stride permutation that spreads each block over all blocks, and
+    the same again, so a few large coordinates (real keys have them) spread over every value."""
+    n, d = x.shape
+    b = d & -d
+    m, s1, s2 = d // b, _signs(d, 1), _signs(d, 2)
+    if not inverse:
+        y = _hadamard((x * s1).reshape(n, m, b)).transpose(1, 2).reshape(n, d)
+        return _hadamard((y * s2).reshape(n, m, b)).reshape(n, d)
+    y = _hadamard(x.reshape(n, m, b)).reshape(n, d) * s2
+    return _hadamard(y.reshape(n, b, m).transpose(1, 2).reshape(n, m, b)).reshape(n, d) * s1
+
+
+def one_bit(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 1-bit code (not in the format): the signs of the rotated unit row, read back as
+    (the unit vector they give, per-row score scale 1 / <it, the row's unit vector>) so the
+    gate's cosine is an unbiased estimate (as RaBitQ corrects its codes); d bits + 4 bytes a row."""
+    x = rows.float()
+    unit = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    r = rotate(unit)
+    code = torch.where(r >= 0, 1.0, -1.0) / r.shape[1] ** 0.5  # (n, d) unit
+    return rotate(code, inverse=True), 1.0 / (r * code).sum(-1).clamp_min(1e-6)
+
+
+def four_bit_rotated(rows: torch.Tensor) -> torch.Tensor:
+    """Residuals for the 1-bit code (not in the format): rotated, then per-row int4, read back."""
+    return rotate(stored(rotate(rows.float()), 4), inverse=True)
+
+
 def relative_errors(rows: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
     x = rows.float()
     norms = x.norm(dim=-1)
@@ -81,9 +127,10 @@ def cmd_bytes() -> None:
             _emit(cmd="bytes", model=model, storage="int4 (not in the format)", row_bytes=(d_key + d_model) / 2 + 8)
 
 
-def _agreement(name: str, q: torch.Tensor, exact_keys: torch.Tensor, keys: torch.Tensor, **extra) -> None:
+def _agreement(name: str, q: torch.Tensor, exact_keys: torch.Tensor, keys: torch.Tensor,
+               inverse_norms: torch.Tensor | None = None, **extra) -> None:
     e_fired, e_idx, e_score = decisions(q, exact_keys, None)
-    fired, idx, score = decisions(q, keys, None)
+    fired, idx, score = decisions(q, keys, None, inverse_norms=inverse_norms)
     same = (fired == e_fired) & (~e_fired | (idx == e_idx))
     row_changed = fired & e_fired & (idx != e_idx)
     _emit(queries=name, tokens=q.shape[0], exact_fired=int(e_fired.sum()), agreement=round(float(same.float().mean()), 6),
@@ -106,25 +153,29 @@ def cmd_agreement(data: dict, facts: int, max_tokens: int, bits: list[int]) -> N
     exact = data["keys"][:facts]  # fp16, as read_keys.py stored them
     queries = _queries(data, max_tokens)
     for b in bits:
-        keys = stored(exact, b)
-        err = relative_errors(exact, keys)
-        _emit(cmd="agreement", bits=b, facts=facts, key_rel_error_max=round(float(err.max()), 5),
-              key_rel_error_median=round(float(err.median()), 5))
+        keys, inv = one_bit(exact) if b == 1 else (stored(exact, b), None)
+        err = relative_errors(exact, keys) if b != 1 else None
+        _emit(cmd="agreement", bits=b, facts=facts, **({} if err is None else {
+            "key_rel_error_max": round(float(err.max()), 5), "key_rel_error_median": round(float(err.median()), 5)}))
         for name, q in queries.items():
-            _agreement(name, q, exact, keys, bits=b, facts=facts)
+            _agreement(name, q, exact, keys, inv, bits=b, facts=facts)
 
 
 def cmd_adapter(data: dict | None, path: Path, max_tokens: int, bits: list[int]) -> None:
     adapter = NKVAdapter.load(path)
     queries = {"own keys": adapter.keys} | (_queries(data, max_tokens) if data is not None else {})
     for b in bits:
-        keys, residuals = stored(adapter.keys, b), stored(adapter.residuals, b)
+        if b == 1:  # 1-bit keys with their score scales, 4-bit rotated residuals
+            (keys, inv), residuals = one_bit(adapter.keys), four_bit_rotated(adapter.residuals)
+        else:
+            keys, inv, residuals = stored(adapter.keys, b), None, stored(adapter.residuals, b)
         k_err, r_err = relative_errors(adapter.keys, keys), relative_errors(adapter.residuals, residuals)
         _emit(cmd="adapter", file=path.name, bits=b, facts=adapter.n_facts, dtype=str(adapter.keys.dtype),
-              key_rel_error_max=round(float(k_err.max()), 5), residual_rel_error_max=round(float(r_err.max()), 5),
+              key_rel_error_max=round(float(k_err.max()), 5) if b != 1 else None,
+              residual_rel_error_max=round(float(r_err.max()), 5),
               residual_rel_error_median=round(float(r_err.median()), 5))
         for name, q in queries.items():
-            _agreement(name, q, adapter.keys, keys, bits=b, file=path.name)
+            _agreement(name, q, adapter.keys, keys, inv, bits=b, file=path.name)
     if 8 in bits:  # the format's own round trip: save int8, load, compare with stored()
         back = NKVAdapter.from_bytes(replace(adapter, storage="int8").to_bytes())
         assert torch.equal(back.keys, stored(adapter.keys, 8)) and torch.equal(back.residuals, stored(adapter.residuals, 8))
@@ -137,7 +188,9 @@ def main() -> None:
     p.add_argument("--nkv", type=Path, help="an adapter built on the same model and layer as the keys")
     p.add_argument("--facts", type=int, default=20000)
     p.add_argument("--max-tokens", type=int, default=2000, help="query tokens per kind (sampled)")
-    p.add_argument("--bits", default="8,4", help="8 is the format; others are simulated for comparison")
+    p.add_argument("--bits", default="8,4", help="8 is the format; others are simulated for comparison: 4 = "
+                   "per-row int4 rows; 1 = signs of rotated keys with a per-row score scale, and rotated int4 "
+                   "residuals (what <= 4 KB per fact at Llama-3-8B shape would take: 1,792 + 2,048 + 8 bytes)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)

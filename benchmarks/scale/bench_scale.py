@@ -60,9 +60,12 @@ def table(data: dict, n: int) -> torch.Tensor:
     return torch.cat([real, synthetic_like(real, n - real.shape[0])])
 
 
-def decisions(q: torch.Tensor, keys: torch.Tensor, sketch: Sketch | None, chunk: int = 100_000):
+def decisions(q: torch.Tensor, keys: torch.Tensor, sketch: Sketch | None, chunk: int = 100_000,
+              inverse_norms: torch.Tensor | None = None):
     """(fired, index, score) of the gate on q against keys (float16 storage, float32 math),
-    in blocks of `chunk` facts so a 1M table never exists in float32 at once."""
+    in blocks of `chunk` facts so a 1M table never exists in float32 at once.
+    `inverse_norms`: the exact path's per-row score scales, None = 1 / ||key|| (a code that
+    corrects its cosines, bench_int8's 1-bit keys, passes its own)."""
     no_residuals = torch.zeros(keys.shape[0], 1)
     if sketch is not None:
         r = nkv_gate(q.float(), _Float32Rows(keys), key_inverse_norms(keys), no_residuals, torch.tensor(GAMMA),
@@ -72,7 +75,8 @@ def decisions(q: torch.Tensor, keys: torch.Tensor, sketch: Sketch | None, chunk:
     idx = torch.zeros(q.shape[0], dtype=torch.long)
     for s in range(0, keys.shape[0], chunk):
         part = keys[s : s + chunk].float()
-        r = nkv_gate(q.float(), part, key_inverse_norms(part), no_residuals[: part.shape[0]], torch.tensor(GAMMA))
+        inv = key_inverse_norms(part) if inverse_norms is None else inverse_norms[s : s + chunk]
+        r = nkv_gate(q.float(), part, inv, no_residuals[: part.shape[0]], torch.tensor(GAMMA))
         better = r.score > best  # strict: the earlier block wins ties, like one argmax
         best = torch.where(better, r.score, best)
         idx = torch.where(better, r.index + s, idx)
