@@ -309,7 +309,9 @@ def _rescore(x_c: torch.Tensor, keys: torch.Tensor, key_inv_norms: torch.Tensor,
     scaled = dots * key_inv_norms.index_select(0, cand.reshape(-1)).reshape(T, c)  # (T, c) cosines
     best = scaled.max(dim=-1).values  # (T,)
     at_best = torch.where(scaled == best.unsqueeze(-1), cand, torch.full_like(cand, keys.shape[0]))
-    return best, at_best.min(dim=-1).values
+    # A NaN token (a NaN activation upstream) equals no score: keep a real row, never row n,
+    # which index_select would refuse (eager) or read out of bounds (compiled); NaN never fires.
+    return best, at_best.min(dim=-1).values.clamp_max(keys.shape[0] - 1)
 
 
 def fit_sketch(keys: torch.Tensor, dim: int, max_rows: int = 16384, seed: int = 0) -> torch.Tensor:

@@ -175,6 +175,16 @@ def test_bfloat16_sketch_tables_only_rank_the_shortlist_so_nothing_fires_that_ex
     assert torch.equal(b.index[a.fired], c.index[a.fired])  # the same rows as the float32 shortlist here
 
 
+def test_a_nan_token_fires_nothing_on_either_path() -> None:
+    keys, q = clustered(500, 32, seed=6)
+    inv, residuals, gamma = key_inverse_norms(keys), torch.randn(500, 3), torch.tensor(0.65)
+    q[5] = float("nan")
+    for sketch in (None, _sketch(keys, 8, 16)):
+        r = nkv_gate(q, keys, inv, residuals, gamma, sketch=sketch)  # used to raise IndexError on the sketch path
+        assert not r.fired[5] and torch.equal(r.delta[5], torch.zeros(3)) and 0 <= int(r.index[5]) < 500
+        assert r.fired.sum() >= 16  # the other tokens are gated as before
+
+
 def test_sketch_path_keeps_a_narrower_file_table_uncopied_and_decides_as_the_cast_table(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from nkv.loaders import transformers as tl

@@ -95,14 +95,18 @@ def rss_bytes() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def parse_spec(spec: str) -> tuple[int, int, bool | None]:
-    """(named adapters, facts each, sketch): "4x10000" -> (4, 10000, None); "10000" -> (0, 10000, None),
-    one engine-wide; a suffix ":sketch" / ":exact" forces the gate's sketch path on / off (None: auto)."""
+def parse_spec(spec: str) -> tuple[int, int, bool | None, int | None]:
+    """(named adapters, facts each, sketch, fact_chunk): "4x10000" -> (4, 10000, None, None); "10000" ->
+    (0, 10000, None, None), one engine-wide; a suffix ":sketch" / ":exact" forces the gate's sketch path on / off
+    (None: auto); a further ":chunkN" sets additional_config fact_chunk N (the sketch path scores
+    max(N, 8 d_key) sketches per top-k)."""
     spec, _, mode = spec.partition(":")
-    if mode not in ("", "sketch", "exact"):
-        raise SystemExit(f"engine spec {spec}:{mode}: the suffix must be :sketch or :exact")
+    mode, _, chunk = mode.partition(":")
+    if mode not in ("", "sketch", "exact") or (chunk and not (chunk.startswith("chunk") and chunk[5:].isdigit())):
+        raise SystemExit(f"engine spec {spec}:{mode}: the suffix must be :sketch or :exact, then optionally :chunkN")
     named, _, facts = spec.rpartition("x")
-    return (int(named) if named else 0), int(facts), {"": None, "sketch": True, "exact": False}[mode]
+    return ((int(named) if named else 0), int(facts), {"": None, "sketch": True, "exact": False}[mode],
+            int(chunk[5:]) if chunk else None)
 
 
 def serve(args: argparse.Namespace, spec: str) -> None:
@@ -121,11 +125,12 @@ def serve(args: argparse.Namespace, spec: str) -> None:
                                   max_model_len=args.prompt_len + args.gen_len, max_num_seqs=args.batch,
                                   gpu_memory_utilization=0.3, enforce_eager=args.eager, seed=0)
     adapter_bytes = 0
-    named, n_facts, sketch = parse_spec(spec)
+    named, n_facts, sketch, fact_chunk = parse_spec(spec)
     names: list[str | None] = [None]
     if n_facts and not named:
         path = make_adapter(args, n_facts, work / "adapter.nkv")
-        kwargs["additional_config"] = {"nkv": {"adapter": str(path), "strict": False, "sketch": sketch}}
+        kwargs["additional_config"] = {"nkv": {"adapter": str(path), "strict": False, "sketch": sketch}
+                                       | ({"fact_chunk": fact_chunk} if fact_chunk else {})}
     elif n_facts:
         names = [f"a{i}" for i in range(named)]
         kwargs["additional_config"] = {"nkv": {
