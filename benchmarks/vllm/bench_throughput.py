@@ -265,6 +265,7 @@ def summarize(report: dict[str, Any]) -> str:
         named = r.get("named", 0)
         label = f"{named} named x {r['n_facts']:,}" if named else f"{r['n_facts']:,}"
         label += {True: " sketch", False: " exact"}.get(r.get("sketch", "absent"), "")
+        label += f", fact_chunk {parse_spec(r['spec'])[3]:,}" if parse_spec(r.get("spec", "0"))[3] else ""
         rows.append(f"| {label} | {best:.0f} | {100 * (best / base_best - 1):+.1f}% | {median:.0f} | "
                     f"{100 * (paired - 1):+.1f}% | {100 * (predicted - 1):+.1f}% | {r['adapter_buffer_mib']} | "
                     f"{r['rss_engine_mib']} |")
