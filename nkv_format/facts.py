@@ -155,7 +155,7 @@ class LazyFacts(Sequence[Fact]):
     """A file's fact records, parsed and checked (V9) when first read, not at load.
 
     Serving never reads them: they name the rows, they do not change what the model computes,
-    and parsing 1,000,000 of them took 7-11 of the 40 s of attaching (benchmarks/scale). A
+    and parsing 1,000,000 of them took 6.5 of the 22 s of attaching (benchmarks/scale). A
     record that breaks V9 raises NKVFormatError, naming the file, when the facts are read.
     """
 

@@ -64,7 +64,7 @@ def float32_blocks(rows: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
     """(start, rows[start : start + ROW_BLOCK] in float32) over a table, through one reused
     buffer: a float32 copy of a 1M-row fp16 table would take 6 GB at SmolLM2's width, and a
     fresh block per step made the allocator fault its pages in again (the norms of 1M fp16
-    rows took 1.3-7.7 s that way, 0.3-0.5 s through one buffer; benchmarks/scale: attach).
+    rows took 5.4 s that way, 0.38 s through one buffer: benchmarks/scale/attach_file.py --top).
     Each block is valid until the next one is drawn."""
     if rows.dtype == torch.float32:
         for start in range(0, rows.shape[0], ROW_BLOCK):
