@@ -309,7 +309,7 @@ class NKVAdapter:
         if not problems:
             problems = adapter.problems(check_facts=False)  # decode_facts checked (or LazyFacts will check) V9
         table = tensors.get(C.T_SKETCH_KEYS)
-        if not problems and table is not None:
+        if not problems and table is not None and adapter.sketch_proj is not None:  # alone: refused with the header
             problems = _sketch_table_problems(adapter.keys, adapter.sketch_proj, table)
             adapter._file_sketches = (adapter.keys, adapter.sketch_proj, table)
         if problems:
@@ -610,14 +610,12 @@ def _sketch_dim(adapter: NKVAdapter) -> int:
     return 0 if adapter.sketch_proj is None else int(adapter.sketch_proj.shape[1])
 
 
-def _sketch_table_problems(keys: torch.Tensor, proj: torch.Tensor | None, table: torch.Tensor) -> list[str]:
-    """V11 on the data of `nkv.sketch.keys` (its shape was checked with the header): finite,
-    and SKETCH_KEYS_CHECKED evenly spaced rows equal the sketches computed from K1 and P.
-    A stale table would not fire a wrong row (candidates are rescored exactly) but would
-    silently miss right ones."""
+def _sketch_table_problems(keys: torch.Tensor, proj: torch.Tensor, table: torch.Tensor) -> list[str]:
+    """V11 on the data of `nkv.sketch.keys` (its shape and its projection were checked with
+    the header): finite, and SKETCH_KEYS_CHECKED evenly spaced rows equal the sketches
+    computed from K1 and P. A stale table would not fire a wrong row (candidates are
+    rescored exactly) but would silently miss right ones."""
     where = f"V11: tensor {C.T_SKETCH_KEYS!r}"
-    if proj is None:
-        return [f"{where} is present without {C.T_SKETCH_PROJ!r}"]
     if not all_finite(table):
         return [f"{where} holds NaN/Inf values; drop it or write the file again"]
     n = table.shape[0]
