@@ -18,6 +18,7 @@ an adapter (or none) per batch row, like PEFT's `adapter_names=`; the routed gat
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from nkv.facts import Fact
 from nkv.fingerprint import FINGERPRINT2_PREFIX, compute_fingerprint
 from nkv.constants import DEFAULT_SHORTLIST, SKETCH_MIN_FACTS
 from nkv.gate import (DEFAULT_FACT_CHUNK, GateResult, RowRange, Sketch, key_inverse_norms, nkv_gate,
-                      nkv_gate_routed, shortlist_chunk)
+                      nkv_gate_routed, rescore_group, shortlist_chunk, shortlist_scores)
 from nkv.resolve import AdapterSource, resolve_adapter
 
 from .architectures import (arch_spec, blocks, model_fingerprint, model_type_of, output_projection, projection_weight,
@@ -198,6 +199,7 @@ class NKVLinear(nn.Module):
         self.site = adapter.residual_site
         self.pending: _Pending | None = None  # set by attach for site "out_norm"
         self.norm_path = ""  # where attach put the NKVOutNorm
+        self._score_workspaces: dict[int, torch.Tensor] = {}  # thread id -> the sketch path's score buffer
         self.use_sketch(adapter, DEFAULT_SHORTLIST if sketch else 0, name=name)
         self.enabled = True
         self.recorders: list[GateActivity] = []
@@ -296,6 +298,7 @@ class NKVLinear(nn.Module):
         r = self.resident(name)
         r.shortlist = shortlist
         self._retable()
+        self._score_workspaces = {}  # sized for the old tables
         if not shortlist:
             r.register_buffer("sketch_proj", None, persistent=False)
             r.register_buffer("sketch_keys", None, persistent=False)
@@ -364,12 +367,34 @@ class NKVLinear(nn.Module):
             # call costs ~60 us per token row whatever its length, so at 200k facts and 256 tokens
             # 17 calls over 12,288 scores took 271 ms and one over all 200k 91 ms (benchmarks/scale)
             fact_chunk = max(fact_chunk, min(n_facts, SCORE_BUDGET // max(1, min(rows.shape[0], row_chunk))))
+        block = min(rows.shape[0], row_chunk)
+        sketch = _grouped(r.sketch(), block, d_key)
+        workspace = self._score_workspace(shortlist_scores(block, n_facts, fact_chunk, r.shortlist, d_key),
+                                          x.device) if sketch is not None and sketch.keys.dtype == torch.float32 else None
         parts = [
             nkv_gate(rows[i : i + row_chunk], self.nkv_keys, self.nkv_key_inv_norms, self.nkv_residuals,
-                     r.gamma, fact_chunk=fact_chunk, sketch=r.sketch())
+                     r.gamma, fact_chunk=fact_chunk, sketch=sketch, workspace=workspace)
             for i in range(0, max(rows.shape[0], 1), row_chunk)
         ]
         return _merged(parts, x.shape[:-1])
+
+    def _score_workspace(self, values: int, device: torch.device) -> torch.Tensor | None:
+        """This thread's buffer for the sketch path's score chunks on a CPU, kept between calls.
+
+        At 256 tokens a chunk of scores is 134 MB, and a fresh one per call is faulted in page
+        by page: the sketch product over 200k facts took 295 ms that way and 197 ms into a kept
+        buffer (benchmarks/scale/gate_parts.py). It is at most SCORE_BUDGET floats per thread
+        and module; one per thread, so concurrent forwards never share it. CUDA's caching
+        allocator already reuses its blocks: None there."""
+        if device.type != "cpu":
+            return None
+        me = threading.get_ident()
+        buf = self._score_workspaces.get(me)
+        if buf is None or buf.numel() < values:
+            alive = {t.ident for t in threading.enumerate()}
+            self._score_workspaces = {k: v for k, v in self._score_workspaces.items() if k in alive}  # drop ended threads'
+            buf = self._score_workspaces[me] = torch.empty(values, dtype=torch.float32, device=device)
+        return buf
 
     def gate_routed(self, x: torch.Tensor, route: torch.Tensor) -> GateResult:
         """nkv_gate_routed over x: token t against the rows of adapter route[t] only (-1 = none);
@@ -380,6 +405,8 @@ class NKVLinear(nn.Module):
         shortlist = max(r.sketch.shortlist if r.sketch else 0 for r in ranges)
         rows = x.reshape(-1, x.shape[-1])  # (N, d_key)
         row_chunk = max(1, SCORE_BUDGET // _per_row(fact_chunk, shortlist, d_key))
+        # a block's tokens bound each adapter's share of them: a group sized for them fits the cache
+        ranges = [r._replace(sketch=_grouped(r.sketch, min(rows.shape[0], row_chunk), d_key)) for r in ranges]
         parts = [
             nkv_gate_routed(rows[i : i + row_chunk], route[i : i + row_chunk], ranges, self.nkv_keys,
                             self.nkv_key_inv_norms, self.nkv_residuals, fact_chunk=fact_chunk)
@@ -395,6 +422,11 @@ class NKVLinear(nn.Module):
             return
         i = self.names.index(recorder.adapter)
         recorder.update(result, (route == i).reshape(result.fired.shape), self.nkv_residents[i].start)
+
+
+def _grouped(sketch: Sketch | None, rows: int, d_key: int) -> Sketch | None:
+    """The sketch with its rescoring group sized for calls on `rows` tokens (this loader runs eagerly)."""
+    return sketch._replace(group=rescore_group(rows, d_key, sketch.shortlist)) if sketch is not None else None
 
 
 def _per_row(fact_chunk: int, shortlist: int, d_key: int) -> int:

@@ -23,6 +23,7 @@ import torch
 from .constants import SKETCH_REST_WEIGHT
 
 DEFAULT_FACT_CHUNK = 8192
+RESCORE_GROUP = 8  # Sketch.group's default: (T, 8, d_key) rows in memory, not (T, shortlist, d_key)
 
 
 class Sketch(NamedTuple):
@@ -35,6 +36,9 @@ class Sketch(NamedTuple):
     # a table in the file's fp16 under a float32 model and cast only the gathered candidates:
     # the same values as casting the whole table first, without its copy (8 GB at 1M facts).
     rows_dtype: torch.dtype | None = None
+    # Shortlist slots rescored at once (`_rescore`). Compiled callers keep the static default;
+    # an eager caller that knows its row count passes `rescore_group(rows, d_key, shortlist)`.
+    group: int = RESCORE_GROUP
 
 
 class GateResult(NamedTuple):
@@ -97,6 +101,7 @@ def nkv_gate(
     fact_chunk: int = DEFAULT_FACT_CHUNK,
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     sketch: Sketch | None = None,
+    workspace: torch.Tensor | None = None,
 ) -> GateResult:
     """Cosine-gated nearest-fact residual for every row of `k`.
 
@@ -111,13 +116,17 @@ def nkv_gate(
         gamma: () float tensor, the threshold; the gate fires when cos > gamma.
         fact_chunk: facts scored at once; the exact path's memory is bounded by rows(k) * fact_chunk.
             The sketch path scores max(fact_chunk, RESCORE_GROUP * d_key) sketches at once
-            (`shortlist_chunk`) and holds (rows(k), RESCORE_GROUP, d_key) candidate rows.
+            (`shortlist_chunk`) and holds (rows(k), sketch.group, d_key) candidate rows.
         all_reduce: sums a tensor over tensor-parallel ranks (in place or returned);
             None on a single device. Partial dot products and squared norms are reduced
             before the argmax so every rank picks the same fact.
         sketch: None for the exact path; else shortlist by sketch, then rescore exactly.
             Under tensor parallelism the all-reduces carry (T, d_sketch) and
             (T, shortlist) floats instead of (T, n_facts).
+        workspace: a flat float32 tensor of at least `shortlist_scores(...)` values that the
+            sketch path writes its score chunks into, for eager callers that keep one between
+            calls (a fresh 100 MB-scale block is faulted in page by page on every call); None:
+            a fresh tensor per chunk, as a compiled graph plans its own memory.
     Returns:
         GateResult(delta, index, score, fired); add `delta` to the projection's output.
 
@@ -145,8 +154,9 @@ def nkv_gate(
     if sketch is None:
         best, best_idx = _exact_best(x_unit.to(keys.dtype), keys, key_inv_norms, fact_chunk, all_reduce)
     else:
-        cand = _shortlist(x_unit, sketch, fact_chunk, all_reduce)  # (T, c)
-        best, best_idx = _rescore(x_unit.to(sketch.rows_dtype or keys.dtype), keys, key_inv_norms, cand, all_reduce)
+        cand = _shortlist(x_unit, sketch, fact_chunk, all_reduce, workspace)  # (T, c)
+        best, best_idx = _rescore(x_unit.to(sketch.rows_dtype or keys.dtype), keys, key_inv_norms, cand, all_reduce,
+                                  sketch.group)
 
     score = best.clamp(-1.0, 1.0)  # (T,) rounding may leave |cos| a hair above 1
     fired = score > gamma
@@ -245,7 +255,8 @@ def _exact_best(x_c: torch.Tensor, keys: torch.Tensor, key_inv_norms: torch.Tens
 
 
 def _shortlist(x_unit: torch.Tensor, sketch: Sketch, fact_chunk: int,
-               all_reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+               all_reduce: Callable[[torch.Tensor], torch.Tensor] | None,
+               workspace: torch.Tensor | None = None) -> torch.Tensor:
     """(T, c) rows ranked highest by their sketch product plus a share of the rests' norms
     (spec §5.1).
 
@@ -268,8 +279,8 @@ def _shortlist(x_unit: torch.Tensor, sketch: Sketch, fact_chunk: int,
     chunk = shortlist_chunk(fact_chunk, c, x_unit.shape[-1])
     top_v = top_i = None
     for start in range(0, n_facts, chunk):
-        approx = (q @ sketch.keys[start : start + chunk].T).float()  # (T, chunk)
-        v, i = approx.topk(min(c, approx.shape[-1]), dim=-1)  # (T, c)
+        approx = _sketch_scores(q, sketch.keys[start : start + chunk], workspace)  # (T, chunk) float32
+        v, i = _top_scores(approx, c)  # (T, c)
         i = i + start
         if top_v is not None:
             v, pick = torch.cat([top_v, v], -1).topk(c, dim=-1)  # (T, c) of the 2c
@@ -278,7 +289,49 @@ def _shortlist(x_unit: torch.Tensor, sketch: Sketch, fact_chunk: int,
     return top_i
 
 
-RESCORE_GROUP = 8  # shortlist slots rescored at once: (T, 8, d_key) rows in memory, not (T, shortlist, d_key)
+RESCORE_VALUES = 2**18  # gathered key values per rescoring group in eager calls: 1 MB in float32
+
+
+def _sketch_scores(q: torch.Tensor, rows: torch.Tensor, workspace: torch.Tensor | None) -> torch.Tensor:
+    """(T, rows) float32 products q @ rows.T, written into `workspace` when one fits."""
+    T, width = q.shape[0], rows.shape[0]
+    if workspace is None or rows.dtype != torch.float32 or workspace.numel() < T * width:
+        return (q @ rows.T).float()
+    return torch.mm(q, rows.T, out=workspace[: T * width].view(T, width))
+
+
+def shortlist_scores(rows: int, n_facts: int, fact_chunk: int, shortlist: int, d_key: int) -> int:
+    """Values of the largest score chunk the sketch path computes for `rows` tokens: the size
+    of a `workspace` for nkv_gate."""
+    return rows * min(n_facts, shortlist_chunk(fact_chunk, min(shortlist, n_facts), d_key))
+
+
+SHORTLIST_BLOCK = 64  # scores per block of the two-level top-k (`_top_scores`)
+SHORTLIST_MIN_BLOCKS_PER_SLOT = 4  # below c * 4 blocks one top-k call is cheaper
+
+
+def _top_scores(scores: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, columns) of the c highest scores per row, as `scores.topk(c)` up to the order
+    of ties, in two cheaper steps: the c blocks of SHORTLIST_BLOCK columns with the highest
+    maxima, then the top c of those blocks' scores (and of the columns past the last whole block).
+
+    Exact: a top-c score outside the chosen blocks would lie in a block whose maximum is at
+    least its own, below c chosen blocks whose maxima are at least as high: c + 1 scores at
+    least as high as a top-c score. A top-k call on CPU costs ~60 us per row whatever its
+    length, and one block maximum per 64 scores is a single read: at 256 tokens and 200k
+    facts, XXX (benchmarks/scale/gate_parts.py)."""
+    T, width = scores.shape
+    n_blocks = width // SHORTLIST_BLOCK
+    if n_blocks < SHORTLIST_MIN_BLOCKS_PER_SLOT * c:  # the blocks would skip too little to pay for the second step
+        return scores.topk(min(c, width), dim=-1)
+    whole = n_blocks * SHORTLIST_BLOCK
+    _, blocks = scores[:, :whole].reshape(T, n_blocks, SHORTLIST_BLOCK).amax(-1).topk(c, dim=-1)  # (T, c)
+    offsets = torch.arange(SHORTLIST_BLOCK, device=scores.device)
+    cols = (blocks.unsqueeze(-1) * SHORTLIST_BLOCK + offsets).reshape(T, c * SHORTLIST_BLOCK)  # (T, c * block)
+    if whole < width:  # the last, partial block: always a candidate
+        cols = torch.cat([cols, torch.arange(whole, width, device=scores.device).expand(T, -1)], dim=-1)
+    v, pick = scores.gather(-1, cols).topk(c, dim=-1)  # (T, c)
+    return v, cols.gather(-1, pick)
 
 
 def shortlist_chunk(fact_chunk: int, shortlist: int, d_key: int) -> int:
@@ -289,20 +342,35 @@ def shortlist_chunk(fact_chunk: int, shortlist: int, d_key: int) -> int:
     return max(fact_chunk, shortlist, RESCORE_GROUP * d_key)
 
 
+def rescore_group(rows: int, d_key: int, shortlist: int) -> int:
+    """`Sketch.group` for a call on `rows` tokens: the largest power of two that keeps a group's
+    gathered rows (rows x group x d_key) within RESCORE_VALUES, at least 1, at most `shortlist`.
+
+    A group that outgrows the cache is written to memory and read back: at 256 tokens of
+    SmolLM2's width, 8 slots at a time took 107 ms and 1 at a time 38 ms; at one token, 1 at a
+    time took 2.2 ms of per-call overhead and all 128 at once 0.1 ms
+    (benchmarks/scale/gate_parts.py). A Python function of the row count, so only eager
+    callers (the transformers loader) use it; a compiled graph keeps the static default."""
+    fit = max(1, RESCORE_VALUES // max(1, rows * d_key))
+    return max(1, min(shortlist, 1 << (fit.bit_length() - 1)))
+
+
 def _rescore(x_c: torch.Tensor, keys: torch.Tensor, key_inv_norms: torch.Tensor, cand: torch.Tensor,
-             all_reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+             all_reduce: Callable[[torch.Tensor], torch.Tensor] | None,
+             group: int = RESCORE_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact cosines of the candidates; (best, its row), the lowest row winning ties as in §5.
     The gathered rows are cast to x_c's dtype (a no-op when the table is already in it).
 
-    The candidates' rows are gathered RESCORE_GROUP slots at a time (a static loop): at
-    Llama-3-8B width and 8k tokens all 128 at once would be 15 G values (30 GB in bf16), and
-    small groups stay in cache (faster on CPU too)."""
+    The candidates' rows are gathered `group` slots at a time (a static loop): at Llama-3-8B
+    width and 8k tokens all 128 at once would be 15 G values (30 GB in bf16), and small groups
+    stay in cache. Each token's row is the (1, d_key) left operand of its product: the
+    (g, d_key) x (d_key, 1) layout took 2-4x as long on CPU for the same values."""
     T, c = cand.shape
     parts = []
-    for s in range(0, c, RESCORE_GROUP):
-        group = cand[:, s : s + RESCORE_GROUP]  # (T, g)
-        rows = keys.index_select(0, group.reshape(-1)).to(x_c.dtype).reshape(T, group.shape[1], keys.shape[-1])  # (T, g, d_key)
-        parts.append(torch.bmm(rows, x_c.unsqueeze(-1)).squeeze(-1))  # (T, g)
+    for s in range(0, c, group):
+        slots = cand[:, s : s + group]  # (T, g)
+        rows = keys.index_select(0, slots.reshape(-1)).to(x_c.dtype).reshape(T, slots.shape[1], keys.shape[-1])  # (T, g, d_key)
+        parts.append(torch.bmm(x_c.unsqueeze(1), rows.transpose(1, 2)).squeeze(1))  # (T, g)
     dots = torch.cat(parts, dim=-1).float()  # (T, c)
     if all_reduce is not None:
         dots = _reduced(all_reduce, dots)
@@ -363,4 +431,4 @@ def _reduced(all_reduce: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor
 
 
 __all__ = ["GateResult", "Sketch", "RowRange", "nkv_gate", "nkv_gate_routed", "key_inverse_norms", "unit_rows", "fit_sketch", "sketch_keys",
-           "DEFAULT_FACT_CHUNK"]
+           "rescore_group", "shortlist_scores", "DEFAULT_FACT_CHUNK"]

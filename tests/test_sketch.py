@@ -17,7 +17,8 @@ import torch
 
 from nkv import NKVAdapter, NKVFormatError
 from nkv import constants as C
-from nkv.gate import Sketch, fit_sketch, key_inverse_norms, nkv_gate, sketch_keys
+from nkv.gate import (RESCORE_VALUES, Sketch, _top_scores, fit_sketch, key_inverse_norms, nkv_gate, rescore_group,
+                      shortlist_scores, sketch_keys)
 from test_format import make
 
 
@@ -137,6 +138,58 @@ def test_compiles_without_graph_breaks_and_follows_in_place_swaps() -> None:
             assert not compiled(q).any()
 
 
+def test_the_rescoring_group_changes_only_the_speed() -> None:
+    keys, q = clustered(3000, 48, seed=2)
+    residuals, inv, gamma = torch.randn(3000, 8), key_inverse_norms(keys), torch.tensor(0.65)
+    sketch = _sketch(keys, 8, 24)  # 24 slots: groups of 5 and 16 leave a short last group
+    base = nkv_gate(q, keys, inv, residuals, gamma, sketch=sketch._replace(group=1))
+    for group in (5, 16, 24):
+        out = nkv_gate(q, keys, inv, residuals, gamma, sketch=sketch._replace(group=group))
+        assert torch.equal(out.index, base.index) and torch.equal(out.fired, base.fired)
+        assert torch.allclose(out.score, base.score, atol=1e-6)
+    assert base.fired.sum() >= 16
+
+
+@pytest.mark.parametrize("width, c", [(64 * 600, 16), (64 * 600 + 37, 16), (64 * 40, 16), (100, 128)])
+def test_two_level_top_scores_are_the_top_k(width: int, c: int) -> None:
+    g = torch.Generator().manual_seed(width)
+    scores = torch.randn(9, width, generator=g)
+    scores[0] = scores[0].round(decimals=1)  # many ties
+    scores[1, -5:] = 50.0  # the best in the partial last block
+    scores[2, :64] = 40.0 + torch.arange(64.0)  # a whole block of the best
+    v, cols = _top_scores(scores, c)
+    want_v, _ = scores.topk(min(c, width), dim=-1)
+    assert torch.equal(v, want_v)  # the same values, in the same order
+    assert torch.equal(scores.gather(-1, cols), v) and all(len(set(r.tolist())) == r.numel() for r in cols)
+
+
+def test_a_score_workspace_changes_nothing_and_too_small_a_one_is_not_used() -> None:
+    keys, q = clustered(20000, 48, seed=3)
+    residuals, inv, gamma = torch.randn(20000, 8), key_inverse_norms(keys), torch.tensor(0.65)
+    sketch = _sketch(keys, 8, 16)
+    base = nkv_gate(q, keys, inv, residuals, gamma, fact_chunk=4096, sketch=sketch)
+    need = shortlist_scores(q.shape[0], 20000, 4096, 16, 48)
+    for ws in (torch.full((need,), float("nan")), torch.full((q.shape[0],), float("nan"))):
+        out = nkv_gate(q, keys, inv, residuals, gamma, fact_chunk=4096, sketch=sketch, workspace=ws)
+        assert torch.equal(out.index, base.index) and torch.equal(out.score, base.score)
+        assert torch.isnan(ws).all() != (ws.numel() == need)  # written only where a chunk fits
+    assert base.fired.sum() >= 16
+
+
+@pytest.mark.parametrize("rows, d_key, shortlist, group", [
+    (1, 1536, 128, 128),  # one token: every slot in one call (per-call overhead dominates)
+    (16, 1536, 128, 8),  # 16 * 8 * 1536 <= RESCORE_VALUES < 16 * 16 * 1536
+    (256, 1536, 128, 1),  # a prefill block: one slot at a time
+    (10**6, 14336, 128, 1),  # never below 1
+    (1, 8, 32, 32),  # never above the shortlist
+])
+def test_rescoring_group_keeps_gathered_rows_within_the_budget(rows: int, d_key: int, shortlist: int,
+                                                               group: int) -> None:
+    got = rescore_group(rows, d_key, shortlist)
+    assert got == group
+    assert got == 1 or rows * got * d_key <= RESCORE_VALUES
+
+
 def test_transformers_loader_takes_the_sketch_path_from_the_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
     from nkv.loaders import transformers as tl
 
@@ -151,6 +204,20 @@ def test_transformers_loader_takes_the_sketch_path_from_the_threshold(monkeypatc
     a, b = exact.gate(x), fast.gate(x)
     assert not (b.fired & ~a.fired).any()
     assert (a.fired == b.fired).float().mean() >= 0.9
+    groups = []  # the loader sizes the rescoring group for the rows of each call
+    real_gate = tl.nkv_gate
+    monkeypatch.setattr(tl, "nkv_gate", lambda *a, sketch, **k: groups.append(sketch.group) or real_gate(*a, sketch=sketch, **k))
+    fast.gate(x[:1]), fast.gate(x.repeat(40, 1))
+    assert groups == [128, 32] == [rescore_group(1, 4, 128), rescore_group(2000, 4, 128)]
+    # the score buffer is kept between calls, one per thread
+    mine = fast._score_workspace(1000, torch.device("cpu"))
+    assert fast._score_workspace(10, torch.device("cpu")) is mine
+    other = []
+    worker = threading.Thread(target=lambda: other.append(fast._score_workspace(10, torch.device("cpu"))))
+    worker.start(), worker.join()
+    assert other[0] is not mine
+    grown = fast._score_workspace(mine.numel() + 1, torch.device("cpu"))  # grows; the ended thread's is dropped
+    assert grown.numel() == mine.numel() + 1 and list(fast._score_workspaces.values()) == [grown]
 
 
 def test_bfloat16_sketch_tables_only_rank_the_shortlist_so_nothing_fires_that_exact_leaves_alone(

@@ -4,7 +4,10 @@
 
 Keys: the real keys of read_keys.py tiled to --facts with noise (fp16, as files store them),
 the sketch fitted as the loader fits it; queries: --tokens real-text tokens. Prints the
-median of --reps (ms) for: the whole gate, the shortlist, the exact rescoring, the sketch
+median of --reps (ms) for: the whole gate (with the static rescoring group, with the one the
+transformers loader sizes for --tokens rows, and as that loader calls it: budget-long chunks,
+the sized group, a kept score buffer), the shortlist, the exact rescoring
+(both groups), the sketch
 product alone (float32 and bf16), the per-chunk top-k as the shortlist runs it, and one
 top-k over all scores. Prints JSON lines.
 """
@@ -20,8 +23,8 @@ from typing import Callable
 
 import torch
 
-from nkv.gate import (DEFAULT_FACT_CHUNK, Sketch, _rescore, _shortlist, fit_sketch, key_inverse_norms, nkv_gate,
-                      shortlist_chunk, sketch_keys, unit_rows)
+from nkv.gate import (DEFAULT_FACT_CHUNK, Sketch, _rescore, _shortlist, _top_scores, fit_sketch, key_inverse_norms, nkv_gate,
+                      rescore_group, shortlist_chunk, shortlist_scores, sketch_keys, unit_rows)
 
 
 def ms(f: Callable[[], object], reps: int) -> float:
@@ -61,19 +64,31 @@ def main() -> None:
     scores = q @ table.T  # (T, n)
     chunk = shortlist_chunk(DEFAULT_FACT_CHUNK, args.shortlist, keys.shape[1])
     q16, table16 = q.bfloat16(), table.bfloat16()
+    group = rescore_group(x.shape[0], keys.shape[1], args.shortlist)  # what the transformers loader passes
+    budget_chunk = min(n, 2**25 // x.shape[0])  # the chunk the transformers loader passes since session 12
+    workspace = torch.empty(shortlist_scores(x.shape[0], n, budget_chunk, args.shortlist, keys.shape[1]))
     parts = {
         "whole_gate": lambda: nkv_gate(x, keys, inv, residuals, torch.tensor(0.65), sketch=sketch),
+        "whole_gate_sized_group": lambda: nkv_gate(x, keys, inv, residuals, torch.tensor(0.65),
+                                                   sketch=sketch._replace(group=group)),
+        # as the transformers loader calls it: budget-long chunks, the sized group, a kept score buffer
+        "whole_gate_as_loader": lambda: nkv_gate(x, keys, inv, residuals, torch.tensor(0.65), fact_chunk=budget_chunk,
+                                                 sketch=sketch._replace(group=group), workspace=workspace),
         "shortlist": lambda: _shortlist(x_unit, sketch, DEFAULT_FACT_CHUNK, None),
-        # the chunk the transformers loader passes since session 12: what SCORE_BUDGET allows for T rows
-        "shortlist_budget_chunk": lambda: _shortlist(x_unit, sketch, min(n, 2**25 // x.shape[0]), None),
-        "rescore": lambda: _rescore(x_unit, keys, inv, cand, None),
+        "shortlist_budget_chunk": lambda: _shortlist(x_unit, sketch, budget_chunk, None),
+        "shortlist_budget_chunk_workspace": lambda: _shortlist(x_unit, sketch, budget_chunk, None, workspace),
+        "rescore": lambda: _rescore(x_unit, keys, inv, cand, None),  # the static group (compiled callers)
+        "rescore_sized_group": lambda: _rescore(x_unit, keys, inv, cand, None, group),
         "sketch_product_float32": lambda: [q @ table[s : s + chunk].T for s in range(0, n, chunk)],
         "sketch_product_bf16": lambda: [q16 @ table16[s : s + chunk].T for s in range(0, n, chunk)],
         "topk_per_chunk": lambda: [scores[:, s : s + chunk].contiguous().topk(args.shortlist, dim=-1)
                                    for s in range(0, n, chunk)],
         "topk_once": lambda: scores.topk(args.shortlist, dim=-1),
+        "two_level_topk_per_chunk": lambda: [_top_scores(scores[:, s : s + chunk].contiguous(), args.shortlist)
+                                             for s in range(0, n, chunk)],
+        "two_level_topk_once": lambda: _top_scores(scores, args.shortlist),
     }
-    print(json.dumps({"facts": n, "tokens": x.shape[0], "chunk": chunk, "threads": 1,
+    print(json.dumps({"facts": n, "tokens": x.shape[0], "chunk": chunk, "sized_group": group, "threads": 1,
                       **{f"{k}_ms": ms(f, args.reps) for k, f in parts.items()}}), flush=True)
 
 
