@@ -317,9 +317,9 @@ def _top_scores(scores: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tenso
 
     Exact: a top-c score outside the chosen blocks would lie in a block whose maximum is at
     least its own, below c chosen blocks whose maxima are at least as high: c + 1 scores at
-    least as high as a top-c score. A top-k call on CPU costs ~60 us per row whatever its
-    length, and one block maximum per 64 scores is a single read: at 256 tokens and 200k
-    facts, XXX (benchmarks/scale/gate_parts.py)."""
+    least as high as a top-c score. The block maxima are one read of the scores, and the
+    top-k calls see 1/64 of them and c * 64: at 256 tokens and 200k facts one top-k over all
+    scores took 74 ms and this 38 ms (benchmarks/scale/gate_parts.py)."""
     T, width = scores.shape
     n_blocks = width // SHORTLIST_BLOCK
     if n_blocks < SHORTLIST_MIN_BLOCKS_PER_SLOT * c:  # the blocks would skip too little to pay for the second step
@@ -347,10 +347,10 @@ def rescore_group(rows: int, d_key: int, shortlist: int) -> int:
     gathered rows (rows x group x d_key) within RESCORE_VALUES, at least 1, at most `shortlist`.
 
     A group that outgrows the cache is written to memory and read back: at 256 tokens of
-    SmolLM2's width, 8 slots at a time took 107 ms and 1 at a time 38 ms; at one token, 1 at a
-    time took 2.2 ms of per-call overhead and all 128 at once 0.1 ms
-    (benchmarks/scale/gate_parts.py). A Python function of the row count, so only eager
-    callers (the transformers loader) use it; a compiled graph keeps the static default."""
+    SmolLM2's width and 200k facts, 8 slots at a time took 42 ms and 1 at a time 28 ms; at one
+    token, 8 at a time 0.3 ms and all 128 at once 0.1 ms (benchmarks/scale/gate_parts.py). A
+    Python function of the row count, so only eager callers (the transformers loader) use it;
+    a compiled graph keeps the static default."""
     fit = max(1, RESCORE_VALUES // max(1, rows * d_key))
     return max(1, min(shortlist, 1 << (fit.bit_length() - 1)))
 
@@ -364,7 +364,8 @@ def _rescore(x_c: torch.Tensor, keys: torch.Tensor, key_inv_norms: torch.Tensor,
     The candidates' rows are gathered `group` slots at a time (a static loop): at Llama-3-8B
     width and 8k tokens all 128 at once would be 15 G values (30 GB in bf16), and small groups
     stay in cache. Each token's row is the (1, d_key) left operand of its product: the
-    (g, d_key) x (d_key, 1) layout took 2-4x as long on CPU for the same values."""
+    (g, d_key) x (d_key, 1) layout took 2.3x as long on CPU for the same values (95 ms
+    against 42 at 256 tokens and 8 slots; benchmarks/scale/gate_parts.py)."""
     T, c = cand.shape
     parts = []
     for s in range(0, c, group):

@@ -7,7 +7,7 @@ the sketch fitted as the loader fits it; queries: --tokens real-text tokens. Pri
 median of --reps (ms) for: the whole gate (with the static rescoring group, with the one the
 transformers loader sizes for --tokens rows, and as that loader calls it: budget-long chunks,
 the sized group, a kept score buffer), the shortlist, the exact rescoring
-(both groups), the sketch
+(both groups, and session 12's products alone), the sketch
 product alone (float32 and bf16), the per-chunk top-k as the shortlist runs it, and one
 top-k over all scores. Prints JSON lines.
 """
@@ -35,6 +35,18 @@ def ms(f: Callable[[], object], reps: int) -> float:
         f()
         times.append(time.perf_counter() - t0)
     return round(statistics.median(times) * 1000, 1)
+
+
+def rescore_session12(x_c: torch.Tensor, keys: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+    """The rescoring's products as session 12 computed them, for comparison: 8 slots at a time,
+    each token's candidates as the left operand, (8, d_key) x (d_key, 1)."""
+    T, c = cand.shape
+    parts = []
+    for s in range(0, c, 8):
+        group = cand[:, s : s + 8]
+        rows = keys.index_select(0, group.reshape(-1)).to(x_c.dtype).reshape(T, group.shape[1], keys.shape[-1])
+        parts.append(torch.bmm(rows, x_c.unsqueeze(-1)).squeeze(-1))
+    return torch.cat(parts, dim=-1)
 
 
 def main() -> None:
@@ -77,6 +89,7 @@ def main() -> None:
         "shortlist": lambda: _shortlist(x_unit, sketch, DEFAULT_FACT_CHUNK, None),
         "shortlist_budget_chunk": lambda: _shortlist(x_unit, sketch, budget_chunk, None),
         "shortlist_budget_chunk_workspace": lambda: _shortlist(x_unit, sketch, budget_chunk, None, workspace),
+        "rescore_products_session12": lambda: rescore_session12(x_unit, keys, cand),
         "rescore": lambda: _rescore(x_unit, keys, inv, cand, None),  # the static group (compiled callers)
         "rescore_sized_group": lambda: _rescore(x_unit, keys, inv, cand, None, group),
         "sketch_product_float32": lambda: [q @ table[s : s + chunk].T for s in range(0, n, chunk)],
