@@ -277,16 +277,11 @@ def _shortlist(x_unit: torch.Tensor, sketch: Sketch, fact_chunk: int,
     n_facts = sketch.keys.shape[0]
     c = min(sketch.shortlist, n_facts)
     chunk = shortlist_chunk(fact_chunk, c, x_unit.shape[-1])
-    top_v = top_i = None
-    for start in range(0, n_facts, chunk):
-        approx = _sketch_scores(q, sketch.keys[start : start + chunk], workspace)  # (T, chunk) float32
-        v, i = _top_scores(approx, c)  # (T, c)
-        i = i + start
-        if top_v is not None:
-            v, pick = torch.cat([top_v, v], -1).topk(c, dim=-1)  # (T, c) of the 2c
-            i = torch.cat([top_i, i], -1).gather(-1, pick)
-        top_v, top_i = v, i
-    return top_i
+    chunks = ((start, _sketch_scores(q, sketch.keys[start : start + chunk], workspace))  # (T, chunk) float32
+              for start in range(0, n_facts, chunk))
+    if n_facts <= chunk and n_facts < SHORTLIST_MIN_BLOCKS_PER_SLOT * SHORTLIST_BLOCK * c:
+        return next(chunks)[1].topk(c, dim=-1).indices  # one short chunk: one top-k call is cheapest
+    return _top_columns(chunks, c)
 
 
 RESCORE_VALUES = 2**18  # gathered key values per rescoring group in eager calls: 1 MB in float32
@@ -306,32 +301,52 @@ def shortlist_scores(rows: int, n_facts: int, fact_chunk: int, shortlist: int, d
     return rows * min(n_facts, shortlist_chunk(fact_chunk, min(shortlist, n_facts), d_key))
 
 
-SHORTLIST_BLOCK = 64  # scores per block of the two-level top-k (`_top_scores`)
-SHORTLIST_MIN_BLOCKS_PER_SLOT = 4  # below c * 4 blocks one top-k call is cheaper
+SHORTLIST_BLOCK = 32  # scores per block of the two-level top-k (`_top_columns`); 16 and 64 were slower
+SHORTLIST_MIN_BLOCKS_PER_SLOT = 4  # a single chunk of fewer than c * 4 blocks takes one top-k call
 
 
-def _top_scores(scores: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, columns) of the c highest scores per row, as `scores.topk(c)` up to the order
-    of ties, in two cheaper steps: the c blocks of SHORTLIST_BLOCK columns with the highest
-    maxima, then the top c of those blocks' scores (and of the columns past the last whole block).
+def _top_columns(chunks: Iterator[tuple[int, torch.Tensor]], c: int) -> torch.Tensor:
+    """(T, c) columns of the c highest scores over `chunks` ((first column, (T, width) scores),
+    in order), as one `topk(c)` over all of them would pick them, up to the order of ties.
 
-    Exact: a top-c score outside the chosen blocks would lie in a block whose maximum is at
-    least its own, below c chosen blocks whose maxima are at least as high: c + 1 scores at
-    least as high as a top-c score. The block maxima are one read of the scores, and the
-    top-k calls see 1/64 of them and c * 64: at 256 tokens and 200k facts one top-k over all
-    scores took 74 ms and this 38 ms (benchmarks/scale/gate_parts.py)."""
-    T, width = scores.shape
-    n_blocks = width // SHORTLIST_BLOCK
-    if n_blocks < SHORTLIST_MIN_BLOCKS_PER_SLOT * c:  # the blocks would skip too little to pay for the second step
-        return scores.topk(min(c, width), dim=-1)
-    whole = n_blocks * SHORTLIST_BLOCK
-    _, blocks = scores[:, :whole].reshape(T, n_blocks, SHORTLIST_BLOCK).amax(-1).topk(c, dim=-1)  # (T, c)
-    offsets = torch.arange(SHORTLIST_BLOCK, device=scores.device)
-    cols = (blocks.unsqueeze(-1) * SHORTLIST_BLOCK + offsets).reshape(T, c * SHORTLIST_BLOCK)  # (T, c * block)
-    if whole < width:  # the last, partial block: always a candidate
-        cols = torch.cat([cols, torch.arange(whole, width, device=scores.device).expand(T, -1)], dim=-1)
-    v, pick = scores.gather(-1, cols).topk(c, dim=-1)  # (T, c)
-    return v, cols.gather(-1, pick)
+    Two levels: the scores in blocks of SHORTLIST_BLOCK; the c blocks with the highest maxima
+    so far are kept (their scores and first columns) from chunk to chunk; at the end the top c
+    of the kept blocks' scores. Exact: a top-c score in a block that was dropped would lie
+    below c kept maxima of other blocks, each at least as high as its own: c + 1 scores at
+    least as high as a top-c score. Each chunk's top-k sees one value per block plus the c
+    kept ones instead of every score: at 256 tokens and 200k facts one top-k over all scores
+    took 74-76 ms and this 39-48 ms, and at 16 tokens over 9 chunks of 12,288 a top-k per
+    chunk and a merge took 8.8 ms and this 5.3 ms (benchmarks/scale/gate_parts.py).
+    Static shapes throughout, so it traces like the rest of the op.
+    """
+    best = kept = firsts = None  # (T, k) kept blocks' maxima, (T, k, block) their scores, (T, k) first columns
+    for start, scores in chunks:
+        T, width = scores.shape
+        pad = -width % SHORTLIST_BLOCK
+        if pad:  # a last, partial block: padded with scores that never win (a row of -inf has no real column)
+            scores = torch.nn.functional.pad(scores, (0, pad), value=float("-inf"))
+        blocks = scores.view(T, -1, SHORTLIST_BLOCK)  # (T, nb, block)
+        starts = start + SHORTLIST_BLOCK * torch.arange(blocks.shape[1], device=scores.device)  # (nb,)
+        maxima = blocks.amax(-1)  # (T, nb)
+        n_kept = 0 if best is None else best.shape[1]
+        if best is not None:
+            maxima = torch.cat([best, maxima], dim=-1)  # (T, k + nb)
+        best, pick = maxima.topk(min(c, maxima.shape[-1]), dim=-1)  # (T, k)
+        new = (pick - n_kept).clamp_min(0)  # (T, k) block of this chunk (where pick >= n_kept)
+        scores_of = blocks.gather(1, new.unsqueeze(-1).expand(-1, -1, SHORTLIST_BLOCK))  # (T, k, block)
+        firsts_of = starts[new]  # (T, k)
+        if kept is not None:
+            was_kept = pick < n_kept  # (T, k)
+            old = pick.clamp_max(n_kept - 1)
+            scores_of = torch.where(was_kept.unsqueeze(-1),
+                                    kept.gather(1, old.unsqueeze(-1).expand(-1, -1, SHORTLIST_BLOCK)), scores_of)
+            firsts_of = torch.where(was_kept, firsts.gather(1, old), firsts_of)
+        kept, firsts = scores_of, firsts_of
+    T, k, _ = kept.shape
+    offsets = torch.arange(SHORTLIST_BLOCK, device=kept.device)
+    columns = (firsts.unsqueeze(-1) + offsets).reshape(T, k * SHORTLIST_BLOCK)  # (T, k * block)
+    pick = kept.reshape(T, k * SHORTLIST_BLOCK).topk(c, dim=-1).indices  # (T, c)
+    return columns.gather(-1, pick)
 
 
 def shortlist_chunk(fact_chunk: int, shortlist: int, d_key: int) -> int:

@@ -17,7 +17,7 @@ import torch
 
 from nkv import NKVAdapter, NKVFormatError
 from nkv import constants as C
-from nkv.gate import (RESCORE_VALUES, Sketch, _top_scores, fit_sketch, key_inverse_norms, nkv_gate, rescore_group,
+from nkv.gate import (RESCORE_VALUES, Sketch, _top_columns, fit_sketch, key_inverse_norms, nkv_gate, rescore_group,
                       shortlist_scores, sketch_keys)
 from test_format import make
 
@@ -150,17 +150,25 @@ def test_the_rescoring_group_changes_only_the_speed() -> None:
     assert base.fired.sum() >= 16
 
 
-@pytest.mark.parametrize("width, c", [(64 * 600, 16), (64 * 600 + 37, 16), (64 * 40, 16), (100, 128)])
-def test_two_level_top_scores_are_the_top_k(width: int, c: int) -> None:
-    g = torch.Generator().manual_seed(width)
-    scores = torch.randn(9, width, generator=g)
+@pytest.mark.parametrize("widths, c", [
+    ([64 * 600], 16),  # one chunk
+    ([64 * 40 + 37, 64 * 40 + 37, 999], 16),  # partial last blocks in every chunk
+    ([100, 5000, 64 * 7], 128),  # a first chunk of fewer than c blocks
+    ([12288] * 3 + [1696], 128),  # the op's chunks at 38,560 facts
+])
+def test_two_level_top_columns_are_the_top_k(widths: list[int], c: int) -> None:
+    g = torch.Generator().manual_seed(sum(widths))
+    scores = torch.randn(9, sum(widths), generator=g)
     scores[0] = scores[0].round(decimals=1)  # many ties
     scores[1, -5:] = 50.0  # the best in the partial last block
     scores[2, :64] = 40.0 + torch.arange(64.0)  # a whole block of the best
-    v, cols = _top_scores(scores, c)
-    want_v, _ = scores.topk(min(c, width), dim=-1)
-    assert torch.equal(v, want_v)  # the same values, in the same order
-    assert torch.equal(scores.gather(-1, cols), v) and all(len(set(r.tolist())) == r.numel() for r in cols)
+    scores[3, 1::64] = 30.0  # the best spread one per block
+    starts = [sum(widths[:i]) for i in range(len(widths))]
+    cols = _top_columns(((s, scores[:, s : s + w].contiguous()) for s, w in zip(starts, widths)), c)
+    want, _ = scores.topk(c, dim=-1)
+    got = scores.gather(-1, cols).sort(dim=-1, descending=True).values
+    assert torch.equal(got, want)  # the same scores, whatever the order of ties
+    assert all(len(set(r.tolist())) == c for r in cols) and int(cols.max()) < scores.shape[1]
 
 
 def test_a_score_workspace_changes_nothing_and_too_small_a_one_is_not_used() -> None:

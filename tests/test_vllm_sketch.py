@@ -44,9 +44,9 @@ def shortlists(monkeypatch) -> list[int]:
     """Rows scored by each sketch shortlist the gate computes: proof the sketch path ran."""
     calls, original = [], nkv.gate._shortlist
 
-    def counted(x_unit, sketch, fact_chunk, all_reduce):
+    def counted(x_unit, sketch, fact_chunk, all_reduce, workspace=None):
         calls.append(sketch.keys.shape[0])
-        return original(x_unit, sketch, fact_chunk, all_reduce)
+        return original(x_unit, sketch, fact_chunk, all_reduce, workspace)
 
     monkeypatch.setattr(nkv.gate, "_shortlist", counted)
     return calls

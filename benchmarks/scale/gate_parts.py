@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from nkv.gate import (DEFAULT_FACT_CHUNK, Sketch, _rescore, _shortlist, _top_scores, fit_sketch, key_inverse_norms, nkv_gate,
+from nkv.gate import (DEFAULT_FACT_CHUNK, Sketch, _rescore, _shortlist, _top_columns, fit_sketch, key_inverse_norms, nkv_gate,
                       rescore_group, shortlist_chunk, shortlist_scores, sketch_keys, unit_rows)
 
 
@@ -47,6 +47,21 @@ def rescore_session12(x_c: torch.Tensor, keys: torch.Tensor, cand: torch.Tensor)
         rows = keys.index_select(0, group.reshape(-1)).to(x_c.dtype).reshape(T, group.shape[1], keys.shape[-1])
         parts.append(torch.bmm(rows, x_c.unsqueeze(-1)).squeeze(-1))
     return torch.cat(parts, dim=-1)
+
+
+def topk_per_chunk_session12(chunks: list[torch.Tensor], c: int) -> torch.Tensor:
+    """The shortlist's top-k as session 12 ran it, for comparison: one top-k per chunk, merged."""
+    top_v = top_i = None
+    start = 0
+    for scores in chunks:
+        v, i = scores.topk(c, dim=-1)
+        i = i + start
+        start += scores.shape[1]
+        if top_v is not None:
+            v, pick = torch.cat([top_v, v], -1).topk(c, dim=-1)
+            i = torch.cat([top_i, i], -1).gather(-1, pick)
+        top_v, top_i = v, i
+    return top_i
 
 
 def main() -> None:
@@ -76,6 +91,7 @@ def main() -> None:
     scores = q @ table.T  # (T, n)
     chunk = shortlist_chunk(DEFAULT_FACT_CHUNK, args.shortlist, keys.shape[1])
     q16, table16 = q.bfloat16(), table.bfloat16()
+    chunks = [scores[:, s : s + chunk].contiguous() for s in range(0, n, chunk)]  # as the op's products make them
     group = rescore_group(x.shape[0], keys.shape[1], args.shortlist)  # what the transformers loader passes
     budget_chunk = min(n, 2**25 // x.shape[0])  # the chunk the transformers loader passes since session 12
     workspace = torch.empty(shortlist_scores(x.shape[0], n, budget_chunk, args.shortlist, keys.shape[1]))
@@ -94,12 +110,10 @@ def main() -> None:
         "rescore_sized_group": lambda: _rescore(x_unit, keys, inv, cand, None, group),
         "sketch_product_float32": lambda: [q @ table[s : s + chunk].T for s in range(0, n, chunk)],
         "sketch_product_bf16": lambda: [q16 @ table16[s : s + chunk].T for s in range(0, n, chunk)],
-        "topk_per_chunk": lambda: [scores[:, s : s + chunk].contiguous().topk(args.shortlist, dim=-1)
-                                   for s in range(0, n, chunk)],
+        "topk_per_chunk": lambda: topk_per_chunk_session12(chunks, args.shortlist),
         "topk_once": lambda: scores.topk(args.shortlist, dim=-1),
-        "two_level_topk_per_chunk": lambda: [_top_scores(scores[:, s : s + chunk].contiguous(), args.shortlist)
-                                             for s in range(0, n, chunk)],
-        "two_level_topk_once": lambda: _top_scores(scores, args.shortlist),
+        "two_level_topk_chunks": lambda: _top_columns(zip(range(0, n, chunk), chunks), args.shortlist),
+        "two_level_topk_once": lambda: _top_columns(iter([(0, scores)]), args.shortlist),
     }
     print(json.dumps({"facts": n, "tokens": x.shape[0], "chunk": chunk, "sized_group": group, "threads": 1,
                       **{f"{k}_ms": ms(f, args.reps) for k, f in parts.items()}}), flush=True)
