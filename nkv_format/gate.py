@@ -284,9 +284,6 @@ def _shortlist(x_unit: torch.Tensor, sketch: Sketch, fact_chunk: int,
     return _top_columns(chunks, c)
 
 
-RESCORE_VALUES = 2**18  # gathered key values per rescoring group in eager calls: 1 MB in float32
-
-
 def _sketch_scores(q: torch.Tensor, rows: torch.Tensor, workspace: torch.Tensor | None) -> torch.Tensor:
     """(T, rows) float32 products q @ rows.T, written into `workspace` when one fits."""
     T, width = q.shape[0], rows.shape[0]
@@ -323,7 +320,7 @@ def _top_columns(chunks: Iterator[tuple[int, torch.Tensor]], c: int) -> torch.Te
     for start, scores in chunks:
         T, width = scores.shape
         pad = -width % SHORTLIST_BLOCK
-        if pad:  # a last, partial block: padded with scores that never win (a row of -inf has no real column)
+        if pad:  # a last, partial block: padded with -inf, below every real score
             scores = torch.nn.functional.pad(scores, (0, pad), value=float("-inf"))
         blocks = scores.view(T, -1, SHORTLIST_BLOCK)  # (T, nb, block)
         starts = start + SHORTLIST_BLOCK * torch.arange(blocks.shape[1], device=scores.device)  # (nb,)
@@ -357,6 +354,9 @@ def shortlist_chunk(fact_chunk: int, shortlist: int, d_key: int) -> int:
     return max(fact_chunk, shortlist, RESCORE_GROUP * d_key)
 
 
+RESCORE_VALUES = 2**18  # gathered key values per rescoring group in eager calls: 1 MB in float32
+
+
 def rescore_group(rows: int, d_key: int, shortlist: int) -> int:
     """`Sketch.group` for a call on `rows` tokens: the largest power of two that keeps a group's
     gathered rows (rows x group x d_key) within RESCORE_VALUES, at least 1, at most `shortlist`.
@@ -378,9 +378,9 @@ def _rescore(x_c: torch.Tensor, keys: torch.Tensor, key_inv_norms: torch.Tensor,
 
     The candidates' rows are gathered `group` slots at a time (a static loop): at Llama-3-8B
     width and 8k tokens all 128 at once would be 15 G values (30 GB in bf16), and small groups
-    stay in cache. Each token's row is the (1, d_key) left operand of its product: the
-    (g, d_key) x (d_key, 1) layout took 2.3x as long on CPU for the same values (95 ms
-    against 42 at 256 tokens and 8 slots; benchmarks/scale/gate_parts.py)."""
+    stay in cache. The token is the (1, d_key) left operand and its candidates the (d_key, g)
+    right one: the (g, d_key) x (d_key, 1) layout took 2.3x as long on CPU for the same values
+    (95 ms against 42 at 256 tokens and 8 slots; benchmarks/scale/gate_parts.py)."""
     T, c = cand.shape
     parts = []
     for s in range(0, c, group):
