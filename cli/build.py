@@ -61,7 +61,9 @@ def _layer(value: str | None) -> int | str | None:
 @click.option("--clamp", type=click.FloatRange(0, min_open=True),
               help="Max ||δ|| / ||h0|| [default: 0.75; 2 for d_model <= 256].")
 @click.option("--prefixes", "n_prefixes", type=click.IntRange(0), help="Generated context prefixes [default: 5].")
-@click.option("--batch-size", type=click.IntRange(1), help="Facts per forward/backward [default: 64].")
+@click.option("--batch-size", type=click.IntRange(1),
+              help="Facts per forward/backward [default: 16 on a CPU (64 was no faster there, at 2.2x the "
+                   "memory), 64 on a GPU].")
 @click.option("--preset", type=click.Choice(["default", "fast", "previous"]), default="default", show_default=True,
               help="'fast': optimise under 2 of the 6 templates, ~2x faster, fewer paraphrases generate the new "
                    "answer (benchmarks/build); 'previous': the build before the fast defaults (25 steps, "

@@ -67,6 +67,7 @@ def test_build_and_the_edit_takes_through_the_gate(model_type):
     assert adapter.target_module == ARCHITECTURES[model_type].module_path(adapter.layer)
     assert adapter.keys.dtype == torch.float32 and torch.isfinite(adapter.residuals).all()
     assert adapter.build["config"]["steps"] == 12 and adapter.build["seed"] == 0
+    assert adapter.build["config"]["batch_size"] == 16  # left open: the CPU default, recorded resolved
     assert len(adapter.build["templates"]) == 3 and adapter.build["templates"][0] == "{}"
     assert all(p.requires_grad for p in model.parameters())  # build left the model as it was
 
@@ -445,3 +446,16 @@ def test_joint_groups_join_only_rows_the_gate_cannot_tell_apart(monkeypatch):
     assert rows.joint_groups(None, None, tokens, facts, 0) == [[0], [1], [2], [3, 4], [5]]
     inputs["b"] = [e[0], e[0]]  # S's two keys equal: together
     assert rows.joint_groups(None, None, tokens, facts, 0) == [[0, 1], [2], [3, 4], [5]]
+
+
+def test_the_batch_size_left_open_is_the_devices_default() -> None:
+    from nkv.editing.solve.config import ACCELERATOR_BATCH, CPU_BATCH, batch_size_on
+
+    config = default_config("llama")
+    assert config.batch_size is None
+    assert batch_size_on(config, torch.device("cpu")) == CPU_BATCH == 16
+    assert batch_size_on(config, torch.device("cuda", 0)) == ACCELERATOR_BATCH == 64
+    assert batch_size_on(replace(config, batch_size=5), torch.device("cpu")) == 5
+    with pytest.raises(NKVError, match="batch_size must be >= 1"):
+        replace(config, batch_size=0)
+

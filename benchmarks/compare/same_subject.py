@@ -76,6 +76,7 @@ def joint_adapter(model, tok, facts, layer: int, gamma: float, preserve: bool = 
     """
     from nkv.loaders.architectures import empty_adapter_for
     from nkv.editing.solve import default_config, encode_facts, generate_prefixes
+    from nkv.editing.solve.config import batch_size_on
     from nkv.editing.forward import frozen, pad_id_of
     from nkv.editing.solve.keys import compute_keys
     from nkv.editing.solve.prompts import FactTokens
@@ -109,8 +110,9 @@ def joint_adapter(model, tok, facts, layer: int, gamma: float, preserve: bool = 
             by_shape.setdefault(n_rewrites, []).append(rows)
         residuals = torch.zeros(len(plain), h0.shape[1])
         for members in by_shape.values():
-            for start in range(0, len(members), config.batch_size):
-                chunk = members[start : start + config.batch_size]
+            batch = batch_size_on(config, next(model.parameters()).device)
+            for start in range(0, len(members), batch):
+                chunk = members[start : start + batch]
                 joint = [FactTokens(tokens[rows[0]].key_texts,
                                     [r for i in rows for r in tokens[i].rewrites] + extra.get(plain[rows[0]].subject, []),
                                     tokens[rows[0]].kl) for rows in chunk]

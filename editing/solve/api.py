@@ -22,7 +22,7 @@ from nkv.loaders.architectures import arch_spec, base_model_info, empty_adapter_
 
 from ..forward import frozen, model_device
 from .checkpoint import Checkpoint, digest
-from .config import BuildConfig, default_config, verified_layer
+from .config import BuildConfig, batch_size_on, default_config, verified_layer
 from .layer import choose_layer
 from .rows import Progress, compute_rows, joint_groups, plain_facts, tokenize_for_build
 from .selfcheck import self_check
@@ -190,7 +190,7 @@ def _provenance(model: nn.Module, config: BuildConfig, layer_choice: dict[str, A
         "tool": f"nkv {__version__}",
         "method": "neuraldb: keys and residuals as MEMIT compute_ks / compute_z, batched",
         "config": {**config.to_dict(), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-                   "device": str(model_device(model))},
+                   "device": str(model_device(model)), "batch_size": batch_size_on(config, model_device(model))},
         "seed": config.seed,
         "layer_choice": layer_choice,
         "templates": as_templates(prefixes),

@@ -15,9 +15,9 @@ from nkv.errors import NKVFactsError
 from nkv.facts import Fact
 from nkv.facts_io import FactInput
 
-from ..forward import pad_id_of
+from ..forward import model_device, pad_id_of
 from .checkpoint import Checkpoint
-from .config import BuildConfig
+from .config import BuildConfig, batch_size_on
 from .keys import average_key, compute_keys, template_inputs
 from .preserve import choose_probes
 from .prompts import FactTokens, encode_fact, joined
@@ -66,7 +66,7 @@ def compute_rows(model: nn.Module, tokenizer: Any, tokens: list[FactTokens], lay
     if on_resumed is not None and resumed:
         on_resumed(resumed)
     pending: list[tuple[list[int], dict[str, torch.Tensor]]] = []
-    chunks = _batches(todo, config.batch_size)
+    chunks = _batches(todo, batch_size_on(config, model_device(model)))
     for number, chunk in enumerate(chunks):
         idx = [i for g in chunk for i in g]
         keys, h0 = compute_keys(model, layer, [tokens[i] for i in idx], pad_id)  # every fact its own key
