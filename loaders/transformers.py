@@ -364,8 +364,9 @@ class NKVLinear(nn.Module):
         r = self.resident()
         row_chunk = max(1, SCORE_BUDGET // _per_row(fact_chunk, r.shortlist, d_key))
         if r.shortlist:  # score as many sketches at once as the budget allows for these rows: each top-k
-            # call costs ~60 us per token row whatever its length, so at 200k facts and 256 tokens
-            # 17 calls over 12,288 scores took 271 ms and one over all 200k 91 ms (benchmarks/scale)
+            # call costs ~60 us per token row whatever its length: at 200k facts and 256 tokens the
+            # shortlist took 333-439 ms in 12,288-score chunks and 324-360 ms in these, before the
+            # kept score buffer (benchmarks/scale/gate_parts.py, session 13)
             fact_chunk = max(fact_chunk, min(n_facts, SCORE_BUDGET // max(1, min(rows.shape[0], row_chunk))))
         block = min(rows.shape[0], row_chunk)
         sketch = _grouped(r.sketch(), block, d_key)
@@ -382,8 +383,8 @@ class NKVLinear(nn.Module):
         """This thread's buffer for the sketch path's score chunks on a CPU, kept between calls.
 
         At 256 tokens a chunk of scores is 134 MB, and a fresh one per call is faulted in page
-        by page: the sketch product over 200k facts took 295 ms that way and 197 ms into a kept
-        buffer (benchmarks/scale/gate_parts.py). It is at most SCORE_BUDGET floats per thread
+        by page: the shortlist over 200k facts took 326-360 ms that way and 245-270 ms into a
+        kept buffer (benchmarks/scale/gate_parts.py, shortlist_budget_chunk[_workspace]). It is at most SCORE_BUDGET floats per thread
         and module; one per thread, so concurrent forwards never share it. CUDA's caching
         allocator already reuses its blocks: None there."""
         if device.type != "cpu":
