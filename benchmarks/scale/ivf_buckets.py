@@ -1,12 +1,23 @@
 """Would an IVF index (keys in k-means buckets, each token scoring only the buckets whose
-centroids score highest) find the exact gate's row? For every token where the exact gate
-fires, the rank of its row's bucket among all centroids; an index probing the top k buckets
-finds the row only when that rank is below k.
+centroids score highest) keep the exact gate's decisions, and would it be faster?
 
-    python benchmarks/scale/ivf_buckets.py --keys keys.pt --facts 200000 --per-bucket 256
+    python benchmarks/scale/ivf_buckets.py --keys keys100k.pt --facts 100000 --per-bucket 128 --probes 8,16,32
+    python benchmarks/scale/ivf_buckets.py --keys keys-datasets.pt --facts 19589 --per-bucket 32 --probes 8,16,32 --time
+    ... --centroids full   (k-means and centroid ranking on the full unit keys, not their sketches)
 
-Keys: read_keys.py's real SmolLM2 keys, then synthetic ones matched to them (bench_scale.table).
-Spherical k-means on the unit keys (full d_key), trained on a sample, every key assigned.
+Keys: read_keys.py's real SmolLM2 keys (beyond the file's rows, synthetic ones matched to
+them: bench_scale.table). The index lives in the sketch space of the op (spec §5.1): spherical
+k-means on the keys' sketches, then every bucket larger than `--cap` split along its first
+principal direction, so buckets have a fixed capacity (what a graph-safe index needs).
+Per token and number of probes p:
+- `bucket_rank_<k>`: for tokens where the exact gate fires, the share whose row's bucket
+  ranks among the top k centroids (sketch product with the bucket's mean sketch);
+- `agree_p<p>`: the whole IVF path (the p buckets' sketches scored with the op's ranking,
+  the best `shortlist` rescored exactly, `gate._rescore`) against the exact gate: same fired /
+  not fired and, where fired, the same row; next to the flat sketch path's agreement;
+- `--time`: one gate call on 256 tokens of real text, the flat sketch path (the op) against
+  the IVF path with its candidate sketches gathered per token (the graph-safe form), median
+  of 5, interleaved.
 """
 
 from __future__ import annotations
@@ -18,56 +29,127 @@ from pathlib import Path
 
 import torch
 
-from bench_scale import decisions, table
-from nkv.gate import key_inverse_norms
+from bench_scale import GAMMA, decisions, table
+from nkv.constants import SKETCH_REST_WEIGHT
+from nkv.gate import _rescore, Sketch, fit_sketch, key_inverse_norms, nkv_gate, rescore_group, sketch_keys, shortlist_scores
 
-PROBES = (1, 4, 16, 64)
+RANKS = (1, 4, 16, 64)
+SHORTLIST = 128
 
 
-def spherical_kmeans(x: torch.Tensor, n_buckets: int, iters: int, g: torch.Generator) -> torch.Tensor:
-    """(n_buckets, d) unit centroids of the unit rows of x."""
-    centroids = x[torch.randperm(x.shape[0], generator=g)[:n_buckets]].clone()
-    for _ in range(iters):
-        nearest = (x @ centroids.T).argmax(1)
-        centroids = torch.zeros_like(centroids).index_add_(0, nearest, x)
-        centroids = centroids / centroids.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    return centroids
+class Index:
+    """Fixed-capacity buckets over the keys' sketches."""
+
+    def __init__(self, sketches: torch.Tensor, per_bucket: int, cap: int, iters: int, g: torch.Generator,
+                 space: torch.Tensor | None = None) -> None:
+        # clustered and ranked in `space` (the unit keys) when given, else in the sketches' space
+        s = sketches[:, :-1] if space is None else space  # (n, d) (the rest norm left out)
+        unit = s / s.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        centroids = unit[torch.randperm(s.shape[0], generator=g)[: max(1, s.shape[0] // per_bucket)]].clone()
+        for _ in range(iters + 1):
+            nearest = torch.cat([(unit[i : i + 65536] @ centroids.T).argmax(1) for i in range(0, s.shape[0], 65536)])
+            centroids = torch.zeros_like(centroids).index_add_(0, nearest, unit)
+            centroids = centroids / centroids.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        buckets: list[torch.Tensor] = []
+        for b in torch.unique(nearest):
+            rows = (nearest == b).nonzero().squeeze(1)
+            if rows.numel() > cap:  # split along the bucket's first principal direction
+                centred = s[rows] - s[rows].mean(0)
+                direction = torch.linalg.svd(centred, full_matrices=False).Vh[0]
+                buckets += list(rows[(centred @ direction).argsort()].split(cap))
+            else:
+                buckets.append(rows)
+        self.cap = cap
+        self.members = torch.full((len(buckets), cap), -1, dtype=torch.long)  # (B, cap), -1 = empty slot
+        for i, rows in enumerate(buckets):
+            self.members[i, : rows.numel()] = rows
+        self.means = torch.stack([s[rows].mean(0) for rows in buckets])  # (B, d_sketch)
+        self.sketches = torch.where((self.members >= 0)[..., None], sketches[self.members.clamp_min(0)], 0.0)  # (B, cap, d+1)
+        self.bucket_of = torch.empty(s.shape[0], dtype=torch.long)
+        for i, rows in enumerate(buckets):
+            self.bucket_of[rows] = i
+
+
+def ivf_gate(x: torch.Tensor, keys: torch.Tensor, inv: torch.Tensor, proj: torch.Tensor, index: Index, probes: int):
+    """(fired, row) of the IVF path for (T, d_key) tokens."""
+    unit = x / x.norm(dim=-1, keepdim=True)
+    q = unit @ proj  # (T, d_sketch)
+    rest = SKETCH_REST_WEIGHT * (1.0 - q.pow(2).sum(-1, keepdim=True)).clamp_min(0.0).sqrt()
+    probed = ((unit if index.means.shape[1] == x.shape[1] else q) @ index.means.T).topk(min(probes, index.means.shape[0]), dim=-1).indices  # (T, p)
+    T = x.shape[0]
+    cand = index.sketches[probed].view(T, -1, index.sketches.shape[-1])  # (T, p * cap, d + 1), gathered per token
+    scores = torch.bmm(cand, torch.cat([q, rest], -1).unsqueeze(-1)).squeeze(-1)  # (T, p * cap)
+    rows = index.members[probed].view(T, -1)
+    scores = scores.masked_fill(rows < 0, float("-inf"))
+    top = rows.gather(1, scores.topk(min(SHORTLIST, scores.shape[1]), dim=-1).indices)  # (T, c), -1 = empty
+    top = torch.where(top < 0, top[:, :1], top)  # an empty slot repeats the token's first candidate
+    best, row = _rescore(unit, keys, inv, top, None, rescore_group(T, keys.shape[1], top.shape[1]))
+    return best > GAMMA, row
+
+
+def agreement(fired_a, row_a, fired_b, row_b) -> tuple[float, int]:
+    same = (fired_a == fired_b) & (~fired_a | (row_a == row_b))
+    return round(float(same.float().mean()) * 100, 3), int((~same).sum())
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--keys", type=Path, required=True)
-    p.add_argument("--facts", type=int, default=200_000)
-    p.add_argument("--per-bucket", type=int, default=256, help="mean keys per bucket")
-    p.add_argument("--train", type=int, default=32768, help="keys the centroids are fitted on")
-    p.add_argument("--iters", type=int, default=6)
-    p.add_argument("--max-tokens", type=int, default=1000)
+    p.add_argument("--facts", type=int, default=100_000)
+    p.add_argument("--per-bucket", type=int, default=128, help="mean keys per k-means bucket")
+    p.add_argument("--cap", type=int, default=0, help="bucket capacity (default 2 x per-bucket)")
+    p.add_argument("--probes", default="8,16,32")
+    p.add_argument("--iters", type=int, default=8)
+    p.add_argument("--centroids", choices=("sketch", "full"), default="sketch",
+                   help="cluster and rank in the sketch space or on the full unit keys")
+    p.add_argument("--max-tokens", type=int, default=2000)
+    p.add_argument("--time", action="store_true")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     data = torch.load(args.keys, weights_only=False)
-    keys = table(data, args.facts)
+    keys = table(data, args.facts).float()
     inv = key_inverse_norms(keys)
-    unit = torch.cat([keys[s : s + 65536].float() * inv[s : s + 65536, None] for s in range(0, args.facts, 65536)])
-    n_buckets = max(1, args.facts // args.per_bucket)
+    proj = fit_sketch(keys, 128)
+    sketch = Sketch(proj, sketch_keys(keys, proj, inv), SHORTLIST)
     t0 = time.perf_counter()
-    centroids = spherical_kmeans(unit[torch.randperm(args.facts, generator=g)[: args.train]], n_buckets, args.iters, g)
-    bucket = torch.cat([(unit[s : s + 32768] @ centroids.T).argmax(1) for s in range(0, args.facts, 32768)])
-    fit_s = time.perf_counter() - t0
-    pairwise = unit[:2000] @ unit[:2000].T
-    off_diagonal = pairwise[~torch.eye(2000, dtype=torch.bool)]
+    space = keys * inv[:, None] if args.centroids == "full" else None
+    index = Index(sketch.keys, args.per_bucket, args.cap or 2 * args.per_bucket, args.iters, g, space)
+    fit_s = round(time.perf_counter() - t0, 1)
+    probes = [int(v) for v in args.probes.split(",")]
     for kind in ("text", "edit", "paraphrase"):
         q = data[kind]
         q = q[torch.randperm(q.shape[0], generator=g)[: args.max_tokens]].float()
         fired, row, _ = decisions(q, keys, None)
-        scores = (q / q.norm(dim=-1, keepdim=True)) @ centroids.T  # (tokens, n_buckets)
-        own = scores.gather(1, bucket[row].unsqueeze(1))
-        rank = (scores > own).sum(1)[fired]
-        print(json.dumps({"facts": args.facts, "buckets": n_buckets, "queries": kind, "fired": int(fired.sum()),
-                          **{f"found_in_top_{k}": round(float((rank < k).float().mean()), 4) for k in PROBES},
-                          "fit_s": round(fit_s, 1),
-                          "mean_pairwise_cos_first_2000_keys": round(float(off_diagonal.mean()), 3)}), flush=True)
+        s_fired, s_row, _ = decisions(q, keys, sketch)
+        q_unit = q / q.norm(dim=-1, keepdim=True)
+        centroid_scores = (q_unit if args.centroids == "full" else q_unit @ proj) @ index.means.T  # (tokens, B)
+        own = centroid_scores.gather(1, index.bucket_of[row].unsqueeze(1))
+        rank = (centroid_scores > own).sum(1)[fired]
+        out = {"facts": args.facts, "centroids": args.centroids, "buckets": index.means.shape[0], "cap": index.cap, "fit_s": fit_s,
+               "queries": kind, "tokens": q.shape[0], "fired": int(fired.sum()),
+               **{f"bucket_rank_{k}": round(float((rank < k).float().mean()), 4) for k in RANKS},
+               "agree_sketch_path": agreement(fired, row, s_fired, s_row)}
+        for n_probes in probes:
+            parts = [ivf_gate(q[s : s + 256], keys, inv, proj, index, n_probes) for s in range(0, q.shape[0], 256)]
+            out[f"agree_p{n_probes}"] = agreement(fired, row, torch.cat([f for f, _ in parts]), torch.cat([r for _, r in parts]))
+        print(json.dumps(out), flush=True)
+    if args.time:
+        x = data["text"][:256].float()
+        no_res = torch.zeros(keys.shape[0], 1)
+        flat = sketch._replace(group=rescore_group(256, keys.shape[1], SHORTLIST))
+        ws = torch.empty(shortlist_scores(256, keys.shape[0], 8192, SHORTLIST, keys.shape[1]))
+        calls = {"sketch_path": lambda: nkv_gate(x, keys, inv, no_res, torch.tensor(GAMMA), sketch=flat, workspace=ws)}
+        for n_probes in probes:
+            calls[f"ivf_p{n_probes}"] = lambda n=n_probes: ivf_gate(x, keys, inv, proj, index, n)
+        times: dict[str, list[float]] = {k: [] for k in calls}
+        for _ in range(5):
+            for name, call in calls.items():
+                t = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - t)
+        print(json.dumps({"tokens": 256, "facts": args.facts, **{f"{k}_ms": round(sorted(v)[2] * 1000, 1) for k, v in times.items()}}))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,13 @@
 """Read real FFN keys from SmolLM2-135M at the build layer, for the scale benchmark.
 
     NKV_CACHE=<converted model cache> python benchmarks/scale/read_keys.py --n 100000 -o keys.pt
+    NKV_CACHE=<converted model cache> python benchmarks/scale/read_keys.py --subjects datasets -o keys-datasets.pt
+
+`--subjects generated` (the default) reads generated names, products and places
+(subjects.py); many share their last token ("... Weber"), so their keys come in tight
+groups. `--subjects datasets` reads every distinct subject of CounterFact and ZsRE in
+shared/data instead (about 20,000 real, varied subjects), with each one's own dataset
+prompt and paraphrase as its edit and paraphrase prompts.
 
 Writes one torch file with:
 - `keys` (n, d_key) fp16 (saved every `--save-every` subjects, so a cut run keeps a prefix): the input of layer `--layer`'s down_proj at each generated
@@ -29,7 +36,26 @@ from subjects import EDIT_TEMPLATES, PARAPHRASE_TEMPLATES, subjects  # noqa: E40
 
 ROOT = Path(__file__).resolve().parents[2]
 UNRELATED = ROOT / "benchmarks" / "real" / "results" / "unrelated-smollm2-135m.txt"
-COUNTERFACT = ROOT.parent / "shared" / "data" / "counterfact-edit.json"
+DATA = ROOT.parent / "shared" / "data"
+COUNTERFACT = DATA / "counterfact-edit.json"
+
+
+def dataset_subjects() -> tuple[list[str], list[str], list[str]]:
+    """(subjects, edit prompts, paraphrases): every distinct subject of CounterFact (edit,
+    train and test files) and ZsRE, in file order, with its first case's prompt and paraphrase."""
+    cases: list[tuple[str, str, str]] = []
+    for name in ("counterfact-edit.json", "counterfact-train.json"):
+        cases += [(c["subject"], c["prompt"], c["rephrase_prompt"]) for c in json.loads((DATA / name).read_text())]
+    for c in json.loads((DATA / "counterfact_azhx_test.json").read_text()):
+        rw = c["requested_rewrite"]
+        cases.append((rw["subject"], rw["prompt"].format(rw["subject"]), c["paraphrase_prompts"][0]))
+    cases += [(c["subject"], c["src"], c["rephrase"]) for c in json.loads((DATA / "zsre_mend_edit.json").read_text())]
+    first: dict[str, tuple[str, str]] = {}
+    for subject, prompt, paraphrase in cases:
+        if subject.strip() and subject not in first:
+            first[subject] = (prompt, paraphrase)
+    subj = list(first)
+    return subj, [first[s][0] for s in subj], [first[s][1] for s in subj]
 
 
 class _Stop(Exception):
@@ -71,7 +97,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--layer", type=int, default=6)
-    p.add_argument("--n", type=int, default=100_000)
+    p.add_argument("--subjects", choices=("generated", "datasets"), default="generated")
+    p.add_argument("--n", type=int, default=100_000, help="generated subjects")
     p.add_argument("--n-prompts", type=int, default=1000)
     p.add_argument("--text-chars", type=int, default=40_000, help="characters of unrelated text")
     p.add_argument("--batch", type=int, default=256)
@@ -86,17 +113,25 @@ def main() -> None:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     base, down = _truncated(model.eval(), args.layer)
-    subj = subjects(args.n)
-    saved: dict = {"subjects": subj, "layer": args.layer, "model": args.model}
-    cases = json.loads(COUNTERFACT.read_text())[:300]
+    if args.subjects == "datasets":
+        subj, edit_prompts, paraphrases = dataset_subjects()
+    else:
+        subj = subjects(args.n)
+    saved: dict = {"subjects": subj, "layer": args.layer, "model": args.model, "subject_set": args.subjects}
     real = [UNRELATED.read_text()[i : i + 400] for i in range(0, args.text_chars, 400)]
-    real += [c[k] for c in cases for k in ("prompt", "rephrase_prompt", "locality_prompt")]
+    if args.subjects == "generated":  # dataset prompts name none of the generated subjects
+        cases = json.loads(COUNTERFACT.read_text())[:300]
+        real += [c[k] for c in cases for k in ("prompt", "rephrase_prompt", "locality_prompt")]
     saved["text"] = torch.cat(activations(base, down, tok, real, 64, last_only=False))
     prompts: dict[str, tuple[list[str], list[int]]] = {"edit": ([], []), "paraphrase": ([], [])}
-    for row in range(min(args.n_prompts, args.n)):
+    for row in range(min(args.n_prompts, len(subj))):
         for kind, templates in (("edit", EDIT_TEMPLATES), ("paraphrase", PARAPHRASE_TEMPLATES)):
-            t = templates[row % len(templates)]
-            prompts[kind][0].append(t.format(*[subj[row]] * t.count("{}")))
+            if args.subjects == "datasets":
+                text = (edit_prompts if kind == "edit" else paraphrases)[row]
+            else:
+                t = templates[row % len(templates)]
+                text = t.format(*[subj[row]] * t.count("{}"))
+            prompts[kind][0].append(text)
             prompts[kind][1].append(row)
     for kind, (texts, rows) in prompts.items():
         acts = activations(base, down, tok, texts, 64, last_only=False)
