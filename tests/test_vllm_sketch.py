@@ -6,6 +6,7 @@ tensor parallelism, compiled, and across in-place swaps.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -90,9 +91,13 @@ def test_named_adapters_each_use_their_own_projection(shortlists):
 def test_tensor_parallel_sketch_path_agrees_with_one_device():
     adapter = make_adapter(20, seed=1)
     x = tokens(adapter)
+    capacity, reduced = 256, [[], []]  # the shapes each rank all-reduces
 
     def rank(r, all_reduce):
-        module = sketched(tp_rank=r, tp_size=2, all_reduce=all_reduce)
+        def recorded(t):
+            reduced[r].append(tuple(t.shape))
+            return all_reduce(t)
+        module = sketched(capacity=capacity, tp_rank=r, tp_size=2, all_reduce=recorded)
         module.load(adapter)
         return module(key_slice(x, r))[0]
 
@@ -100,6 +105,11 @@ def test_tensor_parallel_sketch_path_agrees_with_one_device():
     want = reference(adapter, x)
     torch.testing.assert_close(outs[0], want)
     torch.testing.assert_close(outs[1], want)
+    # the layer's all-reduces carry the token norms, sketches and shortlist scores (spec §5.1),
+    # O(tokens x k) -- never a (tokens x capacity) score block
+    T, d_sketch = x.shape[0], min(128, D_KEY)
+    assert reduced[0] == reduced[1] == [(T,), (T, d_sketch), (T, SHORTLIST)]
+    assert sum(math.prod(shape) for shape in reduced[0]) < T * capacity
 
 
 def test_compiled_sketch_path_sees_rows_swapped_in_place():
