@@ -16,8 +16,9 @@ Per token and number of probes p:
   the best `shortlist` rescored exactly, `gate._rescore`) against the exact gate: same fired /
   not fired and, where fired, the same row; next to the flat sketch path's agreement;
 - `--time`: one gate call on 256 tokens of real text, the flat sketch path (the op) against
-  the IVF path with its candidate sketches gathered per token (the graph-safe form), median
-  of 5, interleaved.
+  the IVF path in two forms with the same decisions (checked): candidate sketches gathered per
+  token (`ivf_p*`, static shapes, what a compiled graph needs) and bucket by bucket
+  (`ivf_bucket_major_p*`, eager only), median of 5, interleaved.
 """
 
 from __future__ import annotations
@@ -87,6 +88,35 @@ def ivf_gate(x: torch.Tensor, keys: torch.Tensor, inv: torch.Tensor, proj: torch
     return best > GAMMA, row
 
 
+def ivf_gate_bucket_major(x: torch.Tensor, keys: torch.Tensor, inv: torch.Tensor, proj: torch.Tensor, index: Index,
+                          probes: int):
+    """`ivf_gate`'s decisions, computed bucket by bucket: one product per probed bucket with the
+    tokens that probe it, so each bucket's sketches are read once. Shapes depend on the
+    tokens (eager only)."""
+    T = x.shape[0]
+    unit = x / x.norm(dim=-1, keepdim=True)
+    q = unit @ proj
+    rest = SKETCH_REST_WEIGHT * (1.0 - q.pow(2).sum(-1, keepdim=True)).clamp_min(0.0).sqrt()
+    q_rest = torch.cat([q, rest], -1)  # (T, d + 1)
+    probes = min(probes, index.means.shape[0])
+    probed = ((unit if index.means.shape[1] == x.shape[1] else q) @ index.means.T).topk(probes, dim=-1).indices
+    pairs_by_bucket = probed.reshape(-1).argsort()  # (token, slot) pairs, as token * probes + slot
+    counts = torch.bincount(probed.reshape(-1), minlength=index.means.shape[0]).tolist()
+    scores = torch.full((T * probes, index.cap), float("-inf"))
+    start = 0
+    for bucket, n in enumerate(counts):
+        if n:
+            pairs = pairs_by_bucket[start : start + n]
+            scores[pairs] = q_rest[pairs // probes] @ index.sketches[bucket].T  # (n, cap)
+            start += n
+    rows = index.members[probed].view(T, -1)
+    scores = scores.view(T, -1).masked_fill(rows < 0, float("-inf"))
+    top = rows.gather(1, scores.topk(min(SHORTLIST, scores.shape[1]), dim=-1).indices)
+    top = torch.where(top < 0, top[:, :1], top)
+    best, row = _rescore(unit, keys, inv, top, None, rescore_group(T, keys.shape[1], top.shape[1]))
+    return best > GAMMA, row
+
+
 def agreement(fired_a, row_a, fired_b, row_b) -> tuple[float, int]:
     same = (fired_a == fired_b) & (~fired_a | (row_a == row_b))
     return round(float(same.float().mean()) * 100, 3), int((~same).sum())
@@ -143,6 +173,10 @@ def main() -> None:
         calls = {"sketch_path": lambda: nkv_gate(x, keys, inv, no_res, torch.tensor(GAMMA), sketch=flat, workspace=ws)}
         for n_probes in probes:
             calls[f"ivf_p{n_probes}"] = lambda n=n_probes: ivf_gate(x, keys, inv, proj, index, n)
+            calls[f"ivf_bucket_major_p{n_probes}"] = lambda n=n_probes: ivf_gate_bucket_major(x, keys, inv, proj, index, n)
+            gathered, by_bucket = (f(x, keys, inv, proj, index, n_probes) for f in (ivf_gate, ivf_gate_bucket_major))
+            if agreement(*gathered, *by_bucket)[1]:
+                raise AssertionError(f"the two IVF forms disagree at p = {n_probes}")
         times: dict[str, list[float]] = {k: [] for k in calls}
         for _ in range(5):
             for name, call in calls.items():
