@@ -4,6 +4,7 @@ centroids score highest) keep the exact gate's decisions, and would it be faster
     python benchmarks/scale/ivf_buckets.py --keys keys100k.pt --facts 100000 --per-bucket 128 --probes 8,16,32
     python benchmarks/scale/ivf_buckets.py --keys keys-datasets.pt --facts 19589 --per-bucket 32 --probes 8,16,32 --time
     ... --centroids full   (k-means and centroid ranking on the full unit keys, not their sketches)
+    ... --spill 2          (each key also stored in its second-best bucket)
 
 Keys: read_keys.py's real SmolLM2 keys (beyond the file's rows, synthetic ones matched to
 them: bench_scale.table). The index lives in the sketch space of the op (spec §5.1): spherical
@@ -42,7 +43,7 @@ class Index:
     """Fixed-capacity buckets over the keys' sketches."""
 
     def __init__(self, sketches: torch.Tensor, per_bucket: int, cap: int, iters: int, g: torch.Generator,
-                 space: torch.Tensor | None = None) -> None:
+                 space: torch.Tensor | None = None, spill: int = 1) -> None:
         # clustered and ranked in `space` (the unit keys) when given, else in the sketches' space
         s = sketches[:, :-1] if space is None else space  # (n, d) (the rest norm left out)
         unit = s / s.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -60,14 +61,28 @@ class Index:
                 buckets += list(rows[(centred @ direction).argsort()].split(cap))
             else:
                 buckets.append(rows)
+        self.means = torch.stack([s[rows].mean(0) for rows in buckets])  # (B, d_sketch)
+        primary = buckets
+        if spill > 1:  # every row also in the buckets whose means rank next for it (spilled copies)
+            means_unit = self.means / self.means.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            ranked = torch.cat([(unit[i : i + 65536] @ means_unit.T).topk(spill + 1, dim=1).indices
+                                for i in range(0, s.shape[0], 65536)])  # (n, spill + 1)
+            own = torch.empty(s.shape[0], dtype=torch.long)
+            for i, rows in enumerate(buckets):
+                own[rows] = i
+            extra = [[] for _ in buckets]
+            for row, (b_own, choices) in enumerate(zip(own.tolist(), ranked.tolist())):
+                for b in [c for c in choices if c != b_own][: spill - 1]:
+                    extra[b].append(row)
+            buckets = [torch.cat([rows, torch.tensor(more, dtype=torch.long)]) for rows, more in zip(buckets, extra)]
+            cap = max(rows.numel() for rows in buckets)
         self.cap = cap
         self.members = torch.full((len(buckets), cap), -1, dtype=torch.long)  # (B, cap), -1 = empty slot
         for i, rows in enumerate(buckets):
             self.members[i, : rows.numel()] = rows
-        self.means = torch.stack([s[rows].mean(0) for rows in buckets])  # (B, d_sketch)
         self.sketches = torch.where((self.members >= 0)[..., None], sketches[self.members.clamp_min(0)], 0.0)  # (B, cap, d+1)
         self.bucket_of = torch.empty(s.shape[0], dtype=torch.long)
-        for i, rows in enumerate(buckets):
+        for i, rows in enumerate(primary):
             self.bucket_of[rows] = i
 
 
@@ -130,6 +145,7 @@ def main() -> None:
     p.add_argument("--cap", type=int, default=0, help="bucket capacity (default 2 x per-bucket)")
     p.add_argument("--probes", default="8,16,32")
     p.add_argument("--iters", type=int, default=8)
+    p.add_argument("--spill", type=int, default=1, help="buckets each key is stored in (its own + the next best)")
     p.add_argument("--centroids", choices=("sketch", "full"), default="sketch",
                    help="cluster and rank in the sketch space or on the full unit keys")
     p.add_argument("--max-tokens", type=int, default=2000)
@@ -145,7 +161,7 @@ def main() -> None:
     sketch = Sketch(proj, sketch_keys(keys, proj, inv), SHORTLIST)
     t0 = time.perf_counter()
     space = keys * inv[:, None] if args.centroids == "full" else None
-    index = Index(sketch.keys, args.per_bucket, args.cap or 2 * args.per_bucket, args.iters, g, space)
+    index = Index(sketch.keys, args.per_bucket, args.cap or 2 * args.per_bucket, args.iters, g, space, args.spill)
     fit_s = round(time.perf_counter() - t0, 1)
     probes = [int(v) for v in args.probes.split(",")]
     for kind in ("text", "edit", "paraphrase"):
@@ -157,7 +173,7 @@ def main() -> None:
         centroid_scores = (q_unit if args.centroids == "full" else q_unit @ proj) @ index.means.T  # (tokens, B)
         own = centroid_scores.gather(1, index.bucket_of[row].unsqueeze(1))
         rank = (centroid_scores > own).sum(1)[fired]
-        out = {"facts": args.facts, "centroids": args.centroids, "buckets": index.means.shape[0], "cap": index.cap, "fit_s": fit_s,
+        out = {"facts": args.facts, "centroids": args.centroids, "spill": args.spill, "buckets": index.means.shape[0], "cap": index.cap, "fit_s": fit_s,
                "queries": kind, "tokens": q.shape[0], "fired": int(fired.sum()),
                **{f"bucket_rank_{k}": round(float((rank < k).float().mean()), 4) for k in RANKS},
                "agree_sketch_path": agreement(fired, row, s_fired, s_row)}
