@@ -63,19 +63,26 @@ class Index:
                 buckets.append(rows)
         self.means = torch.stack([s[rows].mean(0) for rows in buckets])  # (B, d_sketch)
         primary = buckets
-        if spill > 1:  # every row also in the buckets whose means rank next for it (spilled copies)
+        if spill > 1:  # rows near a bucket's border also stored in the next buckets, while those have room
             means_unit = self.means / self.means.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            ranked = torch.cat([(unit[i : i + 65536] @ means_unit.T).topk(spill + 1, dim=1).indices
-                                for i in range(0, s.shape[0], 65536)])  # (n, spill + 1)
+            best = [(unit[i : i + 65536] @ means_unit.T).topk(spill + 1, dim=1) for i in range(0, s.shape[0], 65536)]
+            scores, ranked = torch.cat([b.values for b in best]), torch.cat([b.indices for b in best])  # (n, spill + 1)
             own = torch.empty(s.shape[0], dtype=torch.long)
             for i, rows in enumerate(buckets):
                 own[rows] = i
-            extra = [[] for _ in buckets]
-            for row, (b_own, choices) in enumerate(zip(own.tolist(), ranked.tolist())):
-                for b in [c for c in choices if c != b_own][: spill - 1]:
-                    extra[b].append(row)
+            own_score = (unit * means_unit[own]).sum(1)  # (n,)
+            sizes = [rows.numel() for rows in buckets]
+            extra: list[list[int]] = [[] for _ in buckets]
+            own_list, own_scores = own.tolist(), own_score.tolist()
+            pairs = [(own_scores[r] - sc, r, b) for r, (bs, scs) in enumerate(zip(ranked.tolist(), scores.tolist()))
+                     for b, sc in zip(bs, scs) if b != own_list[r]]
+            placed = [0] * s.shape[0]
+            for _, r, b in sorted(pairs):  # the rows closest to another bucket first
+                if placed[r] < spill - 1 and sizes[b] < cap:
+                    extra[b].append(r)
+                    sizes[b] += 1
+                    placed[r] += 1
             buckets = [torch.cat([rows, torch.tensor(more, dtype=torch.long)]) for rows, more in zip(buckets, extra)]
-            cap = max(rows.numel() for rows in buckets)
         self.cap = cap
         self.members = torch.full((len(buckets), cap), -1, dtype=torch.long)  # (B, cap), -1 = empty slot
         for i, rows in enumerate(buckets):
@@ -84,6 +91,17 @@ class Index:
         self.bucket_of = torch.empty(s.shape[0], dtype=torch.long)
         for i, rows in enumerate(primary):
             self.bucket_of[rows] = i
+
+
+def _unscored(rows: torch.Tensor, probed: torch.Tensor, index: Index) -> torch.Tensor:
+    """(T, p * cap) True where a slot must not compete for the shortlist: an empty slot, or a
+    spilled copy of a row whose own bucket the token probes too (it is scored there: a second
+    copy would take a shortlist place from another row)."""
+    T, probes = probed.shape
+    slot_bucket = probed.repeat_interleave(index.cap, dim=1)  # (T, p * cap)
+    own = index.bucket_of[rows.clamp_min(0)]  # (T, p * cap)
+    probed_mask = torch.zeros(T, index.means.shape[0], dtype=torch.bool).scatter_(1, probed, True)
+    return (rows < 0) | ((own != slot_bucket) & probed_mask.gather(1, own))
 
 
 def ivf_gate(x: torch.Tensor, keys: torch.Tensor, inv: torch.Tensor, proj: torch.Tensor, index: Index, probes: int):
@@ -96,7 +114,7 @@ def ivf_gate(x: torch.Tensor, keys: torch.Tensor, inv: torch.Tensor, proj: torch
     cand = index.sketches[probed].view(T, -1, index.sketches.shape[-1])  # (T, p * cap, d + 1), gathered per token
     scores = torch.bmm(cand, torch.cat([q, rest], -1).unsqueeze(-1)).squeeze(-1)  # (T, p * cap)
     rows = index.members[probed].view(T, -1)
-    scores = scores.masked_fill(rows < 0, float("-inf"))
+    scores = scores.masked_fill(_unscored(rows, probed, index), float("-inf"))
     top = rows.gather(1, scores.topk(min(SHORTLIST, scores.shape[1]), dim=-1).indices)  # (T, c), -1 = empty
     top = torch.where(top < 0, top[:, :1], top)  # an empty slot repeats the token's first candidate
     best, row = _rescore(unit, keys, inv, top, None, rescore_group(T, keys.shape[1], top.shape[1]))
@@ -125,7 +143,7 @@ def ivf_gate_bucket_major(x: torch.Tensor, keys: torch.Tensor, inv: torch.Tensor
             scores[pairs] = q_rest[pairs // probes] @ index.sketches[bucket].T  # (n, cap)
             start += n
     rows = index.members[probed].view(T, -1)
-    scores = scores.view(T, -1).masked_fill(rows < 0, float("-inf"))
+    scores = scores.view(T, -1).masked_fill(_unscored(rows, probed, index), float("-inf"))
     top = rows.gather(1, scores.topk(min(SHORTLIST, scores.shape[1]), dim=-1).indices)
     top = torch.where(top < 0, top[:, :1], top)
     best, row = _rescore(unit, keys, inv, top, None, rescore_group(T, keys.shape[1], top.shape[1]))
