@@ -40,12 +40,13 @@ SHORTLIST = 128
 
 
 class Index:
-    """Fixed-capacity buckets over the keys' sketches."""
+    """Fixed-capacity buckets of rows, with each bucket's sketches stored bucket-major."""
 
     def __init__(self, sketches: torch.Tensor, per_bucket: int, cap: int, iters: int, g: torch.Generator,
                  space: torch.Tensor | None = None, spill: int = 1) -> None:
         # clustered and ranked in `space` (the unit keys) when given, else in the sketches' space
         s = sketches[:, :-1] if space is None else space  # (n, d) (the rest norm left out)
+        self.full_space = space is not None
         unit = s / s.norm(dim=1, keepdim=True).clamp_min(1e-12)
         centroids = unit[torch.randperm(s.shape[0], generator=g)[: max(1, s.shape[0] // per_bucket)]].clone()
         for _ in range(iters + 1):
@@ -104,15 +105,20 @@ def _unscored(rows: torch.Tensor, probed: torch.Tensor, index: Index) -> torch.T
     return (rows < 0) | ((own != slot_bucket) & probed_mask.gather(1, own))
 
 
-def ivf_gate(x: torch.Tensor, keys: torch.Tensor, inv: torch.Tensor, proj: torch.Tensor, index: Index, probes: int):
-    """(fired, row) of the IVF path for (T, d_key) tokens."""
+def _probe(x: torch.Tensor, proj: torch.Tensor, index: Index, probes: int):
+    """(unit tokens, their [sketch, weighted rest norm] as the op ranks with, (T, p) probed buckets)."""
     unit = x / x.norm(dim=-1, keepdim=True)
     q = unit @ proj  # (T, d_sketch)
     rest = SKETCH_REST_WEIGHT * (1.0 - q.pow(2).sum(-1, keepdim=True)).clamp_min(0.0).sqrt()
-    probed = ((unit if index.means.shape[1] == x.shape[1] else q) @ index.means.T).topk(min(probes, index.means.shape[0]), dim=-1).indices  # (T, p)
-    T = x.shape[0]
-    cand = index.sketches[probed].view(T, -1, index.sketches.shape[-1])  # (T, p * cap, d + 1), gathered per token
-    scores = torch.bmm(cand, torch.cat([q, rest], -1).unsqueeze(-1)).squeeze(-1)  # (T, p * cap)
+    ranked_in = unit if index.full_space else q
+    probed = (ranked_in @ index.means.T).topk(min(probes, index.means.shape[0]), dim=-1).indices
+    return unit, torch.cat([q, rest], -1), probed
+
+
+def _decide(unit: torch.Tensor, keys: torch.Tensor, inv: torch.Tensor, index: Index, probed: torch.Tensor,
+            scores: torch.Tensor):
+    """(fired, row): the best SHORTLIST of the probed slots' `scores` (T, p * cap), rescored exactly."""
+    T = unit.shape[0]
     rows = index.members[probed].view(T, -1)
     scores = scores.masked_fill(_unscored(rows, probed, index), float("-inf"))
     top = rows.gather(1, scores.topk(min(SHORTLIST, scores.shape[1]), dim=-1).indices)  # (T, c), -1 = empty
@@ -121,33 +127,31 @@ def ivf_gate(x: torch.Tensor, keys: torch.Tensor, inv: torch.Tensor, proj: torch
     return best > GAMMA, row
 
 
+def ivf_gate(x: torch.Tensor, keys: torch.Tensor, inv: torch.Tensor, proj: torch.Tensor, index: Index, probes: int):
+    """(fired, row) of the IVF path for (T, d_key) tokens, each token's candidate sketches
+    gathered: static shapes, what a compiled graph needs."""
+    unit, q_rest, probed = _probe(x, proj, index, probes)
+    cand = index.sketches[probed].view(x.shape[0], -1, index.sketches.shape[-1])  # (T, p * cap, d + 1)
+    return _decide(unit, keys, inv, index, probed, torch.bmm(cand, q_rest.unsqueeze(-1)).squeeze(-1))
+
+
 def ivf_gate_bucket_major(x: torch.Tensor, keys: torch.Tensor, inv: torch.Tensor, proj: torch.Tensor, index: Index,
                           probes: int):
     """`ivf_gate`'s decisions, computed bucket by bucket: one product per probed bucket with the
     tokens that probe it, so each bucket's sketches are read once. Shapes depend on the
     tokens (eager only)."""
-    T = x.shape[0]
-    unit = x / x.norm(dim=-1, keepdim=True)
-    q = unit @ proj
-    rest = SKETCH_REST_WEIGHT * (1.0 - q.pow(2).sum(-1, keepdim=True)).clamp_min(0.0).sqrt()
-    q_rest = torch.cat([q, rest], -1)  # (T, d + 1)
-    probes = min(probes, index.means.shape[0])
-    probed = ((unit if index.means.shape[1] == x.shape[1] else q) @ index.means.T).topk(probes, dim=-1).indices
-    pairs_by_bucket = probed.reshape(-1).argsort()  # (token, slot) pairs, as token * probes + slot
+    unit, q_rest, probed = _probe(x, proj, index, probes)
+    p = probed.shape[1]
+    pairs_by_bucket = probed.reshape(-1).argsort()  # (token, slot) pairs, as token * p + slot
     counts = torch.bincount(probed.reshape(-1), minlength=index.means.shape[0]).tolist()
-    scores = torch.full((T * probes, index.cap), float("-inf"))
+    scores = torch.full((x.shape[0] * p, index.cap), float("-inf"))
     start = 0
     for bucket, n in enumerate(counts):
         if n:
             pairs = pairs_by_bucket[start : start + n]
-            scores[pairs] = q_rest[pairs // probes] @ index.sketches[bucket].T  # (n, cap)
+            scores[pairs] = q_rest[pairs // p] @ index.sketches[bucket].T  # (n, cap)
             start += n
-    rows = index.members[probed].view(T, -1)
-    scores = scores.view(T, -1).masked_fill(_unscored(rows, probed, index), float("-inf"))
-    top = rows.gather(1, scores.topk(min(SHORTLIST, scores.shape[1]), dim=-1).indices)
-    top = torch.where(top < 0, top[:, :1], top)
-    best, row = _rescore(unit, keys, inv, top, None, rescore_group(T, keys.shape[1], top.shape[1]))
-    return best > GAMMA, row
+    return _decide(unit, keys, inv, index, probed, scores.view(x.shape[0], -1))
 
 
 def agreement(fired_a, row_a, fired_b, row_b) -> tuple[float, int]:
