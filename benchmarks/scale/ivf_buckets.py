@@ -192,7 +192,7 @@ def main() -> None:
         fired, row, _ = decisions(q, keys, None)
         s_fired, s_row, _ = decisions(q, keys, sketch)
         q_unit = q / q.norm(dim=-1, keepdim=True)
-        centroid_scores = (q_unit if args.centroids == "full" else q_unit @ proj) @ index.means.T  # (tokens, B)
+        centroid_scores = (q_unit if index.full_space else q_unit @ proj) @ index.means.T  # (tokens, B)
         own = centroid_scores.gather(1, index.bucket_of[row].unsqueeze(1))
         rank = (centroid_scores > own).sum(1)[fired]
         out = {"facts": args.facts, "centroids": args.centroids, "spill": args.spill, "buckets": index.means.shape[0], "cap": index.cap, "fit_s": fit_s,

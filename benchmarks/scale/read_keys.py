@@ -6,15 +6,16 @@
 `--subjects generated` (the default) reads generated names, products and places
 (subjects.py); many share their last token ("... Weber"), so their keys come in tight
 groups. `--subjects datasets` reads every distinct subject of CounterFact and ZsRE in
-shared/data instead (about 20,000 real, varied subjects), with each one's own dataset
+shared/data instead (19,589 real, varied subjects), with each one's own dataset
 prompt and paraphrase as its edit and paraphrase prompts.
 
 Writes one torch file with:
-- `keys` (n, d_key) fp16 (saved every `--save-every` subjects, so a cut run keeps a prefix): the input of layer `--layer`'s down_proj at each generated
+- `keys` (n, d_key) fp16 (saved every `--save-every` subjects, so a cut run keeps a prefix): the input of layer `--layer`'s down_proj at each
   subject's last token, the subject read alone (after BOS when the tokenizer adds one);
 - `text` (T, d_key) fp16: the same activation at every token of real text (the model's own
-  unrelated generations in benchmarks/real/results and CounterFact prompts/paraphrases/
-  neighbourhood prompts from shared/data), none of which names a generated subject;
+  unrelated generations in benchmarks/real/results, and for generated subjects also
+  CounterFact prompts/paraphrases/neighbourhood prompts from shared/data), none of which
+  names a subject of the table;
 - `edit` / `paraphrase` (T, d_key) fp16 and `edit_subject` / `paraphrase_subject` (T,) int64:
   every token of edit-style and paraphrase-style prompts about the first `--n-prompts`
   subjects (the row of the subject each token's prompt is about).
@@ -24,6 +25,7 @@ Only the first `layer + 1` blocks run (the rest cannot change these activations)
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -56,6 +58,11 @@ def dataset_subjects() -> tuple[list[str], list[str], list[str]]:
             first[subject] = (prompt, paraphrase)
     subj = list(first)
     return subj, [first[s][0] for s in subj], [first[s][1] for s in subj]
+
+
+def templated(subj: list[str], templates: tuple[str, ...]) -> list[str]:
+    """One prompt per generated subject, the templates taken in turn."""
+    return [t.format(*[s] * t.count("{}")) for s, t in zip(subj, itertools.cycle(templates))]
 
 
 class _Stop(Exception):
@@ -117,22 +124,16 @@ def main() -> None:
         subj, edit_prompts, paraphrases = dataset_subjects()
     else:
         subj = subjects(args.n)
+        edit_prompts, paraphrases = (templated(subj[: args.n_prompts], t) for t in (EDIT_TEMPLATES, PARAPHRASE_TEMPLATES))
     saved: dict = {"subjects": subj, "layer": args.layer, "model": args.model, "subject_set": args.subjects}
     real = [UNRELATED.read_text()[i : i + 400] for i in range(0, args.text_chars, 400)]
     if args.subjects == "generated":  # dataset prompts name none of the generated subjects
         cases = json.loads(COUNTERFACT.read_text())[:300]
         real += [c[k] for c in cases for k in ("prompt", "rephrase_prompt", "locality_prompt")]
     saved["text"] = torch.cat(activations(base, down, tok, real, 64, last_only=False))
-    prompts: dict[str, tuple[list[str], list[int]]] = {"edit": ([], []), "paraphrase": ([], [])}
-    for row in range(min(args.n_prompts, len(subj))):
-        for kind, templates in (("edit", EDIT_TEMPLATES), ("paraphrase", PARAPHRASE_TEMPLATES)):
-            if args.subjects == "datasets":
-                text = (edit_prompts if kind == "edit" else paraphrases)[row]
-            else:
-                t = templates[row % len(templates)]
-                text = t.format(*[subj[row]] * t.count("{}"))
-            prompts[kind][0].append(text)
-            prompts[kind][1].append(row)
+    n_prompts = min(args.n_prompts, len(subj))
+    prompts = {kind: (texts[:n_prompts], list(range(n_prompts)))  # (prompts, the row each is about)
+               for kind, texts in (("edit", edit_prompts), ("paraphrase", paraphrases))}
     for kind, (texts, rows) in prompts.items():
         acts = activations(base, down, tok, texts, 64, last_only=False)
         saved[kind] = torch.cat(acts)
