@@ -35,14 +35,17 @@ def generate_prefixes(model: nn.Module, tokenizer, n_prefixes: int = 5, length: 
     prefixes = [""]
     for word in seed_prompts(n_prefixes):
         ids = list(tokenizer(word)["input_ids"])
+        step, cache = ids, None  # after the first forward, only the new token runs, over the cache
         for _ in range(length):
-            logits = model(torch.tensor([ids], device=device)).logits[0, -1].float().cpu()  # (V,)
+            out = model(torch.tensor([step], device=device), past_key_values=cache, use_cache=True)
+            cache, logits = out.past_key_values, out.logits[0, -1].float().cpu()  # (V,)
             top = torch.topk(logits, min(TOP_K, logits.shape[-1]))
             choice = torch.multinomial(torch.softmax(top.values, -1), 1, generator=generator)
             token = int(top.indices[choice])
             if token == eos:
                 break
             ids.append(token)
+            step = [token]
         text = tokenizer.decode(ids, skip_special_tokens=True)
         text = " ".join(text.replace("{", " ").replace("}", " ").split())
         prefixes.append(text + ". ")
