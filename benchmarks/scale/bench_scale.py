@@ -95,7 +95,7 @@ class _Float32Rows:
 
 
 def cmd_recall(data: dict, sizes: list[int], dims: list[int], shortlists: list[int], max_tokens: int,
-               rankings: list[str], sketch_dtypes: list[str]) -> None:
+               rankings: list[str], sketch_dtypes: list[str], list_misses: bool = False) -> None:
     """The sketch path's decisions against the exact gate's. Ranking "bound" is the op's (the
     sketch product plus the rests' norms: the op from session 8 to 10); "plain" ranks by the
     sketch product alone (the op before session 8); "restA" (e.g. rest0.5) by the sketch
@@ -104,10 +104,13 @@ def cmd_recall(data: dict, sizes: list[int], dims: list[int], shortlists: list[i
     A / SKETCH_REST_WEIGHT here.
     `sketch_dtypes`: the dtypes the key sketches are held (and the shortlist scored) in."""
     queries = {"text": data["text"], "edit": data["edit"], "paraphrase": data["paraphrase"]}
+    owners = {name: data.get(f"{name}_subject") for name in queries}  # each token's own row (None: real text)
     g = torch.Generator().manual_seed(0)
     for name, q in queries.items():  # the same token sample at every size
         if q.shape[0] > max_tokens:
-            queries[name] = q[torch.randperm(q.shape[0], generator=g)[:max_tokens]]
+            pick = torch.randperm(q.shape[0], generator=g)[:max_tokens]
+            queries[name] = q[pick]
+            owners[name] = owners[name][pick] if owners[name] is not None else None
     for n in sizes:
         keys = table(data, n)
         t0 = time.perf_counter()
@@ -131,7 +134,39 @@ def cmd_recall(data: dict, sizes: list[int], dims: list[int], shortlists: list[i
                           shortlist=c, ranking=ranking, sketch_dtype=dt, queries=name, tokens=q.shape[0], exact_fired=int(e_fired.sum()),
                           fast_fired=int(fired.sum()), recall=round(float(same.float().mean()), 6),
                           missed=int((e_fired & ~same).sum()), false_fires=int((fired & ~e_fired).sum()),
+                          **_own_rows(owners[name], n, e_fired, e_idx, fired, idx, same),
                           exact_s=round(exact_s, 1), fast_s=round(fast_s, 2))
+                    if list_misses:
+                        _list_misses(data, keys, q, owners[name], name, exact[name], (fired, idx, score), same)
+
+
+def _own_rows(owner: torch.Tensor | None, n: int, e_fired: torch.Tensor, e_idx: torch.Tensor, fired: torch.Tensor,
+              idx: torch.Tensor, same: torch.Tensor) -> dict[str, int]:
+    """For tokens of a stored subject's prompts (owner: its row), how many pick that row, in
+    the exact gate and in the fast path, and how many of the misses were tokens whose exact
+    row is that row (the rest: the exact gate itself chose another subject's row)."""
+    if owner is None:
+        return {}
+    stored = owner < n  # subjects beyond the table's size have no row here
+    exact_own = e_fired & (e_idx == owner) & stored
+    return {"own_row_exact": int(exact_own.sum()), "own_row_fast": int((fired & (idx == owner) & stored).sum()),
+            "missed_where_exact_is_own_row": int((exact_own & ~same).sum())}
+
+
+def _list_misses(data: dict, keys: torch.Tensor, q: torch.Tensor, owner: torch.Tensor | None, kind: str,
+                 exact: tuple, fast: tuple, same: torch.Tensor, top: int = 5) -> None:
+    """One line per token where the fast path's decision differs: its own subject, both
+    decisions, and the exact gate's top rows (names from `data["subjects"]` when present)."""
+    names = data.get("subjects")
+    label = (lambda r: f"{r} {names[r]!r}") if names is not None else str  # noqa: E731
+    for t in (~same).nonzero().squeeze(1).tolist():
+        cos = torch.cat([q[t : t + 1].float() @ keys[s : s + 65536].float().T / keys[s : s + 65536].float().norm(dim=1)
+                         for s in range(0, keys.shape[0], 65536)], dim=1).squeeze(0) / q[t].float().norm()
+        best = cos.topk(top)
+        _emit(cmd="miss", queries=kind, token=t, own_row=label(int(owner[t])) if owner is not None else None,
+              exact=[bool(exact[0][t]), label(int(exact[1][t])), round(float(exact[2][t]), 4)],
+              fast=[bool(fast[0][t]), label(int(fast[1][t])), round(float(fast[2][t]), 4)],
+              exact_top=[[label(int(i)), round(float(v), 4)] for v, i in zip(best.values, best.indices)])
 
 
 def cmd_forward(data: dict, sizes: list[int], model_name: str, reps: int, shortlists: list[int],
@@ -236,6 +271,8 @@ def main() -> None:
                    help="recall, forward: dtypes the key sketches are scored in, float32 and/or bfloat16")
     p.add_argument("--float32-table", action="store_true",
                    help="forward: also the sketch path over a float32 copy of the fp16 table (before session 12)")
+    p.add_argument("--list-misses", action="store_true",
+                   help="recall: one line per token the fast path decides differently (its exact top rows)")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
@@ -247,7 +284,7 @@ def main() -> None:
     data = torch.load(args.keys)
     if args.cmd == "recall":
         cmd_recall(data, ints(args.sizes), ints(args.dims), ints(args.shortlists), args.max_tokens,
-                   args.rankings.split(","), args.sketch_dtypes.split(","))
+                   args.rankings.split(","), args.sketch_dtypes.split(","), args.list_misses)
     elif args.cmd == "forward":
         cmd_forward(data, ints(args.sizes), args.model, args.reps, ints(args.shortlists), args.sketch_dtypes.split(","),
                     args.float32_table)
