@@ -24,7 +24,8 @@ Modes (a preset name, optionally with settings: `default@opt_prefixes=2`):
 `--model` takes what `nkv build` takes (a folder, a packaged name such as smollm2-135m) or
 `tiny:<model_type>` (a random tiny model from tests/tiny_models.py); `--random` initialises
 a folder's config randomly (a real size without its weights, e.g. a Llama-3-8B config on a
-GPU: `--random --device cuda --dtype bfloat16 --no-eval`).
+GPU: `--random --device cuda --dtype bfloat16 --no-eval`; `--tokenizer` names another folder
+when the config's has none: benchmarks/device).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def _load(args: argparse.Namespace):
         torch.manual_seed(0)
         with torch.device(args.device):
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model), dtype=dtype)
-        return model.eval(), AutoTokenizer.from_pretrained(args.model)
+        return model.eval(), AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     from nkv.loaders.models import load_model
 
     model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -184,6 +185,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--random", action="store_true", help="random weights of --model's config")
+    parser.add_argument("--tokenizer", help="with --random: a folder or name to load the tokenizer from (default: --model)")
     parser.add_argument("--no-eval", action="store_true", help="speed and memory only")
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     args = parser.parse_args()
