@@ -53,7 +53,7 @@ K_BASE_D_KEY = "nkv.base.d_key"
 K_BASE_FINGERPRINT = "nkv.base.fingerprint"
 K_TARGET_MODULE = "nkv.target_module"
 K_RESIDUAL_SITE = "nkv.residual_site"  # where a row is added (spec §5); absent = "output"
-K_BUILD = "nkv.build"  # JSON object: tool, hyperparameters, seed, created ...
+K_BUILD = "nkv.build"  # JSON object: tool, method, config, layer choice, templates, losses, self_check
 K_EVAL = "nkv.eval"  # JSON object: evaluation results, if any
 
 REQUIRED_KEYS = (
