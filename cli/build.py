@@ -18,6 +18,8 @@ import click
 from nkv.constants import DEFAULT_GAMMA
 from nkv.errors import NKVError
 
+from .params import FiniteFloatRange, gamma_callback
+
 _FACTS = click.Path(exists=True, dir_okay=False, path_type=Path)
 _OUT = click.Path(dir_okay=False, path_type=Path)
 
@@ -40,16 +42,16 @@ def _layer(value: str | None) -> int | str | None:
 @click.option("--layer", default=None, metavar="N|auto",
               help="Layer to edit; default: the layer verified for this model's depth and width, else 'auto': "
                    "a short sweep on a sample of the facts.")
-@click.option("--gamma", default=DEFAULT_GAMMA, show_default=True, type=click.FloatRange(0, 1),
-              help="Gate threshold stored in the adapter (cosine).")
+@click.option("--gamma", default=DEFAULT_GAMMA, show_default=True, type=float, callback=gamma_callback,
+              help="Gate threshold stored in the adapter (cosine), in [0, 1].")
 @click.option("--steps", type=click.IntRange(1),
               help="Optimisation steps per fact at most [default: 25, stopping each fact once its target "
                    "is top-1 by a margin; 40 for models with d_model <= 256; --preset previous: 25, GPT-2 20].")
-@click.option("--lr", type=click.FloatRange(0, min_open=True),
+@click.option("--lr", type=FiniteFloatRange(0, min_open=True),
               help="Adam step relative to ||h0|| [default: 0.5; 0.3 for d_model <= 256; --preset previous: 0.2].")
-@click.option("--kl-factor", type=click.FloatRange(0), help="Weight of the KL term [default: 0.0625].")
-@click.option("--weight-decay", type=click.FloatRange(0), help="Weight of ||δ||/||h0|| [default: 0.01].")
-@click.option("--preserve-factor", type=click.FloatRange(0),
+@click.option("--kl-factor", type=FiniteFloatRange(0), help="Weight of the KL term [default: 0.0625].")
+@click.option("--weight-decay", type=FiniteFloatRange(0), help="Weight of ||δ||/||h0|| [default: 0.01].")
+@click.option("--preserve-factor", type=FiniteFloatRange(0),
               help="Weight of the term that holds each edited subject's other relations at the model's own "
                    "answers (probes from the facts' own prompt shapes and generic ones) [default: 0, off; "
                    "1 kept ~95% of them on the fact-world model, 72.6% (from 40%) on SmolLM2 at some cost "
@@ -58,7 +60,7 @@ def _layer(value: str | None) -> int | str | None:
               help="Facts of one subject whose keys the gate cannot tell apart on their own prompts are solved "
                    "together: each keeps its own key, and one residual carrying all their edits is every one's "
                    "row [default: joint].")
-@click.option("--clamp", type=click.FloatRange(0, min_open=True),
+@click.option("--clamp", type=FiniteFloatRange(0, min_open=True),
               help="Max ||δ|| / ||h0|| [default: 0.75; 2 for d_model <= 256].")
 @click.option("--prefixes", "n_prefixes", type=click.IntRange(0), help="Generated context prefixes [default: 5].")
 @click.option("--batch-size", type=click.IntRange(1),

@@ -88,6 +88,12 @@ def evaluate(model_name: str, adapter_src: str, data_path: str, skip_bad: bool, 
 
         true_facts = read_true_facts(true_facts_path)
     adapter = resolve_adapter(adapter_src)
+    if write_back:
+        from nkv.editing.evaluate import adapter_rows
+
+        if not any(row is not None for row in adapter_rows(adapter, facts)):
+            raise NKVError(f"--write-back: none of the {len(facts)} facts in {data_path} is in {adapter_src}, so "
+                           "its numbers would describe facts the adapter was not built on; not storing them")
     model, tokenizer = load_model(model_name, revision=revision, device=device or "auto", dtype=dtype)
     click.echo(f"loaded {model_name} ({sum(p.numel() for p in model.parameters()):,} parameters) on "
                f"{next(model.parameters()).device}", err=True)
@@ -103,6 +109,11 @@ def evaluate(model_name: str, adapter_src: str, data_path: str, skip_bad: bool, 
     if report.adapter["matched"] == 0:
         click.echo(f"note: none of the {len(facts)} facts in {data_path} is in the adapter; the numbers measure "
                    "facts it was not built on", err=True)
+    if report.adapter["other_target"]:
+        n, ids = report.adapter["other_target"], report.adapter["other_target_ids"]
+        click.echo(f"note: {n} fact(s) of {data_path} have a row in the adapter built for another target "
+                   f"({', '.join(ids)}{', ...' if n > len(ids) else ''}); they are scored against the data's "
+                   "target", err=True)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:

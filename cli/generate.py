@@ -20,6 +20,9 @@ DEFAULT_LIMIT = 20  # prompts taken from a file or the adapter when none are giv
 @click.option("--adapter", "adapter_src", required=True, metavar="A", help=".nkv file, folder or Hub repo id.")
 @click.option("--facts", "facts_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Take the prompts from this facts file (default: the adapter's own facts).")
+@click.option("--skip-bad", is_flag=True, help="Skip bad records of --facts (summarised on stderr) instead of failing.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Write every bad record of --facts (where and why, one per line) to FILE.")
 @click.option("--paraphrases", is_flag=True, help="Also show each fact's paraphrases (with --facts).")
 @click.option("--neighborhood", is_flag=True,
               help="Also show each fact's neighbourhood prompts, about other subjects, whose answers should "
@@ -32,7 +35,7 @@ DEFAULT_LIMIT = 20  # prompts taken from a file or the adapter when none are giv
 @click.option("--revision", help="Hub revision of the model.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per prompt.")
 def generate(prompts: tuple[str, ...], model_name: str, adapter_src: str, facts_path: Path | None,
-             paraphrases: bool, neighborhood: bool, limit: int | None, max_new_tokens: int, device: str, dtype: str,
+             skip_bad: bool, report_path: Path | None, paraphrases: bool, neighborhood: bool, limit: int | None, max_new_tokens: int, device: str, dtype: str,
              revision: str | None, as_json: bool) -> None:
     """Print the model's greedy continuation of each PROMPT without and with the adapter.
 
@@ -51,10 +54,13 @@ def generate(prompts: tuple[str, ...], model_name: str, adapter_src: str, facts_
     if prompts:
         items = [(p, None, "") for p in prompts]
     elif facts_path is not None:
-        from nkv.facts_io import read_facts
+        from nkv.cli.build import check_bad_records
+        from nkv.facts_io import scan_facts
 
+        scan = scan_facts(facts_path)
+        check_bad_records(scan, report_path, skip_bad)
         items = []
-        for f in read_facts(facts_path)[: limit or DEFAULT_LIMIT]:
+        for f in scan.facts[: limit or DEFAULT_LIMIT]:
             items += [(p, f.fact.target_new, "target") for p in [f.fact.prompt, *(f.paraphrases if paraphrases else [])]]
             items += [(p, answer, "unrelated, should stay") for p, answer in (f.neighborhood if neighborhood else [])]
     else:

@@ -17,9 +17,10 @@ import click
 
 from nkv import NKVAdapter, NKVError, NKVFormatError, read_header
 from nkv.atomic import check_writable_target, locked, rewrite_adapter
-from nkv.compat import check_gamma
 from nkv.facts import Fact, decode_facts
 from nkv.header import NKVHeader
+
+from .params import gamma_callback
 
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 _OUT = click.Path(dir_okay=False, writable=True, path_type=Path)
@@ -38,15 +39,6 @@ def _short(text: str, width: int) -> str:
     text = text.replace("\n", " ")
     return text if len(text) <= width else text[: width - 3] + "..."
 
-
-def _gamma(value: float | None) -> float | None:
-    """--gamma through the one range check every entry point uses (click's FloatRange lets NaN through)."""
-    if value is None:
-        return None
-    try:
-        return check_gamma(value, "--gamma")
-    except NKVError as exc:
-        raise click.BadParameter(str(exc)) from None
 
 
 def _read_facts(header: NKVHeader) -> list[Fact]:
@@ -229,7 +221,7 @@ def rm(file: Path, ids: tuple[str, ...], subjects: tuple[str, ...], output: Path
 @click.option("-o", "--output", type=_OUT, required=True, help="Where to write the merged adapter.")
 @click.option("--on-conflict", type=click.Choice(["error", "ours", "theirs"]), default="error", show_default=True,
               help="A fact id in both files with different content: fail, keep A's, or take B's.")
-@click.option("--gamma", type=float, default=None, callback=lambda _ctx, _param, v: _gamma(v),
+@click.option("--gamma", type=float, default=None, callback=gamma_callback,
               help="Threshold of the result, in [0, 1] (required when A and B differ).")
 @click.option("--model", "model_name", default=None, metavar="M",
               help="The adapters' base model, to build the facts of a subject both A and B edit together, "

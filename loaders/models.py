@@ -26,10 +26,8 @@ def load_model(model_name: str, *, revision: str | None = None, device: str = "a
     from .transformers import quantization_method
 
     model_name = model_source(model_name)  # a .gguf file or packaged model: its converted folder
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device.startswith("cuda") and not torch.cuda.is_available():
-        raise NKVError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    device = _device(device)
+    _check_local_folder(model_name)
     where = "local folder" if Path(model_name).is_dir() else "Hub id"
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_name, revision=revision)
@@ -47,6 +45,39 @@ def load_model(model_name: str, *, revision: str | None = None, device: str = "a
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def _device(device: str) -> str:
+    """`device`, with "auto" resolved; NKVError for a name torch does not know or CUDA that is absent."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise NKVError(f"--device {device!r}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise NKVError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def _check_local_folder(model_name: str) -> None:
+    """A name written as a path (absolute, ./, ../, ~) must be a folder holding config.json; a
+    Hub id never starts that way, so the Hub's "repo id must be ..." would only confuse."""
+    path = Path(model_name).expanduser()
+    looks_local = path.is_absolute() or model_name.startswith((".", "~")) or path.exists()
+    if not looks_local:
+        return
+    if not path.exists():
+        raise NKVError(f"model {model_name!r}: no such folder (pass a folder saved with save_pretrained, a .gguf "
+                       "file, a Hub id or a packaged model name)")
+    if not path.is_dir():
+        raise NKVError(f"model {model_name!r}: a file, not a model folder (a model is a folder saved with "
+                       "save_pretrained, or a .gguf file)")
+    if not (path / "config.json").is_file():
+        raise NKVError(f"model {model_name!r}: the folder has no config.json, so it is not a model saved with "
+                       "save_pretrained")
 
 
 __all__ = ["load_model"]

@@ -48,7 +48,7 @@ def check_fingerprint(expected: BaseModelInfo, layer: int, fingerprint: str | No
     message = (f"the model is not the checkpoint this adapter was built on ({expected.name}"
                f"{'@' + expected.revision if expected.revision else ''}): fingerprint at layer "
                f"{layer} expected {expected.fingerprint[:40]}..., {detail}; "
-               "load the adapter's base model, or pass strict=False to attach anyway")
+               "load the adapter's base model (from Python, load_nkv_adapter(..., strict=False) attaches anyway)")
     if strict:
         raise NKVFingerprintError(message)
     warnings.warn(message, stacklevel=stacklevel + 1)

@@ -151,7 +151,7 @@ def scan_facts(path: str | os.PathLike, *, edited_together: bool = False) -> Fac
     path = Path(path)
     source = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (some Windows editors) is not a record
     except FileNotFoundError:
         raise NKVFactsError(f"{source}: no such file") from None
     except IsADirectoryError:
@@ -226,7 +226,7 @@ def _records(text: str, source: str, bad: list[BadRecord]):
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as exc:
-            bad.append(BadRecord(f"line {i}", f"invalid JSON ({exc.msg} at column {exc.colno})"))
+            bad.append(BadRecord(f"line {i}", f"invalid JSON ({exc.msg}: column {exc.colno})"))
             continue
         yield f"line {i}", i, rec
 

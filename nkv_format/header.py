@@ -111,7 +111,8 @@ def parse_header(raw: bytes, file_size: int, source: str) -> NKVHeader:
         raise NKVFormatError(source, [f"V1: file is {file_size} bytes, too short for a safetensors header"])
     (n,) = struct.unpack("<Q", raw[:8])
     if n > C.MAX_HEADER_BYTES:
-        raise NKVFormatError(source, [f"V1: header length {n} exceeds the {C.MAX_HEADER_BYTES}-byte limit"])
+        raise NKVFormatError(source, [f"V1: header length {n} exceeds the {C.MAX_HEADER_BYTES}-byte limit (not an "
+                                      ".nkv file? an adapter starts with a safetensors header)"])
     if 8 + n > file_size or len(raw) < 8 + n:
         raise NKVFormatError(source, [f"V1: header claims {n} bytes but the file has {file_size - 8} after the "
                                       "length field (truncated download? fetch it again)"])

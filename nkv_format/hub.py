@@ -158,7 +158,7 @@ def fetch(repo_id: str, revision: str | None = None, *, filename: str | None = N
         except Exception as exc:
             if not is_network_error(exc):
                 raise
-            _log.warning("%s: the Hub is unreachable (%s); using the cached copy", repo_id, type(exc).__name__)
+            _log.warning("%s: the Hub is unreachable (%s); trying the cached copy", repo_id, type(exc).__name__)
             return _from_cache(repo_id, revision, filename, cache_dir, f"the Hub at {_endpoint()} is unreachable")
         names = [s.rfilename for s in (info.siblings or [])]
         if filename is not None and not filename.endswith(".nkv"):
@@ -220,7 +220,8 @@ def _from_cache(repo_id: str, revision: str | None, filename: str | None,
     snapshot = root / "snapshots" / commit if commit else None
     if snapshot is None or not snapshot.is_dir():
         raise NKVHubError(f"{repo_id}@{rev}: not in the local cache ({root}) and {reason}; fetch it once "
-                          f"with network access (`nkv pull {repo_id}`), or unset HF_HUB_OFFLINE")
+                          f"with network access (`nkv pull {repo_id}`)"
+                          + (", or unset HF_HUB_OFFLINE" if _offline() else ""))
     names = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*.nkv")]
     name = filename or pick_adapter_file(repo_id, names, rev, where="cached snapshot")
     path = snapshot / name
@@ -310,8 +311,9 @@ def hub_errors(repo_id: str, revision: str | None, action: str) -> Iterator[None
     except Exception as exc:
         if not is_network_error(exc):
             raise
+        offline_hint = ", or set HF_HUB_OFFLINE=1 to use cached adapters" if action.startswith("download") else ""
         raise NKVHubError(f"{repo_id}: cannot reach the Hub at {_endpoint()} ({type(exc).__name__}: {exc}); check "
-                          "the network or HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use cached adapters") from None
+                          f"the network or HF_ENDPOINT{offline_hint}") from None
 
 
 def is_network_error(exc: BaseException) -> bool:

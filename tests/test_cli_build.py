@@ -105,12 +105,20 @@ def test_opt_dtype_is_recorded_and_a_bad_one_is_a_usage_error(tmp_path, model_di
 def test_model_and_option_errors(tmp_path, model_dir):
     facts, out = _facts(tmp_path / "f.jsonl", FACTS), tmp_path / "edits.nkv"
     missing = _run("build", facts, "--model", tmp_path / "nope", "-o", out)
-    assert missing.exit_code == 1 and "Error: cannot load model" in missing.stderr
+    assert missing.exit_code == 1 and "nope': no such folder" in missing.stderr
     assert "Traceback" not in missing.output
+    (tmp_path / "empty").mkdir()
+    empty = _run("build", facts, "--model", tmp_path / "empty", "-o", out)
+    assert empty.exit_code == 1 and "the folder has no config.json" in empty.stderr and not out.exists()
     bad_layer = _run("build", facts, "--model", model_dir, "-o", out, "--layer", "seven")
     assert bad_layer.exit_code == 2 and "expected a layer number or 'auto'" in bad_layer.stderr
     too_deep = _run("build", facts, "--model", model_dir, "-o", out, "--layer", "9", *FAST)
     assert too_deep.exit_code == 1 and "layer 9 does not exist" in too_deep.stderr
+    for option, value in [("--gamma", "nan"), ("--gamma", "1.5"), ("--lr", "nan"), ("--clamp", "inf"),
+                          ("--kl-factor", "nan")]:  # refused before anything runs: no output, no .partial
+        refused = _run("build", facts, "--model", model_dir, "-o", out, option, value)
+        assert refused.exit_code == 2 and option in refused.stderr, (option, value, refused.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "f.jsonl"]
 
 
 def test_ctrl_c_keeps_the_old_output_and_resume_finishes(tmp_path, model_dir, monkeypatch):
@@ -157,6 +165,19 @@ def test_an_adapter_whose_edits_did_not_take_is_reported_loudly_with_the_fix(tmp
 def test_generate_prompt_options_need_a_facts_file(tmp_path, model_dir):
     result = _run("generate", "--model", model_dir, "--adapter", tmp_path / "x.nkv", "--neighborhood")
     assert result.exit_code == 2 and "take their prompts from --facts FILE" in result.output
+
+
+def test_generate_treats_bad_facts_like_build(tmp_path, model_dir):
+    facts, out = _facts(tmp_path / "f.jsonl", FACTS), tmp_path / "edits.nkv"
+    assert _run("build", facts, "--model", model_dir, "-o", out, *FAST).exit_code == 0
+    mixed = _facts(tmp_path / "mixed.jsonl", [FACTS[0], "{not json"])
+    args = ["generate", "--model", model_dir, "--adapter", out, "--facts", mixed]
+    refused = _run(*args)
+    assert refused.exit_code == 1 and "fix them or pass --skip-bad" in refused.stderr
+    assert "skip_bad=True" not in refused.stderr and "Traceback" not in refused.output
+    skipped = _run(*args, "--skip-bad", "--report", tmp_path / "bad.txt")
+    assert skipped.exit_code == 0, skipped.output
+    assert "line 2" in (tmp_path / "bad.txt").read_text() and FACTS[0]["target_new"] in skipped.stdout
 
 
 def test_rm_of_a_fact_solved_with_others_rebuilds_them_or_refuses(tmp_path, model_dir):

@@ -123,6 +123,7 @@ def test_eval_gate_path_exact_or_sketch(model_dir, tmp_path):
     ({"--model": "no-such-model-folder"}, [], "cannot load model 'no-such-model-folder'"),
     ({}, ["--unrelated", "missing.txt"], "missing.txt: no such file"),
     ({"--adapter": "org/remote"}, ["--write-back"], "--write-back rewrites a local .nkv file"),
+    ({}, ["--device", "tpu"], "--device 'tpu': not a device"),
 ])
 def test_eval_user_errors_are_one_line(overrides, extra, message, model_dir, tmp_path, monkeypatch):
     data = _slice("zsre_mend_edit.json", tmp_path)
@@ -133,3 +134,30 @@ def test_eval_user_errors_are_one_line(overrides, extra, message, model_dir, tmp
     assert result.exit_code == 1, result.output
     lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_eval_names_facts_whose_row_was_built_for_another_target(model_dir, tmp_path):
+    data = _slice("zsre_mend_edit.json", tmp_path)
+    adapter = _adapter_for(data, tmp_path)
+    records = json.loads(data.read_text())
+    records[0]["alt"] = records[0]["alt"] + " (changed)"  # ZsRE's new target: the adapter asked for the old one
+    changed = tmp_path / "changed.json"
+    changed.write_text(json.dumps(records))
+    result = CliRunner().invoke(main, ["eval", "--model", str(model_dir), "--adapter", str(adapter), "--data",
+                                       str(changed), "--json", "--no-free-gen", "--fluency-prompts", "0"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["adapter"]["matched"] == N and report["adapter"]["other_target"] == 1
+    assert "1 fact(s) of" in result.stderr and "built for another target" in result.stderr
+
+
+def test_write_back_refuses_data_the_adapter_was_not_built_on(model_dir, tmp_path):
+    data = _slice("zsre_mend_edit.json", tmp_path)
+    adapter = _adapter_for(data, tmp_path)
+    before = adapter.read_bytes()
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(json.loads((SHARED / "zsre_mend_edit.json").read_text())[N : 2 * N]))
+    result = CliRunner().invoke(main, ["eval", "--model", "no-model-is-loaded", "--adapter", str(adapter),
+                                       "--data", str(other), "--write-back"])
+    assert result.exit_code == 1 and "--write-back: none of the 3 facts" in result.stderr, result.output
+    assert adapter.read_bytes() == before

@@ -22,7 +22,7 @@ from .gatediag import GateDiagnostics, diagnose, gate_trace, unrelated_chunks
 from .plot import plot_cosines
 from .report import EvalReport
 from .options import EvalOptions
-from .run import adapter_rows, attached, detect_protocol, evaluate, evaluate_adapter
+from .run import adapter_rows, attached, other_targets, detect_protocol, evaluate, evaluate_adapter
 from .truefacts import TrueFact, read_true_facts, sample_facts
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "EvalReport",
     "detect_protocol",
     "adapter_rows",
+    "other_targets",
     "attached",
     "score_pairs",
     "free_generation_exact",

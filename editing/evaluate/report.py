@@ -75,7 +75,8 @@ class EvalReport:
         lines = [f"nkv eval: {d['n_facts']} facts from {d['name']} ({d['protocol']} protocol); adapter "
                  f"{a['n_facts']} facts, layer {a['layer']}, gamma {a['gamma']:g}"
                  + (f", {self.settings['gate_path']} gate" if "gate_path" in self.settings else "")
-                 + f"; {a['matched']} of the evaluated facts are in the adapter"]
+                 + f"; {a['matched']} of the evaluated facts are in the adapter"
+                 + (f" ({a['other_target']} built for another target)" if a.get("other_target") else "")]
         width = max(len(label) for _, label in METRICS + GATE + WEAK_SPOTS) + 2
         lines.append(f"{'metric':<{width}}{'pre':>9}{'post':>9}{'n':>8}")
         lines.append("-" * (width + 26))

@@ -67,6 +67,14 @@ def adapter_rows(adapter: NKVAdapter, facts: Sequence[FactInput]) -> list[int | 
     return rows
 
 
+def other_targets(adapter: NKVAdapter, facts: Sequence[FactInput], rows: Sequence[int | None]) -> list[str]:
+    """Ids of evaluated facts whose adapter row (same id, subject and prompt) was built for
+    another target: the data is not what the adapter was built from, and they are scored
+    against the data's target."""
+    return [item.fact.id for item, row in zip(facts, rows)
+            if row is not None and adapter.facts[row].target_new != item.fact.target_new]
+
+
 def evaluate_adapter(model: nn.Module, tokenizer: Any, handle: Any, facts: Sequence[FactInput], *,
                      unrelated: Sequence[str] | None = None, true_facts: Sequence[TrueFact] | None = None,
                      options: EvalOptions | None = None, data_name: str = "<facts>",
@@ -95,6 +103,7 @@ def evaluate_adapter(model: nn.Module, tokenizer: Any, handle: Any, facts: Seque
     protocol = _protocol(facts, options, data_name)
     adapter: NKVAdapter = handle.adapter
     rows = adapter_rows(adapter, facts)
+    other = other_targets(adapter, facts, rows)
     cases = cases_of(facts)
     unedited, others = true_fact_groups(facts, true_facts, options)
     was_training = model.training
@@ -128,7 +137,8 @@ def evaluate_adapter(model: nn.Module, tokenizer: Any, handle: Any, facts: Seque
         data={"name": data_name, "n_facts": len(facts), "protocol": protocol, "paraphrases": len(cases.paraphrases),
               "neighbours": len(cases.neighbours), "portability": len(cases.portability)},
         adapter={"n_facts": adapter.n_facts, "layer": adapter.layer, "gamma": adapter.gamma,
-                 "matched": sum(r is not None for r in rows)},
+                 "matched": sum(r is not None for r in rows), "other_target": len(other),
+                 "other_target_ids": other[:5]},
         metrics=metrics, gate=gate_summary(diag),
         knowedit=knowedit_metrics(pre, post, cases, metrics.get("fluency")),
         weak_spots=spots,
