@@ -314,10 +314,12 @@ def quantize(file: Path, output: Path | None, dtype: str | None) -> None:
     from nkv.quant import max_relative_error
 
     errors: dict[str, float] = {}
+    already: list[bool] = []
 
     def store(adapter: NKVAdapter) -> NKVAdapter:
         if dtype is not None:
             return adapter.to(TORCH_DTYPES[dtype])
+        already.append(adapter.storage == "int8")
         errors.update(keys=max_relative_error(adapter.keys), residuals=max_relative_error(adapter.residuals))
         return replace(adapter, storage="int8")
 
@@ -328,8 +330,12 @@ def quantize(file: Path, output: Path | None, dtype: str | None) -> None:
     if dtype is not None:
         click.echo(f"wrote {target}: {stored.n_facts} facts, exact {dtype} rows, {size}")
     else:
-        click.echo(f"wrote {target}: {stored.n_facts} facts, int8 rows, {size}; largest relative row error "
-                   f"K1 {errors['keys']:.2%}, R1 {errors['residuals']:.2%}")
+        if already[0]:
+            click.echo(f"wrote {target}: {stored.n_facts} facts; {file} already held int8 rows, so they are "
+                       f"unchanged ({size})")
+        else:
+            click.echo(f"wrote {target}: {stored.n_facts} facts, int8 rows, {size}; largest relative row error "
+                       f"K1 {errors['keys']:.2%}, R1 {errors['residuals']:.2%}")
 
 
 __all__ = ["inspect", "validate", "rm", "merge", "diff", "quantize"]

@@ -244,6 +244,9 @@ def test_cli_quantize_in_place_to_a_file_and_back(tmp_path: Path) -> None:
     assert src.read_bytes() == GOLDEN.read_bytes()  # -o leaves the input alone
     out = runner.invoke(cli, ["quantize", str(src)])  # in place
     assert out.exit_code == 0 and src.read_bytes() == GOLDEN_INT8.read_bytes()
+    out = runner.invoke(cli, ["quantize", str(src)])  # again: int8 rows stay as they are
+    assert out.exit_code == 0 and "already held int8 rows" in out.output
+    assert src.read_bytes() == GOLDEN_INT8.read_bytes()
     out = runner.invoke(cli, ["inspect", str(src)])
     assert "I8 (int8 rows, one F32 scale per row)" in out.output and "nkv 1.3" in out.output
     out = runner.invoke(cli, ["quantize", str(src), "--exact", "float16"])
