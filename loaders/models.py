@@ -17,7 +17,6 @@ def load_model(model_name: str, *, revision: str | None = None, device: str = "a
                dtype: str = "float32") -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer from a local folder, a Hub id, a .gguf file or a
     packaged model name (`nkv.loaders.gguf.PACKAGED`), or raise NKVError."""
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from nkv.dtypes import TORCH_DTYPES as DTYPES
@@ -25,8 +24,8 @@ def load_model(model_name: str, *, revision: str | None = None, device: str = "a
     from .gguf import model_source
     from .transformers import quantization_method
 
+    device = _device(device)  # before a GGUF conversion, which can take a while
     model_name = model_source(model_name)  # a .gguf file or packaged model: its converted folder
-    device = _device(device)
     _check_local_folder(model_name)
     where = "local folder" if Path(model_name).is_dir() else "Hub id"
     try:
