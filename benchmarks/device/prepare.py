@@ -5,7 +5,7 @@
 Writes `.device/tokenizer/` (SmolLM2-135M's tokenizer, from the packaged model: the random
 Llama-3-8B-config model needs some tokenizer, and its 49,152 ids all lie inside the config's
 128,256) and `.device/facts.json` (the first `--n` CounterFact edits of ../shared/data).
-`.device/` is git-ignored: the machine gets it as an extra folder next to the checkout.
+`.device/` is git-ignored, so it must be copied to the GPU machine along with the checkout.
 """
 
 from __future__ import annotations
