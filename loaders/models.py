@@ -24,7 +24,7 @@ def load_model(model_name: str, *, revision: str | None = None, device: str = "a
     from .gguf import model_source
     from .transformers import quantization_method
 
-    device = _device(device)  # before a GGUF conversion, which can take a while
+    device = resolve_device(device, "--device")  # before a GGUF conversion, which can take a while
     model_name = model_source(model_name)  # a .gguf file or packaged model: its converted folder
     _check_local_folder(model_name)
     where = "local folder" if Path(model_name).is_dir() else "Hub id"
@@ -46,8 +46,9 @@ def load_model(model_name: str, *, revision: str | None = None, device: str = "a
     return model, tokenizer
 
 
-def _device(device: str) -> str:
-    """`device`, with "auto" resolved; NKVError for a name torch does not know or CUDA that is absent."""
+def resolve_device(device: str, where: str = "device") -> str:
+    """`device`, with "auto" resolved; NKVError for a name torch does not know or CUDA that is
+    absent. `where` names the setting in the message (an option, or BuildConfig.device)."""
     import torch
 
     if device == "auto":
@@ -55,9 +56,9 @@ def _device(device: str) -> str:
     try:
         kind = torch.device(device).type
     except (RuntimeError, ValueError):
-        raise NKVError(f"--device {device!r}: not a device; use auto, cpu, cuda or cuda:N") from None
+        raise NKVError(f"{where} {device!r}: not a device; use auto, cpu, cuda or cuda:N") from None
     if kind == "cuda" and not torch.cuda.is_available():
-        raise NKVError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        raise NKVError(f"{where} {device!r}: CUDA is not available on this machine; use cpu")
     return device
 
 
@@ -79,4 +80,4 @@ def _check_local_folder(model_name: str) -> None:
                        "save_pretrained")
 
 
-__all__ = ["load_model"]
+__all__ = ["load_model", "resolve_device"]

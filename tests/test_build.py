@@ -259,6 +259,10 @@ def test_bad_fact_lists_fail_before_any_work():
         build_adapter(model, tok, [FACTS[0], FACTS[0]], progress=False)
     with pytest.raises(NKVFactsError, match="no facts"):
         build_adapter(model, tok, [], progress=False)
+    with pytest.raises(NKVError, match=r"gamma must be a number in \[0, 1\].*nan"):
+        build_adapter(model, tok, [FACTS[0]], gamma=float("nan"), progress=False)
+    with pytest.raises(NKVError, match="BuildConfig.device 'tpu': not a device"):
+        build_adapter(model, tok, [FACTS[0]], config=BuildConfig(device="tpu"), progress=False)
 
 
 def test_config_validation_and_defaults():
@@ -266,6 +270,10 @@ def test_config_validation_and_defaults():
         BuildConfig(steps=0)
     with pytest.raises(NKVError, match="dtype must be one of"):
         BuildConfig(dtype="float8")
+    for name, value in [("lr", float("nan")), ("clamp", float("inf")), ("kl_factor", float("nan")),
+                        ("weight_decay", float("inf"))]:  # NaN passes a plain `< 0` check
+        with pytest.raises(NKVError, match=f"{name} must be a finite number"):
+            BuildConfig(**{name: value})
     with pytest.raises(NKVError, match="unknown build option"):
         default_config("llama", stepz=3)
     with pytest.raises(NKVUnsupportedModelError, match="supported: .*gpt2.*llama"):

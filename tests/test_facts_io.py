@@ -150,3 +150,16 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 def test_real_benchmark_files_parse_completely(name, n):
     scan = scan_facts(SHARED / name)
     assert scan.problems == [] and len(scan.facts) == n
+
+
+def test_a_byte_order_mark_is_not_a_bad_record(tmp_path):
+    from nkv.editing.evaluate import read_true_facts
+
+    facts = tmp_path / "bom.jsonl"
+    facts.write_text(json.dumps({"subject": "Paris", "prompt": "Paris is in", "target_new": "Peru"}) + "\n",
+                     encoding="utf-8-sig")
+    assert [f.fact.target_new for f in read_facts(facts)] == ["Peru"]
+    true = tmp_path / "true.jsonl"
+    true.write_text(json.dumps({"subject": "Paris", "relation": "country", "prompt": "Paris is in",
+                                "target": "France"}) + "\n", encoding="utf-8-sig")
+    assert [t.target for t in read_true_facts(true)] == ["France"]

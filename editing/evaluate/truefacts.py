@@ -29,7 +29,7 @@ def read_true_facts(path: str | os.PathLike) -> list[TrueFact]:
     """Parse a true-facts JSONL file; errors name the file and line."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is not a record
     except FileNotFoundError:
         raise NKVFactsError(f"{path}: no such file (expected true facts, one JSON object per line)") from None
     except (OSError, UnicodeDecodeError) as exc:

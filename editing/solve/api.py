@@ -13,12 +13,14 @@ from torch import nn
 
 from nkv import __version__
 from nkv.adapter import NKVAdapter
+from nkv.compat import check_gamma
 from nkv.constants import DEFAULT_GAMMA, DEFAULT_RESIDUAL_SITE
 from nkv.dtypes import ROW_DTYPE_NAMES, TORCH_DTYPES
 from nkv.errors import NKVError, NKVFactsError
 from nkv.facts import Fact
 from nkv.facts_io import FactInput
 from nkv.loaders.architectures import arch_spec, base_model_info, empty_adapter_for, model_type_of, residual_site
+from nkv.loaders.models import resolve_device
 
 from ..forward import frozen, model_device
 from .checkpoint import Checkpoint, digest
@@ -74,6 +76,7 @@ def build_adapter(
     >>> adapter.save("edits.nkv")
     """
     config = config or default_config(model)
+    gamma = check_gamma(gamma)  # before any work: the writer would refuse it only at the end
     plain = plain_facts(facts)
     with _placed(model, config), frozen(model):
         ckpt = Checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
@@ -234,9 +237,7 @@ def _swept_layer(model: nn.Module, tokenizer: Any, facts: Sequence[FactInput | F
 def _placed(model: nn.Module, config: BuildConfig) -> Iterator[None]:
     """Move / cast the model as the config asks (in place: a copy of an 8B model would not fit)."""
     if config.device is not None:
-        if config.device.startswith("cuda") and not torch.cuda.is_available():
-            raise NKVError(f"device {config.device!r} requested but CUDA is not available; use --device cpu")
-        model.to(torch.device(config.device))
+        model.to(torch.device(resolve_device(config.device, "BuildConfig.device")))
     if config.dtype is not None:
         model.to(TORCH_DTYPES[config.dtype])
     yield

@@ -12,6 +12,7 @@ shrinks with the model's hidden-state norm, so its weights do not carry over.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -99,12 +100,12 @@ class BuildConfig:
         for name in ("steps", "batch_size", "checkpoint_every", "prefix_length"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "clamp"):
-            if not getattr(self, name) > 0:
-                problems.append(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("lr", "clamp"):  # written so that NaN fails too
+            if not 0 < getattr(self, name) < math.inf:
+                problems.append(f"{name} must be a finite number > 0, got {getattr(self, name)}")
         for name in ("kl_factor", "preserve_factor", "weight_decay", "early_stop_loss", "n_prefixes"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+            if not 0 <= getattr(self, name) < math.inf:
+                problems.append(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         for name in ("dtype", "opt_dtype"):
             if getattr(self, name) is not None and getattr(self, name) not in TORCH_DTYPES:
                 problems.append(f"{name} must be one of {list(TORCH_DTYPES)}, got {getattr(self, name)!r}")
