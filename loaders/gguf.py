@@ -22,13 +22,21 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from nkv.atomic import atomic_file
 from nkv.errors import NKVError, NKVUnsupportedModelError
 
 GGUF_MAGIC = b"GGUF"
 MARKER = "nkv-gguf.json"  # written last into a converted folder: its presence means "complete"
+# Part of a converted folder's name, so a fix to the conversion converts again instead of
+# reusing a folder an older NKV wrote. 2: the tokenizer adds BOS/EOS as the file says.
+CONVERTER = 2
+# Tokenizer flags the file sets (`tokenizer.ggml.<flag>`) that transformers' converter may
+# drop: Gemma 3's file says add_bos_token, the tokenizer transformers reads from it adds no
+# BOS, and Gemma without its BOS answers nonsense ("The capital of France is" -> " France.
+# The The The").
+SPECIAL_TOKEN_FLAGS = ("add_bos_token", "add_eos_token")
 
 
 @dataclass(frozen=True)
@@ -107,7 +115,7 @@ def convert_gguf(path: str | os.PathLike, cache: Path | None = None) -> Path:
     check_gguf_file(path)
     cache = cache or cache_root()
     digest = _remembered_sha256(path, cache) or _sha256(path)
-    folder = cache / f"{path.stem}-{digest[:16]}"
+    folder = cache / f"{path.stem}-{digest[:16]}-c{CONVERTER}"
     if (folder / MARKER).is_file():
         _remember_sha256(path, cache, digest)
         return folder
@@ -122,7 +130,15 @@ def convert_gguf(path: str | os.PathLike, cache: Path | None = None) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     _remember_sha256(path, cache, digest)
+    _drop_older_conversion(cache / f"{path.stem}-{digest[:16]}")
     return folder
+
+
+def _drop_older_conversion(old: Path) -> None:
+    """Delete the folder an NKV before converter 2 made of the same file (a full fp32 copy of
+    the model, no longer read; its tokenizer may lack the BOS the file asks for)."""
+    if (old / MARKER).is_file():
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _publish(staging: Path, folder: Path) -> None:
@@ -174,6 +190,7 @@ def _convert(path: Path, out: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except Exception as exc:  # noqa: BLE001  tokenizer converters raise anything; one clear line
         raise NKVError(f"{path}: cannot read the tokenizer stored in this GGUF file: {_first_line(exc)}") from None
+    match_special_tokens(tokenizer, gguf_tokenizer_flags(path), path)
     try:
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
     except Exception as exc:  # noqa: BLE001  e.g. an unknown quantization type deep in gguf-py
@@ -193,6 +210,38 @@ def _convert(path: Path, out: Path) -> None:
     except OSError as exc:  # e.g. a full disk: the fp32 folder is ~4x the size of a 4-bit GGUF
         raise NKVError(f"{path}: cannot write the converted model to {out.parent} ({exc.strerror or exc}); "
                        "free some space or point NKV_CACHE elsewhere") from None
+    # The tokenizer every later load reads is the saved one: check that it kept the flags.
+    match_special_tokens(AutoTokenizer.from_pretrained(out), gguf_tokenizer_flags(path), path, fix=False)
+
+
+def gguf_tokenizer_flags(path: Path) -> dict[str, bool]:
+    """The `SPECIAL_TOKEN_FLAGS` that GGUF file `path` sets, by name (absent ones left out)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+    flags = {}
+    for name in SPECIAL_TOKEN_FLAGS:
+        field = fields.get(f"tokenizer.ggml.{name}")
+        if field is not None and len(field.data) == 1:
+            flags[name] = bool(field.parts[field.data[0]][0])
+    return flags
+
+
+def match_special_tokens(tokenizer: Any, flags: dict[str, bool], path: Path, fix: bool = True) -> None:
+    """Make `tokenizer` add BOS / EOS exactly where `flags` (the GGUF file's) say, or raise
+    NKVError: a model fed other special tokens than it was trained with is silently wrong."""
+    if fix:
+        for name, wanted in flags.items():
+            if getattr(tokenizer, name, None) != wanted:
+                setattr(tokenizer, name, wanted)  # transformers rebuilds the post-processor
+    ids = list(tokenizer("a")["input_ids"])
+    ends = {"add_bos_token": (tokenizer.bos_token_id, ids[:1]), "add_eos_token": (tokenizer.eos_token_id, ids[-1:])}
+    wrong = [f"tokenizer.ggml.{name} = {str(wanted).lower()}" for name, wanted in flags.items()
+             if ends[name][0] is not None and (ends[name][1] == [ends[name][0]]) != wanted]
+    if wrong:
+        raise NKVError(f"{path}: the tokenizer transformers reads from this file does not follow its "
+                       f"{' and '.join(wrong)}; the model would run on other special tokens than it was "
+                       "trained with")
 
 
 HASH_INDEX = "sha256-index.json"

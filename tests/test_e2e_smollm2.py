@@ -85,6 +85,14 @@ def _answers_target(tok, tokens: list[int], target: str) -> bool:
     return tok.decode(tokens).strip().startswith(target)
 
 
+def test_the_converted_tokenizer_adds_the_special_tokens_the_file_asks_for(real):
+    from nkv.loaders.gguf import gguf_tokenizer_flags, packaged_gguf
+
+    flags = gguf_tokenizer_flags(packaged_gguf(MODEL))
+    assert flags == {"add_bos_token": False}  # SmolLM2's file: no BOS (Gemma 3's asks for one)
+    assert real["tok"]("The capital of France is")["input_ids"][0] != real["tok"].bos_token_id
+
+
 def test_build_defaults_use_the_verified_layer_and_the_self_check_passes(real):
     adapter = real["adapter"]
     assert adapter.base.model_type == "llama" and adapter.base.n_layers == 30 and adapter.base.d_model == 576

@@ -120,3 +120,50 @@ def test_the_file_hash_is_remembered_until_the_file_changes(tmp_path):
     assert nkv_gguf._remembered_sha256(model, cache) is None
     nkv_gguf._remember_sha256(model, cache, "x" * 64)
     assert nkv_gguf._remembered_sha256(model, cache) == "x" * 64
+
+
+def _word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "[UNK]": 3, "a": 4, "b": 5}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+
+
+def test_the_tokenizer_flags_a_gguf_file_sets_are_read(tmp_path):
+    from nkv.loaders.gguf import gguf_tokenizer_flags
+
+    path = tmp_path / "m.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_bool("tokenizer.ggml.add_bos_token", True)  # as Gemma 3's file has it
+    writer.add_bool("tokenizer.ggml.add_eos_token", False)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert gguf_tokenizer_flags(path) == {"add_bos_token": True, "add_eos_token": False}
+    assert gguf_tokenizer_flags(_write_gguf(tmp_path / "plain.gguf", "llama", LLAMA_KEYS)) == {}  # flags not set
+
+
+def test_a_converted_tokenizer_adds_the_special_tokens_its_file_asks_for():
+    """transformers reads Gemma 3's tokenizer without the BOS its file asks for; the
+    conversion sets the flags and checks the result."""
+    from nkv.loaders.gguf import match_special_tokens
+
+    tok = _word_tokenizer()
+    assert tok("a b")["input_ids"] == [4, 5]  # no BOS, as transformers gave Gemma 3's
+    match_special_tokens(tok, {"add_bos_token": True, "add_eos_token": False}, Path("m.gguf"))
+    assert tok("a b")["input_ids"] == [1, 4, 5]
+    match_special_tokens(tok, {"add_bos_token": False, "add_eos_token": True}, Path("m.gguf"))
+    assert tok("a b")["input_ids"] == [4, 5, 2]
+
+
+def test_a_tokenizer_that_cannot_follow_its_file_is_refused():
+    from nkv.errors import NKVError
+    from nkv.loaders.gguf import match_special_tokens
+
+    tok = _word_tokenizer()
+    with pytest.raises(NKVError, match=r"does not follow its tokenizer.ggml.add_bos_token = true"):
+        match_special_tokens(tok, {"add_bos_token": True}, Path("m.gguf"), fix=False)  # the saved-folder check
