@@ -3,7 +3,8 @@
     python benchmarks/scale/bench_int8.py bytes
     python benchmarks/scale/bench_int8.py agreement --keys keys.pt --facts 20000 --max-tokens 2000
     python benchmarks/scale/bench_int8.py adapter --keys keys.pt --nkv rows-counterfact-edit-L6-n100.nkv
-    python benchmarks/scale/bench_int8.py agreement --keys keys.pt --facts 20000 --bits 8,1
+    python benchmarks/scale/bench_int8.py agreement --keys keys.pt --facts 20000 --bits 8,1,pq
+    python benchmarks/scale/bench_int8.py adapter --keys keys.pt --nkv cf1000.nkv --bits pq --write-coded out/
 
 `bytes` writes adapters at Llama-3-8B and SmolLM2-135M shapes (random fp16 rows, CounterFact-
 sized fact records) exact and int8, and reports the file bytes each extra fact costs.
@@ -97,6 +98,44 @@ def four_bit_rotated(rows: torch.Tensor) -> torch.Tensor:
     return rotate(stored(rotate(rows.float()), 4), inverse=True)
 
 
+def _nearest(pieces: torch.Tensor, books: torch.Tensor, block: int = 8) -> torch.Tensor:
+    """(P, n) index of each piece's nearest centre, a few pieces at a time (the distance
+    table of all of them at once would be P x n x C floats)."""
+    return torch.cat([torch.cdist(pieces[i : i + block], books[i : i + block]).argmin(-1)
+                      for i in range(0, pieces.shape[0], block)])
+
+
+def pq_codebooks(train: torch.Tensor, sub: int = 8, centroids: int = 256, rounds: int = 12,
+                 max_rows: int = 50_000, seed: int = 0) -> torch.Tensor:
+    """Product-quantization codebooks (not in the format): the unit rows, rotated, cut into
+    `sub`-value pieces; per piece, `centroids` centres by k-means (Lloyd, `rounds` rounds)
+    over at most `max_rows` training rows. One byte a piece: d / sub bytes a row.
+    Returns (pieces, centroids, sub)."""
+    g = torch.Generator().manual_seed(seed)
+    train = train[torch.randperm(train.shape[0], generator=g)[:max_rows]]
+    x = rotate(train.float() / train.float().norm(dim=-1, keepdim=True).clamp_min(1e-30))
+    n, d = x.shape
+    pieces = x.reshape(n, d // sub, sub).transpose(0, 1).contiguous()  # (P, n, sub)
+    books = pieces[:, torch.randperm(n, generator=g)[:centroids]].clone()  # (P, C, sub)
+    for _ in range(rounds):
+        assign = _nearest(pieces, books)
+        sums = torch.zeros_like(books).scatter_add_(1, assign[..., None].expand(-1, -1, sub), pieces)
+        counts = torch.zeros(books.shape[:2]).scatter_add_(1, assign, torch.ones(assign.shape))
+        books = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1)[..., None], books)
+    return books
+
+
+def pq_rows(rows: torch.Tensor, books: torch.Tensor) -> torch.Tensor:
+    """The rows a PQ code reads back: each unit row's nearest centre per piece, rotated back
+    (unit direction only; the gate's cosine ignores a key's norm)."""
+    x = rotate(rows.float() / rows.float().norm(dim=-1, keepdim=True).clamp_min(1e-30))
+    p, _, sub = books.shape
+    pieces = x.reshape(x.shape[0], p, sub).transpose(0, 1).contiguous()
+    codes = _nearest(pieces, books)  # (P, n)
+    back = torch.gather(books, 1, codes[..., None].expand(-1, -1, sub)).transpose(0, 1).reshape(x.shape)
+    return rotate(back, inverse=True)
+
+
 def relative_errors(rows: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
     x = rows.float()
     norms = x.norm(dim=-1)
@@ -149,34 +188,66 @@ def _queries(data: dict, max_tokens: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def cmd_agreement(data: dict, facts: int, max_tokens: int, bits: list[int]) -> None:
+def _train_rows(data: dict | None, skip: int) -> torch.Tensor:
+    """PQ training keys: real keys of other subjects than those coded (the keys file from row
+    `skip` on), since a code fitted to its own few rows would flatter it."""
+    if data is None:
+        raise SystemExit("the pq code needs --keys (its codebooks are trained on those keys)")
+    rows = data["keys"][skip:]
+    if rows.shape[0] < 1000:
+        raise SystemExit(f"the pq code needs at least 1,000 training keys after row {skip}; the keys file has {rows.shape[0]}")
+    return rows
+
+
+def coded_keys(code: str, exact: torch.Tensor, train: torch.Tensor | None):
+    """(float rows read back, per-row score scales or None) of one key code."""
+    if code == "1":
+        return one_bit(exact)
+    if code == "pq":
+        return pq_rows(exact, pq_codebooks(train)), None
+    return stored(exact, int(code)), None
+
+
+def coded_residuals(code: str, rows: torch.Tensor) -> torch.Tensor:
+    """Residuals beside a key code: int8 / int4 rows for those codes; the codes aiming at
+    <= 4 KB per fact (1-bit, PQ keys) take rotated int4 residuals."""
+    return four_bit_rotated(rows) if code in ("1", "pq") else stored(rows, int(code))
+
+
+def cmd_agreement(data: dict, facts: int, max_tokens: int, codes: list[str]) -> None:
     exact = data["keys"][:facts]  # fp16, as read_keys.py stored them
     queries = _queries(data, max_tokens)
-    for b in bits:
-        keys, inv = one_bit(exact) if b == 1 else (stored(exact, b), None)
-        err = relative_errors(exact, keys) if b != 1 else None
-        _emit(cmd="agreement", bits=b, facts=facts, **({} if err is None else {
+    for code in codes:
+        keys, inv = coded_keys(code, exact, _train_rows(data, facts) if code == "pq" else None)
+        err = relative_errors(exact, keys) if code != "1" else None
+        _emit(cmd="agreement", bits=code, facts=facts, **({} if err is None else {
             "key_rel_error_max": round(float(err.max()), 5), "key_rel_error_median": round(float(err.median()), 5)}))
         for name, q in queries.items():
-            _agreement(name, q, exact, keys, inv, bits=b, facts=facts)
+            _agreement(name, q, exact, keys, inv, bits=code, facts=facts)
 
 
-def cmd_adapter(data: dict | None, path: Path, max_tokens: int, bits: list[int]) -> None:
+def cmd_adapter(data: dict | None, path: Path, max_tokens: int, codes: list[str], out: Path | None) -> None:
     adapter = NKVAdapter.load(path)
     queries = {"own keys": adapter.keys} | (_queries(data, max_tokens) if data is not None else {})
-    for b in bits:
-        if b == 1:  # 1-bit keys with their score scales, 4-bit rotated residuals
-            (keys, inv), residuals = one_bit(adapter.keys), four_bit_rotated(adapter.residuals)
-        else:
-            keys, inv, residuals = stored(adapter.keys, b), None, stored(adapter.residuals, b)
+    for code in codes:
+        keys, inv = coded_keys(code, adapter.keys, _train_rows(data, 0) if code == "pq" else None)
+        residuals = coded_residuals(code, adapter.residuals)
         k_err, r_err = relative_errors(adapter.keys, keys), relative_errors(adapter.residuals, residuals)
-        _emit(cmd="adapter", file=path.name, bits=b, facts=adapter.n_facts, dtype=str(adapter.keys.dtype),
-              key_rel_error_max=round(float(k_err.max()), 5) if b != 1 else None,
+        _emit(cmd="adapter", file=path.name, bits=code, facts=adapter.n_facts, dtype=str(adapter.keys.dtype),
+              key_rel_error_max=round(float(k_err.max()), 5) if code != "1" else None,
+              key_rel_error_median=round(float(k_err.median()), 5) if code != "1" else None,
               residual_rel_error_max=round(float(r_err.max()), 5),
               residual_rel_error_median=round(float(r_err.median()), 5))
         for name, q in queries.items():
-            _agreement(name, q, adapter.keys, keys, inv, bits=b, file=path.name)
-    if 8 in bits:  # the format's own round trip: save int8, load, compare with stored()
+            _agreement(name, q, adapter.keys, keys, inv, bits=code, file=path.name)
+        if out is not None:  # the rows a reader of this code would return, for `nkv eval` (eval_coded.py)
+            out.mkdir(parents=True, exist_ok=True)
+            target = out / f"{path.stem}-{code}.nkv"
+            replace(adapter, keys=keys.to(adapter.keys.dtype), residuals=residuals.to(adapter.residuals.dtype)).save(target)
+            if inv is not None:  # the 1-bit code's per-row score scales, which no float row can carry
+                torch.save((NKVAdapter.load(target).keys, inv), out / f"{path.stem}-{code}.scales.pt")
+            _emit(cmd="adapter", wrote=str(target), bits=code)
+    if "8" in codes:  # the format's own round trip: save int8, load, compare with stored()
         back = NKVAdapter.from_bytes(replace(adapter, storage="int8").to_bytes())
         assert torch.equal(back.keys, stored(adapter.keys, 8)) and torch.equal(back.residuals, stored(adapter.residuals, 8))
 
@@ -190,18 +261,25 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=2000, help="query tokens per kind (sampled)")
     p.add_argument("--bits", default="8,4", help="8 is the format; others are simulated for comparison: 4 = "
                    "per-row int4 rows; 1 = signs of rotated keys with a per-row score scale, and rotated int4 "
-                   "residuals (what <= 4 KB per fact at Llama-3-8B shape would take: 1,792 + 2,048 + 8 bytes)")
+                   "residuals (what <= 4 KB per fact at Llama-3-8B shape would take: 1,792 + 2,048 + 8 bytes); "
+                   "pq = product-quantized rotated unit keys, one byte per 8 values, codebooks trained on the "
+                   "--keys file's other subjects, and rotated int4 residuals (the same 1,792 + 2,048 + 4 bytes)")
+    p.add_argument("--write-coded", type=Path, default=None,
+                   help="adapter: also write each code's read-back rows as a float adapter here, for `nkv eval`")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    bits = [int(b) for b in args.bits.split(",")]
+    codes = args.bits.split(",")
+    unknown = [c for c in codes if c not in ("8", "4", "1", "pq")]
+    if unknown:
+        raise SystemExit(f"--bits: unknown code(s) {unknown}; known: 8, 4, 1, pq")
     if args.cmd == "bytes":
         return cmd_bytes()
     data = torch.load(args.keys) if args.keys else None
     if args.cmd == "agreement":
-        cmd_agreement(data, args.facts, args.max_tokens, bits)
+        cmd_agreement(data, args.facts, args.max_tokens, codes)
     else:
-        cmd_adapter(data, args.nkv, args.max_tokens, bits)
+        cmd_adapter(data, args.nkv, args.max_tokens, codes, args.write_coded)
 
 
 if __name__ == "__main__":
