@@ -167,3 +167,16 @@ def test_a_tokenizer_that_cannot_follow_its_file_is_refused():
     tok = _word_tokenizer()
     with pytest.raises(NKVError, match=r"does not follow its tokenizer.ggml.add_bos_token = true"):
         match_special_tokens(tok, {"add_bos_token": True}, Path("m.gguf"), fix=False)  # the saved-folder check
+
+
+def test_a_folder_an_older_converter_made_is_dropped_once_the_new_one_exists(tmp_path):
+    from nkv.loaders import gguf as nkv_gguf
+
+    old, half = tmp_path / "m-0123456789abcdef", tmp_path / "n-0123456789abcdef"
+    for folder in (old, half):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"x")
+    (old / nkv_gguf.MARKER).write_text("{}")
+    nkv_gguf._drop_older_conversion(old)
+    nkv_gguf._drop_older_conversion(half)  # no marker: not a conversion of ours, left alone
+    assert not old.exists() and (half / "model.safetensors").is_file()
