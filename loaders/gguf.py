@@ -190,7 +190,8 @@ def _convert(path: Path, out: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except Exception as exc:  # noqa: BLE001  tokenizer converters raise anything; one clear line
         raise NKVError(f"{path}: cannot read the tokenizer stored in this GGUF file: {_first_line(exc)}") from None
-    match_special_tokens(tokenizer, gguf_tokenizer_flags(path), path)
+    flags = gguf_tokenizer_flags(path)
+    match_special_tokens(tokenizer, flags, path)
     try:
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
     except Exception as exc:  # noqa: BLE001  e.g. an unknown quantization type deep in gguf-py
@@ -211,7 +212,7 @@ def _convert(path: Path, out: Path) -> None:
         raise NKVError(f"{path}: cannot write the converted model to {out.parent} ({exc.strerror or exc}); "
                        "free some space or point NKV_CACHE elsewhere") from None
     # The tokenizer every later load reads is the saved one: check that it kept the flags.
-    match_special_tokens(AutoTokenizer.from_pretrained(out), gguf_tokenizer_flags(path), path, fix=False)
+    match_special_tokens(AutoTokenizer.from_pretrained(out), flags, path, fix=False)
 
 
 def gguf_tokenizer_flags(path: Path) -> dict[str, bool]:
