@@ -208,10 +208,13 @@ def coded_keys(code: str, exact: torch.Tensor, train: torch.Tensor | None):
     return stored(exact, int(code)), None
 
 
+UNIT_CODES = ("1", "pq")  # codes that read a key back as a direction only: a relative error would measure its norm
+
+
 def coded_residuals(code: str, rows: torch.Tensor) -> torch.Tensor:
     """Residuals beside a key code: int8 / int4 rows for those codes; the codes aiming at
     <= 4 KB per fact (1-bit, PQ keys) take rotated int4 residuals."""
-    return four_bit_rotated(rows) if code in ("1", "pq") else stored(rows, int(code))
+    return four_bit_rotated(rows) if code in UNIT_CODES else stored(rows, int(code))
 
 
 def cmd_agreement(data: dict, facts: int, max_tokens: int, codes: list[str]) -> None:
@@ -219,7 +222,7 @@ def cmd_agreement(data: dict, facts: int, max_tokens: int, codes: list[str]) -> 
     queries = _queries(data, max_tokens)
     for code in codes:
         keys, inv = coded_keys(code, exact, _train_rows(data, facts) if code == "pq" else None)
-        err = relative_errors(exact, keys) if code != "1" else None
+        err = relative_errors(exact, keys) if code not in UNIT_CODES else None
         _emit(cmd="agreement", bits=code, facts=facts, **({} if err is None else {
             "key_rel_error_max": round(float(err.max()), 5), "key_rel_error_median": round(float(err.median()), 5)}))
         for name, q in queries.items():
@@ -234,8 +237,8 @@ def cmd_adapter(data: dict | None, path: Path, max_tokens: int, codes: list[str]
         residuals = coded_residuals(code, adapter.residuals)
         k_err, r_err = relative_errors(adapter.keys, keys), relative_errors(adapter.residuals, residuals)
         _emit(cmd="adapter", file=path.name, bits=code, facts=adapter.n_facts, dtype=str(adapter.keys.dtype),
-              key_rel_error_max=round(float(k_err.max()), 5) if code != "1" else None,
-              key_rel_error_median=round(float(k_err.median()), 5) if code != "1" else None,
+              key_rel_error_max=round(float(k_err.max()), 5) if code not in UNIT_CODES else None,
+              key_rel_error_median=round(float(k_err.median()), 5) if code not in UNIT_CODES else None,
               residual_rel_error_max=round(float(r_err.max()), 5),
               residual_rel_error_median=round(float(r_err.median()), 5))
         for name, q in queries.items():
