@@ -106,7 +106,8 @@ def inspect(file: Path, as_json: bool, with_facts: bool, limit: int | None) -> N
         ("layer", f"{header.layer} ({header.target_module}"
                   + (", rows added after the FFN-output norm)" if header.residual_site == "out_norm" else ")")),
         ("gamma", f"{header.gamma:g}"),
-        ("dtype", header.dtype + (" (int8 rows, one F32 scale per row)" if header.storage == "int8" else "")),
+        ("dtype", header.dtype + {"int8": " (int8 rows, one F32 scale per row)",
+                                  "sign": " (sign rows: 1-bit keys with score weights, int4 residuals)"}.get(header.storage, "")),
         ("base model", b.name + (f" @ {b.revision}" if b.revision else "")),
         ("architecture", f"{b.architecture} ({b.model_type}, {b.n_layers} layers, "
                          f"d_model {b.d_model}, d_key {b.d_key})"),
@@ -299,19 +300,25 @@ def diff(a: Path, b: Path, as_json: bool) -> None:
 @click.command()
 @click.argument("file", type=_FILE)
 @click.option("-o", "--output", type=_OUT, default=None, help="Write here instead of replacing FILE.")
+@click.option("--storage", type=click.Choice(["int8", "sign"]), default="int8", show_default=True,
+              help="int8: one scale per row (format 1.3); sign: 1-bit keys with a score weight per row and "
+                   "int4 residuals (format 2.2, about 1/9 of float16; it can change close decisions of the gate).")
 @click.option("--exact", "dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="Write float rows in this dtype instead (undo int8 storage).")
-def quantize(file: Path, output: Path | None, dtype: str | None) -> None:
+def quantize(file: Path, output: Path | None, storage: str, dtype: str | None) -> None:
     """Store FILE's keys and residuals as int8 with one scale per row (format 1.3, about half
-    the bytes of float16), in place, atomically, unless -o. Readers before 1.3 refuse the result.
+    the bytes of float16), or with --storage sign as sign rows (format 2.2, spec §4.4), in
+    place, atomically, unless -o. Readers before 1.3 (2.2) refuse the result.
 
     \b
     Example:
       nkv quantize edits.nkv -o edits-int8.nkv
+      nkv quantize edits.nkv -o edits-sign.nkv --storage sign
       nkv quantize edits-int8.nkv -o edits-f16.nkv --exact float16
     """
     from nkv.dtypes import TORCH_DTYPES
     from nkv.quant import max_relative_error
+    from nkv.codes import code_errors
 
     errors: dict[str, float] = {}
     already: list[bool] = []
@@ -319,9 +326,12 @@ def quantize(file: Path, output: Path | None, dtype: str | None) -> None:
     def store(adapter: NKVAdapter) -> NKVAdapter:
         if dtype is not None:
             return adapter.to(TORCH_DTYPES[dtype])
-        already.append(adapter.storage == "int8")
-        errors.update(keys=max_relative_error(adapter.keys), residuals=max_relative_error(adapter.residuals))
-        return replace(adapter, storage="int8")
+        already.append(adapter.storage == storage)
+        if storage == "int8":
+            errors.update(keys=max_relative_error(adapter.keys), residuals=max_relative_error(adapter.residuals))
+        elif not already[0]:
+            errors.update(code_errors(adapter.keys, adapter.residuals))
+        return replace(adapter, storage=storage)
 
     target = output or file
     before = file.stat().st_size
@@ -331,8 +341,12 @@ def quantize(file: Path, output: Path | None, dtype: str | None) -> None:
         click.echo(f"wrote {target}: {stored.n_facts} facts, exact {dtype} rows, {size}")
     else:
         if already[0]:
-            click.echo(f"wrote {target}: {stored.n_facts} facts; {file} already held int8 rows, so they are "
+            click.echo(f"wrote {target}: {stored.n_facts} facts; {file} already held {storage} rows, so they are "
                        f"unchanged ({size})")
+        elif storage == "sign":
+            click.echo(f"wrote {target}: {stored.n_facts} facts, sign rows, {size}; lowest cosine of a stored key "
+                       f"with its float key {errors['key_cosine']:.3f} (its score weight restores 1), largest "
+                       f"relative row error R1 {errors['residuals']:.2%}")
         else:
             click.echo(f"wrote {target}: {stored.n_facts} facts, int8 rows, {size}; largest relative row error "
                        f"K1 {errors['keys']:.2%}, R1 {errors['residuals']:.2%}")

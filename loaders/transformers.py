@@ -33,7 +33,7 @@ from nkv.errors import NKVCompatibilityError, NKVError, NKVUnsupportedModelError
 from nkv.facts import Fact
 from nkv.fingerprint import FINGERPRINT2_PREFIX, compute_fingerprint
 from nkv.constants import DEFAULT_SHORTLIST, SKETCH_MIN_FACTS
-from nkv.gate import (DEFAULT_FACT_CHUNK, GateResult, RowRange, Sketch, key_inverse_norms, nkv_gate,
+from nkv.gate import (DEFAULT_FACT_CHUNK, GateResult, RowRange, Sketch, nkv_gate,
                       nkv_gate_routed, rescore_group, shortlist_chunk, shortlist_scores)
 from nkv.resolve import AdapterSource, resolve_adapter
 
@@ -188,10 +188,10 @@ class NKVLinear(nn.Module):
         self.compute_dtype = dtype  # the activations'; the exact path scores in it
         sketch = adapter.n_facts >= SKETCH_MIN_FACTS
         # Cast once here, never per call (the sketch path casts only its candidates, see
-        # _table_dtype). Norms from the stored keys, before any rounding.
+        # _table_dtype). Norms from the stored keys, before any rounding (x sign rows' score weights, spec §4.4).
         table = self._table_dtype(adapter.keys.dtype, every_resident_sketched=sketch)
         self.register_buffer("nkv_keys", adapter.keys.to(device=device, dtype=table), persistent=False)
-        self.register_buffer("nkv_key_inv_norms", key_inverse_norms(adapter.keys).to(device), persistent=False)
+        self.register_buffer("nkv_key_inv_norms", adapter.score_inverse_norms().to(device), persistent=False)
         self.register_buffer("nkv_residuals", adapter.residuals.to(device=device, dtype=table), persistent=False)
         self.nkv_residents = nn.ModuleList([_Resident(name, adapter, 0, device, dtype)])
         self.routing = routing if routing is not None else _Routing()
@@ -264,7 +264,7 @@ class NKVLinear(nn.Module):
             self.nkv_keys, self.nkv_residuals = self.nkv_keys.to(self.compute_dtype), self.nkv_residuals.to(self.compute_dtype)
         dtype = self.nkv_keys.dtype
         self.nkv_keys = torch.cat([self.nkv_keys, adapter.keys.to(device=device, dtype=dtype)])
-        self.nkv_key_inv_norms = torch.cat([self.nkv_key_inv_norms, key_inverse_norms(adapter.keys).to(device)])
+        self.nkv_key_inv_norms = torch.cat([self.nkv_key_inv_norms, adapter.score_inverse_norms().to(device)])
         self.nkv_residuals = torch.cat([self.nkv_residuals, adapter.residuals.to(device=device, dtype=dtype)])
         self.nkv_residents.append(_Resident(name, adapter, start, device, self.compute_dtype))
         self.use_sketch(adapter, DEFAULT_SHORTLIST if adapter.n_facts >= SKETCH_MIN_FACTS else 0, name=name)

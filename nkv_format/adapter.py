@@ -25,13 +25,14 @@ from .dtypes import ROW_DTYPE_NAMES as _DTYPE_NAMES, TENSOR_DTYPES as _TORCH_DTY
 from .errors import NKVCompatibilityError, NKVConflictError, NKVFormatError
 from .facts import Fact, LazyFacts, count_problems, decode_facts, encode_facts, fact_record_problems
 from .fingerprint import FINGERPRINT2_PREFIX, fingerprints_match
-from .gate import ROW_BLOCK, fit_sketch, sketch_keys
+from .gate import ROW_BLOCK, fit_sketch, key_inverse_norms, sketch_keys
 from .header import BaseModelInfo, NKVHeader, parse_header, read_header
+from .codes import decode_keys, decode_residuals, encode_keys, encode_residuals, sign_problems
 from .quant import dequantize_rows, int8_problems, quantize_rows
 
 
 ConflictPolicy = Literal["error", "ours", "theirs"]
-Storage = Literal["exact", "int8"]
+Storage = Literal["exact", "int8", "sign"]
 
 
 @dataclass
@@ -58,6 +59,14 @@ class NKVAdapter:
             In memory the rows are always floats: an int8 file loads dequantized to
             float32 with storage "int8", and row operations keep the storage, so editing
             an int8 adapter writes int8 again (its untouched rows to the same bytes).
+            "sign" (format 2.2, spec §4.4): K1 as the signs of the rotated keys with one
+            score weight per row, R1 as rotated int4 with one scale per row; about 1/9 of
+            the bytes of F16. A sign file loads as the rows a reader returns (unit keys) and
+            `code_scales`; save writes the same bytes again.
+        code_scales: with storage "sign", (n_facts, 2) float32: each row's score weight w
+            (the gate multiplies its cosine with the key by w, spec §4.4) and its residual's
+            int4 scale, as read from the file; NaN for rows added as floats since, which
+            score exactly (w = 1) until saved. None otherwise.
     """
 
     keys: torch.Tensor
@@ -72,6 +81,7 @@ class NKVAdapter:
     eval: dict[str, Any] = field(default_factory=dict)
     sketch_proj: torch.Tensor | None = None
     storage: Storage = "exact"
+    code_scales: torch.Tensor | None = None
 
     # ---------------------------------------------------------------- basic views
     @property
@@ -123,6 +133,7 @@ class NKVAdapter:
             out.append(f"V13: residual_site must be one of {list(C.RESIDUAL_SITES)}, got {self.residual_site!r}")
         if self.storage not in C.STORAGES:
             out.append(f"storage must be one of {list(C.STORAGES)}, got {self.storage!r}")
+        out.extend(self._code_problems())
         if not 0 <= self.layer < b.n_layers:
             out.append(f"V6: layer {self.layer} outside the base model's {b.n_layers} layers")
         if not 0.0 <= self.gamma <= 1.0:
@@ -139,6 +150,33 @@ class NKVAdapter:
                 out.append(f"V9: duplicate fact id {fact.id!r} at row {row}")
             seen.add(fact.id)
         return out
+
+    def _code_problems(self) -> list[str]:
+        cs = self.code_scales
+        if cs is None:
+            return []
+        if not (cs.dtype == torch.float32 and tuple(cs.shape) == (self.n_facts, 2)):
+            return [f"code_scales must be float32 [{self.n_facts}, 2], got {cs.dtype} {list(cs.shape)}"]
+        if self.storage != "sign" and bool((~torch.isnan(cs[:, 0])).any()):
+            return [f"storage {self.storage!r} cannot hold rows read from 1-bit keys: their score weights "
+                    "(spec §4.4) have no place there, and without them the gate would score those rows lower; "
+                    "keep storage 'sign', or build the facts again for exact rows"]
+        return []
+
+    def score_weights(self) -> torch.Tensor | None:
+        """(n_facts,) float32 the gate multiplies each row's cosine by (spec §4.4): the stored
+        weights of sign rows, 1 for every other row; None when every row is exact."""
+        cs = self.code_scales
+        if cs is None or bool(torch.isnan(cs[:, 0]).all()):
+            return None
+        return torch.where(torch.isnan(cs[:, 0]), 1.0, cs[:, 0])
+
+    def score_inverse_norms(self) -> torch.Tensor:
+        """(n_facts,) float32 what loaders give the gated op as the keys' inverse norms (§5):
+        1 / ||K1_i||, times the row's score weight for sign rows (§4.4)."""
+        inv = key_inverse_norms(self.keys)
+        weights = self.score_weights()
+        return inv if weights is None else inv * weights.to(inv.device)
 
     def validate(self, source: str = "<adapter>") -> None:
         """Raise one NKVFormatError listing every problem, or return None."""
@@ -186,7 +224,15 @@ class NKVAdapter:
         self.validate(source)
         records = encode_facts(self.facts)
         scales: list[tuple[str, str, list[int], memoryview]] = []
-        if self.storage == "int8":
+        if self.storage == "sign":
+            given = self.code_scales
+            kb, kw = encode_keys(self.keys, None if given is None else given[:, 0])
+            rq, rs = encode_residuals(self.residuals, None if given is None else given[:, 1])
+            rows = [(C.T_KEYS, C.SIGN_DTYPE, list(kb.shape), _raw_bytes(kb)),
+                    (C.T_RESIDUALS, C.SIGN_DTYPE, list(rq.shape), _raw_bytes(rq))]
+            scales = [(C.T_RESIDUALS_SCALE, "F32", [self.n_facts], _raw_bytes(rs)),
+                      (C.T_KEYS_WEIGHT, "F32", [self.n_facts], _raw_bytes(kw))]
+        elif self.storage == "int8":
             kq, ks, problems = quantize_rows(self.keys, C.T_KEYS)
             rq, rs, more = quantize_rows(self.residuals, C.T_RESIDUALS)
             if problems or more:
@@ -203,10 +249,16 @@ class NKVAdapter:
         if self.sketch_proj is not None:
             parts.append((C.T_SKETCH_PROJ, "F32", list(self.sketch_proj.shape), _raw_bytes(self.sketch_proj)))
             if self.n_facts >= C.SKETCH_MIN_FACTS:  # where loaders take the sketch path: save them the product
-                table = (_sketches_of_int8(kq, ks, self.sketch_proj) if self.storage == "int8"
-                         else self.key_sketches(self.sketch_proj))
+                if self.storage == "int8":
+                    table = _sketches_of_int8(kq, ks, self.sketch_proj)
+                elif self.storage == "sign":  # the rows and weights a reader gets back
+                    stored = dc_replace(self, keys=decode_keys(kb, kw, self.base.d_key),
+                                        code_scales=torch.stack([kw, rs], dim=-1))
+                    table = stored.key_sketches(self.sketch_proj)
+                else:
+                    table = self.key_sketches(self.sketch_proj)
                 parts.append((C.T_SKETCH_KEYS, "F32", list(table.shape), _raw_bytes(table)))
-        parts += scales  # the optional tensors in the order of spec §4.2, §4.3
+        parts += scales  # the optional tensors in the order of spec §4.2, §4.3, §4.4
         doc: dict[str, Any] = {"__metadata__": dict(sorted(self.metadata().items()))}
         offset = 0
         for name, dtype, shape, data in parts:
@@ -232,7 +284,9 @@ class NKVAdapter:
         Args:
             storage: "exact" writes K1/R1 in their dtype; "int8" writes I8 rows with one
                 float32 scale per row (format 1.3, spec §4.3), which readers before 1.3
-                refuse (V7). Default: this adapter's `storage`.
+                refuse (V7); "sign" writes 1-bit keys with per-row score weights and int4
+                residuals (format 2.2, spec §4.4), which readers before 2.2 refuse (V7).
+                Default: this adapter's `storage`.
 
         >>> NKVAdapter.load("edits.nkv").save("edits-int8.nkv", storage="int8")
         """
@@ -299,18 +353,29 @@ class NKVAdapter:
                 raise NKVFormatError(header.source, problems)
             keys = dequantize_rows(keys, tensors[C.T_KEYS_SCALE])
             residuals = dequantize_rows(residuals, tensors[C.T_RESIDUALS_SCALE])
+        code_scales = None
+        if header.storage == "sign":  # V14 on the data, then the rows a reader returns
+            b = header.base
+            weights, res_scales = tensors[C.T_KEYS_WEIGHT], tensors[C.T_RESIDUALS_SCALE]
+            problems += sign_problems(header.n_facts, b.d_key, b.d_model, keys, weights, residuals, res_scales)
+            if problems:
+                raise NKVFormatError(header.source, problems)
+            keys = decode_keys(keys, weights, b.d_key)
+            residuals = decode_residuals(residuals, res_scales, b.d_model)
+            code_scales = torch.stack([weights.float(), res_scales.float()], dim=-1)
         adapter = cls(
             keys=keys, residuals=residuals, facts=facts if not problems else [],
             layer=header.layer, gamma=header.gamma, base=header.base,
             target_module=header.target_module, residual_site=header.residual_site,
             build=header.build, eval=header.eval,
             sketch_proj=tensors.get(C.T_SKETCH_PROJ), storage=cast(Storage, header.storage),
+            code_scales=code_scales,
         )
         if not problems:
             problems = adapter.problems(check_facts=False)  # decode_facts checked (or LazyFacts will check) V9
         table = tensors.get(C.T_SKETCH_KEYS)
         if not problems and table is not None and adapter.sketch_proj is not None:  # alone: refused with the header
-            problems = _sketch_table_problems(adapter.keys, adapter.sketch_proj, table)
+            problems = _sketch_table_problems(adapter, table)
             adapter._file_sketches = (adapter.keys, adapter.sketch_proj, table)
         if problems:
             raise NKVFormatError(header.source, problems)
@@ -318,13 +383,16 @@ class NKVAdapter:
 
     # ---------------------------------------------------------------- row operations
     def _with_rows(self, facts: list[Fact], keys: torch.Tensor, residuals: torch.Tensor,
-                   picked: torch.Tensor | None = None) -> "NKVAdapter":
+                   picked: torch.Tensor | None = None, code_scales: torch.Tensor | None = None) -> "NKVAdapter":
         """`picked`: when the rows are this adapter's rows `picked` (select, remove), the
-        file's stored key sketches follow them, so saving a 1M-row result needs no new product."""
+        file's stored key sketches and the rows' code scales follow them, so saving a 1M-row
+        result needs no new product. Otherwise `code_scales` are the new rows' (spec §4.4)."""
+        if picked is not None and self.code_scales is not None:
+            code_scales = self.code_scales.index_select(0, picked)
         # The build's self-check measured the rows it built; once rows change it describes
         # another adapter, so it is dropped (nkv eval measures the new one).
         build = {k: v for k, v in self.build.items() if k != "self_check"} if isinstance(self.build, dict) else self.build
-        out = dc_replace(self, facts=list(facts), keys=keys, residuals=residuals, build=build)
+        out = dc_replace(self, facts=list(facts), keys=keys, residuals=residuals, build=build, code_scales=code_scales)
         cached = getattr(self, "_file_sketches", None)
         if picked is not None and cached is not None and cached[0] is self.keys and cached[1] is self.sketch_proj:
             out._file_sketches = (out.keys, out.sketch_proj, cached[2].index_select(0, picked))
@@ -374,6 +442,7 @@ class NKVAdapter:
         keys: torch.Tensor,
         residuals: torch.Tensor,
         on_conflict: ConflictPolicy = "error",
+        code_scales: torch.Tensor | None = None,
     ) -> "NKVAdapter":
         """Append rows. A fact whose id is already present with a different record or
         different rows is a conflict: "error" raises, "ours" keeps the existing row,
@@ -385,6 +454,10 @@ class NKVAdapter:
 
         O(n + m) for n rows here and m new ones: ids are looked up in a dict and the rows
         of the ids present in both are compared in one vectorised pass.
+
+        `code_scales` (m, 2): the new rows' score weights and residual scales when they were
+        read from sign storage (another adapter's `code_scales`, spec §4.4); only an adapter
+        with storage "sign" takes such rows. None: the rows are floats (added exactly).
         """
         if keys.shape != (len(facts), self.base.d_key) or residuals.shape != (len(facts), self.base.d_model):
             raise NKVCompatibilityError(
@@ -400,25 +473,34 @@ class NKVAdapter:
             raise NKVConflictError(f"add: the new rows edit {len(asked_twice)} question(s) twice (same subject and "
                                    f"prompt or named relation), e.g. {asked_twice[:2]}; the model can give one "
                                    "answer: keep one")
+        coded = code_scales is not None and bool((~torch.isnan(code_scales[:, 0])).any())
+        if coded and self.storage != "sign":
+            raise NKVCompatibilityError(
+                f"add: the new rows were read from 1-bit keys (storage 'sign', spec §4.4), and this adapter's "
+                f"storage is {self.storage!r}, which cannot hold their score weights; add them to a sign adapter "
+                "(`nkv quantize --storage sign` this one first), or build the facts again")
         position = self.positions()
         keys = keys.to(self.keys.dtype)
         residuals = residuals.to(self.residuals.dtype)
+        my_codes, new_codes = _code_rows(self.code_scales, self.n_facts), _code_rows(code_scales, len(facts))
         shared = [r for r, f in enumerate(facts) if f.id in position]  # rows of `facts` already present
         mine = [position[facts[r].id] for r in shared]  # their rows here
-        same = _same_rows(self.keys, self.residuals, mine, keys, residuals, shared)  # (len(shared),) bool
+        same = _same_rows(self.keys, self.residuals, mine, keys, residuals, shared,
+                          (my_codes, new_codes))  # (len(shared),) bool
         clashes = [facts[r].id for r, ok in zip(shared, same) if not (ok and self.facts[position[facts[r].id]] == facts[r])]
         if clashes and on_conflict == "error":
             raise NKVConflictError(
                 f"add: {len(clashes)} fact id(s) already in the adapter, e.g. {clashes[:3]}; "
                 "use replace, or on_conflict='ours'/'theirs' (CLI: --on-conflict)")
         out_facts = list(self.facts)
-        out_keys, out_res = self.keys, self.residuals
+        out_keys, out_res, out_codes = self.keys, self.residuals, my_codes
         if on_conflict == "theirs" and shared:
             # overwriting an exact duplicate changes nothing, so every shared row is copied
             dst, src = torch.tensor(mine, dtype=torch.long), torch.tensor(shared, dtype=torch.long)
-            out_keys, out_res = self.keys.clone(), self.residuals.clone()
+            out_keys, out_res, out_codes = self.keys.clone(), self.residuals.clone(), my_codes.clone()
             out_keys[dst] = keys[src]
             out_res[dst] = residuals[src]
+            out_codes[dst] = new_codes[src]
             for p, r in zip(mine, shared):
                 out_facts[p] = facts[r]
         append = [r for r, f in enumerate(facts) if f.id not in position]
@@ -437,8 +519,8 @@ class NKVAdapter:
             append = [r for r in append if r not in taken]
             if on_conflict == "theirs":  # the new fact takes the old one's row
                 dst, src = torch.tensor([p for _, p in answered]), torch.tensor([r for r, _ in answered])
-                out_keys, out_res = out_keys.clone(), out_res.clone()
-                out_keys[dst], out_res[dst] = keys[src], residuals[src]
+                out_keys, out_res, out_codes = out_keys.clone(), out_res.clone(), out_codes.clone()
+                out_keys[dst], out_res[dst], out_codes[dst] = keys[src], residuals[src], new_codes[src]
                 for r, p in answered:
                     out_facts[p] = facts[r]
         idx = torch.tensor(append, dtype=torch.long)
@@ -446,6 +528,7 @@ class NKVAdapter:
             out_facts + [facts[r] for r in append],
             torch.cat([out_keys, keys[idx]]),
             torch.cat([out_res, residuals[idx]]),
+            code_scales=_kept_codes(torch.cat([out_codes, new_codes[idx]]), self.storage),
         )
 
     def replace(self, facts: list[Fact], keys: torch.Tensor, residuals: torch.Tensor) -> "NKVAdapter":
@@ -507,7 +590,8 @@ class NKVAdapter:
                 raise NKVCompatibilityError(
                     f"merge: gamma differs ({self.gamma} vs {other.gamma}); choose one (CLI: --gamma)")
             gamma = self.gamma
-        merged = self.add(other.facts, other.keys, other.residuals, on_conflict=on_conflict)
+        merged = self.add(other.facts, other.keys, other.residuals, on_conflict=on_conflict,
+                          code_scales=other.code_scales)
         return dc_replace(merged, gamma=gamma, eval={})
 
     def diff(self, other: "NKVAdapter") -> "AdapterDiff":
@@ -521,7 +605,8 @@ class NKVAdapter:
         common = [fid for fid in mine if fid in theirs]  # in this adapter's row order
         a_rows, b_rows = [mine[i] for i in common], [theirs[i] for i in common]
         if self.keys.shape[1:] == other.keys.shape[1:]:
-            same = _same_rows(self.keys, self.residuals, a_rows, other.keys, other.residuals, b_rows)
+            same = _same_rows(self.keys, self.residuals, a_rows, other.keys, other.residuals, b_rows,
+                              (_code_rows(self.code_scales, self.n_facts), _code_rows(other.code_scales, other.n_facts)))
         else:
             same = [False] * len(common)
         changed = [fid for fid, a, b, ok in zip(common, a_rows, b_rows, same)
@@ -553,7 +638,9 @@ class NKVAdapter:
         return fit_sketch(self.keys, C.DEFAULT_SKETCH_DIM if dim is None else dim)
 
     def key_sketches(self, proj: torch.Tensor, inverse_norms: torch.Tensor | None = None) -> torch.Tensor:
-        """(n_facts, d_sketch + 1) float32 sketches of the keys under `proj` (gate.sketch_keys):
+        """(n_facts, d_sketch + 1) float32 sketches of the keys under `proj` (gate.sketch_keys),
+        each sign row's times its score weight (spec §4.4; `inverse_norms`: `score_inverse_norms()`
+        when the caller has them):
         the file's `nkv.sketch.keys` when this adapter was loaded with them and is still those
         keys and that projection (attaching 1M facts skips a 5 s product), else computed.
         `select` and `remove` carry them to their rows; any other row operation or
@@ -561,7 +648,7 @@ class NKVAdapter:
         cached = getattr(self, "_file_sketches", None)
         if cached is not None and cached[0] is self.keys and cached[1] is proj is self.sketch_proj:
             return cached[2]
-        return sketch_keys(self.keys, proj, inverse_norms)
+        return _weighted_sketches(self.keys, proj, self.score_weights(), inverse_norms)
 
     def with_gamma(self, gamma: float) -> "NKVAdapter":
         """Same rows with threshold `gamma` (a serving override, checked by the caller); the
@@ -587,13 +674,17 @@ class NKVAdapter:
         """Same adapter with keys and residuals stored in `dtype` (F32, F16 or BF16), exact.
 
         From an int8 adapter this writes the dequantized rows in `dtype` (storage "exact").
+        A sign adapter's rows need their score weights (spec §4.4), which exact storage has
+        no place for: the result keeps them and refuses to validate or save.
         """
         return dc_replace(self, keys=self.keys.to(dtype), residuals=self.residuals.to(dtype), storage="exact")
 
 
 def _same_rows(keys_a: torch.Tensor, res_a: torch.Tensor, rows_a: list[int],
-               keys_b: torch.Tensor, res_b: torch.Tensor, rows_b: list[int]) -> list[bool]:
-    """Per pair (rows_a[i], rows_b[i]): are the K1 and R1 rows equal, compared in float32?
+               keys_b: torch.Tensor, res_b: torch.Tensor, rows_b: list[int],
+               codes: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[bool]:
+    """Per pair (rows_a[i], rows_b[i]): are the K1 and R1 rows equal, compared in float32,
+    and (`codes`: both sides' `_code_rows`) their code scales, NaN equal to NaN?
     One vectorised pass, in blocks of at most ~16M values (values are finite: V8)."""
     out: list[bool] = []
     block = max(1, 2**24 // max(1, keys_a.shape[1] + res_a.shape[1]))
@@ -602,15 +693,38 @@ def _same_rows(keys_a: torch.Tensor, res_a: torch.Tensor, rows_a: list[int],
         ib = torch.tensor(rows_b[start:start + block], dtype=torch.long)
         eq = ((keys_a[ia].float() == keys_b[ib].float()).all(-1)
               & (res_a[ia].float() == res_b[ib].float()).all(-1))  # (block,)
+        if codes is not None:
+            ca, cb = codes[0][ia], codes[1][ib]  # (block, 2)
+            eq &= ((ca == cb) | (torch.isnan(ca) & torch.isnan(cb))).all(-1)
         out.extend(eq.tolist())
     return out
+
+
+def _code_rows(code_scales: torch.Tensor | None, n: int) -> torch.Tensor:
+    """(n, 2) float32 code scales, NaN for rows that have none (floats, spec §4.4)."""
+    return code_scales if code_scales is not None else torch.full((n, 2), float("nan"))
+
+
+def _kept_codes(code_scales: torch.Tensor, storage: str) -> torch.Tensor | None:
+    """What an adapter of `storage` keeps of its rows' code scales: all of them for "sign"
+    (NaN rows are encoded when saved), none when no row has any."""
+    return code_scales if storage == "sign" or not bool(torch.isnan(code_scales).all()) else None
+
+
+def _weighted_sketches(keys: torch.Tensor, proj: torch.Tensor, weights: torch.Tensor | None,
+                       inverse_norms: torch.Tensor | None = None) -> torch.Tensor:
+    """gate.sketch_keys of the keys, each row times its score weight: with P orthonormal, the
+    sketch and rest of w · unit(k) bound w · cos, the score the gate gives a sign row (§4.4)."""
+    if weights is None:
+        return sketch_keys(keys, proj, inverse_norms)
+    return sketch_keys(keys, proj) * weights.to(keys.device).unsqueeze(-1)
 
 
 def _sketch_dim(adapter: NKVAdapter) -> int:
     return 0 if adapter.sketch_proj is None else int(adapter.sketch_proj.shape[1])
 
 
-def _sketch_table_problems(keys: torch.Tensor, proj: torch.Tensor, table: torch.Tensor) -> list[str]:
+def _sketch_table_problems(adapter: NKVAdapter, table: torch.Tensor) -> list[str]:
     """V11 on the data of `nkv.sketch.keys` (its shape and its projection were checked with
     the header): finite, and SKETCH_KEYS_CHECKED evenly spaced rows equal the sketches
     computed from K1 and P. A stale table would not fire a wrong row (candidates are
@@ -620,7 +734,10 @@ def _sketch_table_problems(keys: torch.Tensor, proj: torch.Tensor, table: torch.
         return [f"{where} holds NaN/Inf values; drop it or write the file again"]
     n = table.shape[0]
     rows = torch.linspace(0, n - 1, min(n, C.SKETCH_KEYS_CHECKED)).round().long().unique()
-    diff = (sketch_keys(keys.index_select(0, rows), proj) - table.index_select(0, rows)).abs()
+    keys, proj, weights = adapter.keys, adapter.sketch_proj, adapter.score_weights()
+    assert proj is not None
+    diff = (_weighted_sketches(keys.index_select(0, rows), proj, None if weights is None else weights[rows])
+            - table.index_select(0, rows)).abs()
     if rows.numel() and float(diff.max()) > C.SKETCH_KEYS_TOLERANCE:
         bad = int(rows[int(diff.amax(-1).argmax())])
         return [f"{where} is not the sketches of {C.T_KEYS!r} under {C.T_SKETCH_PROJ!r} (row {bad} differs by "
@@ -638,8 +755,10 @@ def _sketches_of_int8(q: torch.Tensor, scale: torch.Tensor, proj: torch.Tensor) 
 
 def _version_for(adapter: NKVAdapter) -> str:
     """The lowest format version holding every part the file uses (spec §8), so older readers
-    read what they can: rows after the FFN-output norm are 2.0, int8 rows 1.3, nkvfp2 1.2,
-    the sketch projection 1.1."""
+    read what they can: sign rows are 2.2, rows after the FFN-output norm 2.0, int8 rows 1.3,
+    nkvfp2 1.2, the sketch projection 1.1."""
+    if adapter.storage == "sign":
+        return C.SIGN_VERSION
     if adapter.residual_site != C.DEFAULT_RESIDUAL_SITE:
         return C.RESIDUAL_SITE_VERSION
     if adapter.storage == "int8":
@@ -680,7 +799,7 @@ def _bits_finite(flat: torch.Tensor) -> bool:
 def _known_tensors(header: NKVHeader) -> list[str]:
     """The tensors this reader uses that the file holds (unknown ones are ignored, §8)."""
     return [C.T_KEYS, C.T_RESIDUALS, C.T_FACTS] + [t for t in C.OPTIONAL_TENSORS + C.SCALE_TENSORS
-                                                   if t in header.tensors]
+                                                   + (C.T_KEYS_WEIGHT,) if t in header.tensors]
 
 
 def _raw_bytes(t: torch.Tensor) -> memoryview:

@@ -6,8 +6,9 @@ Change a value here only together with the spec and a version bump.
 from __future__ import annotations
 
 FORMAT_MARKER = "nkv"
-FORMAT_VERSION = "2.1"  # "major.minor" of this spec; readers refuse a newer major
+FORMAT_VERSION = "2.2"  # "major.minor" of this spec; readers refuse a newer major
 # Writers write the lowest version whose parts the file uses (spec §8):
+SIGN_VERSION = "2.2"  # K1 as signs of rotated keys + per-row weights, R1 as rotated int4 (spec §4.4)
 RESIDUAL_SITE_VERSION = "2.0"  # rows added after the FFN-output norm (§5): a 1.x reader would add them before it
 INT8_VERSION = "1.3"  # K1/R1 stored as I8 with per-row scales (spec §4.3)
 FINGERPRINT2_VERSION = "1.2"  # the base fingerprint is nkvfp2 (spec §6)
@@ -34,7 +35,13 @@ T_KEYS_SCALE = "nkv.keys.scale"  # F32, [n_facts]
 T_RESIDUALS_SCALE = "nkv.residuals.scale"  # F32, [n_facts]
 SCALE_TENSORS = (T_KEYS_SCALE, T_RESIDUALS_SCALE)
 QUANT_MAX = 127  # |q| <= 127 (symmetric: -128 is not used); a row with a scale > 0 reaches it
-STORAGES = ("exact", "int8")  # how a writer stores K1/R1: in their float dtype, or I8 + scales
+# Sign storage (2.2): K1 as U8 [n_facts, ceil(d_key / 8)] sign bits of the rotated keys, with a
+# per-row score weight; R1 as U8 [n_facts, ceil(d_model / 2)] rotated int4 with its scales (spec §4.4)
+SIGN_DTYPE = "U8"
+T_KEYS_WEIGHT = "nkv.keys.weight"  # F32, [n_facts]: multiplies the gate's cosine with the row's key
+INT4_MAX = 7  # |q| <= 7 (-8 is not used); a residual row with a scale > 0 reaches it
+SIGN_WEIGHT_SLACK = 1e-3  # a weight is 0 or in [1, sqrt(d_key)] within this relative slack (float32 sums)
+STORAGES = ("exact", "int8", "sign")  # K1/R1 in their float dtype, I8 + scales (1.3), or signs + int4 (2.2)
 MIN_SCALE = 2.0**-126  # the smallest normal float32: a nonzero scale is normal, so q * scale is exact enough
 
 # Metadata keys (all values are strings) --------------------------------------------

@@ -69,13 +69,15 @@ class NKVHeader:
 
     @property
     def dtype(self) -> str:
-        """How K1/R1 are stored: "F32", "F16", "BF16", or "I8" (with per-row scales, 1.3)."""
+        """How K1/R1 are stored: "F32", "F16", "BF16", "I8" (with per-row scales, 1.3) or
+        "U8" (sign keys and int4 residuals, 2.2)."""
         return self.tensors[C.T_KEYS].dtype
 
     @property
     def storage(self) -> str:
-        """"int8" when K1/R1 are I8 with per-row scales (spec §4.3), else "exact"."""
-        return "int8" if self.dtype == C.QUANT_DTYPE else "exact"
+        """"int8" when K1/R1 are I8 with per-row scales (spec §4.3), "sign" when they are U8
+        sign bits and int4 values (spec §4.4), else "exact"."""
+        return {C.QUANT_DTYPE: "int8", C.SIGN_DTYPE: "sign"}.get(self.dtype, "exact")
 
 
 def read_header(path: str | os.PathLike) -> NKVHeader:
@@ -280,17 +282,23 @@ def _json_fields(meta: dict[str, str], problems: list[str]) -> dict[str, dict]:
 
 def _tensor_problems(tensors: dict[str, TensorInfo], n_facts: int, d_key: int, d_model: int) -> list[str]:
     """V7: the three tensors, their dtypes and shapes; V11: the optional sketch projection;
-    V12: the per-row scales that int8 rows (1.3) need, and only they."""
+    V12: the per-row scales that int8 rows (1.3) need, and only they; V14: the weights and
+    scales that sign rows (2.2) need, and only they."""
     problems: list[str] = []
     expected = {C.T_KEYS: (n_facts, d_key), C.T_RESIDUALS: (n_facts, d_model)}
+    packed = {C.T_KEYS: (n_facts, (d_key + 7) // 8), C.T_RESIDUALS: (n_facts, (d_model + 1) // 2)}
     for name, shape in expected.items():
         info = tensors.get(name)
         if info is None:
             problems.append(f"V7: tensor {name!r} is missing")
-        elif info.dtype not in C.ROW_DTYPES and info.dtype != C.QUANT_DTYPE:
-            problems.append(f"V7: tensor {name!r} has dtype {info.dtype}, expected one of {list(C.ROW_DTYPES)} "
-                            f"or {C.QUANT_DTYPE} with per-row scales")
-        elif info.shape != shape:
+        elif info.dtype not in C.ROW_DTYPES and info.dtype not in (C.QUANT_DTYPE, C.SIGN_DTYPE):
+            problems.append(f"V7: tensor {name!r} has dtype {info.dtype}, expected one of {list(C.ROW_DTYPES)}, "
+                            f"{C.QUANT_DTYPE} with per-row scales or {C.SIGN_DTYPE} sign rows")
+        elif info.dtype == C.SIGN_DTYPE and info.shape != packed[name]:
+            problems.append(f"V7: tensor {name!r} has shape {list(info.shape)}, expected {list(packed[name])} "
+                            "(sign rows, §4.4: nkv.n_facts x ceil(d_key / 8) bytes of bits, or ceil(d_model / 2) "
+                            "bytes of int4 values)")
+        elif info.dtype != C.SIGN_DTYPE and info.shape != shape:
             problems.append(f"V7: tensor {name!r} has shape {list(info.shape)}, expected {list(shape)} "
                             "(nkv.n_facts x nkv.base.d_key / d_model)")
     if C.T_KEYS in tensors and C.T_RESIDUALS in tensors and tensors[C.T_KEYS].dtype != tensors[C.T_RESIDUALS].dtype:
@@ -316,19 +324,25 @@ def _tensor_problems(tensors: dict[str, TensorInfo], n_facts: int, d_key: int, d
         if not (table.dtype == "F32" and list(table.shape) == [n_facts, width]):
             problems.append(f"V11: tensor {C.T_SKETCH_KEYS!r} must be F32 [n_facts = {n_facts}, d_sketch + 1 = {width}], "
                             f"got {table.dtype} {list(table.shape)}; drop it or write the file again")
-    for rows_name, scale_name in ((C.T_KEYS, C.T_KEYS_SCALE), (C.T_RESIDUALS, C.T_RESIDUALS_SCALE)):
+    # (rows, per-row tensor, the row dtypes it goes with, rule)
+    for rows_name, scale_name, dtypes, rule in ((C.T_KEYS, C.T_KEYS_SCALE, (C.QUANT_DTYPE,), "V12"),
+                                                (C.T_RESIDUALS, C.T_RESIDUALS_SCALE, (C.QUANT_DTYPE, C.SIGN_DTYPE), "V12"),
+                                                (C.T_KEYS, C.T_KEYS_WEIGHT, (C.SIGN_DTYPE,), "V14")):
         rows, scale = tensors.get(rows_name), tensors.get(scale_name)
         if rows is None:
             continue
-        if rows.dtype == C.QUANT_DTYPE and scale is None:
-            problems.append(f"V12: tensor {rows_name!r} is {C.QUANT_DTYPE} but {scale_name!r} is missing; "
-                            "int8 rows are read only with their per-row F32 scales")
-        elif rows.dtype == C.QUANT_DTYPE and (scale.dtype != "F32" or scale.shape != (n_facts,)):
-            problems.append(f"V12: tensor {scale_name!r} must be F32 [n_facts = {n_facts}], got "
+        if rows.dtype == C.SIGN_DTYPE and rule == "V12":
+            rule = "V14"
+        if rows.dtype in dtypes and scale is None:
+            problems.append(f"{rule}: tensor {rows_name!r} is {rows.dtype} but {scale_name!r} is missing; "
+                            "its rows are read only with their per-row F32 values")
+        elif rows.dtype in dtypes and (scale.dtype != "F32" or scale.shape != (n_facts,)):
+            problems.append(f"{rule}: tensor {scale_name!r} must be F32 [n_facts = {n_facts}], got "
                             f"{scale.dtype} {list(scale.shape)}")
-        elif rows.dtype != C.QUANT_DTYPE and scale is not None:
-            problems.append(f"V12: tensor {scale_name!r} goes with {C.QUANT_DTYPE} rows only, but {rows_name!r} "
-                            f"is {rows.dtype}; drop it (an older reader would ignore it and read other values)")
+        elif rows.dtype not in dtypes and scale is not None:
+            problems.append(f"{rule}: tensor {scale_name!r} goes with {' or '.join(dtypes)} rows only, but "
+                            f"{rows_name!r} is {rows.dtype}; drop it (an older reader would ignore it and read "
+                            "other values)")
     return problems
 
 

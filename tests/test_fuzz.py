@@ -1,9 +1,11 @@
 """Fuzz the reader: every input ends as a valid adapter or an NKVError, never anything else.
 
 Inputs are mutations of spec/examples/golden.nkv, golden-sketch.nkv (format 1.1, with
-the optional sketch projection, and with the keys' sketches of 2.1 added) and golden-int8.nkv (1.3, I8 rows with per-row scales):
+the optional sketch projection, and with the keys' sketches of 2.1 added), golden-int8.nkv (1.3, I8 rows with per-row scales)
+and golden-sign.nkv (2.2, sign rows with per-row weights and int4 residuals with scales):
 bit flips, truncations, splices, structured edits of the header JSON, of the fact records,
-of the sketch tensor and of the int8 rows and scales, and random bytes. Each goes
+of the sketch tensor, of the int8 rows and scales and of the sign rows, weights and scales,
+and random bytes. Each goes
 to `NKVAdapter.from_bytes`, to `NKVAdapter.load` (through a file) and to `read_header`.
 An input that loads must also be valid in the other readers, write back to the same
 adapter, and say the same in both readers (a differential check of our JSON parser
@@ -13,7 +15,7 @@ Hangs: hypothesis' per-example deadline, plus a SIGALRM watchdog that turns a tr
 into a test failure instead of a stuck CI job. A crash (segfault) kills pytest, which CI
 reports as a failure.
 
-Cases per CI run: FUZZ_CASES below (10,400; about 65 s of CPU time, 3 minutes of wall time
+Cases per CI run: FUZZ_CASES below (11,400; about 65 s of CPU time, 3 minutes of wall time
 on two CPU cores shared with other jobs). Each
 test asserts how many inputs it ran and prints the count (`pytest -s` shows it).
 Raise NKV_FUZZ_SCALE (e.g. 20) for a longer local run.
@@ -44,13 +46,17 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "spec" / "examples"
 GOLDEN = (EXAMPLES / "golden.nkv").read_bytes()
 GOLDEN_SKETCH = (EXAMPLES / "golden-sketch.nkv").read_bytes()  # format 1.1
 GOLDEN_INT8 = (EXAMPLES / "golden-int8.nkv").read_bytes()  # format 1.3
+GOLDEN_SIGN = (EXAMPLES / "golden-sign.nkv").read_bytes()  # format 2.2
+_NG = struct.unpack("<Q", GOLDEN_SIGN[:8])[0]
+HEADER_SIGN = json.loads(GOLDEN_SIGN[8 : 8 + _NG])
+BODY_SIGN = GOLDEN_SIGN[8 + _NG :]
 _NQ = struct.unpack("<Q", GOLDEN_INT8[:8])[0]
 HEADER_INT8 = json.loads(GOLDEN_INT8[8 : 8 + _NQ])
 BODY_INT8 = GOLDEN_INT8[8 + _NQ :]
 _NS = struct.unpack("<Q", GOLDEN_SKETCH[:8])[0]
 HEADER_SKETCH = json.loads(GOLDEN_SKETCH[8 : 8 + _NS])
 BODY_SKETCH = GOLDEN_SKETCH[8 + _NS :]
-goldens = st.sampled_from([GOLDEN, GOLDEN_SKETCH, GOLDEN_INT8])
+goldens = st.sampled_from([GOLDEN, GOLDEN_SKETCH, GOLDEN_INT8, GOLDEN_SIGN])
 
 
 def _with_key_sketches(header: dict, body: bytes) -> tuple[dict, bytes]:
@@ -74,8 +80,8 @@ _FACTS_AT = HEADER["nkv.facts"]["data_offsets"][0]  # the fact records are the l
 SCALE = int(os.environ.get("NKV_FUZZ_SCALE", "1"))
 # examples per strategy; the sum is the number of cases per CI run
 FUZZ_CASES = {"bitflips": 2000, "truncation": 1000, "splices": 1400, "header_json": 2400,
-              "fact_records": 1000, "random_bytes": 800, "sketch": 800, "int8": 1000}
-TOTAL_CASES = sum(FUZZ_CASES.values())  # 10,400
+              "fact_records": 1000, "random_bytes": 800, "sketch": 800, "int8": 1000, "sign": 1000}
+TOTAL_CASES = sum(FUZZ_CASES.values())  # 11,400
 
 _TMP = Path(tempfile.mkdtemp(prefix="nkv-fuzz-"))
 atexit.register(shutil.rmtree, _TMP, True)
@@ -337,21 +343,40 @@ SCALE_BYTES = st.sampled_from([b"\x00\x00\xc0\x7f", b"\x00\x00\x80\x7f", b"\x00\
     | st.binary(min_size=4, max_size=4)
 
 
+SIGN_TENSORS = ["nkv.keys", "nkv.residuals", "nkv.keys.weight", "nkv.residuals.scale"]
+# weights near the V14 bounds of d_key 4 (1 and sqrt(4) = 2) and the golden value
+WEIGHT_BYTES = st.sampled_from([struct.pack("<f", v) for v in (1.0, 0.9989, 2.0, 2.0021, 1.1456, 0.0, -1.0)])
+
+
 @st.composite
 def int8_mutation(draw: st.DrawFn) -> bytes:
     """golden-int8.nkv with its I8 rows, scales (values, entries, dtypes, shapes) or version edited."""
-    doc = json.loads(json.dumps(HEADER_INT8))
-    body = bytearray(BODY_INT8)
+    return draw(_coded_mutation(HEADER_INT8, BODY_INT8, INT8_TENSORS, (INT8_BYTES, SCALE_BYTES)))
+
+
+@st.composite
+def sign_mutation(draw: st.DrawFn) -> bytes:
+    """golden-sign.nkv with its sign bits, int4 values, weights, scales (values, entries, dtypes,
+    shapes) or version edited."""
+    return draw(_coded_mutation(HEADER_SIGN, BODY_SIGN, SIGN_TENSORS, (INT8_BYTES, SCALE_BYTES | WEIGHT_BYTES)))
+
+
+@st.composite
+def _coded_mutation(draw: st.DrawFn, header: dict, golden_body: bytes, tensors: list[str],
+                    values: tuple[st.SearchStrategy, st.SearchStrategy]) -> bytes:
+    """A golden file with coded rows (its two row tensors, then its two per-row F32 tensors) edited."""
+    doc = json.loads(json.dumps(header))
+    body = bytearray(golden_body)
     for _ in range(draw(st.integers(1, 3))):
         action = draw(st.sampled_from(["q", "scale", "dtype", "shape", "drop", "entry", "version", "rows_dtype"]))
-        name = draw(st.sampled_from(INT8_TENSORS))
+        name = draw(st.sampled_from(tensors))
         entry = doc.get(name)
         if action in ("q", "scale") and isinstance(entry, dict) and isinstance(entry.get("data_offsets"), list):
-            tensor = draw(st.sampled_from(INT8_TENSORS[:2] if action == "q" else INT8_TENSORS[2:]))
-            begin, end = HEADER_INT8[tensor]["data_offsets"]
+            tensor = draw(st.sampled_from(tensors[:2] if action == "q" else tensors[2:]))
+            begin, end = header[tensor]["data_offsets"]
             size = 1 if action == "q" else 4
             cell = draw(st.integers(0, (end - begin) // size - 1))
-            body[begin + size * cell : begin + size * (cell + 1)] = draw(INT8_BYTES if action == "q" else SCALE_BYTES)
+            body[begin + size * cell : begin + size * (cell + 1)] = draw(values[0] if action == "q" else values[1])
         elif action == "dtype" and isinstance(entry, dict):
             entry["dtype"] = draw(st.sampled_from(["I8", "U8", "F32", "F16", "BF16", "F8_E4M3", "I16"]) | dtypes)
         elif action == "shape" and isinstance(entry, dict):
@@ -361,9 +386,10 @@ def int8_mutation(draw: st.DrawFn) -> bytes:
         elif action == "entry":
             doc[name] = draw(json_value)
         elif action == "version":
-            doc["__metadata__"]["nkv.version"] = draw(st.sampled_from(["1.0", "1.2", "1.3", "1.9", "2.0"]) | versions)
+            doc["__metadata__"]["nkv.version"] = draw(st.sampled_from(["1.0", "1.2", "1.3", "1.9", "2.0", "2.2"])
+                                                      | versions)
         else:  # both row tensors to one float dtype, scales kept: data no longer matches the sizes
-            for rows in INT8_TENSORS[:2]:
+            for rows in tensors[:2]:
                 if isinstance(doc.get(rows), dict):
                     doc[rows]["dtype"] = draw(st.sampled_from(["F32", "F16", "BF16"]))
     return _frame(_dump(doc), bytes(body))
@@ -374,6 +400,7 @@ def test_golden_is_valid() -> None:
     check(GOLDEN, "golden")
     check(GOLDEN_SKETCH, "golden")
     check(GOLDEN_INT8, "golden")
+    check(GOLDEN_SIGN, "golden")
 
 
 def test_fuzz_bitflips(capsys: pytest.CaptureFixture, record_property: Any) -> None:
@@ -418,3 +445,8 @@ def test_fuzz_sketch(capsys: pytest.CaptureFixture, record_property: Any) -> Non
 def test_fuzz_int8(capsys: pytest.CaptureFixture, record_property: Any) -> None:
     given(int8_mutation())(_settings("int8")(lambda data: check(data, "int8")))()
     _report("int8", capsys, record_property)
+
+
+def test_fuzz_sign(capsys: pytest.CaptureFixture, record_property: Any) -> None:
+    given(sign_mutation())(_settings("sign")(lambda data: check(data, "sign")))()
+    _report("sign", capsys, record_property)

@@ -3,9 +3,11 @@
 - the reader turns spec/examples/golden.nkv into exactly what golden.txt says;
 - the writer reproduces golden.nkv byte for byte (from the file, and from the constants);
 - the key, tensor and fact-field tables of spec/nkv-format.md equal nkv.constants;
-- every rule number V1..V12 the code reports is defined in the spec;
+- every rule number V1..V14 the code reports is defined in the spec;
 - golden-sketch.nkv (1.1) and golden-int8.nkv (1.3) read as their dumps say and rewrite
   byte for byte; the int8 file's rows are those of golden.nkv within one rounding step;
+- golden-sign.nkv (2.2) reads as spec §4.4's rotation, implemented in make_golden.py from the
+  text alone, says, rewrites byte for byte, and a row read from it scores its own key 1;
 - the fingerprint of spec §6, implemented here from the text alone, gives the golden value
   (nkvfp1) and agrees with the code (nkvfp2).
 """
@@ -142,6 +144,9 @@ def test_spec_tensor_table_matches_constants() -> None:
     scales = {r[0]: r for r in _table("4.3 Int8 rows")}
     assert tuple(scales) == C.SCALE_TENSORS
     assert all(r[1:3] == ["F32", "[n_facts]"] for r in scales.values())
+    signs = {r[0]: r for r in _table("4.4 Sign rows")}
+    assert tuple(signs) == (C.T_RESIDUALS_SCALE, C.T_KEYS_WEIGHT)
+    assert all(r[1:3] == ["F32", "[n_facts]"] for r in signs.values())
     assert "(or `I8`, §4.3)" in rows[C.T_KEYS][1] or "(or I8, §4.3)" in rows[C.T_KEYS][1]
 
 
@@ -157,7 +162,7 @@ def test_every_rule_number_in_the_code_is_in_the_spec() -> None:
     defined = set(re.findall(r"^- \*\*V(\d+)\*\*", SPEC.read_text(encoding="utf-8"), re.M))
     assert used, "no rule numbers found in nkv_format/"
     assert used <= defined, f"rules used in code but not in the spec: {sorted(used - defined, key=int)}"
-    assert defined == {str(i) for i in range(1, 14)}
+    assert defined == {str(i) for i in range(1, 15)}
 
 
 def _spec_part(weight: list[list[float]]) -> str:
@@ -302,3 +307,36 @@ def test_golden_int8_reads_its_dump_and_rewrites_byte_for_byte(tmp_path: Path) -
     assert plain.to_bytes(storage="int8") == data
     assert NKVAdapter.from_bytes(data).save(tmp_path / "again.nkv").read_bytes() == data
     assert module.dump(data, "golden-int8.nkv") == text
+
+
+GOLDEN_SIGN = ROOT / "spec" / "examples" / "golden-sign.nkv"
+
+
+def test_golden_sign_reads_as_the_spec_text_says_and_rewrites_byte_for_byte(tmp_path: Path) -> None:
+    data = GOLDEN_SIGN.read_bytes()
+    text = (ROOT / "spec" / "examples" / "golden-sign.txt").read_text(encoding="utf-8")
+    dump = _parse_dump(text)
+    assert len(data) == dump["size"] and dump["metadata"][C.K_VERSION] == C.SIGN_VERSION
+    header = read_header(GOLDEN_SIGN)
+    assert (header.dtype, header.storage) == ("U8", "sign")
+    module = _make_golden_module()
+    keys, weights, residuals = module.sign_rows(data)  # spec §4.4 from its text, in float64
+    adapter = NKVAdapter.load(GOLDEN_SIGN)
+    assert (adapter.storage, adapter.keys.dtype) == ("sign", torch.float32)
+    assert torch.allclose(adapter.keys, torch.tensor(keys, dtype=torch.float32), atol=1e-6)
+    assert torch.allclose(adapter.residuals, torch.tensor(residuals, dtype=torch.float32), atol=1e-6)
+    assert adapter.code_scales[:, 0].tolist() == list(weights)
+    # the residuals within half a step of the exact rows, in the rotated basis (spec §4.4)
+    plain = NKVAdapter.load(GOLDEN)
+    assert adapter.facts == plain.facts and adapter.base == plain.base
+    step = adapter.code_scales[:, 1:]
+    assert bool(((adapter.residuals - plain.residuals).norm(dim=-1, keepdim=True)
+                 <= step / 2 * math.sqrt(plain.base.d_model) + 1e-6).all())
+    # the weight makes each stored key score exactly 1 against the exact key it came from
+    own = torch.nn.functional.cosine_similarity(adapter.keys, plain.keys, dim=-1) * adapter.code_scales[:, 0]
+    assert torch.allclose(own, torch.ones(2), atol=1e-6)
+    assert torch.allclose(adapter.score_inverse_norms(), adapter.code_scales[:, 0], atol=1e-6)
+    assert module.golden_sign_adapter().to_bytes() == data
+    assert plain.to_bytes(storage="sign") == data
+    assert NKVAdapter.from_bytes(data).save(tmp_path / "again.nkv").read_bytes() == data
+    assert module.dump(data, "golden-sign.nkv") == text

@@ -128,6 +128,7 @@ def diagnose(model: nn.Module, tokenizer: Any, handle: Any, items: Sequence[tupl
     positives, own, flags = [], [], []
     other_fired = other_total = 0
     keys = handle.adapter.keys.float()
+    weights = handle.adapter.score_weights()  # sign rows score cos x weight (spec §4.4)
     last_tokens: set[int] = set()
     for (fact, row, _), trace, pos in zip(items, edit, where):
         if pos is None:
@@ -141,7 +142,8 @@ def diagnose(model: nn.Module, tokenizer: Any, handle: Any, items: Sequence[tupl
         other_fired += int(trace.fired[mask].sum())
         other_total += int(mask.sum())
         if row is not None and trace.key is not None:
-            own.append(float(torch.cosine_similarity(trace.key, keys[row], dim=0)))
+            own.append(float(torch.cosine_similarity(trace.key, keys[row], dim=0))
+                       * (1.0 if weights is None else float(weights[row])))
     para_texts = [(fact, row, p) for fact, row, paras in items for p in paras]
     para = gate_trace(model, tokenizer, handle, [p for _, _, p in para_texts], batch_size)
     para_right = para_n = 0

@@ -51,7 +51,7 @@ from nkv.adapter import NKVAdapter
 from nkv.compat import check_gamma
 from nkv.errors import NKVError
 from nkv.constants import DEFAULT_SHORTLIST, DEFAULT_SKETCH_DIM, SKETCH_MIN_FACTS
-from nkv.gate import RowRange, Sketch, key_inverse_norms, nkv_gate, nkv_gate_routed
+from nkv.gate import RowRange, Sketch, nkv_gate, nkv_gate_routed
 
 from .slot import SlotInfo
 
@@ -282,8 +282,8 @@ class NKVGatedProjection(nn.Module):
         keys = self.nkv_keys
         rows = {
             "nkv_keys": adapter.keys[:, self.col_start:self.col_start + self.d_key_local].to(keys.dtype),
-            # norms of the full stored rows, before any rounding to the serving dtype
-            "nkv_key_inv_norms": key_inverse_norms(adapter.keys),
+            # norms of the full stored rows, before any rounding to the serving dtype (x score weights, spec §4.4)
+            "nkv_key_inv_norms": adapter.score_inverse_norms(),
             "nkv_residuals": adapter.residuals.to(self.nkv_residuals.dtype),
             "nkv_sketch_keys": torch.zeros(adapter.n_facts, self.nkv_sketch_keys.shape[1], dtype=keys.dtype),
         }

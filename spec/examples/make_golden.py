@@ -1,7 +1,8 @@
 """Write the golden examples `golden.nkv` (format 1.0), `golden-sketch.nkv` (1.1, with
-the optional sketch projection) and `golden-int8.nkv` (1.3, the same rows stored as I8 with
-per-row scales) and their human-readable dumps `golden.txt`, `golden-sketch.txt`,
-`golden-int8.txt`.
+the optional sketch projection), `golden-int8.nkv` (1.3, the same rows stored as I8 with
+per-row scales) and `golden-sign.nkv` (2.2, the same rows as sign bits with score weights and
+rotated int4 residuals) and their human-readable dumps `golden.txt`, `golden-sketch.txt`,
+`golden-int8.txt`, `golden-sign.txt`.
 
 Every value is fixed here (no randomness, no model), and all numbers are exact binary
 fractions, so the file is the same on every machine. tests/test_spec_golden.py checks that
@@ -12,7 +13,7 @@ reproduces golden.nkv byte for byte.
 
 The dump is made from the bytes of the file with `struct` and `json` only, not with the
 nkv reader, so it shows what the spec says is in the file rather than what the reader
-believes.
+believes; the sign rows are read back with `spec_rotate`, written from spec §4.4's text.
 """
 
 from __future__ import annotations
@@ -84,6 +85,54 @@ def golden_int8_adapter():  # -> nkv.NKVAdapter
     return replace(golden_adapter(), storage="int8")
 
 
+def golden_sign_adapter():  # -> nkv.NKVAdapter
+    """The golden adapter with its rows stored as sign bits and int4 (spec §4.4): the 2.2 example."""
+    from dataclasses import replace
+
+    return replace(golden_adapter(), storage="sign")
+
+
+def _h(x: int) -> int:  # spec §6
+    for _ in range(3):
+        x = ((x ^ (x >> 16)) * 0x45D9F3B) % 2**32
+    return x ^ (x >> 16)
+
+
+def spec_rotate(x: list[float], transpose: bool = False) -> list[float]:
+    """R x or R^T x of spec §4.4, in float64, from the spec's text alone."""
+    d = len(x)
+    b = d & -d
+    m = d // b
+    signs = [[-1.0 if _h((2 * j + t) % 2**32) >= 2**31 else 1.0 for j in range(d)] for t in (0, 1)]
+
+    def hadamard_blocks(v: list[float]) -> list[float]:
+        out = []
+        for start in range(0, d, b):
+            block = v[start:start + b]
+            h = 1
+            while h < b:
+                block = [block[i] + block[i + h] if (i // h) % 2 == 0 else block[i - h] - block[i]
+                         for i in range(b)]
+                h *= 2
+            out += [v_ / b**0.5 for v_ in block]
+        return out
+
+    def permute(v: list[float]) -> list[float]:  # place j*m + i gets value i*b + j
+        return [v[(p % m) * b + p // m] for p in range(d)]
+
+    def unpermute(v: list[float]) -> list[float]:
+        out = [0.0] * d
+        for p in range(d):
+            out[(p % m) * b + p // m] = v[p]
+        return out
+
+    if not transpose:
+        y = permute(hadamard_blocks([a * s for a, s in zip(x, signs[0])]))
+        return hadamard_blocks([a * s for a, s in zip(y, signs[1])])
+    y = [a * s for a, s in zip(hadamard_blocks(x), signs[1])]
+    return [a * s for a, s in zip(hadamard_blocks(unpermute(y)), signs[0])]
+
+
 def dump(data: bytes, name: str = "golden.nkv") -> str:
     """A human-readable description of an .nkv file's bytes (struct + json only)."""
     (n,) = struct.unpack("<Q", data[:8])
@@ -112,7 +161,7 @@ def dump(data: bytes, name: str = "golden.nkv") -> str:
     for tname, info in header.items():
         b, e = (start + o for o in info["data_offsets"])
         raw = data[b:e]
-        if info["dtype"] in ("F32", "I8"):
+        if info["dtype"] in ("F32", "I8") or (info["dtype"] == "U8" and tname != "nkv.facts"):
             values = _values(data, start, info)
             cols = info["shape"][1] if len(info["shape"]) == 2 else 1
             lines.append(f"{tname} values (row-major{', one per row' if cols == 1 else ''}):")
@@ -130,14 +179,47 @@ def dump(data: bytes, name: str = "golden.nkv") -> str:
                 row = [_f32(v * scale[r]) for v in q[r * cols:(r + 1) * cols]]  # exact in float64, then rounded
                 lines.append(f"  {json.dumps(row)}")
             lines.append("")
+    if header["nkv.keys"]["dtype"] == "U8":  # sign rows (2.2): what a reader returns (spec §4.4)
+        lines += _sign_rows(data, start, header)
     lines.append("fingerprint weight W at layer 1, (d_model, d_key), not stored in the file:")
     lines += [f"  {json.dumps(row)}" for row in WEIGHT]
     return "\n".join(lines) + "\n"
 
 
+def sign_rows(data: bytes) -> tuple[list[list[float]], list[float], list[list[float]]]:
+    """(unit keys, score weights, residuals) a reader returns from a sign file (spec §4.4),
+    in float64, from the bytes with struct, json and spec_rotate only."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    meta, start = header.pop("__metadata__"), 8 + n
+    d_key, d_model = int(meta["nkv.base.d_key"]), int(meta["nkv.base.d_model"])
+    bits, packed = _values(data, start, header["nkv.keys"]), _values(data, start, header["nkv.residuals"])
+    weights, scales = _values(data, start, header["nkv.keys.weight"]), _values(data, start, header["nkv.residuals.scale"])
+    kb, rb = header["nkv.keys"]["shape"][1], header["nkv.residuals"]["shape"][1]
+    keys, residuals = [], []
+    for r in range(len(weights)):
+        row = bits[r * kb:(r + 1) * kb]
+        c = [(-1.0 if row[j // 8] >> (j % 8) & 1 else 1.0) / d_key**0.5 for j in range(d_key)]
+        keys.append(spec_rotate(c, transpose=True) if weights[r] > 0 else [0.0] * d_key)
+        nib = [v for byte in packed[r * rb:(r + 1) * rb] for v in (byte & 0xF, byte >> 4)][:d_model]
+        q = [v - 16 if v >= 8 else v for v in nib]
+        residuals.append(spec_rotate([v * scales[r] for v in q], transpose=True))
+    return keys, list(weights), residuals
+
+
+def _sign_rows(data: bytes, start: int, header: dict) -> list[str]:
+    keys, weights, residuals = sign_rows(data)
+    lines = ["read nkv.keys: R^T of the signs over sqrt(d_key), a unit vector per row (spec §4.4, float64, "
+             "6 decimals); the gate scores cos x nkv.keys.weight:"]
+    lines += [f"  {json.dumps([round(v, 6) + 0.0 for v in row])}" for row in keys]
+    lines.append("read nkv.residuals: R^T (q * scale), q the int4 values, two a byte, low nibble first:")
+    lines += [f"  {json.dumps([round(v, 6) + 0.0 for v in row])}" for row in residuals]
+    return lines + [""]
+
+
 def _values(data: bytes, start: int, info: dict) -> tuple:
     b, e = (start + o for o in info["data_offsets"])
-    size, code = (4, "f") if info["dtype"] == "F32" else (1, "b")
+    size, code = {"F32": (4, "f"), "I8": (1, "b"), "U8": (1, "B")}[info["dtype"]]
     return struct.unpack(f"<{(e - b) // size}{code}", data[b:e])
 
 
@@ -147,7 +229,7 @@ def _f32(x: float) -> float:
 
 def main() -> None:
     for stem, adapter in (("golden", golden_adapter()), ("golden-sketch", golden_sketch_adapter()),
-                          ("golden-int8", golden_int8_adapter())):
+                          ("golden-int8", golden_int8_adapter()), ("golden-sign", golden_sign_adapter())):
         data = adapter.to_bytes()
         (HERE / f"{stem}.nkv").write_bytes(data)
         (HERE / f"{stem}.txt").write_text(dump(data, f"{stem}.nkv"), encoding="utf-8")
