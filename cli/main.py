@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "rm": ("manage", "rm", "Remove facts by id or subject."),
     "merge": ("manage", "merge", "Merge two adapters built on the same model and layer."),
     "diff": ("manage", "diff", "Show facts added, removed and changed between two adapters."),
-    "quantize": ("manage", "quantize", "Store an adapter's rows as int8 with per-row scales (or back)."),
+    "quantize": ("manage", "quantize", "Store an adapter's rows as int8 or sign rows (or back)."),
     "push": ("hub", "push", "Publish an adapter to the Hugging Face Hub with a model card."),
     "pull": ("hub", "pull", "Download an adapter from the Hugging Face Hub."),
 }

@@ -112,7 +112,9 @@ def _facts_section(adapter: NKVAdapter) -> str:
 
 def _details_section(adapter: NKVAdapter, filename: str, base_id: str | None) -> str:
     b = adapter.base
-    dtype = row_dtype_name(adapter.keys.dtype)
+    dtype = {"int8": "I8 (int8 rows, one scale per row)",
+             "sign": "U8 (sign rows: 1-bit keys with score weights, int4 residuals; needs an nkv that reads format 2.2)",
+             }.get(adapter.storage, row_dtype_name(adapter.keys.dtype))
     rows = [
         ("file", f"`{filename}`"),
         ("format", f"NKV {adapter.metadata()[C.K_VERSION]}"),  # the version the file is written as

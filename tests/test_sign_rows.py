@@ -328,3 +328,10 @@ def test_cli_quantize_to_sign_rows_and_refusals(tmp_path: Path) -> None:
         assert out.exit_code == 1 and "cannot hold rows read from 1-bit keys" in out.output, out.output
         assert "Traceback" not in out.output and not (tmp_path / "x.nkv").exists()
     assert (tmp_path / "s.nkv").read_bytes() == GOLDEN_SIGN.read_bytes()
+
+
+def test_model_card_names_sign_rows_and_the_version_they_need() -> None:
+    from nkv.model_card import render_model_card
+
+    card = render_model_card(NKVAdapter.load(GOLDEN_SIGN), "user/repo")
+    assert "| format | NKV 2.2 |" in card and "sign rows: 1-bit keys with score weights" in card

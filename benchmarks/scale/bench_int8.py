@@ -3,17 +3,18 @@
     python benchmarks/scale/bench_int8.py bytes
     python benchmarks/scale/bench_int8.py agreement --keys keys.pt --facts 20000 --max-tokens 2000
     python benchmarks/scale/bench_int8.py adapter --keys keys.pt --nkv rows-counterfact-edit-L6-n100.nkv
-    python benchmarks/scale/bench_int8.py agreement --keys keys.pt --facts 20000 --bits 8,1,pq
+    python benchmarks/scale/bench_int8.py agreement --keys keys.pt --facts 20000 --bits 8,sign,pq
     python benchmarks/scale/bench_int8.py adapter --keys keys.pt --nkv cf1000.nkv --bits pq --write-coded out/
 
 `bytes` writes adapters at Llama-3-8B and SmolLM2-135M shapes (random fp16 rows, CounterFact-
-sized fact records) exact and int8, and reports the file bytes each extra fact costs.
+sized fact records) exact, int8 and as sign rows (format 2.2), and reports the file bytes each
+extra fact costs.
 `agreement` compares the exact gate over the real SmolLM2 keys of read_keys.py (stored fp16)
-with the same gate over those keys stored int8 (and, for comparison only, codes the format
-does not define: per-row int4, and 1-bit signs of rotated keys with a per-row score scale),
+with the same gate over those keys stored int8 or as sign rows (format 2.2; and, for
+comparison only, codes the format does not define: per-row int4, product quantization),
 on real-text, edit-prompt and paraphrase-prompt tokens.
-`adapter` does the same for a built adapter (its rows quantized by the format's writer) and
-also reports the residuals' error. A decision is the same when fired / not fired agree and,
+`adapter` does the same for a built adapter (its rows coded by the format's writer) and
+also reports the residuals' error; without --keys its queries are the adapter's own keys. A decision is the same when fired / not fired agree and,
 where fired, the row agrees. Each command prints JSON lines; README.md holds the results.
 """
 
@@ -32,9 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_scale import GAMMA, decisions  # noqa: E402
 
 from nkv import BaseModelInfo, Fact, NKVAdapter  # noqa: E402
+from nkv.codes import rotate  # noqa: E402
 from nkv.quant import dequantize_rows, quantize_rows  # noqa: E402
 
+GOLDEN = Path(__file__).resolve().parents[2] / "spec" / "examples" / "golden.nkv"  # settings for sign_rows
 SHAPES = {"llama-3-8b": (14336, 4096), "smollm2-135m": (1536, 576)}
+STORAGES = ("exact", "int8", "sign")
+ROW_BYTES = {"exact": lambda k, m: 2 * (k + m), "int8": lambda k, m: k + m + 8,
+             "sign": lambda k, m: (k + 7) // 8 + (m + 1) // 2 + 8}
 
 
 def _emit(**row) -> None:
@@ -54,48 +60,16 @@ def stored(rows: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.round(x / s.clamp_min(1e-30)).clamp(-top, top) * s
 
 
-def _signs(d: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, 2, (d,), generator=torch.Generator().manual_seed(seed)).float() * 2 - 1
-
-
-def _hadamard(x: torch.Tensor) -> torch.Tensor:
-    """Orthonormal Walsh-Hadamard transform over the last dimension (a power of 2)."""
-    b, lead, h = x.shape[-1], x.shape[:-1], 1
-    while h < b:
-        y = x.reshape(*lead, b // (2 * h), 2, h)
-        x = torch.stack((y[..., 0, :] + y[..., 1, :], y[..., 0, :] - y[..., 1, :]), dim=-2).reshape(*lead, b)
-        h *= 2
-    return x / b**0.5
-
-
-def rotate(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """A fixed random rotation: random signs, Hadamard transforms over blocks of the largest
-    power of 2 dividing d, a stride permutation that spreads each block over all blocks, and
-    the same again, so a few large coordinates (real keys have them) spread over every value."""
-    n, d = x.shape
-    b = d & -d
-    m, s1, s2 = d // b, _signs(d, 1), _signs(d, 2)
-    if not inverse:
-        y = _hadamard((x * s1).reshape(n, m, b)).transpose(1, 2).reshape(n, d)
-        return _hadamard((y * s2).reshape(n, m, b)).reshape(n, d)
-    y = _hadamard(x.reshape(n, m, b)).reshape(n, d) * s2
-    return _hadamard(y.reshape(n, b, m).transpose(1, 2).reshape(n, m, b)).reshape(n, d) * s1
-
-
-def one_bit(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A 1-bit code (not in the format): the signs of the rotated unit row, read back as
-    (the unit vector they give, per-row score scale 1 / <it, the row's unit vector>) so the
-    gate's cosine is an unbiased estimate (as RaBitQ corrects its codes); d bits + 4 bytes a row."""
-    x = rows.float()
-    unit = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-    r = rotate(unit)
-    code = torch.where(r >= 0, 1.0, -1.0) / r.shape[1] ** 0.5  # (n, d) unit
-    return rotate(code, inverse=True), 1.0 / (r * code).sum(-1).clamp_min(1e-6)
-
-
-def four_bit_rotated(rows: torch.Tensor) -> torch.Tensor:
-    """Residuals for the 1-bit code (not in the format): rotated, then per-row int4, read back."""
-    return rotate(stored(rotate(rows.float()), 4), inverse=True)
+def sign_rows(rows: torch.Tensor, residuals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The format's sign rows (2.2, spec §4.4) through its writer and reader: (unit keys, the
+    gate's inverse norms (score weights), residuals) a reader returns."""
+    n, d_key = rows.shape
+    plain = NKVAdapter.load(GOLDEN)
+    base = replace(plain.base, d_key=d_key, d_model=residuals.shape[1])
+    facts = [Fact(id=f"f{i}", subject=f"S{i}", prompt=f"S{i} is", target_new="T") for i in range(n)]
+    back = NKVAdapter.from_bytes(replace(plain, base=base, keys=rows.float(), residuals=residuals.float(), facts=facts,
+                                         storage="sign").to_bytes())
+    return back.keys, back.score_inverse_norms(), back.residuals
 
 
 def _nearest(pieces: torch.Tensor, books: torch.Tensor, block: int = 8) -> torch.Tensor:
@@ -156,13 +130,12 @@ def cmd_bytes() -> None:
                                      residuals=torch.randn(n, d_model, generator=g).half(),
                                      facts=[Fact(id=f"cf-{i}", **record) for i in range(n)], layer=1, gamma=GAMMA,
                                      base=base, target_module="model.layers.1.mlp.down_proj")
-                for storage in ("exact", "int8"):
+                for storage in STORAGES:
                     sizes[storage, n] = adapter.save(Path(tmp) / f"{storage}.nkv", storage=storage).stat().st_size
-            for storage in ("exact", "int8"):
+            for storage in STORAGES:
                 per_fact = (sizes[storage, 64] - sizes[storage, 32]) / 32
                 _emit(cmd="bytes", model=model, storage="fp16" if storage == "exact" else storage,
-                      bytes_per_fact=per_fact, row_bytes=(2 if storage == "exact" else 1) * (d_key + d_model)
-                      + (0 if storage == "exact" else 8))
+                      bytes_per_fact=per_fact, row_bytes=ROW_BYTES[storage](d_key, d_model))
             _emit(cmd="bytes", model=model, storage="int4 (not in the format)", row_bytes=(d_key + d_model) / 2 + 8)
 
 
@@ -200,21 +173,24 @@ def _train_rows(data: dict | None, skip: int) -> torch.Tensor:
 
 
 def coded_keys(code: str, exact: torch.Tensor, train: torch.Tensor | None):
-    """(float rows read back, per-row score scales or None) of one key code."""
-    if code == "1":
-        return one_bit(exact)
+    """(float rows read back, the gate's inverse norms for them or None) of one key code."""
+    if code == "sign":
+        keys, inv, _ = sign_rows(exact, torch.zeros(exact.shape[0], 2))
+        return keys, inv
     if code == "pq":
         return pq_rows(exact, pq_codebooks(train)), None
     return stored(exact, int(code)), None
 
 
-UNIT_CODES = ("1", "pq")  # codes that read a key back as a direction only: a relative error would measure its norm
+UNIT_CODES = ("sign", "pq")  # codes that read a key back as a direction only: a relative error would measure its norm
 
 
 def coded_residuals(code: str, rows: torch.Tensor) -> torch.Tensor:
     """Residuals beside a key code: int8 / int4 rows for those codes; the codes aiming at
-    <= 4 KB per fact (1-bit, PQ keys) take rotated int4 residuals."""
-    return four_bit_rotated(rows) if code in UNIT_CODES else stored(rows, int(code))
+    <= 4 KB per fact (sign, PQ keys) take the format's rotated int4 residuals (spec §4.4)."""
+    if code in UNIT_CODES:
+        return sign_rows(torch.ones(rows.shape[0], 8), rows)[2]
+    return stored(rows, int(code))
 
 
 def cmd_agreement(data: dict, facts: int, max_tokens: int, codes: list[str]) -> None:
@@ -243,12 +219,10 @@ def cmd_adapter(data: dict | None, path: Path, max_tokens: int, codes: list[str]
               residual_rel_error_median=round(float(r_err.median()), 5))
         for name, q in queries.items():
             _agreement(name, q, adapter.keys, keys, inv, bits=code, file=path.name)
-        if out is not None:  # the rows a reader of this code would return, for `nkv eval` (eval_coded.py)
-            out.mkdir(parents=True, exist_ok=True)
+        if out is not None and code != "sign":  # the rows a reader of this code would return, for `nkv eval`
+            out.mkdir(parents=True, exist_ok=True)  # (sign rows are in the format: nkv quantize --storage sign)
             target = out / f"{path.stem}-{code}.nkv"
             replace(adapter, keys=keys.to(adapter.keys.dtype), residuals=residuals.to(adapter.residuals.dtype)).save(target)
-            if inv is not None:  # the 1-bit code's per-row score scales, which no float row can carry
-                torch.save((NKVAdapter.load(target).keys, inv), out / f"{path.stem}-{code}.scales.pt")
             _emit(cmd="adapter", wrote=str(target), bits=code)
     if "8" in codes:  # the format's own round trip: save int8, load, compare with stored()
         back = NKVAdapter.from_bytes(replace(adapter, storage="int8").to_bytes())
@@ -262,20 +236,21 @@ def main() -> None:
     p.add_argument("--nkv", type=Path, help="an adapter built on the same model and layer as the keys")
     p.add_argument("--facts", type=int, default=20000)
     p.add_argument("--max-tokens", type=int, default=2000, help="query tokens per kind (sampled)")
-    p.add_argument("--bits", default="8,4", help="8 is the format; others are simulated for comparison: 4 = "
-                   "per-row int4 rows; 1 = signs of rotated keys with a per-row score scale, and rotated int4 "
-                   "residuals (what <= 4 KB per fact at Llama-3-8B shape would take: 1,792 + 2,048 + 8 bytes); "
+    p.add_argument("--bits", default="8,4", help="8 and sign are the format's (int8 rows, 1.3; sign rows, 2.2: "
+                   "signs of rotated keys with a per-row score weight and rotated int4 residuals, 1,792 + 2,048 + 8 "
+                   "bytes at Llama-3-8B shape); others are simulated for comparison: 4 = per-row int4 rows; "
                    "pq = product-quantized rotated unit keys, one byte per 8 values, codebooks trained on the "
-                   "--keys file's other subjects, and rotated int4 residuals (the same 1,792 + 2,048 + 4 bytes)")
+                   "--keys file's other subjects, with the format's int4 residuals (1,792 + 2,048 + 4 bytes)")
     p.add_argument("--write-coded", type=Path, default=None,
-                   help="adapter: also write each code's read-back rows as a float adapter here, for `nkv eval`")
+                   help="adapter: also write each simulated code's read-back rows as a float adapter here, for "
+                        "`nkv eval` (sign rows need none: `nkv quantize --storage sign`)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     codes = args.bits.split(",")
-    unknown = [c for c in codes if c not in ("8", "4", "1", "pq")]
+    unknown = [c for c in codes if c not in ("8", "4", "sign", "pq")]
     if unknown:
-        raise SystemExit(f"--bits: unknown code(s) {unknown}; known: 8, 4, 1, pq")
+        raise SystemExit(f"--bits: unknown code(s) {unknown}; known: 8, 4, sign, pq")
     if args.cmd == "bytes":
         return cmd_bytes()
     data = torch.load(args.keys) if args.keys else None
