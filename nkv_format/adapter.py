@@ -21,13 +21,13 @@ import torch
 
 from . import constants as C
 from .atomic import atomic_file
+from .codes import decode_keys, decode_residuals, encode_keys, encode_residuals, sign_problems
 from .dtypes import ROW_DTYPE_NAMES as _DTYPE_NAMES, TENSOR_DTYPES as _TORCH_DTYPES
 from .errors import NKVCompatibilityError, NKVConflictError, NKVFormatError
 from .facts import Fact, LazyFacts, count_problems, decode_facts, encode_facts, fact_record_problems
 from .fingerprint import FINGERPRINT2_PREFIX, fingerprints_match
 from .gate import ROW_BLOCK, fit_sketch, key_inverse_norms, sketch_keys
 from .header import BaseModelInfo, NKVHeader, parse_header, read_header
-from .codes import decode_keys, decode_residuals, encode_keys, encode_residuals, sign_problems
 from .quant import dequantize_rows, int8_problems, quantize_rows
 
 
@@ -251,10 +251,8 @@ class NKVAdapter:
             if self.n_facts >= C.SKETCH_MIN_FACTS:  # where loaders take the sketch path: save them the product
                 if self.storage == "int8":
                     table = _sketches_of_int8(kq, ks, self.sketch_proj)
-                elif self.storage == "sign":  # the rows and weights a reader gets back
-                    stored = dc_replace(self, keys=decode_keys(kb, kw, self.base.d_key),
-                                        code_scales=torch.stack([kw, rs], dim=-1))
-                    table = stored.key_sketches(self.sketch_proj)
+                elif self.storage == "sign":
+                    table = _sketches_of_sign(kb, kw, self.sketch_proj, self.base.d_key)
                 else:
                     table = self.key_sketches(self.sketch_proj)
                 parts.append((C.T_SKETCH_KEYS, "F32", list(table.shape), _raw_bytes(table)))
@@ -750,6 +748,15 @@ def _sketches_of_int8(q: torch.Tensor, scale: torch.Tensor, proj: torch.Tensor) 
     uses (so the same products), without a float32 copy of the whole table."""
     parts = [sketch_keys(dequantize_rows(q[s : s + ROW_BLOCK], scale[s : s + ROW_BLOCK]), proj)
              for s in range(0, q.shape[0], ROW_BLOCK)]
+    return torch.cat(parts) if parts else torch.zeros(0, proj.shape[1] + 1)
+
+
+def _sketches_of_sign(bits: torch.Tensor, weights: torch.Tensor, proj: torch.Tensor, d_key: int) -> torch.Tensor:
+    """The weighted key sketches of sign rows as a reader decodes them (spec §4.4), in blocks,
+    without a float32 copy of the whole table."""
+    parts = [_weighted_sketches(decode_keys(bits[s : s + ROW_BLOCK], weights[s : s + ROW_BLOCK], d_key), proj,
+                                weights[s : s + ROW_BLOCK])
+             for s in range(0, bits.shape[0], ROW_BLOCK)]
     return torch.cat(parts) if parts else torch.zeros(0, proj.shape[1] + 1)
 
 
