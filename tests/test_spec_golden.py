@@ -249,7 +249,7 @@ def test_spec_numbers_match_the_code() -> None:
     assert fp.FINGERPRINT2_PREFIX == "nkvfp2:" and f"s = ceil(vocab / {fp.EMBED_SAMPLE_ROWS})" in text
     assert f"≤ {fp.FRO_RTOL} ·" in text and f"≤ {fp.Z_TOLERANCE}`" in text
     assert text.splitlines()[0] == f"# The NKV file format, version {C.FORMAT_VERSION}"
-    assert f"writers of this spec write `{C.RESIDUAL_SITE_VERSION}`" in text  # 2.1 adds a cache, no file says 2.1
+    assert f"writers of this spec write `{C.SIGN_VERSION}` when K₁/R₁ are sign rows (§4.4), else `{C.RESIDUAL_SITE_VERSION}`" in text  # 2.1 adds a cache, no file says 2.1
     assert f"`SKETCH_KEYS_TOLERANCE` (10⁻⁴)" in text and C.SKETCH_KEYS_TOLERANCE == 1e-4
     assert f"`SKETCH_KEYS_CHECKED` ({C.SKETCH_KEYS_CHECKED})" in text
 
