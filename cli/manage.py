@@ -331,6 +331,9 @@ def quantize(file: Path, output: Path | None, storage: str, dtype: str | None) -
             errors.update(keys=max_relative_error(adapter.keys), residuals=max_relative_error(adapter.residuals))
         elif not already[0]:
             errors.update(code_errors(adapter.keys, adapter.residuals))
+            # the build's self-check measured the float rows; sign rows can edit differently (nkv eval them)
+            build = {k: v for k, v in adapter.build.items() if k != "self_check"}
+            return replace(adapter, storage=storage, build=build)
         return replace(adapter, storage=storage)
 
     target = output or file

@@ -319,6 +319,9 @@ def test_cli_quantize_to_sign_rows_and_refusals(tmp_path: Path) -> None:
     assert out.exit_code == 0, out.output
     assert "sign rows" in out.output and "lowest cosine of a stored key with its float key 0.873" in out.output
     assert (tmp_path / "s.nkv").read_bytes() == GOLDEN_SIGN.read_bytes()
+    checked = replace(NKVAdapter.load(GOLDEN), build={"tool": "t", "self_check": {"efficacy": 1.0}})
+    out = runner.invoke(cli, ["quantize", str(checked.save(tmp_path / "c.nkv")), "--storage", "sign"])
+    assert out.exit_code == 0 and NKVAdapter.load(tmp_path / "c.nkv").build == {"tool": "t"}  # it measured the floats
     out = runner.invoke(cli, ["quantize", str(tmp_path / "s.nkv"), "--storage", "sign"])
     assert out.exit_code == 0 and "already held sign rows" in out.output
     out = runner.invoke(cli, ["inspect", str(tmp_path / "s.nkv")])
