@@ -42,7 +42,7 @@ def rotation_signs(d: int, t: int) -> torch.Tensor:
 
 
 def _hadamard(x: torch.Tensor) -> torch.Tensor:
-    """Orthonormal Walsh-Hadamard transform over the last dimension (a power of 2), in place of x's values."""
+    """Orthonormal Walsh-Hadamard transform over the last dimension (a power of 2)."""
     b, lead, h = x.shape[-1], x.shape[:-1], 1
     while h < b:
         y = x.reshape(*lead, b // (2 * h), 2, h)
