@@ -4,6 +4,7 @@ an adapter made of one part of the code and the float rows of the rest.
     python benchmarks/scale/sign_parts.py keys      FLOAT.nkv SIGN.nkv eval --model smollm2-135m --data ... --json
     python benchmarks/scale/sign_parts.py residuals FLOAT.nkv SIGN.nkv eval ...
     python benchmarks/scale/sign_parts.py wide      FLOAT.nkv SIGN.nkv eval ...
+    python benchmarks/scale/sign_parts.py clipped   FLOAT.nkv SIGN.nkv eval ...
 
 SIGN.nkv is `nkv quantize FLOAT.nkv --storage sign -o SIGN.nkv`. Everything after the two
 files is `nkv`'s own command line; its --adapter is replaced by the adapter made here.
@@ -15,7 +16,10 @@ files is `nkv`'s own command line; its --adapter is replaced by the adapter made
   stored as signs with its weight. A token pads with zeros too, so its score is
   w * <x, the first d_key values of R^T c>: the loader's inverse norm for the row is w, the
   key the truncated read-back. It simulates the code's noise at Llama's key width on a model
-  that knows facts; it is not a format.
+  that knows facts; it is not a format;
+- clipped: the float file's keys, and int4 residuals whose writer picks each row's scale
+  to minimise the squared error (clipping the largest rotated values) instead of max|y| / 7:
+  a reader reads them as spec §4.4 says; the format's writer does not do it.
 Not part of NKV: benchmarks/scale/README.md, "Sign rows in the format".
 """
 
@@ -45,7 +49,23 @@ def wide_keys(keys: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tenso
     return rotate(c, inverse=True)[:, : k.shape[1]], weight
 
 
+def clipped_residuals(rows: torch.Tensor, steps: int = 71) -> torch.Tensor:
+    """Rows read back from rotated int4 whose per-row scale minimises the squared error over
+    scales max|y| / 7 x a for a in [0.3, 1] (`steps` values); values past 7 steps clip."""
+    y = rotate(rows)
+    top = y.abs().amax(-1, keepdim=True) / 7
+    best, best_err = top, torch.full((rows.shape[0], 1), float("inf"))
+    for a in torch.linspace(0.3, 1.0, steps):
+        s = top * a
+        err = ((torch.round(y / s.clamp_min(1e-30)).clamp(-7, 7) * s - y) ** 2).sum(-1, keepdim=True)
+        better = err < best_err
+        best, best_err = torch.where(better, s, best), torch.where(better, err, best_err)
+    return rotate(torch.round(y / best.clamp_min(1e-30)).clamp(-7, 7) * best, inverse=True)
+
+
 def part_adapter(part: str, exact: NKVAdapter, sign: NKVAdapter) -> NKVAdapter:
+    if part == "clipped":
+        return replace(exact, keys=exact.keys.float(), residuals=clipped_residuals(exact.residuals.float()))
     if part == "keys":
         return replace(sign, residuals=exact.residuals.float())
     if part == "residuals":
@@ -57,7 +77,7 @@ def part_adapter(part: str, exact: NKVAdapter, sign: NKVAdapter) -> NKVAdapter:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 5 or sys.argv[1] not in ("keys", "residuals", "wide"):
+    if len(sys.argv) < 5 or sys.argv[1] not in ("keys", "residuals", "wide", "clipped"):
         raise SystemExit(__doc__)
     adapter = part_adapter(sys.argv[1], NKVAdapter.load(sys.argv[2]), NKVAdapter.load(sys.argv[3]))
     nkv.resolve.resolve_adapter = lambda source, *args, **kwargs: adapter
