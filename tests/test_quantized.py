@@ -131,8 +131,9 @@ def test_row_operations_keep_storage_and_untouched_bytes(tmp_path: Path) -> None
 
 
 # ------------------------------------------------------------------ V12, one broken file each
-def _golden_parts() -> tuple[dict, dict[str, bytes]]:
-    data = GOLDEN_INT8.read_bytes()
+def _golden_parts(path: Path = GOLDEN_INT8) -> tuple[dict, dict[str, bytes]]:
+    """(header, tensor name -> bytes) of a golden file, to edit and rebuild with `_file`."""
+    data = path.read_bytes()
     n = struct.unpack("<Q", data[:8])[0]
     doc = json.loads(data[8 : 8 + n])
     body = data[8 + n :]

@@ -13,7 +13,6 @@ rotated int4 residuals.
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from dataclasses import replace
@@ -24,6 +23,7 @@ import torch
 from click.testing import CliRunner
 
 from handmade import first_token, forcing_adapter
+from test_quantized import _file, _golden_parts
 from tiny_models import tiny_model, tiny_tokenizer
 
 from nkv import Fact, NKVAdapter, NKVCompatibilityError, NKVFormatError, constants as C, load_nkv_adapter, nkv_gate, read_header
@@ -235,20 +235,7 @@ def test_vllm_gated_module_reads_the_weights(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------ V14, one broken file each
 def _parts() -> tuple[dict, dict[str, bytes]]:
-    data = GOLDEN_SIGN.read_bytes()
-    n = struct.unpack("<Q", data[:8])[0]
-    doc = json.loads(data[8 : 8 + n])
-    body = data[8 + n :]
-    return doc, {name: body[e["data_offsets"][0] : e["data_offsets"][1]] for name, e in doc.items() if name != "__metadata__"}
-
-
-def _file(doc: dict, parts: dict[str, bytes]) -> bytes:
-    out, offset, body = {"__metadata__": doc["__metadata__"]}, 0, b""
-    for name, raw in parts.items():
-        out[name] = {"dtype": doc[name]["dtype"], "shape": doc[name]["shape"], "data_offsets": [offset, offset + len(raw)]}
-        offset, body = offset + len(raw), body + raw
-    head = json.dumps(out, separators=(",", ":")).encode()
-    return struct.pack("<Q", len(head)) + head + body
+    return _golden_parts(GOLDEN_SIGN)
 
 
 def _set(tensor: str, index: int, raw: bytes):
