@@ -215,17 +215,21 @@ BROKEN = {  # case -> (edit, what the error must say)
 }
 
 
-@pytest.mark.parametrize("case", list(BROKEN))
-def test_each_int8_rule_is_reported_by_name(case: str, tmp_path: Path) -> None:
-    edit, message = BROKEN[case]
-    doc, parts = _golden_parts()
-    edit(doc, parts)
-    data = _file(doc, parts)
+def assert_both_readers_refuse(data: bytes, message: str, tmp_path: Path) -> None:
+    """from_bytes and load (through a file) both refuse `data` with an error matching `message`."""
     with pytest.raises(NKVFormatError, match=message):
         NKVAdapter.from_bytes(data, "broken.nkv")
     (tmp_path / "broken.nkv").write_bytes(data)
     with pytest.raises(NKVFormatError, match=message):
         NKVAdapter.load(tmp_path / "broken.nkv")
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_each_int8_rule_is_reported_by_name(case: str, tmp_path: Path) -> None:
+    edit, message = BROKEN[case]
+    doc, parts = _golden_parts()
+    edit(doc, parts)
+    assert_both_readers_refuse(_file(doc, parts), message, tmp_path)
 
 
 def test_rebuilt_golden_parts_load() -> None:

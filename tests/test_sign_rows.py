@@ -23,7 +23,7 @@ import torch
 from click.testing import CliRunner
 
 from handmade import first_token, forcing_adapter
-from test_quantized import _file, _golden_parts
+from test_quantized import _file, _golden_parts, assert_both_readers_refuse
 from tiny_models import tiny_model, tiny_tokenizer
 
 from nkv import Fact, NKVAdapter, NKVCompatibilityError, NKVFormatError, constants as C, load_nkv_adapter, nkv_gate, read_header
@@ -234,10 +234,6 @@ def test_vllm_gated_module_reads_the_weights(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ V14, one broken file each
-def _parts() -> tuple[dict, dict[str, bytes]]:
-    return _golden_parts(GOLDEN_SIGN)
-
-
 def _set(tensor: str, index: int, raw: bytes):
     def edit(doc: dict, parts: dict) -> None:
         data = bytearray(parts[tensor])
@@ -282,18 +278,13 @@ BROKEN = {  # case -> (edit, what the error must say)
 @pytest.mark.parametrize("case", list(BROKEN))
 def test_each_sign_rule_is_reported_by_name(case: str, tmp_path: Path) -> None:
     edit, message = BROKEN[case]
-    doc, parts = _parts()
+    doc, parts = _golden_parts(GOLDEN_SIGN)
     edit(doc, parts)
-    data = _file(doc, parts)
-    with pytest.raises(NKVFormatError, match=message):
-        NKVAdapter.from_bytes(data, "broken.nkv")
-    (tmp_path / "broken.nkv").write_bytes(data)
-    with pytest.raises(NKVFormatError, match=message):
-        NKVAdapter.load(tmp_path / "broken.nkv")
+    assert_both_readers_refuse(_file(doc, parts), message, tmp_path)
 
 
 def test_rebuilt_golden_sign_parts_load() -> None:
-    doc, parts = _parts()
+    doc, parts = _golden_parts(GOLDEN_SIGN)
     assert NKVAdapter.from_bytes(_file(doc, parts)).to_bytes() == GOLDEN_SIGN.read_bytes()
 
 
