@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import warnings
 
+from .constants import DEFAULT_SHORTLIST
 from .errors import NKVCompatibilityError, NKVError, NKVFingerprintError
 from .fingerprint import FINGERPRINT2_PREFIX, fingerprint_differences, read_fingerprint
 from .header import BaseModelInfo
@@ -71,4 +72,18 @@ def check_gamma(value: object, where: str = "gamma") -> float:
     return float(value)  # type: ignore[arg-type]
 
 
-__all__ = ["check_shape", "check_fingerprint", "check_gamma"]
+def check_shortlist(value: object, where: str = "shortlist") -> int:
+    """Return `value` if it is a shortlist length the sketch path can use (an integer >= 1),
+    else raise NKVError. Both loaders' options (`load_nkv_adapter(shortlist=...)`, vLLM's
+    `"shortlist"`) call this one check.
+
+    >>> check_shortlist(256)
+    256
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise NKVError(f"{where} must be an integer >= 1 (the candidates per token the sketch path rescores "
+                       f"exactly; default {DEFAULT_SHORTLIST}), got {value!r}")
+    return value
+
+
+__all__ = ["check_shape", "check_fingerprint", "check_gamma", "check_shortlist"]

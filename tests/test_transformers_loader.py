@@ -267,3 +267,29 @@ def test_gamma_override_is_range_checked(gamma):
         load_nkv_adapter(model, adapter, gamma=gamma)
     handle = load_nkv_adapter(model, adapter, gamma=0.25)
     assert handle.info["gamma"] == 0.25 and float(handle.module.nkv_gamma) == 0.25
+
+
+@pytest.mark.parametrize("shortlist", [0, -3, 2.5, True, "256"])
+def test_shortlist_option_is_checked_before_the_model_is_touched(shortlist):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    adapter = forcing_adapter(model, tok, EDITED, TARGETS)
+    with pytest.raises(nkv.NKVError, match="shortlist=...\\) must be an integer >= 1"):
+        load_nkv_adapter(model, adapter, shortlist=shortlist)
+    assert not any(isinstance(m, NKVLinear) for m in model.modules())
+
+
+def test_shortlist_option_sets_how_many_candidates_the_sketch_path_rescores(monkeypatch):
+    from nkv.loaders import transformers as tl
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    adapter = forcing_adapter(model, tok, EDITED, TARGETS)
+    monkeypatch.setattr(tl, "SKETCH_MIN_FACTS", adapter.n_facts)  # this small adapter takes the sketch path
+    seen = []
+    real_gate = tl.nkv_gate
+    monkeypatch.setattr(tl, "nkv_gate", lambda *a, sketch, **k: seen.append(sketch.shortlist) or real_gate(*a, sketch=sketch, **k))
+    handle = load_nkv_adapter(model, adapter, shortlist=1)
+    assert handle.module.shortlist == 1
+    logits(model, tok, EDITED[0])
+    assert seen and set(seen) == {1}
+    handle.detach()
+    assert load_nkv_adapter(model, adapter).module.shortlist == tl.DEFAULT_SHORTLIST

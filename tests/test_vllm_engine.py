@@ -464,7 +464,9 @@ class TestLlamaTensorParallel:
     """TP=2 (two worker processes), compiled: the gate's all-reduce is traced into the graph."""
 
     KIND, OPTIONS, START = "llama", dict(eager=False, tp=2), "A"
-    EXTRA = {"sketch": True}  # the sketch path (spec 5.1): compiled, with its all-reduces across ranks
+    # the sketch path (spec 5.1): compiled, with its all-reduces across ranks; a shortlist wider than
+    # the test adapters, so its decisions stay the exact path's and the outputs the transformers loader's
+    EXTRA = {"sketch": True, "shortlist": 200}
 
     def test_tensor_parallel_equals_single_device(self, engine, checkpoints):
         """TP=2 gives the transformers outputs, which the TP=1 engines are also checked against."""
@@ -472,6 +474,7 @@ class TestLlamaTensorParallel:
         assert [i["tp_rank"] for i in infos] == [0, 1]
         assert len({i["fingerprint"] for i in infos}) == 1  # sums all-reduced: same on every rank
         assert all(i["sketch"] for i in infos)  # EXTRA: the sketch path, compiled, across ranks
+        assert [i["shortlist"] for i in infos] == [min(200, infos[0]["capacity"])] * 2  # EXTRA's, on both ranks
         ckpt = checkpoints["llama"]
         assert fingerprints_match(infos[0]["fingerprint"], ckpt.adapters["A"].base.fingerprint)
         check_start_adapter(engine, checkpoints)

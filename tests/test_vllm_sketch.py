@@ -27,8 +27,8 @@ def sketched(capacity: int = 32, max_adapters: int = 0, tp_rank: int = 0, tp_siz
     slot = dataclasses.replace(make_slot(capacity=capacity, tp_rank=tp_rank, tp_size=tp_size),
                                max_adapters=max_adapters)
     module = NKVGatedProjection(ZeroProjection(), slot, dtype=torch.float32, device=torch.device("cpu"),
-                                fact_chunk=5, all_reduce=all_reduce, max_tokens=64, sketch=True)
-    module.shortlist = SHORTLIST
+                                fact_chunk=5, all_reduce=all_reduce, max_tokens=64, sketch=True, shortlist=SHORTLIST)
+    assert module.shortlist == SHORTLIST  # the engine's "shortlist" setting
     return module
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from nkv import Fact, NKVCompatibilityError, NKVError, NKVFingerprintError, empty_adapter, nkv_gate
+from nkv.constants import DEFAULT_SHORTLIST
 from nkv.gate import key_inverse_norms
 from nkv.header import BaseModelInfo
 from nkv.loaders.vllm.config import NKVServeConfig
@@ -68,6 +69,15 @@ def test_config_defaults_and_errors():
         assert fragment in str(info.value)
     with pytest.raises(NKVError, match="JSON object"):
         NKVServeConfig.from_mapping(["adapter"])
+
+
+def test_config_shortlist_defaults_to_the_gates_and_is_checked():
+    assert NKVServeConfig.from_mapping({"adapter": "user/edits"}).shortlist == DEFAULT_SHORTLIST
+    assert NKVServeConfig.from_mapping({"adapter": "user/edits", "shortlist": 256}).shortlist == 256
+    for bad in (0, -1, 2.5, True, "256"):
+        with pytest.raises(NKVError) as info:
+            NKVServeConfig.from_mapping({"adapter": "user/edits", "shortlist": bad, "colour": "red"})
+        assert "'shortlist' must be an integer >= 1" in str(info.value) and "unknown key 'colour'" in str(info.value)
 
 
 # ------------------------------------------------------------------ the gated module
@@ -185,3 +195,10 @@ def test_plugin_registration_is_idempotent():
     register()
     register()
     assert BaseModelLoader.load_model is first and getattr(first, "_nkv_wrapped", False)
+
+
+def test_load_into_a_running_engine_says_the_shortlist_is_an_engine_setting():
+    from nkv.loaders.vllm.attach import attach_to_llm
+
+    with pytest.raises(NKVError, match="started with .*\"shortlist\": N"):
+        attach_to_llm(object(), "edits.nkv", shortlist=256)  # refused before the engine is looked at

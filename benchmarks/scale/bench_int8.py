@@ -8,7 +8,8 @@
 
 `bytes` writes adapters at Llama-3-8B and SmolLM2-135M shapes (random fp16 rows, CounterFact-
 sized fact records) exact, int8 and as sign rows (format 2.2), and reports the file bytes each
-extra fact costs.
+extra fact costs: as written below SKETCH_MIN_FACTS facts, and as written from there up with a
+sketch projection, where the file also caches each key's sketch (spec §4.2, `nkv.sketch.keys`).
 `agreement` compares the exact gate over the real SmolLM2 keys of read_keys.py (stored fp16)
 with the same gate over those keys stored int8 or as sign rows (format 2.2; and, for
 comparison only, codes the format does not define: per-row int4, product quantization),
@@ -24,6 +25,7 @@ import argparse
 import json
 import sys
 import tempfile
+from unittest.mock import patch
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_scale import GAMMA, decisions  # noqa: E402
 
 from nkv import BaseModelInfo, Fact, NKVAdapter  # noqa: E402
+from nkv import constants as C  # noqa: E402
+from nkv.constants import DEFAULT_SKETCH_DIM  # noqa: E402
 from nkv.codes import rotate  # noqa: E402
 from nkv.quant import dequantize_rows, quantize_rows  # noqa: E402
 
@@ -130,12 +134,21 @@ def cmd_bytes() -> None:
                                      residuals=torch.randn(n, d_model, generator=g).half(),
                                      facts=[Fact(id=f"cf-{i}", **record) for i in range(n)], layer=1, gamma=GAMMA,
                                      base=base, target_module="model.layers.1.mlp.down_proj")
+                # the same rows with a sketch projection, written as from SKETCH_MIN_FACTS facts up: the
+                # file then caches every key's sketch (nkv.sketch.keys, d_sketch + 1 F32 a row)
+                projected = replace(adapter, sketch_proj=torch.linalg.qr(
+                    torch.randn(d_key, DEFAULT_SKETCH_DIM, generator=g)).Q.contiguous())
                 for storage in STORAGES:
                     sizes[storage, n] = adapter.save(Path(tmp) / f"{storage}.nkv", storage=storage).stat().st_size
+                    with patch.object(C, "SKETCH_MIN_FACTS", 0):
+                        sizes[storage, n, "cache"] = projected.save(Path(tmp) / f"{storage}-p.nkv",
+                                                                    storage=storage).stat().st_size
             for storage in STORAGES:
                 per_fact = (sizes[storage, 64] - sizes[storage, 32]) / 32
+                cached = (sizes[storage, 64, "cache"] - sizes[storage, 32, "cache"]) / 32
                 _emit(cmd="bytes", model=model, storage="fp16" if storage == "exact" else storage,
-                      bytes_per_fact=per_fact, row_bytes=ROW_BYTES[storage](d_key, d_model))
+                      bytes_per_fact=per_fact, row_bytes=ROW_BYTES[storage](d_key, d_model),
+                      bytes_per_fact_with_sketch_cache=cached)
             _emit(cmd="bytes", model=model, storage="int4 (not in the format)", row_bytes=(d_key + d_model) / 2 + 8)
 
 

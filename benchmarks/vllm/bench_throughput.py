@@ -95,18 +95,25 @@ def rss_bytes() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def parse_spec(spec: str) -> tuple[int, int, bool | None, int | None]:
-    """(named adapters, facts each, sketch, fact_chunk): "4x10000" -> (4, 10000, None, None); "10000" ->
-    (0, 10000, None, None), one engine-wide; a suffix ":sketch" / ":exact" forces the gate's sketch path on / off
-    (None: auto); a further ":chunkN" sets additional_config fact_chunk N (the sketch path scores
-    max(N, 8 d_key) sketches per top-k)."""
-    spec, _, mode = spec.partition(":")
-    mode, _, chunk = mode.partition(":")
-    if mode not in ("", "sketch", "exact") or (chunk and not (chunk.startswith("chunk") and chunk[5:].isdigit())):
-        raise SystemExit(f"engine spec {spec}:{mode}: the suffix must be :sketch or :exact, then optionally :chunkN")
+def parse_spec(spec: str) -> tuple[int, int, bool | None, int | None, int | None]:
+    """(named adapters, facts each, sketch, fact_chunk, shortlist): "4x10000" -> (4, 10000, None, None,
+    None); "10000" -> (0, 10000, None, None, None), one engine-wide. Suffixes, each after a ':':
+    "sketch" / "exact" force the gate's sketch path on / off (None: auto); "chunkN" sets
+    additional_config fact_chunk N (the sketch path scores max(N, 8 d_key) sketches per top-k);
+    "shortN" sets its shortlist N (None: the loader's default)."""
+    spec, *suffixes = spec.split(":")
+    sketch = fact_chunk = shortlist = None
+    for suffix in suffixes:
+        if suffix in ("sketch", "exact"):
+            sketch = suffix == "sketch"
+        elif suffix.startswith("chunk") and suffix[5:].isdigit():
+            fact_chunk = int(suffix[5:])
+        elif suffix.startswith("short") and suffix[5:].isdigit():
+            shortlist = int(suffix[5:])
+        else:
+            raise SystemExit(f"engine spec {spec}:{suffix}: each suffix must be sketch, exact, chunkN or shortN")
     named, _, facts = spec.rpartition("x")
-    return ((int(named) if named else 0), int(facts), {"": None, "sketch": True, "exact": False}[mode],
-            int(chunk[5:]) if chunk else None)
+    return (int(named) if named else 0), int(facts), sketch, fact_chunk, shortlist
 
 
 def serve(args: argparse.Namespace, spec: str) -> None:
@@ -125,12 +132,13 @@ def serve(args: argparse.Namespace, spec: str) -> None:
                                   max_model_len=args.prompt_len + args.gen_len, max_num_seqs=args.batch,
                                   gpu_memory_utilization=0.3, enforce_eager=args.eager, seed=0)
     adapter_bytes = 0
-    named, n_facts, sketch, fact_chunk = parse_spec(spec)
+    named, n_facts, sketch, fact_chunk, shortlist = parse_spec(spec)
     names: list[str | None] = [None]
     if n_facts and not named:
         path = make_adapter(args, n_facts, work / "adapter.nkv")
         kwargs["additional_config"] = {"nkv": {"adapter": str(path), "strict": False, "sketch": sketch}
-                                       | ({"fact_chunk": fact_chunk} if fact_chunk else {})}
+                                       | ({"fact_chunk": fact_chunk} if fact_chunk else {})
+                                       | ({"shortlist": shortlist} if shortlist else {})}
     elif n_facts:
         names = [f"a{i}" for i in range(named)]
         kwargs["additional_config"] = {"nkv": {
@@ -266,6 +274,7 @@ def summarize(report: dict[str, Any]) -> str:
         label = f"{named} named x {r['n_facts']:,}" if named else f"{r['n_facts']:,}"
         label += {True: " sketch", False: " exact"}.get(r.get("sketch", "absent"), "")
         label += f", fact_chunk {parse_spec(r['spec'])[3]:,}" if parse_spec(r.get("spec", "0"))[3] else ""
+        label += f", shortlist {parse_spec(r['spec'])[4]}" if parse_spec(r.get("spec", "0"))[4] else ""
         rows.append(f"| {label} | {best:.0f} | {100 * (best / base_best - 1):+.1f}% | {median:.0f} | "
                     f"{100 * (paired - 1):+.1f}% | {100 * (predicted - 1):+.1f}% | {r['adapter_buffer_mib']} | "
                     f"{r['rss_engine_mib']} |")

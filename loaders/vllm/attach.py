@@ -224,6 +224,10 @@ def attach_to_llm(llm: Any, adapter: AdapterSource, revision: str | None = None,
     """
     gamma = options.pop("gamma", None)
     gamma = None if gamma is None else check_gamma(gamma, "load_nkv_adapter(gamma=...)")
+    if "shortlist" in options:  # static in the compiled graph: an engine setting
+        raise NKVError(f"load_nkv_adapter(vllm.LLM, shortlist={options['shortlist']!r}): an engine's sketch path has "
+                       "the shortlist it was started with (its compiled graph's top-k width); start the engine with "
+                       "additional_config={\"nkv\": {..., \"shortlist\": N}}")
     if options:
         raise NKVError(f"load_nkv_adapter(vllm.LLM): unknown option(s) {sorted(options)}; known: gamma")
     handle = NKVEngineHandle(llm)

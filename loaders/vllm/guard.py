@@ -30,7 +30,7 @@ from .swap import UTILITY, apply_swap, remember_resident
 _MARK = "_nkv_checked"
 # Fields every rank must agree on (tp_rank differs by design).
 _SAME_ON_EVERY_RANK = ("module", "capacity", "n_facts", "gamma", "source", "revision", "digest", "fingerprint",
-                       "max_adapters", "named", "routing", "sketch")
+                       "max_adapters", "named", "routing", "sketch", "shortlist")
 
 
 def install(hook_error: Callable[[], str | None]) -> None:

@@ -79,7 +79,7 @@ class NKVGatedProjection(nn.Module):
 
     def __init__(self, base_layer: nn.Module, slot: SlotInfo, *, dtype: torch.dtype, device: torch.device,
                  fact_chunk: int, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None,
-                 max_tokens: int = 0, sketch: bool | None = None) -> None:
+                 max_tokens: int = 0, sketch: bool | None = None, shortlist: int = DEFAULT_SHORTLIST) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.slot = slot
@@ -112,9 +112,9 @@ class NKVGatedProjection(nn.Module):
         # each row's sketch and the norm of its rest (gate.sketch_keys): d_sketch + 1 columns
         self.register_buffer("nkv_sketch_keys", torch.zeros(cap if self.sketched else 0, d_sketch + 1, dtype=dtype,
                                                             device=device), persistent=False)
-        self.shortlist = min(DEFAULT_SHORTLIST, cap) if self.sketched else 0
+        self.shortlist = min(shortlist, cap) if self.sketched else 0  # static: the graph's top-k width
         self._row_buffers = self._ROWS if self.sketched else self._ROWS[:3]  # what one fact row spans here
-        self.slot = _replace(slot, sketch=self.sketched)
+        self.slot = _replace(slot, sketch=self.sketched, shortlist=self.shortlist)
         # Named adapters: each token's index into self.ranges (-1 none), written before every step.
         self.routed = slot.max_adapters > 0
         self.register_buffer("nkv_route", torch.full((max_tokens if self.routed else 0,), -1, dtype=torch.int64,

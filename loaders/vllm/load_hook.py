@@ -141,7 +141,8 @@ def _load_with_nkv(original: Any, loader: Any, vllm_config: Any, model_config: A
     )
     module = NKVGatedProjection(base, slot, dtype=model_config.dtype, device=_device_of(base),
                                 fact_chunk=config.fact_chunk, all_reduce=tensor_model_parallel_all_reduce,
-                                max_tokens=_max_tokens_per_step(vllm_config), sketch=config.sketch)
+                                max_tokens=_max_tokens_per_step(vllm_config), sketch=config.sketch,
+                                shortlist=config.shortlist)
     _put(model, path, module)
     norm_path = arch_spec(model_type).out_norm_path(layer)
     if norm_path:  # site "out_norm": the rows are added after the block's FFN-output norm

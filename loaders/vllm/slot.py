@@ -41,6 +41,7 @@ class SlotInfo:
     named: list[dict[str, Any]] = field(default_factory=list)  # {name, n_facts, gamma, source, revision, digest}
     routing: bool = False  # the worker's model runner routes each request's tokens to its adapter
     sketch: bool = False  # the gate can take the sketch path (spec §5.1): sketch buffers allocated
+    shortlist: int = 0  # candidates per token that path rescores exactly (the config's "shortlist"); 0 without it
     residual_site: str = "output"  # where rows are added (spec §5): the model family's, fixed at start-up
 
     @property
