@@ -47,8 +47,10 @@ from nkv.errors import NKVError
               help="Edit prompts to sample text from for fluency (0: skip).")
 @click.option("--gate", "gate_path", type=click.Choice(["auto", "exact", "sketch"]), default="auto", show_default=True,
               help=f"The gate's path: auto = the loader's choice (the sketch path from {SKETCH_MIN_FACTS:,} facts "
-                   f"up), exact, or sketch ({DEFAULT_SHORTLIST} shortlisted candidates rescored exactly, spec §5.1) "
-                   "at any size.")
+                   "up), exact, or sketch (shortlisted candidates rescored exactly, spec §5.1) at any size.")
+@click.option("--shortlist", type=click.IntRange(min=1), metavar="N",
+              help=f"Candidates per token the sketch path rescores exactly (default {DEFAULT_SHORTLIST}): the "
+                   "value the server will use (load_nkv_adapter(shortlist=N), vLLM's \"shortlist\").")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON instead of the table.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), metavar="PNG",
               help="Write the gate's cosine histogram (positives vs unrelated tokens, γ marked).")
@@ -58,7 +60,7 @@ def evaluate(model_name: str, adapter_src: str, data_path: str, skip_bad: bool, 
              unrelated_path: str | None,
              true_facts_path: str | None, limit: int | None, protocol: str | None, batch_size: int,
              device: str | None, dtype: str, revision: str | None, no_free_gen: bool, fluency_prompts: int,
-             gate_path: str, as_json: bool, plot_path: Path | None, write_back: bool) -> None:
+             gate_path: str, shortlist: int | None, as_json: bool, plot_path: Path | None, write_back: bool) -> None:
     """Evaluate ADAPTER on the facts in DATA, with the adapter disabled (pre) and enabled (post).
 
     \b
@@ -73,6 +75,9 @@ def evaluate(model_name: str, adapter_src: str, data_path: str, skip_bad: bool, 
     from nkv.resolve import resolve_adapter
 
     # Cheap checks first: a typo in a path should not cost a model load.
+    if gate_path == "exact" and shortlist is not None:
+        raise NKVError("--shortlist sets the sketch path's candidates, and --gate exact scores every row; "
+                       "drop one of them")
     if write_back and not Path(adapter_src).is_file():
         raise NKVError(f"--write-back rewrites a local .nkv file, but {adapter_src!r} is not one; "
                        "download it first (`nkv pull ... -o DIR`) and pass the file")
@@ -103,9 +108,9 @@ def evaluate(model_name: str, adapter_src: str, data_path: str, skip_bad: bool, 
     options = EvalOptions(batch_size=batch_size, protocol=protocol, free_generation=not no_free_gen,
                           fluency_prompts=fluency_prompts)
     click.echo(f"evaluating {len(facts)} facts from {data_path} with {adapter.n_facts} edits live ...", err=True)
-    shortlist = {"auto": None, "exact": 0, "sketch": DEFAULT_SHORTLIST}[gate_path]
     report = run_eval(model, tokenizer, adapter, facts, unrelated=unrelated, true_facts=true_facts, options=options,
-                      data_name=Path(data_path).name, unrelated_name=unrelated_path, shortlist=shortlist)
+                      data_name=Path(data_path).name, unrelated_name=unrelated_path, gate=gate_path,
+                      shortlist=DEFAULT_SHORTLIST if shortlist is None else shortlist)
     if report.adapter["matched"] == 0:
         click.echo(f"note: none of the {len(facts)} facts in {data_path} is in the adapter; the numbers measure "
                    "facts it was not built on", err=True)

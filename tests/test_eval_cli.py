@@ -105,14 +105,16 @@ def test_eval_gate_path_exact_or_sketch(model_dir, tmp_path):
     data = _slice("counterfact-edit.json", tmp_path)
     adapter = _adapter_for(data, tmp_path)
     reports = {}
-    for path in ("auto", "exact", "sketch"):
+    for path, *extra in (("auto",), ("auto", "--shortlist", "2"), ("exact",), ("sketch",), ("sketch", "--shortlist", "2")):
         result = _run("--model", str(model_dir), "--adapter", str(adapter), "--data", str(data), "--json",
-                      "--no-free-gen", "--fluency-prompts", "0", "--gate", path)
+                      "--no-free-gen", "--fluency-prompts", "0", "--gate", path, *extra)
         assert result.exit_code == 0, result.output
-        reports[path] = json.loads(result.stdout)
+        reports[" ".join([path, *extra])] = json.loads(result.stdout)
     assert reports["auto"]["settings"]["gate_path"] == "exact"  # 3 facts: below the sketch path's size
+    assert reports["auto --shortlist 2"]["settings"]["gate_path"] == "exact"  # the loader's choice, as served
     assert reports["exact"]["settings"]["gate_path"] == "exact"
     assert reports["sketch"]["settings"]["gate_path"] == "sketch (shortlist 128)"
+    assert reports["sketch --shortlist 2"]["settings"]["gate_path"] == "sketch (shortlist 2)"
     assert reports["sketch"]["metrics"] == reports["exact"]["metrics"]
     assert reports["sketch"]["gate"] == reports["exact"]["gate"]
 
@@ -124,6 +126,7 @@ def test_eval_gate_path_exact_or_sketch(model_dir, tmp_path):
     ({}, ["--unrelated", "missing.txt"], "missing.txt: no such file"),
     ({"--adapter": "org/remote"}, ["--write-back"], "--write-back rewrites a local .nkv file"),
     ({}, ["--device", "tpu"], "--device 'tpu': not a device"),
+    ({}, ["--gate", "exact", "--shortlist", "4"], "--shortlist sets the sketch path's candidates"),
 ])
 def test_eval_user_errors_are_one_line(overrides, extra, message, model_dir, tmp_path, monkeypatch):
     data = _slice("zsre_mend_edit.json", tmp_path)

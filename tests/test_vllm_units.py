@@ -73,6 +73,7 @@ def test_config_defaults_and_errors():
 
 def test_config_shortlist_defaults_to_the_gates_and_is_checked():
     assert NKVServeConfig.from_mapping({"adapter": "user/edits"}).shortlist == DEFAULT_SHORTLIST
+    assert NKVServeConfig.from_mapping({"adapter": "user/edits", "shortlist": None}).shortlist == DEFAULT_SHORTLIST
     assert NKVServeConfig.from_mapping({"adapter": "user/edits", "shortlist": 256}).shortlist == 256
     for bad in (0, -1, 2.5, True, "256"):
         with pytest.raises(NKVError) as info:

@@ -84,10 +84,22 @@ def make_adapter(args: argparse.Namespace, n_facts: int, path: Path, seed: int =
                          n_layers=args.layers, d_model=args.hidden, d_key=args.intermediate,
                          fingerprint="nkvfp1:fro=1.000000e+00;z=" + ",".join(["0.0000"] * 16))
     facts = [Fact(id=f"f{i}", subject=f"s{i}", prompt=f"s{i} is", target_new="x") for i in range(n_facts)]
-    adapter = NKVAdapter(keys=torch.randn(n_facts, args.intermediate).to(dtype),
-                         residuals=torch.randn(n_facts, args.hidden).to(dtype), facts=facts, layer=layer,
+    adapter = NKVAdapter(keys=_random_rows(n_facts, args.intermediate, dtype),
+                         residuals=_random_rows(n_facts, args.hidden, dtype), facts=facts, layer=layer,
                          gamma=0.65, base=base, target_module=f"model.layers.{layer}.mlp.down_proj")
     return adapter.save(path)
+
+
+def _random_rows(n: int, width: int, dtype: Any) -> Any:
+    """(n, width) standard normal rows in `dtype`, drawn 65,536 rows at a time: at 1M facts a
+    float32 draw of the whole table would take 8 GB beside its cast."""
+    import torch
+
+    out = torch.empty(n, width, dtype=dtype)
+    for start in range(0, n, 65536):
+        rows = out[start : start + 65536]
+        rows.copy_(torch.randn(rows.shape[0], width))
+    return out
 
 
 def rss_bytes() -> int:

@@ -31,6 +31,7 @@ from torch import nn
 
 from nkv import __version__
 from nkv.adapter import NKVAdapter
+from nkv.constants import DEFAULT_SHORTLIST
 from nkv.errors import NKVError
 from nkv.facts_io import FactInput
 from nkv.loaders.transformers import NKVHandle, attach
@@ -164,16 +165,17 @@ def _protocol(facts: list[FactInput], options: EvalOptions, data_name: str) -> s
 
 
 @contextlib.contextmanager
-def attached(model: nn.Module, adapter: NKVAdapter, strict: bool = True, shortlist: int | None = None
-             ) -> Iterator[NKVHandle]:
+def attached(model: nn.Module, adapter: NKVAdapter, strict: bool = True, gate: str = "auto",
+             shortlist: int = DEFAULT_SHORTLIST) -> Iterator[NKVHandle]:
     """Attach `adapter` for the duration of the block (detached afterwards, whatever happens).
 
-    shortlist: None = the loader's choice of gate path (the sketch path from SKETCH_MIN_FACTS
-    facts up); 0 = the exact path; k > 0 = the sketch path rescoring k candidates (spec §5.1).
+    gate: "auto" = the loader's choice of path (the sketch path from SKETCH_MIN_FACTS facts
+    up), "exact", or "sketch" at any size; `shortlist`: the candidates the sketch path
+    rescores exactly (spec §5.1), as `load_nkv_adapter(shortlist=...)` sets it when serving.
     """
-    handle = attach(model, adapter, strict=strict)
-    if shortlist is not None:
-        handle.module.use_sketch(adapter, shortlist)
+    handle = attach(model, adapter, strict=strict, shortlist=shortlist)
+    if gate != "auto":
+        handle.module.use_sketch(adapter, shortlist if gate == "sketch" else 0)
     try:
         yield handle
     finally:
@@ -181,10 +183,10 @@ def attached(model: nn.Module, adapter: NKVAdapter, strict: bool = True, shortli
 
 
 def evaluate(model: nn.Module, tokenizer: Any, adapter: NKVAdapter, facts: Sequence[FactInput], *,
-             shortlist: int | None = None, **kwargs: Any) -> EvalReport:
-    """Attach `adapter` (gate path by `shortlist`, as `attached`), `evaluate_adapter`, detach.
+             gate: str = "auto", shortlist: int = DEFAULT_SHORTLIST, **kwargs: Any) -> EvalReport:
+    """Attach `adapter` (gate path and shortlist as `attached`), `evaluate_adapter`, detach.
     Other keyword arguments as `evaluate_adapter`."""
-    with attached(model, adapter, shortlist=shortlist) as handle:
+    with attached(model, adapter, gate=gate, shortlist=shortlist) as handle:
         report = evaluate_adapter(model, tokenizer, handle, facts, **kwargs)
         chosen = handle.module.resident().shortlist
         report.settings["gate_path"] = f"sketch (shortlist {chosen})" if chosen else "exact"

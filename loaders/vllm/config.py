@@ -154,7 +154,8 @@ class NKVServeConfig:
         sketch = section.get("sketch")
         if sketch is not None and not isinstance(sketch, bool):
             problems.append(f"'sketch' must be true, false or null (auto), got {sketch!r}")
-        shortlist = section.get("shortlist", DEFAULT_SHORTLIST)
+        shortlist = section.get("shortlist")
+        shortlist = DEFAULT_SHORTLIST if shortlist is None else shortlist  # null: the default, as for the other keys
         try:
             shortlist = check_shortlist(shortlist, "'shortlist'")
         except NKVError as exc:
