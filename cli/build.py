@@ -119,6 +119,7 @@ def build(facts: Path, model_name: str, output: Path, layer: str | None, gamma: 
         click.echo(f"\nInterrupted: {done} of {len(scan.facts)} facts are saved in {partial.folder}; "
                    f"{output} was not touched. Rerun the same command with --resume to continue.", err=True)
         sys.exit(130)
+    adapter = adapter.sketched_at_scale()  # a large file attaches without fitting (spec §4.2)
     adapter.save(output)
     partial.remove()
     seconds = time.perf_counter() - started
@@ -172,7 +173,7 @@ def add(file: Path, facts: Path, model_name: str, output: Path | None, skip_bad:
     def extend(adapter: NKVAdapter) -> NKVAdapter:
         before.extend(adapter.ids)
         model, tokenizer = load_model(model_name, revision=adapter.base.revision)
-        return add_facts(model, tokenizer, adapter, scan.facts, progress=not quiet)
+        return add_facts(model, tokenizer, adapter, scan.facts, progress=not quiet).sketched_at_scale()
 
     started = time.perf_counter()
     target = output or file

@@ -208,7 +208,8 @@ def rm(file: Path, ids: tuple[str, ...], subjects: tuple[str, ...], output: Path
         return rebuild_facts(model, tokenizer, kept, partners)
 
     target = output or file
-    kept = rewrite_adapter(file, remove, output=target)  # locked, atomic, never through a symlink
+    # locked, atomic, never through a symlink; a large file keeps (or gets) its sketch projection (spec §4.2)
+    kept = rewrite_adapter(file, lambda adapter: remove(adapter).sketched_at_scale(), output=target)
     left = set(kept.ids)  # once, not per id: O(n) at 200k rows
     gone = [i for i in before if i not in left]
     note = f"; rebuilt {len(rebuilt)} solved with them ({_short(', '.join(rebuilt), 60)})" if rebuilt else ""
@@ -244,7 +245,7 @@ def merge(a: Path, b: Path, output: Path, on_conflict: str, gamma: float | None,
         merged = first.merge(second, on_conflict=on_conflict, gamma=gamma)  # type: ignore[arg-type]
         if shared and model_name is not None:
             merged = _built_together(merged, shared, model_name)
-        merged.save(output)
+        merged.sketched_at_scale().save(output)
     note = f"; {len(conflicts)} conflicting id(s) resolved as {on_conflict}" if conflicts else ""
     if model_name is not None:
         note += (f"; rebuilt the facts of {len(shared)} subject(s) both edit" if shared
@@ -338,7 +339,7 @@ def quantize(file: Path, output: Path | None, storage: str, dtype: str | None) -
 
     target = output or file
     before = file.stat().st_size
-    stored = rewrite_adapter(file, store, output=target)
+    stored = rewrite_adapter(file, lambda adapter: store(adapter).sketched_at_scale(), output=target)
     size = f"{_size(before)} -> {_size(target.stat().st_size)}"
     if dtype is not None:
         click.echo(f"wrote {target}: {stored.n_facts} facts, exact {dtype} rows, {size}")

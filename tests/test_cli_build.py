@@ -9,6 +9,7 @@ import torch
 import tiny_models as tm
 from click.testing import CliRunner
 
+import nkv.constants
 from nkv.adapter import NKVAdapter
 from nkv.cli.main import main
 
@@ -214,10 +215,12 @@ def test_rm_of_a_fact_solved_with_others_rebuilds_them_or_refuses(tmp_path, mode
     torch.testing.assert_close(after.keys, want.keys)
 
 
-def test_add_builds_new_facts_and_solves_a_subject_already_edited_together(tmp_path, model_dir):
+def test_add_builds_new_facts_and_solves_a_subject_already_edited_together(tmp_path, model_dir, monkeypatch):
     """`nkv add`: new facts at the adapter's own layer and settings; a new fact about a subject
     the adapter edits is solved with that subject's fact (its row rebuilt); other rows keep
-    their bytes; the result equals one build of all the facts. Clashes change nothing."""
+    their bytes; the result equals one build of all the facts. Clashes change nothing. An
+    adapter that grows to SKETCH_MIN_FACTS facts is written with its sketch projection."""
+    monkeypatch.setattr(nkv.constants, "SKETCH_MIN_FACTS", 4)
     start = [FACTS[0], {"id": "ty", "subject": "Toko Yasuda", "prompt": "Toko Yasuda plays the",
                         "target_new": "piano"}]
     more = [{"id": "ty2", "subject": "Toko Yasuda", "prompt": "Toko Yasuda lives in", "target_new": "Peru"},
@@ -231,6 +234,7 @@ def test_add_builds_new_facts_and_solves_a_subject_already_edited_together(tmp_p
     assert "added 2 facts" in done.stdout and "(4 in all; rebuilt 1 about the same subjects)" in done.stdout
     after = NKVAdapter.load(out)
     assert after.ids == ["dd", "ty", "ty2", "cb"] and after.layer == 0
+    assert before.sketch_proj is None and after.sketch_proj is not None  # 2 facts, then 4
     assert after.facts[1].provenance["solved_with"] == ["ty2"]
     assert torch.equal(after.residuals[0], before.residuals[0])  # another subject's row: untouched
     torch.testing.assert_close(after.residuals[1], after.residuals[2])  # ty and ty2 share one δ

@@ -245,3 +245,23 @@ def test_manage_commands_do_not_import_transformers() -> None:
             "print([m for m in ('transformers', 'vllm', 'huggingface_hub') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_cli_writes_a_large_adapter_with_its_sketch_projection(golden: Path, other: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """From SKETCH_MIN_FACTS facts, where loaders take the sketch path, the files the CLI writes
+    carry the projection and so the keys' sketches (spec §4.2): attaching reads them instead of
+    fitting and computing them. Below it nothing is added."""
+    monkeypatch.setattr(C, "SKETCH_MIN_FACTS", 3)
+    merged = tmp_path / "merged.nkv"
+    assert run("merge", golden, other, "-o", merged, "--on-conflict", "theirs").exit_code == 0
+    data = merged.read_bytes()
+    assert C.T_SKETCH_PROJ.encode() in data and C.T_SKETCH_KEYS.encode() in data
+    small = tmp_path / "small.nkv"
+    assert run("rm", golden, "--id", "cf-0", "-o", small).exit_code == 0
+    assert NKVAdapter.load(small).sketch_proj is None  # 1 fact: the exact path, no projection
+    bare = NKVAdapter.load(merged).with_sketch(0).save(tmp_path / "bare.nkv")  # written by another tool
+    for args in (("rm", bare, "--id", "nope", "--missing-ok"), ("quantize", bare)):
+        NKVAdapter.load(merged).with_sketch(0).save(bare)
+        assert run(*args).exit_code == 0
+        assert NKVAdapter.load(bare).sketch_proj is not None, args  # 3 facts: given one as it is written

@@ -68,6 +68,17 @@ def main() -> None:
                                                                            "-o", out))
         _timed(f"nkv merge {n} + {n // 2} --on-conflict theirs, end to end",
                lambda: _nkv("merge", str(path), str(other), "--on-conflict", "theirs", "-o", out))
+        # Files of SKETCH_MIN_FACTS facts and more get a sketch projection (and the keys' sketches)
+        # when the CLI writes them, so the commands above also fitted one; a file the CLI wrote
+        # carries it, and row operations keep it and the sketches of the rows they keep:
+        sketched = Path(tmp) / "sketched.nkv"
+        _timed(f"fit and store the sketch projection of {n} rows", lambda: a.sketched_at_scale().save(sketched))
+        print(json.dumps({"file_bytes_per_fact_with_projection": round(sketched.stat().st_size / n)}))
+        _timed(f"nkv rm of 2 ids from {n} rows with their projection, end to end",
+               lambda: _nkv("rm", str(sketched), "--id", "f0", "--id", "f2", "-o", out))
+        b.sketched_at_scale().save(other)
+        _timed(f"nkv merge {n} + {n // 2} with their projections, end to end",
+               lambda: _nkv("merge", str(sketched), str(other), "--on-conflict", "theirs", "-o", out))
 
 
 def _nkv(*args: str) -> None:
