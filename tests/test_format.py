@@ -571,3 +571,17 @@ def test_the_quick_record_check_accepts_only_what_the_full_rule_accepts(rec: dic
 
     if _plain_valid(rec):
         assert fact_record_problems(rec, "row") == []
+
+
+def test_from_bytes_can_share_the_callers_buffer_instead_of_copying_it():
+    """vLLM ranks read a file into one buffer and hand it over (share=True): the tensors are
+    views of it where their offset suits their dtype, and read the same values as a copy."""
+    data = make(["a", "b", "c"]).with_sketch(2).to_bytes()
+    buffer = bytearray(data)
+    shared, copied = NKVAdapter.from_bytes(buffer, share=True), NKVAdapter.from_bytes(data)
+    assert torch.equal(shared.keys, copied.keys) and torch.equal(shared.residuals, copied.residuals)
+    assert torch.equal(shared.sketch_proj, copied.sketch_proj) and shared.ids == copied.ids
+    start = torch.frombuffer(buffer, dtype=torch.uint8).data_ptr()
+    assert start <= shared.keys.data_ptr() < start + len(buffer)  # a view, not a copy
+    with pytest.raises(TypeError, match="needs a bytearray"):
+        NKVAdapter.from_bytes(data, share=True)

@@ -307,6 +307,7 @@ def test_a_swap_copies_only_the_rows_that_changed():
     a = make_adapter(10, seed=1)
     module = routed(max_adapters=0, capacity=16)  # the engine-wide table
     module.load(a)
+    assert module._digests is None and module._previous is None  # into empty buffers: no digests, no rollback copy
     extra = make_adapter(2, seed=9)
     grown = a.add([dataclasses.replace(f, id=f"x{i}", prompt=f"{f.prompt} (x{i})") for i, f in enumerate(extra.facts)],
                   extra.keys, extra.residuals)

@@ -126,7 +126,9 @@ class NKVGatedProjection(nn.Module):
         self.ranges: dict[str | None, RowRange] = {}  # adapter name (None: engine-wide) -> its rows
         self._slots: dict[str | None, int] = {None: 0}  # adapter name -> routing slot (route_of)
         self._by_slot: list[RowRange] = []  # routing slot -> rows (empty ranges for free slots)
-        self._digests: list[bytes] = []  # the engine-wide adapter's live rows, one digest per row
+        # The engine-wide adapter's live rows, one digest per row; None: not computed yet (a load
+        # into empty buffers needs none), computed from the buffers when a change compares rows.
+        self._digests: list[bytes] | None = []
         self._op_key = f"{slot.module}@rank{slot.tp_rank}"
         if self.routed:
             _ROUTED[self._op_key] = self
@@ -215,12 +217,16 @@ class NKVGatedProjection(nn.Module):
         assert name is None, "named adapters need an engine started with max_adapters > 0"
         n = 0 if adapter is None else adapter.n_facts
         rows = self._rows_of(adapter, 0) if adapter is not None else {}
-        digests = _row_digests([rows[b] for b in self._row_buffers], n) if n else []
-        live = self._digests
-        first = next((i for i in range(min(n, len(live))) if digests[i] != live[i]), min(n, len(live)))
+        live_n = self.slot.n_facts
+        digests: list[bytes] | None = None  # into empty buffers every row is written: no digest needed now
+        first = 0
+        if live_n:  # copy from the first row that differs from the live one on
+            live = self._live_digests()
+            digests = _row_digests(self._served(rows), n) if n else []
+            first = next((i for i in range(min(n, live_n)) if digests[i] != live[i]), min(n, live_n))
         writes: Writes = [(b, first, rows[b][first:]) for b in self._row_buffers if n > first]
-        if len(live) > n:  # rows no longer used become padding again: zero key, residual and norm
-            writes += [(b, n, torch.zeros_like(getattr(self, b)[n:len(live)], device="cpu"))
+        if live_n > n:  # rows no longer used become padding again: zero key, residual and norm
+            writes += [(b, n, torch.zeros_like(getattr(self, b)[n:live_n], device="cpu"))
                        for b in self._row_buffers]
         value = 1.0 if adapter is None else check_gamma(adapter.gamma if gamma is None else gamma)
         writes.append(("nkv_gamma", -1, torch.tensor(value)))
@@ -231,6 +237,12 @@ class NKVGatedProjection(nn.Module):
                 "revision": revision if loaded else None, "digest": digest if loaded else None}
         self._staged = _Change(writes, _replace(self.slot, **info),
                                {} if adapter is None else {None: RowRange(0, n, value)}, {None: 0}, digests)
+
+    def _live_digests(self) -> list[bytes]:
+        """The live engine-wide rows' digests, computed from the buffers the first time a change needs them."""
+        if self._digests is None:
+            self._digests = _row_digests([getattr(self, b) for b in self._row_buffers], self.slot.n_facts)
+        return self._digests
 
     def _stage_routed(self, adapter: NKVAdapter | None, gamma: float | None, source: str | None,
                       revision: str | None, digest: str | None, name: str | None) -> None:
@@ -276,32 +288,40 @@ class NKVGatedProjection(nn.Module):
                                ranges, slots, [])
 
     def _rows_of(self, adapter: NKVAdapter, slot: int) -> dict[str, torch.Tensor]:
-        """`adapter`'s rows as this rank holds them (its key slice), on the CPU; with the sketch
-        path also their sketches and "proj", this rank's rows of the projection (for `slot`)."""
+        """`adapter`'s rows as this rank holds them (its key slice), on the CPU, in the file's
+        dtype: the copy into the buffers casts them (`_write`), into memory already allocated;
+        a cast here first allocated a second table (1M rows: 10.8 s of 24 s, most of it page
+        faults; benchmarks/scale/attach_file.py --loader vllm). With the sketch path also their
+        sketches and "proj", this rank's rows of the projection (for `slot`)."""
         assert adapter.n_facts <= self.slot.capacity and adapter.keys.shape[1] == self.slot.d_key
-        keys = self.nkv_keys
         rows = {
-            "nkv_keys": adapter.keys[:, self.col_start:self.col_start + self.d_key_local].to(keys.dtype),
+            "nkv_keys": adapter.keys[:, self.col_start:self.col_start + self.d_key_local],
             # norms of the full stored rows, before any rounding to the serving dtype (x score weights, spec §4.4)
             "nkv_key_inv_norms": adapter.score_inverse_norms(),
-            "nkv_residuals": adapter.residuals.to(self.nkv_residuals.dtype),
-            "nkv_sketch_keys": torch.zeros(adapter.n_facts, self.nkv_sketch_keys.shape[1], dtype=keys.dtype),
+            "nkv_residuals": adapter.residuals,
+            "nkv_sketch_keys": torch.zeros(adapter.n_facts, self.nkv_sketch_keys.shape[1]),
         }
         if self.sketched and adapter.n_facts:
             proj = adapter.sketch_projection(self.nkv_sketch_proj.shape[2])  # the buffers' width; same on every rank
-            rows["nkv_sketch_keys"] = adapter.key_sketches(proj, rows["nkv_key_inv_norms"]).to(keys.dtype)
+            rows["nkv_sketch_keys"] = adapter.key_sketches(proj, rows["nkv_key_inv_norms"])
             rows["proj"] = proj[self.col_start:self.col_start + self.d_key_local].contiguous()
         return rows
 
+    def _served(self, rows: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The rows of each row buffer as the buffer holds them (its dtype): what a digest compares."""
+        return [rows[b].to(getattr(self, b).dtype) for b in self._row_buffers]
+
     @torch.no_grad()
-    def commit(self) -> None:
+    def commit(self, keep_previous: bool = True) -> None:
         """Copy the staged rows into the live buffers (in place: compiled graphs keep seeing them),
-        keeping the rows they overwrite until `rollback` or the next change."""
+        keeping the rows they overwrite until `rollback` or the next change; a change on this rank
+        alone (`load`, `clear`) keeps none, having no rollback (at 1M rows a copy of 4.5 GB)."""
         assert self._staged is not None, "commit() without stage()"
         staged = self._staged
-        saved = [(b, at, self._at(b, at, len(values) if at >= 0 else 0).to("cpu", copy=True))
-                 for b, at, values in staged.writes]
-        self._previous = _Change(saved[::-1], self.slot, dict(self.ranges), dict(self._slots), self._digests)
+        if keep_previous:
+            saved = [(b, at, self._at(b, at, len(values) if at >= 0 else 0).to("cpu", copy=True))
+                     for b, at, values in staged.writes]
+            self._previous = _Change(saved[::-1], self.slot, dict(self.ranges), dict(self._slots), self._digests)
         self._write(*staged)
         self._staged = None
 
@@ -322,7 +342,7 @@ class NKVGatedProjection(nn.Module):
         return target if at < 0 else target[at:at + count]
 
     def _write(self, writes: "Writes", slot: SlotInfo, ranges: dict[str | None, RowRange],
-               slots: dict[str | None, int], digests: list[bytes]) -> None:
+               slots: dict[str | None, int], digests: list[bytes] | None) -> None:
         for buffer, at, values in writes:
             self._at(buffer, at, len(values) if at >= 0 else 0).copy_(values)
         self.slot, self.ranges, self._slots, self._digests = slot, ranges, slots, digests
@@ -339,14 +359,14 @@ class NKVGatedProjection(nn.Module):
         """Stage and commit `adapter` (under `name`, if given) on this rank alone (start-up, tests)."""
         self.begin()
         self.stage(adapter, gamma=gamma, source=source, revision=revision, digest=digest, name=name)
-        self.commit()
+        self.commit(keep_previous=False)
         self.begin()
 
     def clear(self, name: str | None = None) -> None:
         """Drop the engine-wide adapter (or the named one): its requests then get the base model."""
         self.begin()
         self.stage(None, name=name)
-        self.commit()
+        self.commit(keep_previous=False)
         self.begin()
 
     def extra_repr(self) -> str:
@@ -366,7 +386,7 @@ class _Change(NamedTuple):
     slot: SlotInfo
     ranges: dict[str | None, RowRange]
     slots: dict[str | None, int]
-    digests: list[bytes]  # the engine-wide adapter's rows after the change
+    digests: list[bytes] | None  # the engine-wide adapter's rows after the change (None: not computed)
 
 
 def _row_digests(tables: list[torch.Tensor], n: int) -> list[bytes]:
@@ -374,7 +394,7 @@ def _row_digests(tables: list[torch.Tensor], n: int) -> list[bytes]:
     to find the rows a change leaves as they are."""
     if not n:
         return []
-    parts = [t[:n].reshape(n, -1).contiguous().view(torch.uint8).numpy() for t in tables]
+    parts = [t[:n].reshape(n, -1).cpu().contiguous().view(torch.uint8).numpy() for t in tables]
     return [hashlib.blake2b(b"".join(p[i].tobytes() for p in parts), digest_size=16).digest() for i in range(n)]
 
 

@@ -37,7 +37,7 @@ from .config import NKVServeConfig, section_of
 from . import router
 from .layer import NKVGatedProjection, NKVOutNorm
 from .slot import SlotInfo, check_adapter
-from .swap import SwapRequest, pin, read_pinned
+from .swap import SwapRequest, pin_and_read
 from .worker import NKVWorkerExtension
 
 # Under "vllm." so messages go through vLLM's own handlers and format, in every process.
@@ -97,12 +97,14 @@ def _load_with_nkv(original: Any, loader: Any, vllm_config: Any, model_config: A
                                        f"(pipeline_parallel_size={pp}); use tensor_parallel_size instead")
     # Each rank pins the start adapter to a commit and a digest; the engine's start-up check
     # (guard.py) refuses to start unless every rank loaded the same bytes.
-    starts: list[SwapRequest] = []  # the engine-wide adapter (name None) first, then the named ones
+    read: list[tuple[SwapRequest, NKVAdapter]] = []  # the engine-wide adapter (name None) first, then the named ones
     if config.adapter:
-        starts.append(pin(config.adapter, config.revision, strict=config.strict, gamma=config.gamma)[0])
+        read.append(pin_and_read(config.adapter, config.revision, strict=config.strict, gamma=config.gamma))
     for named in config.adapters:
-        starts.append(pin(named.adapter, named.revision, strict=config.strict, gamma=named.gamma, name=named.name)[0])
-    adapters = [read_pinned(start) for start in starts]
+        read.append(pin_and_read(named.adapter, named.revision, strict=config.strict, gamma=named.gamma,
+                                 name=named.name))
+    starts = [start for start, _ in read]
+    adapters = [adapter for _, adapter in read]
     layers = {a.layer for a in adapters} | ({config.layer} if config.layer is not None else set())
     if len(layers) > 1:
         raise NKVCompatibilityError(
