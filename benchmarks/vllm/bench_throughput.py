@@ -87,7 +87,8 @@ def make_adapter(args: argparse.Namespace, n_facts: int, path: Path, seed: int =
     adapter = NKVAdapter(keys=_random_rows(n_facts, args.intermediate, dtype),
                          residuals=_random_rows(n_facts, args.hidden, dtype), facts=facts, layer=layer,
                          gamma=0.65, base=base, target_module=f"model.layers.{layer}.mlp.down_proj")
-    return adapter.save(path)
+    # as the CLI writes it: from SKETCH_MIN_FACTS facts with a fitted projection and the keys' sketches
+    return adapter.sketched_at_scale().save(path)
 
 
 def _random_rows(n: int, width: int, dtype: Any) -> Any:
