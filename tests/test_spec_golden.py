@@ -26,6 +26,7 @@ import torch
 
 import nkv
 from nkv import NKVAdapter, constants as C, read_header
+from nkv.header import NKVHeader
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = ROOT / "spec" / "nkv-format.md"
@@ -278,16 +279,24 @@ def test_golden_sketch_reads_its_dump_and_rewrites_byte_for_byte(tmp_path: Path)
 GOLDEN_INT8 = ROOT / "spec" / "examples" / "golden-int8.nkv"
 
 
-def test_golden_int8_reads_its_dump_and_rewrites_byte_for_byte(tmp_path: Path) -> None:
-    data = GOLDEN_INT8.read_bytes()
-    text = (ROOT / "spec" / "examples" / "golden-int8.txt").read_text(encoding="utf-8")
+def _golden_matching_its_dump(path: Path, version: str) -> tuple[bytes, str, NKVHeader]:
+    """(bytes, dump text, header) of a golden file whose size, version and tensor table (dtype,
+    shape, offsets) are what its .txt dump says."""
+    data = path.read_bytes()
+    text = path.with_suffix(".txt").read_text(encoding="utf-8")
     dump = _parse_dump(text)
-    assert len(data) == dump["size"] and dump["metadata"][C.K_VERSION] == C.INT8_VERSION
-    header = read_header(GOLDEN_INT8)
-    assert header.metadata == dump["metadata"] and (header.dtype, header.storage) == ("I8", "int8")
+    assert len(data) == dump["size"] and dump["metadata"][C.K_VERSION] == version
+    header = read_header(path)
+    assert header.metadata == dump["metadata"]
     for name, (dtype, shape, offsets, _) in dump["tensors"].items():
         info = header.tensors[name]
         assert (info.dtype, list(info.shape), list(info.data_offsets)) == (dtype, shape, offsets)
+    return data, text, header
+
+
+def test_golden_int8_reads_its_dump_and_rewrites_byte_for_byte(tmp_path: Path) -> None:
+    data, text, header = _golden_matching_its_dump(GOLDEN_INT8, C.INT8_VERSION)
+    assert (header.dtype, header.storage) == ("I8", "int8")
     # the reader returns float32(q) * scale, as the dump computes it from the bytes alone
     dequantized: dict[str, list] = {}
     for block in re.findall(r"^dequantized (\S+) = .*:\n((?:  .*\n)+)", text, re.M):
@@ -313,11 +322,7 @@ GOLDEN_SIGN = ROOT / "spec" / "examples" / "golden-sign.nkv"
 
 
 def test_golden_sign_reads_as_the_spec_text_says_and_rewrites_byte_for_byte(tmp_path: Path) -> None:
-    data = GOLDEN_SIGN.read_bytes()
-    text = (ROOT / "spec" / "examples" / "golden-sign.txt").read_text(encoding="utf-8")
-    dump = _parse_dump(text)
-    assert len(data) == dump["size"] and dump["metadata"][C.K_VERSION] == C.SIGN_VERSION
-    header = read_header(GOLDEN_SIGN)
+    data, text, header = _golden_matching_its_dump(GOLDEN_SIGN, C.SIGN_VERSION)
     assert (header.dtype, header.storage) == ("U8", "sign")
     module = _make_golden_module()
     keys, weights, residuals = module.sign_rows(data)  # spec §4.4 from its text, in float64
